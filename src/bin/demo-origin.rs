@@ -1,0 +1,121 @@
+//! `demo-origin`: a small backend to put Echo in front of, for `make run` and for
+//! trying things by hand. Not installed.
+//!
+//! - `GET /data`: a JSON document with an ETag, `Cache-Control: public, max-age=60`
+//!   and a counter of how many times the origin itself was asked (so a cache HIT shows
+//!   the same count as the MISS before it).
+//! - `PUT /data`: replaces the document (Echo invalidates its cached copy).
+//! - `GET /health-check`: `ok`.
+//! - anything else: 404.
+//!
+//! It runs on Echo's own HTTP front end with a handler of its own.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use echo::config::ServerConfig;
+use echo::http::exchange::Exchange;
+use echo::server::{self, Handler};
+
+struct Demo {
+    data: Mutex<(u64, String)>,
+    hits: AtomicU64,
+}
+
+fn field(name: &str, value: &str) -> (String, Vec<u8>) {
+    (name.to_string(), value.as_bytes().to_vec())
+}
+
+impl Handler for Demo {
+    fn handle(&self, ex: &mut Exchange<'_>) {
+        let path = ex.req.target.split('?').next().unwrap_or("/").to_string();
+        let method = ex.req.method.clone();
+        match (method.as_str(), path.as_str()) {
+            ("GET" | "HEAD", "/data") => {
+                let hits = self.hits.fetch_add(1, Ordering::Relaxed) + 1;
+                let (version, text) = self.data.lock().map(|d| d.clone()).unwrap_or_default();
+                let body = format!(
+                    "{{\"version\": {version}, \"data\": {text:?}, \"origin_hits\": {hits}}}\n"
+                );
+                let headers = [
+                    field("content-type", "application/json"),
+                    field("etag", &format!("\"v{version}\"")),
+                    field("cache-control", "public, max-age=60"),
+                ];
+                let _ = ex.respond(200, &headers, body.as_bytes());
+            }
+            ("PUT", "/data") => {
+                let mut text = String::new();
+                if ex.body().take(64 * 1024).read_to_string(&mut text).is_err() {
+                    ex.respond_error(400, "the body must be UTF-8 text", true);
+                    return;
+                }
+                let version = match self.data.lock() {
+                    Ok(mut d) => {
+                        d.0 += 1;
+                        d.1 = text.trim_end().to_string();
+                        d.0
+                    }
+                    Err(_) => 0,
+                };
+                let body = format!("{{\"version\": {version}}}\n");
+                let headers = [field("content-type", "application/json")];
+                let _ = ex.respond(200, &headers, body.as_bytes());
+            }
+            ("GET" | "HEAD", "/health-check") => {
+                let headers = [
+                    field("content-type", "text/plain"),
+                    field("cache-control", "no-store"),
+                ];
+                let _ = ex.respond(200, &headers, b"ok\n");
+            }
+            _ => {
+                let headers = [field("content-type", "text/plain")];
+                let _ = ex.respond(404, &headers, b"not found\n");
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut listen = "127.0.0.1:9000".to_string();
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--listen", Some(addr)) => listen = addr,
+            _ => {
+                eprintln!("usage: demo-origin [--listen 127.0.0.1:9000]");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let listener = match TcpListener::bind(&listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("demo-origin: cannot listen on {listen}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let demo = Arc::new(Demo {
+        data: Mutex::new((1, "hello from the demo origin".to_string())),
+        hits: AtomicU64::new(0),
+    });
+    let cfg = ServerConfig {
+        workers: 4,
+        ..ServerConfig::default()
+    };
+    match server::start("demo-origin", listener, cfg, demo) {
+        Ok(handle) => {
+            eprintln!("demo-origin: listening on {listen}");
+            handle.join();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("demo-origin: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,625 @@
+//! Configuration: the TOML file mirrored as-is (`Raw*`, `deny_unknown_fields`), then
+//! validated once into the typed [`Config`] the rest of Echo uses.
+//!
+//! Invariants: every default lives in one `Default` impl per section; every duration is a
+//! [`Duration`] after validation (only the TOML keys carry units, `_ms`); every error names
+//! the offending key and, when the file has it, its line. `etc/echo.toml` documents every
+//! key and a test parses it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration error: which key, where, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `server.workers`; `None` for errors about the whole file.
+    pub key: Option<String>,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("config error")?;
+        if let Some(line) = self.line {
+            write!(f, " at line {line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------
+// Raw: mirrors the TOML file.
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    admin: Option<RawAdmin>,
+    origin: Option<RawOrigin>,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    workers: u64,
+    max_connections: u64,
+    queue_depth: u64,
+    queue_timeout_ms: u64,
+    idle_timeout_ms: u64,
+    header_timeout_ms: u64,
+    body_timeout_ms: u64,
+    write_timeout_ms: u64,
+    max_header_bytes: u64,
+    max_headers: u64,
+    max_target_bytes: u64,
+    max_body_bytes: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            workers: 64,
+            max_connections: 4096,
+            queue_depth: 1024,
+            queue_timeout_ms: 1000,
+            idle_timeout_ms: 60_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_target_bytes: 8 * 1024,
+            max_body_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+    token_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrigin {
+    url: Option<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+    #[serde(default = "default_response_timeout_ms")]
+    response_timeout_ms: u64,
+    #[serde(default = "default_read_timeout_ms")]
+    read_timeout_ms: u64,
+    #[serde(default = "default_send_timeout_ms")]
+    send_timeout_ms: u64,
+    #[serde(default)]
+    max_idle_connections: Option<u64>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_response_timeout_ms() -> u64 {
+    30_000
+}
+fn default_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_send_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    store: String,
+    memory_max_bytes: u64,
+    max_object_bytes: u64,
+    max_variants: u64,
+    heuristic_max_ms: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            store: "memory".into(),
+            memory_max_bytes: 256 * 1024 * 1024,
+            max_object_bytes: 8 * 1024 * 1024,
+            max_variants: 16,
+            heuristic_max_ms: 86_400_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+    file: Option<String>,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            file: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Typed: what the program uses.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub origin: OriginConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+}
+
+/// The HTTP front end: listener, worker pool, limits and client-side timeouts.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub max_connections: usize,
+    pub queue_depth: usize,
+    pub queue_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_target_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let raw = RawServer::default();
+        // The defaults are valid by construction; a test checks it.
+        validate_server(&raw).unwrap_or_else(|e| panic!("default server config invalid: {e}"))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// The passthrough service.
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    pub scheme: Scheme,
+    /// `host[:port]` as written in the URL, used for the origin request's Host.
+    pub authority: String,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub read_timeout: Duration,
+    pub send_timeout: Duration,
+    pub max_idle_connections: usize,
+}
+
+impl OriginConfig {
+    /// `http://authority`, the base every request target is appended to.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", self.scheme.as_str(), self.authority)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub store: StoreKind,
+    pub memory_max_bytes: usize,
+    pub max_object_bytes: usize,
+    pub max_variants: usize,
+    pub heuristic_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: log::LevelFilter,
+    pub file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: None,
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text; errors name the key and its line.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let key = e.span().and_then(|s| key_at(text, s.start));
+            ConfigError {
+                key,
+                line,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        validate(raw).map_err(|mut e| {
+            if e.line.is_none() {
+                if let Some(key) = &e.key {
+                    e.line = line_of_key(text, key);
+                }
+            }
+            e
+        })
+    }
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: Some(key.to_string()),
+        line: None,
+        message: message.into(),
+    }
+}
+
+fn ms(key: &str, value: u64) -> Result<Duration, ConfigError> {
+    if value == 0 {
+        return Err(err(key, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(value))
+}
+
+fn ranged(key: &str, value: u64, min: u64, max: u64) -> Result<usize, ConfigError> {
+    if value < min || value > max {
+        return Err(err(
+            key,
+            format!("must be between {min} and {max} (got {value})"),
+        ));
+    }
+    usize::try_from(value).map_err(|_| err(key, "too large for this platform"))
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        err(
+            key,
+            format!("expected an address like \"127.0.0.1:8080\", got {value:?}"),
+        )
+    })
+}
+
+fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
+    Ok(ServerConfig {
+        listen: socket_addr("server.listen", &s.listen)?,
+        workers: ranged("server.workers", s.workers, 1, 4096)?,
+        max_connections: ranged("server.max_connections", s.max_connections, 1, 1_000_000)?,
+        queue_depth: ranged("server.queue_depth", s.queue_depth, 1, 1_000_000)?,
+        queue_timeout: ms("server.queue_timeout_ms", s.queue_timeout_ms)?,
+        idle_timeout: ms("server.idle_timeout_ms", s.idle_timeout_ms)?,
+        header_timeout: ms("server.header_timeout_ms", s.header_timeout_ms)?,
+        body_timeout: ms("server.body_timeout_ms", s.body_timeout_ms)?,
+        write_timeout: ms("server.write_timeout_ms", s.write_timeout_ms)?,
+        max_header_bytes: ranged("server.max_header_bytes", s.max_header_bytes, 1024, 1 << 20)?,
+        max_headers: ranged(
+            "server.max_headers",
+            s.max_headers,
+            8,
+            crate::http::parse::MAX_HEADERS_CAP as u64,
+        )?,
+        max_target_bytes: ranged("server.max_target_bytes", s.max_target_bytes, 64, 1 << 20)?,
+        max_body_bytes: s.max_body_bytes,
+    })
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let server = validate_server(&raw.server)?;
+    if server.max_target_bytes > server.max_header_bytes {
+        return Err(err(
+            "server.max_target_bytes",
+            "must not exceed server.max_header_bytes",
+        ));
+    }
+
+    let admin = match raw.admin {
+        None => None,
+        Some(a) => Some(validate_admin(a, server.listen)?),
+    };
+
+    let origin = match raw.origin {
+        Some(o) => validate_origin(o, server.workers)?,
+        None => return Err(err("origin.url", "is required (the passthrough service)")),
+    };
+
+    let c = &raw.cache;
+    let store = match c.store.as_str() {
+        "memory" => StoreKind::Memory,
+        other => {
+            return Err(err(
+                "cache.store",
+                format!("unknown store {other:?}; this build supports \"memory\""),
+            ))
+        }
+    };
+    let memory_max_bytes = ranged(
+        "cache.memory_max_bytes",
+        c.memory_max_bytes,
+        1 << 16,
+        u64::MAX,
+    )?;
+    let max_object_bytes = ranged("cache.max_object_bytes", c.max_object_bytes, 1, u64::MAX)?;
+    if max_object_bytes > memory_max_bytes {
+        return Err(err(
+            "cache.max_object_bytes",
+            "must not exceed cache.memory_max_bytes",
+        ));
+    }
+    let cache = CacheConfig {
+        store,
+        memory_max_bytes,
+        max_object_bytes,
+        max_variants: ranged("cache.max_variants", c.max_variants, 1, 1024)?,
+        heuristic_max: Duration::from_millis(c.heuristic_max_ms),
+    };
+
+    let level = match raw.log.level.to_ascii_lowercase().as_str() {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        other => {
+            return Err(err(
+                "log.level",
+                format!("unknown level {other:?}; use off, error, warn, info, debug or trace"),
+            ))
+        }
+    };
+    let log = LogConfig {
+        level,
+        file: raw.log.file.map(PathBuf::from),
+    };
+
+    Ok(Config {
+        server,
+        admin,
+        origin,
+        cache,
+        log,
+    })
+}
+
+fn validate_admin(a: RawAdmin, proxy: SocketAddr) -> Result<AdminConfig, ConfigError> {
+    let listen = socket_addr(
+        "admin.listen",
+        a.listen.as_deref().unwrap_or("127.0.0.1:8081"),
+    )?;
+    if listen == proxy {
+        return Err(err("admin.listen", "must differ from server.listen"));
+    }
+    let token = match (a.token, a.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "admin.token",
+                "set admin.token or admin.token_file, not both",
+            ))
+        }
+        (Some(t), None) => t,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .map_err(|e| err("admin.token_file", format!("cannot read {f}: {e}")))?
+            .trim()
+            .to_string(),
+        (None, None) => String::new(),
+    };
+    if token.trim().is_empty() {
+        return Err(err(
+            "admin.token",
+            "must not be empty (set admin.token or admin.token_file)",
+        ));
+    }
+    Ok(AdminConfig { listen, token })
+}
+
+fn validate_origin(o: RawOrigin, workers: usize) -> Result<OriginConfig, ConfigError> {
+    let url = o
+        .url
+        .ok_or_else(|| err("origin.url", "is required (the passthrough service)"))?;
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (Scheme::Http, rest)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (Scheme::Https, rest)
+    } else {
+        return Err(err(
+            "origin.url",
+            format!("must start with http:// or https:// (got {url:?})"),
+        ));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty()
+        || authority.contains(['/', '?', '#', '@', ' '])
+        || authority.chars().any(|c| c.is_control())
+    {
+        return Err(err(
+            "origin.url",
+            format!("must be scheme://host[:port] with no path (got {url:?})"),
+        ));
+    }
+    Ok(OriginConfig {
+        scheme,
+        authority: authority.to_ascii_lowercase(),
+        connect_timeout: ms("origin.connect_timeout_ms", o.connect_timeout_ms)?,
+        response_timeout: ms("origin.response_timeout_ms", o.response_timeout_ms)?,
+        read_timeout: ms("origin.read_timeout_ms", o.read_timeout_ms)?,
+        send_timeout: ms("origin.send_timeout_ms", o.send_timeout_ms)?,
+        max_idle_connections: match o.max_idle_connections {
+            Some(n) => ranged("origin.max_idle_connections", n, 0, 100_000)?,
+            None => workers,
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Locating keys in the file, so every error can say where.
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Every `(dotted.key, span of key..end of value)` in the document, depth first.
+fn spans(text: &str) -> Vec<(String, std::ops::Range<usize>)> {
+    fn walk(
+        prefix: &str,
+        table: &toml::de::DeTable<'_>,
+        out: &mut Vec<(String, std::ops::Range<usize>)>,
+    ) {
+        for (k, v) in table.iter() {
+            let name = if prefix.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", k.get_ref())
+            };
+            let span = k.span().start.min(v.span().start)..v.span().end.max(k.span().end);
+            out.push((name.clone(), span));
+            if let Some(t) = v.get_ref().as_table() {
+                walk(&name, t, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(doc) = toml::de::DeTable::parse(text) {
+        walk("", doc.get_ref(), &mut out);
+    }
+    out
+}
+
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    spans(text)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, s)| line_of(text, s.start))
+}
+
+/// The innermost key whose span holds `offset`, e.g. the key of a value of the wrong type.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    spans(text)
+        .into_iter()
+        .filter(|(_, s)| s.start <= offset && offset < s.end.max(s.start + 1))
+        .min_by_key(|(_, s)| s.end - s.start)
+        .map(|(k, _)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[origin]\nurl = \"http://127.0.0.1:9000\"\n";
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.server.workers, 64);
+        assert_eq!(c.origin.authority, "127.0.0.1:9000");
+        assert_eq!(c.origin.max_idle_connections, 64);
+        assert!(c.admin.is_none());
+        let _ = ServerConfig::default();
+    }
+
+    #[test]
+    fn the_shipped_config_parses() {
+        let text = include_str!("../etc/echo.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.cache.store, StoreKind::Memory);
+        assert!(c.admin.is_some());
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let cases: &[(&str, &str, usize)] = &[
+            ("[server]\nworkers = 0\n[origin]\nurl = \"http://a\"\n", "server.workers", 2),
+            ("[origin]\nurl = \"ftp://a\"\n", "origin.url", 2),
+            ("[server]\n\nworkers = \"many\"\n", "server.workers", 3),
+            ("[origin]\nurl = \"http://a\"\n[log]\nlevel = \"loud\"\n", "log.level", 4),
+            (
+                "[origin]\nurl = \"http://a\"\n[cache]\nmemory_max_bytes = 70000\nmax_object_bytes = 80000\n",
+                "cache.max_object_bytes",
+                5,
+            ),
+            ("[origin]\nurl = \"http://a\"\n[admin]\ntoken = \" \"\n", "admin.token", 4),
+            ("[origin]\nurl = \"http://a\"\n[cache]\nstore = \"disk\"\n", "cache.store", 4),
+        ];
+        for (text, key, line) in cases {
+            let e = Config::parse(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(*key), "{text}: {e}");
+            assert_eq!(e.line, Some(*line), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e = Config::parse("[origin]\nurl = \"http://a\"\n[server]\nwokers = 3\n").unwrap_err();
+        assert!(e.message.contains("wokers"), "{e}");
+        assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn missing_origin_is_an_error() {
+        let e = Config::parse("").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("origin.url"));
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let e = Config::parse("[server]\nworkers = = 3\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+}

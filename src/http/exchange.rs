@@ -1,0 +1,313 @@
+//! One request/response exchange on a connection, as a handler sees it: the parsed
+//! request, its body as a stream, and a response writer that frames what it is given.
+//!
+//! Invariants: the response is written once, in order, with the framing Echo chose;
+//! an exchange whose response did not complete, or whose request body was not read to
+//! its end, closes the connection (the next bytes on it cannot be trusted); the
+//! `100 Continue` interim response is sent only when the body is actually wanted.
+
+use std::io::{self, Read};
+use std::time::Duration;
+
+use super::body::BodyState;
+use super::conn::Conn;
+use super::response::{self, BodyLength, Framing};
+use super::{Request, Version};
+
+/// Body bytes left over after a handler, read and discarded to keep the connection.
+const DRAIN_BUDGET: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseState {
+    NotStarted,
+    /// Head written; body bytes still expected in this framing.
+    Body(Framing, u64),
+    Done,
+}
+
+/// Timeouts an exchange applies to the client.
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeTimeouts {
+    pub body: Duration,
+}
+
+pub struct Exchange<'c> {
+    pub req: Request,
+    conn: &'c mut Conn,
+    body: BodyState,
+    continue_sent: bool,
+    response: ResponseState,
+    close: bool,
+    timeouts: ExchangeTimeouts,
+    head_buf: Vec<u8>,
+    /// Status of the response sent, for logs.
+    status: u16,
+}
+
+impl<'c> Exchange<'c> {
+    pub fn new(
+        req: Request,
+        conn: &'c mut Conn,
+        max_body: u64,
+        timeouts: ExchangeTimeouts,
+    ) -> Exchange<'c> {
+        let body = BodyState::new(req.framing, max_body);
+        let close = !req.keep_alive;
+        Exchange {
+            req,
+            conn,
+            body,
+            continue_sent: false,
+            response: ResponseState::NotStarted,
+            close,
+            timeouts,
+            head_buf: Vec::with_capacity(512),
+            status: 0,
+        }
+    }
+
+    /// The request body as a stream (empty when the request has none).
+    pub fn body(&mut self) -> BodyReader<'_, 'c> {
+        BodyReader { ex: self }
+    }
+
+    pub fn has_body(&self) -> bool {
+        !self.body.is_done() || self.body.received() > 0
+    }
+
+    pub fn response_started(&self) -> bool {
+        self.response != ResponseState::NotStarted
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// Close the connection after this exchange.
+    pub fn set_close(&mut self) {
+        self.close = true;
+    }
+
+    /// Starts the response. `head_length` is the length to announce for a HEAD response.
+    pub fn start(
+        &mut self,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        length: BodyLength,
+        head_length: Option<u64>,
+    ) -> io::Result<()> {
+        self.start_with(status, headers, length, head_length, &[])
+    }
+
+    /// Starts the response and writes `first` body bytes with the head in one write.
+    fn start_with(
+        &mut self,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        length: BodyLength,
+        head_length: Option<u64>,
+        first: &[u8],
+    ) -> io::Result<()> {
+        if self.response != ResponseState::NotStarted {
+            return Err(io::Error::other("response already started"));
+        }
+        let framing = response::choose(status, self.req.is_head(), length, self.req.version);
+        if framing == Framing::Close {
+            self.close = true;
+        }
+        // A body the handler never read makes the connection unusable unless it can be
+        // drained cheaply; decide now so the head can say `connection: close`.
+        let awaiting_continue = self.req.expect_continue && !self.continue_sent;
+        if !self.body.is_done() && (awaiting_continue || !self.drain_is_cheap()) {
+            self.close = true;
+        }
+        self.status = status;
+        let mut head = std::mem::take(&mut self.head_buf);
+        head.clear();
+        response::write_head(
+            &mut head,
+            self.req.version,
+            status,
+            headers,
+            framing,
+            head_length,
+            !self.close,
+        );
+        let remaining = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        self.response = ResponseState::Body(framing, remaining);
+        let result = if first.is_empty() {
+            self.conn.write_all(&head)
+        } else {
+            self.write_framed(Some(&head), first)
+        };
+        self.head_buf = head;
+        if result.is_err() {
+            self.close = true;
+        }
+        result
+    }
+
+    fn drain_is_cheap(&self) -> bool {
+        match self.req.framing {
+            super::BodyFraming::Length(n) => n - self.body.received() <= DRAIN_BUDGET,
+            _ => false,
+        }
+    }
+
+    /// Writes body bytes in the response's framing.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let result = self.write_framed(None, data);
+        if result.is_err() {
+            self.close = true;
+        }
+        result
+    }
+
+    fn write_framed(&mut self, head: Option<&[u8]>, data: &[u8]) -> io::Result<()> {
+        let head = head.unwrap_or_default();
+        match self.response {
+            ResponseState::Body(Framing::NoBody, _) => self.conn.write_all(head),
+            ResponseState::Body(Framing::Length(left), _) => {
+                if data.len() as u64 > left {
+                    return Err(io::Error::other("response body longer than announced"));
+                }
+                self.conn.write_all_vectored(&[head, data])?;
+                self.response = ResponseState::Body(Framing::Length(left - data.len() as u64), 0);
+                Ok(())
+            }
+            ResponseState::Body(Framing::Chunked, _) => {
+                let size = format!("{:x}\r\n", data.len());
+                self.conn
+                    .write_all_vectored(&[head, size.as_bytes(), data, b"\r\n"])
+            }
+            ResponseState::Body(Framing::Close, _) => self.conn.write_all_vectored(&[head, data]),
+            ResponseState::NotStarted | ResponseState::Done => {
+                Err(io::Error::other("no response in progress"))
+            }
+        }
+    }
+
+    /// Ends the response. An announced length that was not met is an error and closes.
+    pub fn finish(&mut self) -> io::Result<()> {
+        let result = match self.response {
+            ResponseState::Body(Framing::Length(0), _)
+            | ResponseState::Body(Framing::NoBody, _) => Ok(()),
+            ResponseState::Body(Framing::Length(_), _) => {
+                Err(io::Error::other("response body shorter than announced"))
+            }
+            ResponseState::Body(Framing::Chunked, _) => self.conn.write_all(b"0\r\n\r\n"),
+            ResponseState::Body(Framing::Close, _) => {
+                self.close = true;
+                Ok(())
+            }
+            ResponseState::NotStarted | ResponseState::Done => Ok(()),
+        };
+        match result {
+            Ok(()) => self.response = ResponseState::Done,
+            Err(_) => self.close = true,
+        }
+        result
+    }
+
+    /// A whole response in one call (and, when small, one write).
+    pub fn respond(
+        &mut self,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        body: &[u8],
+    ) -> io::Result<()> {
+        let length = BodyLength::Known(body.len() as u64);
+        if response::has_no_body(status, self.req.is_head()) {
+            let head_length = (status != 204 && status != 304).then_some(body.len() as u64);
+            self.start(status, headers, length, head_length)?;
+        } else {
+            self.start_with(status, headers, length, None, body)?;
+        }
+        self.finish()
+    }
+
+    /// An error response in Echo's own words; `close` also ends the connection.
+    pub fn respond_error(&mut self, status: u16, reason: &str, close: bool) {
+        if close {
+            self.close = true;
+        }
+        if self.response_started() {
+            // Too late for a status: the only honest signal left is to cut the stream.
+            self.abort();
+            return;
+        }
+        let body = format!("echo: {reason}\n");
+        let mut headers = vec![
+            (
+                "content-type".to_string(),
+                b"text/plain; charset=utf-8".to_vec(),
+            ),
+            ("cache-control".to_string(), b"no-store".to_vec()),
+        ];
+        if status == 503 {
+            headers.push(("retry-after".to_string(), b"1".to_vec()));
+        }
+        let _ = self.respond(status, &headers, body.as_bytes());
+    }
+
+    /// The response cannot be completed: the connection is closed without finishing it,
+    /// so the client sees a truncated message rather than a fabricated complete one.
+    pub fn abort(&mut self) {
+        self.close = true;
+        if self.response != ResponseState::Done {
+            self.response = ResponseState::Body(Framing::Close, 0);
+        }
+        let _ = self.conn.stream().shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Finishes the exchange: true if the connection can carry another request.
+    pub fn complete(mut self) -> bool {
+        if self.response != ResponseState::Done {
+            return false;
+        }
+        if self.close {
+            return false;
+        }
+        if !self.body.is_done() {
+            let timeout = self.timeouts.body;
+            return self.body.drain(self.conn, DRAIN_BUDGET, timeout);
+        }
+        true
+    }
+
+    fn send_continue(&mut self) -> io::Result<()> {
+        if self.req.expect_continue && !self.continue_sent && !self.response_started() {
+            self.continue_sent = true;
+            if self.req.version == Version::Http11 {
+                self.conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The request body of an exchange, as `Read`.
+pub struct BodyReader<'e, 'c> {
+    ex: &'e mut Exchange<'c>,
+}
+
+impl Read for BodyReader<'_, '_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.ex.body.is_done() {
+            return Ok(0);
+        }
+        self.ex.send_continue()?;
+        let timeout = self.ex.timeouts.body;
+        let result = self.ex.body.read(self.ex.conn, out, timeout);
+        if result.is_err() {
+            self.ex.close = true;
+        }
+        result
+    }
+}

@@ -1,0 +1,159 @@
+//! Response framing and head serialisation (RFC 9112 §4, §6.1, §6.3, §9.6).
+//!
+//! Invariants: Echo alone decides the framing fields (`Content-Length`,
+//! `Transfer-Encoding`, `Connection`); callers pass end-to-end fields only, and any
+//! framing field among them is dropped here so a response can never carry two framings.
+
+use super::{reason, Version};
+
+/// What the caller knows of the body it will send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    Known(u64),
+    Unknown,
+}
+
+/// How the body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body bytes follow (HEAD, 1xx, 204, 304).
+    NoBody,
+    Length(u64),
+    Chunked,
+    /// The body ends when the connection closes (HTTP/1.0 clients, unknown length).
+    Close,
+}
+
+/// RFC 9110 §6.4.1: responses to HEAD and 1xx/204/304 have no content.
+pub fn has_no_body(status: u16, head_request: bool) -> bool {
+    head_request || status < 200 || status == 204 || status == 304
+}
+
+/// Chooses the framing for a response to a client speaking `version`.
+pub fn choose(status: u16, head_request: bool, length: BodyLength, version: Version) -> Framing {
+    if has_no_body(status, head_request) {
+        return Framing::NoBody;
+    }
+    match (length, version) {
+        (BodyLength::Known(n), _) => Framing::Length(n),
+        (BodyLength::Unknown, Version::Http11) => Framing::Chunked,
+        (BodyLength::Unknown, Version::Http10) => Framing::Close,
+    }
+}
+
+/// Serialises a response head into `out`.
+///
+/// `keep_alive` is whether the connection stays open after this response; `length` is
+/// kept for HEAD responses, which announce the length a GET would have had.
+pub fn write_head(
+    out: &mut Vec<u8>,
+    version: Version,
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    framing: Framing,
+    head_length: Option<u64>,
+    keep_alive: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "connection" | "keep-alive"
+        ) {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::NoBody => {
+            if let Some(n) = head_length {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(n.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Framing::Close => {}
+    }
+    if !keep_alive || framing == Framing::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::Http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(status: u16, framing: Framing, keep_alive: bool, version: Version) -> String {
+        let mut out = Vec::new();
+        let headers = vec![
+            ("x-a".to_string(), b"1".to_vec()),
+            ("content-length".to_string(), b"999".to_vec()),
+            ("transfer-encoding".to_string(), b"gzip".to_vec()),
+        ];
+        write_head(
+            &mut out, version, status, &headers, framing, None, keep_alive,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn framing_follows_status_method_and_version() {
+        use BodyLength::*;
+        assert_eq!(
+            choose(200, true, Known(5), Version::Http11),
+            Framing::NoBody
+        );
+        assert_eq!(
+            choose(304, false, Known(5), Version::Http11),
+            Framing::NoBody
+        );
+        assert_eq!(
+            choose(204, false, Unknown, Version::Http11),
+            Framing::NoBody
+        );
+        assert_eq!(
+            choose(200, false, Known(5), Version::Http10),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            choose(200, false, Unknown, Version::Http11),
+            Framing::Chunked
+        );
+        assert_eq!(choose(200, false, Unknown, Version::Http10), Framing::Close);
+    }
+
+    #[test]
+    fn caller_framing_fields_never_reach_the_wire() {
+        let h = head(200, Framing::Chunked, true, Version::Http11);
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let h = head(404, Framing::Length(3), false, Version::Http11);
+        assert_eq!(
+            h,
+            "HTTP/1.1 404 Not Found\r\nx-a: 1\r\ncontent-length: 3\r\nconnection: close\r\n\r\n"
+        );
+        let h = head(200, Framing::Length(3), true, Version::Http10);
+        assert!(
+            h.ends_with("content-length: 3\r\nconnection: keep-alive\r\n\r\n"),
+            "{h}"
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! The cache key: scheme, Host and request target, one key for GET and HEAD, kept
+//! readable (`http://example.com/orgs/42/users?page=2`) because invalidation patterns
+//! are matched against it. Vary variants live under one key (see `store`).
+//!
+//! Invariants: the host is already lower-cased and stripped of a default port by the
+//! parser, so equivalent authorities share entries; the target is kept byte for byte
+//! (normalising percent-encoding could merge resources the origin tells apart).
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    full: String,
+    /// Where the request target starts in `full`.
+    target_at: usize,
+}
+
+impl CacheKey {
+    pub fn new(scheme: &str, host: &str, target: &str) -> CacheKey {
+        let full = format!("{scheme}://{host}{target}");
+        let target_at = full.len() - target.len();
+        CacheKey { full, target_at }
+    }
+
+    /// The whole key, e.g. `http://example.com/a?b`.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+
+    /// The request target part, e.g. `/a?b`.
+    pub fn target(&self) -> &str {
+        &self.full[self.target_at..]
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_readable_and_keep_the_target() {
+        let k = CacheKey::new("http", "example.com", "/orgs/42/users?page=2");
+        assert_eq!(k.as_str(), "http://example.com/orgs/42/users?page=2");
+        assert_eq!(k.target(), "/orgs/42/users?page=2");
+        assert_ne!(
+            k,
+            CacheKey::new("http", "example.com", "/orgs/42/users?page=3")
+        );
+        assert_ne!(
+            k,
+            CacheKey::new("http", "other.com", "/orgs/42/users?page=2")
+        );
+    }
+}

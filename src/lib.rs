@@ -1,0 +1,80 @@
+//! Echo: an HTTP/1.1 reverse proxy cache.
+//!
+//! The library holds everything; `echod` (src/main.rs) only parses argv, sets up
+//! logging and calls [`run`]. Tests and benches drive [`start`] directly.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod http;
+pub mod key;
+pub mod origin;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod store;
+
+use std::io;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use config::{Config, StoreKind};
+use server::ServerHandle;
+use store::memory::MemoryStore;
+use store::Store;
+
+/// A running Echo: the proxy listener (and what it needs to stay up).
+pub struct Echo {
+    pub proxy: ServerHandle,
+    pub admin: Option<ServerHandle>,
+}
+
+/// Starts Echo from a validated config: binds its listeners and starts serving.
+pub fn start(cfg: &Config) -> io::Result<Echo> {
+    let listener = TcpListener::bind(cfg.server.listen)?;
+    let admin = match &cfg.admin {
+        Some(a) => Some(TcpListener::bind(a.listen)?),
+        None => None,
+    };
+    start_on(cfg, listener, admin)
+}
+
+/// Starts Echo on already bound listeners (tests bind port 0 first).
+pub fn start_on(
+    cfg: &Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+) -> io::Result<Echo> {
+    let store: Arc<dyn Store> = match cfg.cache.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(
+            cfg.cache.memory_max_bytes,
+            cfg.cache.max_variants,
+        )),
+    };
+    let policy = policy::PolicyOptions {
+        heuristic_max: cfg.cache.heuristic_max,
+        ..policy::PolicyOptions::default()
+    };
+    let origin = origin::Origin::new(&cfg.origin);
+    let handler = Arc::new(proxy::Proxy::new(
+        store,
+        origin,
+        policy,
+        cfg.cache.max_object_bytes,
+    ));
+    let proxy = server::start("echo", listener, cfg.server.clone(), handler)?;
+    let admin = match (admin, &cfg.admin) {
+        (Some(listener), Some(a)) => {
+            // The admin side needs few workers; its limits are the proxy's.
+            let admin_cfg = config::ServerConfig {
+                workers: 2,
+                ..cfg.server.clone()
+            };
+            let handler = Arc::new(admin::Admin::new(a.token.clone()));
+            Some(server::start("echo-admin", listener, admin_cfg, handler)?)
+        }
+        _ => None,
+    };
+    Ok(Echo { proxy, admin })
+}

@@ -1,0 +1,225 @@
+//! The passthrough service: one shared `ureq` agent, configured for a proxy.
+//!
+//! ureq's defaults are wrong for a proxy and are all turned off here: no redirects
+//! (3xx pass through), no proxy from the environment, no decompression (the crate is
+//! built without it), 4xx/5xx returned as responses, no automatic User-Agent or Accept,
+//! and every phase has a timeout from config.
+//!
+//! Invariants: ureq types stay in this module; the rest of Echo sees [`OriginResponse`]
+//! and [`OriginError`]. An error says which phase failed, so the proxy can pick 502 or 504.
+
+use std::fmt;
+use std::io::{self, Read};
+
+use ureq::http;
+
+use crate::config::OriginConfig;
+use crate::http::Headers;
+
+/// A request to forward.
+pub struct OriginRequest<'a> {
+    pub method: &'a str,
+    /// Origin-form target, `/path?query`.
+    pub target: &'a str,
+    /// End-to-end fields to send, Host included.
+    pub headers: &'a Headers,
+    /// The body and its length when known (None: sent chunked).
+    pub body: Option<(&'a mut dyn Read, Option<u64>)>,
+}
+
+/// The head of the origin's answer, and its body as a stream.
+pub struct OriginResponse {
+    pub status: u16,
+    /// As received, repeats kept in order (names lower-case).
+    pub headers: Headers,
+    /// The body length when the origin framed it with Content-Length.
+    pub content_length: Option<u64>,
+    pub body: Box<dyn Read + Send>,
+}
+
+/// Why the origin did not answer.
+#[derive(Debug)]
+pub enum OriginError {
+    /// Could not connect (refused, unreachable, DNS): 502.
+    Connect(String),
+    /// A phase took too long: 504.
+    Timeout(&'static str),
+    /// The origin broke the protocol or the connection: 502.
+    Protocol(String),
+    /// Reading the client's request body failed while forwarding it.
+    ClientBody(io::Error),
+}
+
+impl OriginError {
+    /// The status a client gets for this failure.
+    pub fn status(&self) -> u16 {
+        match self {
+            OriginError::Timeout(_) => 504,
+            OriginError::ClientBody(_) => 400,
+            _ => 502,
+        }
+    }
+
+    /// Short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OriginError::Connect(_) => "connect",
+            OriginError::Timeout(_) => "timeout",
+            OriginError::Protocol(_) => "protocol",
+            OriginError::ClientBody(_) => "client-body",
+        }
+    }
+}
+
+impl fmt::Display for OriginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OriginError::Connect(why) => write!(f, "cannot connect to the origin: {why}"),
+            OriginError::Timeout(phase) => write!(f, "the origin timed out ({phase})"),
+            OriginError::Protocol(why) => write!(f, "the origin failed: {why}"),
+            OriginError::ClientBody(e) => write!(f, "reading the request body failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OriginError {}
+
+pub struct Origin {
+    agent: ureq::Agent,
+    base: String,
+    /// The Host sent to the origin.
+    pub authority: String,
+}
+
+impl Origin {
+    pub fn new(cfg: &OriginConfig) -> Origin {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .user_agent(ureq::config::AutoHeaderValue::None)
+            .accept(ureq::config::AutoHeaderValue::None)
+            .accept_encoding(ureq::config::AutoHeaderValue::None)
+            .allow_non_standard_methods(true)
+            .no_delay(true)
+            .timeout_connect(Some(cfg.connect_timeout))
+            .timeout_send_request(Some(cfg.send_timeout))
+            .timeout_send_body(None)
+            .timeout_per_write(Some(cfg.send_timeout))
+            .timeout_recv_response(Some(cfg.response_timeout))
+            .timeout_per_read(Some(cfg.read_timeout))
+            .max_idle_connections(cfg.max_idle_connections)
+            .max_idle_connections_per_host(cfg.max_idle_connections)
+            .build();
+        Origin {
+            agent: config.new_agent(),
+            base: cfg.base_url(),
+            authority: cfg.authority.clone(),
+        }
+    }
+
+    /// Sends one request and returns the response head with its body stream.
+    pub fn send(&self, req: OriginRequest<'_>) -> Result<OriginResponse, OriginError> {
+        let uri = format!("{}{}", self.base, req.target);
+        let mut builder = http::Request::builder()
+            .method(req.method)
+            .uri(uri)
+            .version(http::Version::HTTP_11);
+        for (name, value) in req.headers {
+            builder = builder.header(name.as_str(), value.as_slice());
+        }
+        let mut client_body_error: Option<io::Error> = None;
+        let result = match req.body {
+            Some((reader, length)) => {
+                if let Some(n) = length {
+                    builder = builder.header("content-length", n);
+                }
+                let mut watched = WatchedReader {
+                    inner: reader,
+                    error: &mut client_body_error,
+                };
+                let request = builder
+                    .body(ureq::SendBody::from_reader(&mut watched))
+                    .map_err(|e| OriginError::Protocol(e.to_string()))?;
+                self.agent.run(request)
+            }
+            None => {
+                if matches!(req.method, "POST" | "PUT" | "PATCH") {
+                    // Without a length ureq would send these chunked; say "empty".
+                    builder = builder.header("content-length", 0);
+                }
+                let request = builder
+                    .body(ureq::SendBody::none())
+                    .map_err(|e| OriginError::Protocol(e.to_string()))?;
+                self.agent.run(request)
+            }
+        };
+        if let Some(e) = client_body_error {
+            return Err(OriginError::ClientBody(e));
+        }
+        let response = result.map_err(map_error)?;
+        let (parts, body) = response.into_parts();
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        Ok(OriginResponse {
+            status: parts.status.as_u16(),
+            headers,
+            content_length: body.content_length(),
+            body: Box::new(BodyStream(body.into_reader())),
+        })
+    }
+}
+
+/// Remembers an error from the client's body, so it is not blamed on the origin.
+struct WatchedReader<'a, 'b> {
+    inner: &'a mut dyn Read,
+    error: &'b mut Option<io::Error>,
+}
+
+impl Read for WatchedReader<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            let copy = io::Error::new(e.kind(), e.to_string());
+            *self.error = Some(e);
+            copy
+        })
+    }
+}
+
+/// The origin body; read errors keep their phase so the proxy can log them.
+struct BodyStream(ureq::BodyReader<'static>);
+
+impl Read for BodyStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+fn map_error(e: ureq::Error) -> OriginError {
+    match e {
+        ureq::Error::Timeout(t) => OriginError::Timeout(match t {
+            ureq::Timeout::Connect | ureq::Timeout::Resolve => "connect",
+            ureq::Timeout::SendRequest | ureq::Timeout::SendBody | ureq::Timeout::PerWrite => {
+                "send"
+            }
+            ureq::Timeout::RecvResponse => "response",
+            ureq::Timeout::RecvBody | ureq::Timeout::PerRead => "read",
+            _ => "global",
+        }),
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+            OriginError::Connect(e.to_string())
+        }
+        ureq::Error::Io(io) => match io.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => OriginError::Timeout("read"),
+            io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::AddrNotAvailable
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable => OriginError::Connect(io.to_string()),
+            _ => OriginError::Protocol(io.to_string()),
+        },
+        other => OriginError::Protocol(other.to_string()),
+    }
+}

@@ -1,0 +1,559 @@
+//! The caching proxy: for each request, look the key up, serve what RFC 9111 allows,
+//! otherwise forward to the origin, stream the answer back, and store it when allowed.
+//!
+//! Invariants: a store error is a miss, never a failed request; a response is stored
+//! only when the policy allows it, it is complete, and it fits `cache.max_object_bytes`;
+//! an origin body that breaks mid-way cuts the client's response (never a fabricated
+//! complete one) and stores nothing; every proxied response says what happened in
+//! `X-Cache-Status` and in an RFC 9211 `Cache-Status` member.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use log::{debug, warn};
+
+use crate::http::body::client_error;
+use crate::http::exchange::Exchange;
+use crate::http::response::BodyLength;
+use crate::http::{self, BodyFraming, Headers, Request};
+use crate::key::CacheKey;
+use crate::origin::{Origin, OriginError, OriginRequest, OriginResponse};
+use crate::policy::{self, PolicyOptions, Storability};
+use crate::server::Handler;
+use crate::store::{Entry, Store};
+
+/// This cache's name in `Via` and `Cache-Status`.
+const CACHE_NAME: &str = "echo";
+const VIA: &[u8] = b"1.1 echo";
+/// Read size when streaming an origin body.
+const CHUNK: usize = 64 * 1024;
+
+/// What the cache did with a request; the value of `X-Cache-Status` and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Stale,
+    Revalidated,
+    Bypass,
+}
+
+impl CacheStatus {
+    /// The `X-Cache-Status` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Revalidated => "REVALIDATED",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// Why a request went to the origin (RFC 9211 §2.2 `fwd` values), or why it bypassed
+/// the cache altogether.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// Nothing stored under the key.
+    UriMiss,
+    /// Stored variants, none selected by this request's Vary fields.
+    VaryMiss,
+    /// The stored response was stale.
+    Stale,
+    /// The method is not one the cache serves (only GET and HEAD are).
+    Method,
+    /// The request asks for a range; Echo stores and serves only whole responses.
+    Range,
+    /// The store could not be read.
+    StoreError,
+}
+
+impl Forward {
+    /// The RFC 9211 `fwd` parameter and, for bypasses, a `detail`.
+    fn cache_status_params(self) -> &'static str {
+        match self {
+            Forward::UriMiss => "fwd=uri-miss",
+            Forward::VaryMiss => "fwd=vary-miss",
+            Forward::Stale => "fwd=stale",
+            Forward::Method => "fwd=method",
+            Forward::Range => "fwd=bypass; detail=range",
+            Forward::StoreError => "fwd=bypass; detail=store-error",
+        }
+    }
+
+    fn x_cache_status(self) -> CacheStatus {
+        match self {
+            Forward::UriMiss | Forward::VaryMiss | Forward::Stale => CacheStatus::Miss,
+            Forward::Method | Forward::Range | Forward::StoreError => CacheStatus::Bypass,
+        }
+    }
+}
+
+pub struct Proxy {
+    store: Arc<dyn Store>,
+    origin: Origin,
+    policy: PolicyOptions,
+    max_object_bytes: usize,
+    last_warning: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(
+        store: Arc<dyn Store>,
+        origin: Origin,
+        policy: PolicyOptions,
+        max_object_bytes: usize,
+    ) -> Proxy {
+        Proxy {
+            store,
+            origin,
+            policy,
+            max_object_bytes,
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// `warn` level is for degraded service; at most one such line every few seconds.
+    fn warn_limited(&self, message: std::fmt::Arguments<'_>) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + 5
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!("{message}");
+        } else {
+            debug!("{message}");
+        }
+    }
+
+    fn lookup(&self, ex: &mut Exchange<'_>) {
+        let key = CacheKey::new("http", &ex.req.host, &ex.req.target);
+        let variants = match self.store.get(&key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.warn_limited(format_args!(
+                    "{} store lookup failed: {e}",
+                    self.store.name()
+                ));
+                return self.forward(ex, Forward::StoreError);
+            }
+        };
+        let now = SystemTime::now();
+        let forward = match variants
+            .iter()
+            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers))
+        {
+            Some(entry) => {
+                let age = policy::current_age(entry.initial_age, entry.response_time, now);
+                if policy::is_fresh(entry.freshness, age) {
+                    debug!("HIT {key}");
+                    return serve_stored(ex, entry, age, CacheStatus::Hit, None);
+                }
+                Forward::Stale
+            }
+            None if variants.is_empty() => Forward::UriMiss,
+            None => Forward::VaryMiss,
+        };
+        debug!("{} {key}", forward.cache_status_params());
+        self.fill(ex, &key, forward);
+    }
+
+    /// Fetches a GET (HEAD is converted: one stored GET answers both) and stores it
+    /// when the policy allows, while streaming it to the client.
+    fn fill(&self, ex: &mut Exchange<'_>, key: &CacheKey, forward: Forward) {
+        let mut headers = forward_headers(&ex.req, &self.origin.authority);
+        // The stored response must be complete: the client's own validators are
+        // answered from the store below, not passed to the origin.
+        headers.retain(|(n, _)| !matches!(n.as_str(), "if-none-match" | "if-modified-since"));
+        let request_time = SystemTime::now();
+        let result = self.origin.send(OriginRequest {
+            method: "GET",
+            target: &ex.req.target,
+            headers: &headers,
+            body: None,
+        });
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => return self.origin_failed(ex, &e, forward),
+        };
+        let response_time = SystemTime::now();
+        let storability = policy::storability(
+            "GET",
+            &ex.req.headers,
+            response.status,
+            &response.headers,
+            response_time,
+            &self.policy,
+        );
+        let fits = response
+            .content_length
+            .is_none_or(|n| n <= self.max_object_bytes as u64);
+        let (freshness, reason) = match storability {
+            Storability::Store { freshness, .. } if fits => (Some(freshness), None),
+            Storability::Store { .. } => (None, Some("too-large")),
+            Storability::DoNotStore(why) => (None, Some(why.as_str())),
+        };
+        let base = response_headers(&response.headers, response_time);
+        let status = response.status;
+        let collect = freshness.is_some();
+        let body = self.stream_body(ex, response, &base, forward, reason, collect);
+        let (Some(freshness), Some(body)) = (freshness, body) else {
+            return;
+        };
+        let vary = match policy::vary(&base) {
+            policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, &ex.req.headers),
+            _ => Vec::new(),
+        };
+        // The origin's Age goes into the initial age; hits send their own Age.
+        let initial_age = policy::corrected_initial_age(&base, request_time, response_time);
+        let mut stored = base;
+        stored.retain(|(n, _)| n != "age");
+        let entry = Entry {
+            status,
+            initial_age,
+            headers: stored,
+            body,
+            response_time,
+            freshness,
+            vary,
+        };
+        if let Err(e) = self.store.put(key, Arc::new(entry)) {
+            self.warn_limited(format_args!(
+                "{} store write failed: {e}",
+                self.store.name()
+            ));
+        }
+    }
+
+    /// Streams an origin response to the client. With `collect`, also returns the
+    /// whole body when it arrived complete and within `max_object_bytes`, so it can be
+    /// stored (even if the client went away meanwhile).
+    fn stream_body(
+        &self,
+        ex: &mut Exchange<'_>,
+        mut response: OriginResponse,
+        base: &Headers,
+        forward: Forward,
+        not_stored: Option<&str>,
+        collect: bool,
+    ) -> Option<Vec<u8>> {
+        let mut headers = base.clone();
+        let stored = if collect { "; stored" } else { "" };
+        let detail = not_stored
+            .map(|r| format!("; detail={r}"))
+            .unwrap_or_default();
+        add_status(
+            &mut headers,
+            forward.x_cache_status(),
+            format!(
+                "{CACHE_NAME}; {}; fwd-status={}{stored}{detail}",
+                forward.cache_status_params(),
+                response.status
+            ),
+        );
+        let length = match response.content_length {
+            Some(n) => BodyLength::Known(n),
+            None => BodyLength::Unknown,
+        };
+        let head_request = ex.req.is_head();
+        let mut client_gone = ex
+            .start(response.status, &headers, length, response.content_length)
+            .is_err();
+        let mut kept: Option<Vec<u8>> = collect.then(Vec::new);
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match response.body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    self.warn_limited(format_args!(
+                        "origin body for {} broke off: {e}",
+                        ex.req.target
+                    ));
+                    ex.abort();
+                    return None;
+                }
+            };
+            if kept
+                .as_ref()
+                .is_some_and(|k| k.len() + n > self.max_object_bytes)
+            {
+                kept = None;
+            }
+            if let Some(k) = kept.as_mut() {
+                k.extend_from_slice(&buf[..n]);
+            }
+            if !head_request && !client_gone && ex.write(&buf[..n]).is_err() {
+                client_gone = true;
+            }
+            // Nothing more can reach this client; read on only to store the body.
+            if client_gone && kept.is_none() {
+                return None;
+            }
+        }
+        if !client_gone {
+            let _ = ex.finish();
+        }
+        kept
+    }
+
+    /// Passes a request through without the cache (other methods, ranges), streaming
+    /// the body both ways; unsafe methods invalidate what they may have changed.
+    fn forward(&self, ex: &mut Exchange<'_>, forward: Forward) {
+        let headers = forward_headers(&ex.req, &self.origin.authority);
+        let method = ex.req.method.clone();
+        let target = ex.req.target.clone();
+        let length = match ex.req.framing {
+            BodyFraming::None => None,
+            BodyFraming::Length(n) => Some(Some(n)),
+            BodyFraming::Chunked => Some(None),
+        };
+        let result = {
+            let mut body = ex.body();
+            self.origin.send(OriginRequest {
+                method: &method,
+                target: &target,
+                headers: &headers,
+                body: length.map(|len| (&mut body as &mut dyn Read, len)),
+            })
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => return self.origin_failed(ex, &e, forward),
+        };
+        if policy::invalidates(&method, response.status) {
+            self.invalidate_after_unsafe(&ex.req, &response.headers);
+        }
+        let base = response_headers(&response.headers, SystemTime::now());
+        self.stream_body(ex, response, &base, forward, None, false);
+    }
+
+    /// RFC 9111 §4.4: "A cache MUST invalidate the target URI ... when it receives a
+    /// non-error status code in response to an unsafe request method", and "MAY
+    /// invalidate the URIs in the Location and Content-Location response header fields"
+    /// when they share the target's origin (Echo does).
+    fn invalidate_after_unsafe(&self, req: &Request, response: &Headers) {
+        let mut keys = vec![CacheKey::new("http", &req.host, &req.target)];
+        for field in ["location", "content-location"] {
+            if let Some(target) =
+                http::header(response, field).and_then(|v| same_origin_target(v, &req.host))
+            {
+                keys.push(CacheKey::new("http", &req.host, &target));
+            }
+        }
+        for key in keys {
+            match self.store.remove(&key) {
+                Ok(n) if n > 0 => debug!("invalidated {key} after {}", req.method),
+                Ok(_) => {}
+                Err(e) => self.warn_limited(format_args!("store delete of {key} failed: {e}")),
+            }
+        }
+    }
+
+    fn origin_failed(&self, ex: &mut Exchange<'_>, e: &OriginError, forward: Forward) {
+        if let OriginError::ClientBody(io) = e {
+            match client_error(io) {
+                Some(refusal) => ex.respond_error(refusal.status, refusal.reason, true),
+                None => ex.abort(),
+            }
+            return;
+        }
+        self.warn_limited(format_args!(
+            "origin {} for {} {}: {e}",
+            e.kind(),
+            ex.req.method,
+            ex.req.target
+        ));
+        let reason = match e {
+            OriginError::Timeout(_) => "the origin did not answer in time",
+            _ => "the origin could not be reached",
+        };
+        let body = format!("echo: {reason}\n");
+        let mut headers = vec![
+            (
+                "content-type".to_string(),
+                b"text/plain; charset=utf-8".to_vec(),
+            ),
+            ("cache-control".to_string(), b"no-store".to_vec()),
+        ];
+        add_status(
+            &mut headers,
+            forward.x_cache_status(),
+            format!(
+                "{CACHE_NAME}; {}; detail=origin-{}",
+                forward.cache_status_params(),
+                e.kind()
+            ),
+        );
+        let _ = ex.respond(e.status(), &headers, body.as_bytes());
+    }
+}
+
+impl Handler for Proxy {
+    fn handle(&self, ex: &mut Exchange<'_>) {
+        let cacheable_method = matches!(ex.req.method.as_str(), "GET" | "HEAD");
+        if !cacheable_method {
+            return self.forward(ex, Forward::Method);
+        }
+        if ex.req.header("range").is_some() {
+            return self.forward(ex, Forward::Range);
+        }
+        self.lookup(ex);
+    }
+}
+
+/// Answers from a stored entry: 304 when the client's validators match (RFC 9111
+/// §4.3.2), the whole response otherwise.
+fn serve_stored(
+    ex: &mut Exchange<'_>,
+    entry: &Entry,
+    age: Duration,
+    status: CacheStatus,
+    detail: Option<&str>,
+) {
+    let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
+    let detail = detail.map(|d| format!("; detail={d}")).unwrap_or_default();
+    let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}{detail}");
+    if entry.status == 200 && not_modified(&ex.req, &entry.headers) {
+        // RFC 9110 §15.4.5: a 304 carries the fields a 200 would have that describe
+        // the representation's caching and validation, and no content.
+        let mut headers: Headers = entry
+            .headers
+            .iter()
+            .filter(|(n, _)| {
+                matches!(
+                    n.as_str(),
+                    "cache-control"
+                        | "content-location"
+                        | "date"
+                        | "etag"
+                        | "expires"
+                        | "vary"
+                        | "last-modified"
+                        | "via"
+                )
+            })
+            .cloned()
+            .collect();
+        headers.push(("age".into(), age.as_secs().to_string().into_bytes()));
+        add_status(&mut headers, status, cache_status);
+        let _ = ex.respond(304, &headers, b"");
+        return;
+    }
+    let mut headers = entry.headers.clone();
+    headers.push(("age".into(), age.as_secs().to_string().into_bytes()));
+    add_status(&mut headers, status, cache_status);
+    let _ = ex.respond(entry.status, &headers, &entry.body);
+}
+
+/// RFC 9110 §13.1.2 / §13.1.3 / §13.2.2: If-None-Match (weak comparison) takes
+/// precedence; If-Modified-Since is evaluated only without it.
+fn not_modified(req: &Request, stored: &Headers) -> bool {
+    if let Some(inm) = policy::header_joined(&req.headers, "if-none-match") {
+        let Some(etag) = http::header(stored, "etag") else {
+            return false;
+        };
+        let etag = String::from_utf8_lossy(etag);
+        let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        return inm
+            .split(',')
+            .any(|t| t.trim() == "*" || opaque(t) == opaque(&etag));
+    }
+    let (Some(ims), Some(lm)) = (
+        req.header("if-modified-since"),
+        http::header(stored, "last-modified"),
+    ) else {
+        return false;
+    };
+    let parse = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| httpdate::parse_http_date(s).ok())
+    };
+    matches!((parse(ims), parse(lm)), (Some(ims), Some(lm)) if lm <= ims)
+}
+
+/// The request as it goes to the origin: hop-by-hop fields removed, Host set to the
+/// origin's, framing left to the client library, and `Via`, `X-Forwarded-For`,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` added. A client's own X-Forwarded-Host
+/// and -Proto are replaced, never trusted, so they cannot steer what the origin builds.
+pub fn forward_headers(req: &Request, origin_authority: &str) -> Headers {
+    let mut headers = req.headers.clone();
+    http::strip_hop_by_hop(&mut headers);
+    let prior_xff = policy::header_joined(&headers, "x-forwarded-for");
+    headers.retain(|(n, _)| {
+        !matches!(
+            n.as_str(),
+            "host"
+                | "content-length"
+                | "expect"
+                | "x-forwarded-for"
+                | "x-forwarded-host"
+                | "x-forwarded-proto"
+        )
+    });
+    headers.push(("host".into(), origin_authority.as_bytes().to_vec()));
+    headers.push(("via".into(), VIA.to_vec()));
+    let peer = req.peer.ip().to_string();
+    let xff = match prior_xff {
+        Some(prior) => format!("{prior}, {peer}"),
+        None => peer,
+    };
+    headers.push(("x-forwarded-for".into(), xff.into_bytes()));
+    headers.push(("x-forwarded-proto".into(), b"http".to_vec()));
+    if !req.host.is_empty() {
+        headers.push(("x-forwarded-host".into(), req.host.as_bytes().to_vec()));
+    }
+    headers
+}
+
+/// The origin's response fields as Echo passes them on (and stores them): hop-by-hop
+/// removed, our `Via` added, and a `Date` when the origin sent none (RFC 9110 §6.6.1).
+fn response_headers(origin: &Headers, response_time: SystemTime) -> Headers {
+    let mut headers = origin.clone();
+    http::strip_hop_by_hop(&mut headers);
+    if http::header(&headers, "date").is_none() {
+        headers.push((
+            "date".into(),
+            httpdate::fmt_http_date(response_time).into_bytes(),
+        ));
+    }
+    headers.push(("via".into(), VIA.to_vec()));
+    headers
+}
+
+fn add_status(headers: &mut Headers, status: CacheStatus, cache_status: String) {
+    headers.push(("x-cache-status".into(), status.as_str().as_bytes().to_vec()));
+    headers.push(("cache-status".into(), cache_status.into_bytes()));
+}
+
+/// The target of a Location / Content-Location value if it is on the request's own
+/// origin (a path, or an absolute http URL with the same host).
+fn same_origin_target(value: &[u8], host: &str) -> Option<String> {
+    let value = std::str::from_utf8(value).ok()?.trim();
+    if value.starts_with('/') && !value.starts_with("//") {
+        return Some(value.to_string());
+    }
+    let rest = value.strip_prefix("http://")?;
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let authority = authority.to_ascii_lowercase();
+    let authority = authority.strip_suffix(":80").unwrap_or(&authority);
+    (authority == host).then(|| {
+        if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_string()
+        }
+    })
+}

@@ -1,0 +1,422 @@
+//! The server: one acceptor thread, one small-stack thread per client connection that
+//! reads and validates request heads, and a fixed pool of worker threads that run the
+//! [`Handler`] for each request.
+//!
+//! A connection thread lends its connection to a worker for one exchange and gets it
+//! back when the response is written, so responses on a connection leave in request
+//! order (pipelined requests wait in the connection's buffer) and a slow or half-sent
+//! head never holds a worker. The worker queue is bounded: when it stays full for
+//! `queue_timeout` the client gets a 503.
+//!
+//! Invariants: an accept error is logged and survived; a handler panic answers 500 (or
+//! cuts an unfinished response) and the worker lives on; every read waits at most until
+//! a deadline from config; at most `max_connections` connections are served at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
+use log::{debug, error, info, warn};
+
+use crate::config::ServerConfig;
+use crate::http::conn::Conn;
+use crate::http::exchange::{Exchange, ExchangeTimeouts};
+use crate::http::parse::{parse_head, HttpError, Limits, Parsed};
+use crate::http::{BodyFraming, Request};
+
+/// Stack of a connection thread: it parses heads and waits, nothing deeper.
+const CONNECTION_STACK: usize = 128 * 1024;
+/// Bodies up to this size are read by the connection thread before a worker is involved,
+/// so a client that trickles a small body does not hold a worker.
+const PREREAD_BODY: u64 = 64 * 1024;
+/// Extra buffer beyond the largest head, for pipelined requests and pre-read bodies.
+const BUFFER_SLACK: usize = PREREAD_BODY as usize + 16 * 1024;
+
+/// What runs one exchange. Implementations answer every request (the server answers
+/// 500 for them if they return without starting a response).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, ex: &mut Exchange<'_>);
+}
+
+struct Job {
+    conn: Conn,
+    req: Request,
+    /// Where the connection goes back when it may carry another request.
+    back: Sender<Conn>,
+}
+
+struct Shared {
+    name: String,
+    cfg: ServerConfig,
+    limits: Limits,
+    shutting_down: AtomicBool,
+    open: AtomicUsize,
+    next_id: AtomicU64,
+    /// A clone of every open client socket, so shutdown can wake their threads.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+}
+
+impl Shared {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, TcpStream>> {
+        // A panic elsewhere cannot leave the map inconsistent: recover it.
+        self.conns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A running server; dropping it shuts it down.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Open client connections right now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// Blocks until the server stops.
+    pub fn join(mut self) {
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+
+    /// Stops accepting, and ends every connection once its current exchange is done.
+    pub fn shutdown(&mut self) {
+        if self.shared.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the acceptor out of accept().
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for stream in self.shared.conns().values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        info!("{}: stopped accepting on {}", self.shared.name, self.addr);
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts serving `listener` with `handler`; `name` labels threads and logs.
+pub fn start(
+    name: &str,
+    listener: TcpListener,
+    cfg: ServerConfig,
+    handler: Arc<dyn Handler>,
+) -> io::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let limits = Limits {
+        max_header_bytes: cfg.max_header_bytes,
+        max_headers: cfg.max_headers,
+        max_target_bytes: cfg.max_target_bytes,
+        max_body_bytes: cfg.max_body_bytes,
+    };
+    let (jobs_tx, jobs_rx) = bounded::<Job>(cfg.queue_depth);
+    let shared = Arc::new(Shared {
+        name: name.to_string(),
+        cfg,
+        limits,
+        shutting_down: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+        next_id: AtomicU64::new(0),
+        conns: Mutex::new(HashMap::new()),
+    });
+    for i in 0..shared.cfg.workers {
+        let rx = jobs_rx.clone();
+        let handler = Arc::clone(&handler);
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name(format!("{name}-worker-{i}"))
+            .spawn(move || worker(&shared, &rx, handler.as_ref()))?;
+    }
+    let acceptor = {
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name(format!("{name}-acceptor"))
+            .spawn(move || accept_loop(&shared, &listener, &jobs_tx))?
+    };
+    info!(
+        "{name}: listening on {addr} with {} workers",
+        shared.cfg.workers
+    );
+    Ok(ServerHandle {
+        addr,
+        shared,
+        acceptor: Some(acceptor),
+    })
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, jobs: &Sender<Job>) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                if shared.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    warn!("{}: accept failed: {e}", shared.name);
+                    last_warning = Some(Instant::now());
+                }
+                // Out of descriptors or memory: back off instead of spinning; the
+                // listener stays open and accepting resumes when resources free up.
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        if shared.open.load(Ordering::SeqCst) >= shared.cfg.max_connections {
+            refuse_over_limit(stream);
+            continue;
+        }
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(clone) = stream.try_clone() {
+            shared.conns().insert(id, clone);
+        }
+        let thread_shared = Arc::clone(shared);
+        let jobs = jobs.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("{}-conn", shared.name))
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                let _guard = OpenGuard {
+                    shared: &thread_shared,
+                    id,
+                };
+                serve_connection(&thread_shared, stream, peer, &jobs);
+            });
+        if let Err(e) = spawned {
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+            shared.conns().remove(&id);
+            warn!("{}: cannot start a connection thread: {e}", shared.name);
+        }
+    }
+}
+
+/// Counts a connection open for as long as its thread runs.
+struct OpenGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.conns().remove(&self.id);
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn refuse_over_limit(stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = write_refusal(&stream, &HttpError::new(503, "too many connections"));
+}
+
+fn write_refusal(mut stream: &TcpStream, e: &HttpError) -> io::Result<()> {
+    use std::io::Write;
+    let body = format!("echo: {}\n", e.reason);
+    let retry = if e.status == 503 {
+        "retry-after: 1\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n",
+        e.status,
+        crate::http::reason(e.status),
+        body.len()
+    );
+    stream.write_all(format!("{head}{body}").as_bytes())?;
+    let _ = stream.shutdown(Shutdown::Write);
+    Ok(())
+}
+
+/// Reads requests from one client and hands each to the worker pool, in order.
+fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, jobs: &Sender<Job>) {
+    let cfg = &shared.cfg;
+    if stream.set_nodelay(true).is_err()
+        || stream.set_write_timeout(Some(cfg.write_timeout)).is_err()
+    {
+        return;
+    }
+    let mut conn = Conn::new(stream, peer, cfg.max_header_bytes + BUFFER_SLACK);
+    loop {
+        let req = match read_head(shared, &mut conn) {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => {
+                debug!("{}: {peer}: refused: {e}", shared.name);
+                let _ = write_refusal(conn.stream(), &e);
+                linger_close(&mut conn);
+                return;
+            }
+        };
+        if let BodyFraming::Length(n) = req.framing {
+            if n <= PREREAD_BODY && !req.expect_continue && !preread(&mut conn, n, cfg.body_timeout)
+            {
+                return;
+            }
+        }
+        // The worker holds the only sender: if it drops the connection, or dies, this
+        // thread sees the channel disconnect instead of waiting forever.
+        let (back_tx, back_rx) = bounded::<Conn>(1);
+        let job = Job {
+            conn,
+            req,
+            back: back_tx,
+        };
+        match jobs.send_timeout(job, cfg.queue_timeout) {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(job)) => {
+                warn!("{}: worker queue full; answering 503", shared.name);
+                let _ = write_refusal(job.conn.stream(), &HttpError::new(503, "server busy"));
+                return;
+            }
+            Err(SendTimeoutError::Disconnected(_)) => return,
+        }
+        conn = match back_rx.recv() {
+            Ok(conn) => conn,
+            Err(_) => return,
+        };
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+    }
+}
+
+/// Waits for and parses the next request head. `Ok(None)`: the client closed, or stayed
+/// idle past `idle_timeout` between requests.
+fn read_head(shared: &Shared, conn: &mut Conn) -> Result<Option<Request>, HttpError> {
+    let cfg = &shared.cfg;
+    let idle_deadline = Instant::now() + cfg.idle_timeout;
+    let mut head_deadline: Option<Instant> = None;
+    loop {
+        if !conn.buffered().is_empty() {
+            // RFC 9112 §2.2: empty lines before a request line are ignored.
+            let leading = conn
+                .buffered()
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+            conn.consume(leading.min(4));
+            match parse_head(conn.buffered(), &shared.limits, conn.peer)? {
+                Parsed::Complete(req, len) => {
+                    conn.consume(len);
+                    return Ok(Some(req));
+                }
+                Parsed::Partial => {}
+            }
+            head_deadline.get_or_insert_with(|| Instant::now() + cfg.header_timeout);
+        }
+        let deadline = head_deadline.unwrap_or(idle_deadline);
+        match conn.fill(deadline) {
+            Ok(0) => {
+                if conn.buffered().is_empty() {
+                    return Ok(None);
+                }
+                return Err(HttpError::new(
+                    400,
+                    "connection closed inside a request head",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                if head_deadline.is_some() {
+                    return Err(HttpError::new(408, "request head not received in time"));
+                }
+                return Ok(None);
+            }
+            Err(_) => return Ok(None),
+        }
+        if shared.shutting_down.load(Ordering::SeqCst) && head_deadline.is_none() {
+            return Ok(None);
+        }
+    }
+}
+
+/// Reads a small Content-Length body into the connection buffer before dispatch.
+fn preread(conn: &mut Conn, n: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while (conn.buffered().len() as u64) < n {
+        match conn.fill(deadline) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+    true
+}
+
+/// After a refusal, read briefly what the client is still sending so the close does
+/// not turn into a reset that destroys the error response in flight (RFC 9112 §9.6).
+fn linger_close(conn: &mut Conn) {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let mut read = 0;
+    while read < 64 * 1024 {
+        conn.consume(conn.buffered().len());
+        match conn.fill(deadline) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
+        }
+    }
+}
+
+fn worker(shared: &Shared, jobs: &Receiver<Job>, handler: &dyn Handler) {
+    let timeouts = ExchangeTimeouts {
+        body: shared.cfg.body_timeout,
+    };
+    for job in jobs.iter() {
+        let Job {
+            mut conn,
+            req,
+            back,
+        } = job;
+        let keep = {
+            let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
+            let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&mut ex)));
+            if outcome.is_err() {
+                error!(
+                    "{}: handler panicked on {} {}",
+                    shared.name, ex.req.method, ex.req.target
+                );
+                ex.respond_error(500, "internal error", true);
+            } else if !ex.response_started() {
+                error!(
+                    "{}: handler gave no response to {} {}",
+                    shared.name, ex.req.method, ex.req.target
+                );
+                ex.respond_error(500, "internal error", true);
+            }
+            ex.complete()
+        };
+        if keep {
+            let _ = back.send(conn);
+        }
+        // Otherwise the connection drops here, which closes it; the connection
+        // thread sees the channel's sender gone and ends.
+        drop(back);
+    }
+}
