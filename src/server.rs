@@ -323,14 +323,19 @@ fn read_head(shared: &Shared, conn: &mut Conn) -> Result<Option<Request>, HttpEr
                 .take_while(|&&b| b == b'\r' || b == b'\n')
                 .count();
             conn.consume(leading.min(4));
-            match parse_head(conn.buffered(), &shared.limits, conn.peer)? {
-                Parsed::Complete(req, len) => {
-                    conn.consume(len);
-                    return Ok(Some(req));
+            // Empty lines alone do not start a request: the connection stays idle, so
+            // a client that sent a stray CRLF after a body is closed quietly at the
+            // idle timeout rather than sent a 408 it would take for its next answer.
+            if !conn.buffered().is_empty() {
+                match parse_head(conn.buffered(), &shared.limits, conn.peer)? {
+                    Parsed::Complete(req, len) => {
+                        conn.consume(len);
+                        return Ok(Some(req));
+                    }
+                    Parsed::Partial => {}
                 }
-                Parsed::Partial => {}
+                head_deadline.get_or_insert_with(|| Instant::now() + cfg.header_timeout);
             }
-            head_deadline.get_or_insert_with(|| Instant::now() + cfg.header_timeout);
         }
         let deadline = head_deadline.unwrap_or(idle_deadline);
         match conn.fill(deadline) {

@@ -1,0 +1,60 @@
+# Echo: build, run, test, lint, bench, install.
+#   make run      demo origin on 127.0.0.1:9000 + echod on 127.0.0.1:8080 (memory store)
+#   make test     every test (unit + integration, real sockets)
+#   make install  PREFIX=/opt/echo (default), DESTDIR honoured
+
+PREFIX ?= /opt/echo
+DESTDIR ?=
+CARGO ?= cargo
+RELEASE := target/release
+
+.PHONY: all build run test lint bench install uninstall clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+run: build
+	@set -e; \
+	$(RELEASE)/demo-origin --listen 127.0.0.1:9000 & origin=$$!; \
+	trap 'kill $$origin 2>/dev/null || true' EXIT INT TERM; \
+	echo ""; \
+	echo "Echo on http://127.0.0.1:8080 in front of the demo origin on http://127.0.0.1:9000."; \
+	echo "In another terminal:"; \
+	echo "  curl -i http://127.0.0.1:8080/data      # X-Cache-Status: MISS (fetched from the origin)"; \
+	echo "  curl -i http://127.0.0.1:8080/data      # X-Cache-Status: HIT  (served from the cache, same origin_hits)"; \
+	echo "  curl -i -X PUT --data 'new text' http://127.0.0.1:8080/data   # changes it; the cached copy is dropped"; \
+	echo "  curl -i http://127.0.0.1:8080/data      # MISS again, with the new text"; \
+	echo "  curl -s http://127.0.0.1:8081/health    # admin health"; \
+	echo "Ctrl-C stops both."; \
+	echo ""; \
+	$(RELEASE)/echod --config etc/echo.toml
+
+test:
+	$(CARGO) test --locked
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+bench:
+	$(CARGO) bench --locked
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/etc $(DESTDIR)$(PREFIX)/log
+	install -m 0755 $(RELEASE)/echod $(DESTDIR)$(PREFIX)/bin/echod
+	@# An operator's config is never overwritten.
+	@if [ -e $(DESTDIR)$(PREFIX)/etc/echo.toml ]; then \
+		echo "keeping existing $(DESTDIR)$(PREFIX)/etc/echo.toml"; \
+	else \
+		install -m 0640 etc/echo.toml $(DESTDIR)$(PREFIX)/etc/echo.toml; \
+	fi
+
+# Removes what install added; config and logs stay.
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/echod
+	-rmdir $(DESTDIR)$(PREFIX)/bin 2>/dev/null
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,487 @@
+//! Caching by RFC 9111 for a shared cache: what is stored, for how long, which variant
+//! answers which request, Age, HEAD, validators, and invalidation by unsafe methods.
+//! Every test counts origin hits: a hit is a request the origin did not see.
+
+use std::time::Duration;
+
+use crate::support::client::{self, RawClient};
+use crate::support::echo::{config, EchoUnderTest};
+use crate::support::{wait_until, OriginResponse, TestOrigin};
+
+/// An origin answering every path with `headers` and a body naming the path.
+fn origin_with(headers: &'static [(&'static str, &'static str)]) -> TestOrigin {
+    TestOrigin::start(move |req| {
+        headers.iter().fold(
+            OriginResponse::ok(format!("body of {}", req.target)),
+            |r, (n, v)| r.header(n, v),
+        )
+    })
+}
+
+#[test]
+fn a_miss_then_a_hit_with_one_origin_fetch() {
+    let origin = origin_with(&[("Cache-Control", "max-age=60")]);
+    let echo = EchoUnderTest::start(&origin.url());
+    let first = client::get(echo.addr, "/a?x=1", &[]);
+    assert_eq!(first.header("x-cache-status"), Some("MISS"));
+    assert_eq!(
+        first.header("cache-status"),
+        Some("echo; fwd=uri-miss; fwd-status=200; stored")
+    );
+    let second = client::get(echo.addr, "/a?x=1", &[]);
+    assert_eq!(second.header("x-cache-status"), Some("HIT"));
+    assert!(second
+        .header("cache-status")
+        .unwrap_or("")
+        .starts_with("echo; hit; ttl="));
+    assert_eq!(second.header("age"), Some("0"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.hits("/a?x=1"), 1);
+    // The query is part of the key.
+    let other = client::get(echo.addr, "/a?x=2", &[]);
+    assert_eq!(other.header("x-cache-status"), Some("MISS"));
+    assert_eq!(origin.total_hits(), 2);
+}
+
+/// (response fields, request fields, stored?, detail in Cache-Status when not stored)
+type StoreCase = (
+    &'static [(&'static str, &'static str)],
+    &'static [(&'static str, &'static str)],
+    bool,
+    &'static str,
+);
+
+#[test]
+fn only_what_http_allows_is_stored() {
+    let cases: &[StoreCase] = &[
+        (&[("Cache-Control", "max-age=60")], &[], true, ""),
+        (&[("Cache-Control", "s-maxage=60")], &[], true, ""),
+        (
+            &[("Expires", "Thu, 01 Jan 2099 00:00:00 GMT")],
+            &[],
+            true,
+            "",
+        ),
+        (
+            &[("Cache-Control", "no-store, max-age=60")],
+            &[],
+            false,
+            "no-store",
+        ),
+        (
+            &[("Cache-Control", "private, max-age=60")],
+            &[],
+            false,
+            "private",
+        ),
+        (
+            &[("Cache-Control", "no-cache, max-age=60")],
+            &[],
+            false,
+            "no-cache",
+        ),
+        (
+            &[("Cache-Control", "max-age=60"), ("Vary", "*")],
+            &[],
+            false,
+            "vary-star",
+        ),
+        (
+            &[("Cache-Control", "max-age=60"), ("Set-Cookie", "s=1")],
+            &[],
+            false,
+            "set-cookie",
+        ),
+        // No freshness information at all.
+        (&[], &[], false, "not-fresh"),
+        (&[("Expires", "0")], &[], false, "not-fresh"),
+        (&[("Cache-Control", "max-age=0")], &[], false, "not-fresh"),
+        // s-maxage wins over max-age for a shared cache.
+        (
+            &[("Cache-Control", "max-age=60, s-maxage=0")],
+            &[],
+            false,
+            "not-fresh",
+        ),
+        // Heuristic freshness from Last-Modified for a 200.
+        (
+            &[("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")],
+            &[],
+            true,
+            "",
+        ),
+        // Authorization: only public, s-maxage or must-revalidate make it shareable.
+        (
+            &[("Cache-Control", "max-age=60")],
+            &[("Authorization", "Basic eDp5")],
+            false,
+            "authorization",
+        ),
+        (
+            &[("Cache-Control", "public, max-age=60")],
+            &[("Authorization", "Basic eDp5")],
+            true,
+            "",
+        ),
+        (
+            &[("Cache-Control", "s-maxage=60")],
+            &[("Authorization", "Basic eDp5")],
+            true,
+            "",
+        ),
+        (
+            &[("Cache-Control", "must-revalidate, max-age=60")],
+            &[("Authorization", "Basic eDp5")],
+            true,
+            "",
+        ),
+        // The client's no-store forbids storing this response.
+        (
+            &[("Cache-Control", "max-age=60")],
+            &[("Cache-Control", "no-store")],
+            false,
+            "request-no-store",
+        ),
+    ];
+    for (i, (resp_fields, req_fields, stored, detail)) in cases.iter().enumerate() {
+        let origin = origin_with(resp_fields);
+        let echo = EchoUnderTest::start(&origin.url());
+        let target = format!("/case/{i}");
+        let first = client::get(echo.addr, &target, req_fields);
+        assert_eq!(first.status, 200);
+        let cache_status = first.header("cache-status").unwrap_or("").to_string();
+        if !*stored {
+            assert!(
+                cache_status.ends_with(&format!("detail={detail}")),
+                "case {i} {resp_fields:?}: {cache_status}"
+            );
+        }
+        let second = client::get(echo.addr, &target, req_fields);
+        let want = if *stored { "HIT" } else { "MISS" };
+        assert_eq!(
+            second.header("x-cache-status"),
+            Some(want),
+            "case {i}: {resp_fields:?} with request {req_fields:?}"
+        );
+        assert_eq!(
+            origin.hits(&target),
+            if *stored { 1 } else { 2 },
+            "case {i}"
+        );
+    }
+}
+
+#[test]
+fn statuses_without_heuristic_freshness_need_an_explicit_lifetime() {
+    let origin = TestOrigin::start(|req| match req.path() {
+        "/found" => OriginResponse::status(302)
+            .header("Location", "/x")
+            .header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        "/found-60" => OriginResponse::status(302)
+            .header("Location", "/x")
+            .header("Cache-Control", "max-age=60"),
+        "/gone" => OriginResponse::ok("not here")
+            .with_status(404)
+            .header("Cache-Control", "max-age=60"),
+        _ => OriginResponse::ok("error")
+            .with_status(500)
+            .header("Cache-Control", "max-age=60"),
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    for (target, stored) in [
+        ("/found", false),
+        ("/found-60", true),
+        ("/gone", true),
+        ("/error", true),
+    ] {
+        client::get(echo.addr, target, &[]);
+        let again = client::get(echo.addr, target, &[]);
+        let want = if stored { "HIT" } else { "MISS" };
+        assert_eq!(again.header("x-cache-status"), Some(want), "{target}");
+    }
+}
+
+#[test]
+fn age_counts_the_origin_age_and_an_entry_expires() {
+    let origin = TestOrigin::start(|req| match req.path() {
+        "/aged" => OriginResponse::ok("old")
+            .header("Cache-Control", "max-age=600")
+            .header("Age", "100"),
+        "/stale" => OriginResponse::ok("older")
+            .header("Cache-Control", "max-age=60")
+            .header("Age", "100"),
+        _ => OriginResponse::ok("brief").header("Cache-Control", "max-age=1"),
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    let first = client::get(echo.addr, "/aged", &[]);
+    assert_eq!(
+        first.header("age"),
+        Some("100"),
+        "the origin's Age passes through"
+    );
+    let hit = client::get(echo.addr, "/aged", &[]);
+    assert_eq!(hit.header("x-cache-status"), Some("HIT"));
+    let age: u64 = hit
+        .header("age")
+        .and_then(|a| a.parse().ok())
+        .expect("an Age");
+    assert!((100..=102).contains(&age), "age {age}");
+    let ttl = hit
+        .header("cache-status")
+        .unwrap_or("")
+        .rsplit("ttl=")
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let ttl: i64 = ttl.parse().expect("a ttl");
+    assert!((498..=500).contains(&ttl), "ttl {ttl}");
+
+    // Older than its lifetime on arrival: never served from the store.
+    client::get(echo.addr, "/stale", &[]);
+    assert_eq!(
+        client::get(echo.addr, "/stale", &[]).header("x-cache-status"),
+        Some("MISS")
+    );
+
+    // A one-second lifetime runs out and the next request goes to the origin.
+    client::get(echo.addr, "/brief", &[]);
+    assert_eq!(
+        client::get(echo.addr, "/brief", &[]).header("x-cache-status"),
+        Some("HIT")
+    );
+    wait_until("the entry expires", Duration::from_secs(5), || {
+        client::get(echo.addr, "/brief", &[]).header("x-cache-status") == Some("MISS")
+    });
+    assert_eq!(origin.hits("/brief"), 2);
+}
+
+#[test]
+fn vary_keeps_one_variant_per_request_field_value() {
+    let origin = TestOrigin::start(|req| {
+        let enc = req.header("accept-encoding").unwrap_or("none").to_string();
+        OriginResponse::ok(format!("encoded as {enc}"))
+            .header("Cache-Control", "max-age=60")
+            .header("Vary", "Accept-Encoding")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    let gzip = [("Accept-Encoding", "gzip")];
+    let br = [("Accept-Encoding", "br")];
+    assert_eq!(
+        client::get(echo.addr, "/v", &gzip).body_str(),
+        "encoded as gzip"
+    );
+    let br_first = client::get(echo.addr, "/v", &br);
+    assert_eq!(br_first.body_str(), "encoded as br");
+    assert!(br_first
+        .header("cache-status")
+        .unwrap_or("")
+        .contains("fwd=vary-miss"));
+    let none = client::get(echo.addr, "/v", &[]);
+    assert_eq!(none.body_str(), "encoded as none");
+    // Each variant now answers its own requests, and only its own.
+    let gzip_hit = client::get(echo.addr, "/v", &gzip);
+    assert_eq!(
+        (
+            gzip_hit.header("x-cache-status"),
+            gzip_hit.body_str().as_str()
+        ),
+        (Some("HIT"), "encoded as gzip")
+    );
+    let br_hit = client::get(echo.addr, "/v", &br);
+    assert_eq!(
+        (br_hit.header("x-cache-status"), br_hit.body_str().as_str()),
+        (Some("HIT"), "encoded as br")
+    );
+    let none_hit = client::get(echo.addr, "/v", &[]);
+    assert_eq!(
+        (
+            none_hit.header("x-cache-status"),
+            none_hit.body_str().as_str()
+        ),
+        (Some("HIT"), "encoded as none")
+    );
+    assert_eq!(origin.hits("/v"), 3);
+}
+
+#[test]
+fn head_is_answered_from_a_stored_get_and_fills_it() {
+    let origin = origin_with(&[("Cache-Control", "max-age=60")]);
+    let echo = EchoUnderTest::start(&origin.url());
+    let mut c = RawClient::connect(echo.addr);
+    // A HEAD miss fetches (and stores) the GET; the client gets the head only.
+    c.send(b"HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    let head = c.read_response(true).expect("HEAD response");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("10"));
+    assert!(head.body.is_empty());
+    assert_eq!(
+        origin.last_request().map(|r| r.method),
+        Some("GET".to_string())
+    );
+    let get = c.get("/h", &[]);
+    assert_eq!(
+        (get.header("x-cache-status"), get.body_str().as_str()),
+        (Some("HIT"), "body of /h")
+    );
+    c.send(b"HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    let head_hit = c.read_response(true).expect("HEAD hit");
+    assert_eq!(head_hit.header("x-cache-status"), Some("HIT"));
+    assert_eq!(head_hit.header("content-length"), Some("10"));
+    assert!(head_hit.body.is_empty());
+    // The connection is still in step: one more GET works.
+    assert_eq!(c.get("/h", &[]).status, 200);
+    assert_eq!(origin.hits("/h"), 1);
+}
+
+#[test]
+fn client_validators_are_answered_304_from_the_store() {
+    let origin = origin_with(&[
+        ("Cache-Control", "max-age=60"),
+        ("ETag", "\"v7\""),
+        ("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+    ]);
+    let echo = EchoUnderTest::start(&origin.url());
+    // The fill is unconditional even when the client's is not, so it can be stored.
+    let first = client::get(echo.addr, "/c", &[("If-None-Match", "\"v7\"")]);
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        origin
+            .last_request()
+            .and_then(|r| r.header("if-none-match").map(str::to_string)),
+        None
+    );
+    let not_modified = client::get(echo.addr, "/c", &[("If-None-Match", "\"v6\", W/\"v7\"")]);
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+    assert_eq!(not_modified.header("etag"), Some("\"v7\""));
+    assert_eq!(
+        client::get(echo.addr, "/c", &[("If-None-Match", "\"v6\"")]).status,
+        200
+    );
+    let since = [("If-Modified-Since", "Tue, 02 Jan 2024 00:00:00 GMT")];
+    assert_eq!(client::get(echo.addr, "/c", &since).status, 304);
+    let before = [("If-Modified-Since", "Sun, 31 Dec 2023 00:00:00 GMT")];
+    assert_eq!(client::get(echo.addr, "/c", &before).status, 200);
+    assert_eq!(origin.hits("/c"), 1);
+}
+
+#[test]
+fn unsafe_methods_invalidate_the_target_and_its_same_origin_locations() {
+    let origin = TestOrigin::start(|req| match (req.method.as_str(), req.path()) {
+        ("GET", _) => OriginResponse::ok(format!("body of {}", req.target))
+            .header("Cache-Control", "max-age=60"),
+        ("POST", "/items") => OriginResponse::status(201)
+            .header("Location", "/items/7")
+            .header("Content-Location", "http://test.local/items/8"),
+        ("POST", "/fail") => OriginResponse::ok("no").with_status(500),
+        _ => OriginResponse::status(204),
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    let warm = |t: &str| {
+        client::get(echo.addr, t, &[]);
+        assert_eq!(
+            client::get(echo.addr, t, &[]).header("x-cache-status"),
+            Some("HIT"),
+            "{t}"
+        );
+    };
+    for t in ["/items", "/items/7", "/items/8", "/fail", "/kept"] {
+        warm(t);
+    }
+    let mut c = RawClient::connect(echo.addr);
+    assert_eq!(c.request("POST", "/items", &[], b"new").status, 201);
+    assert_eq!(c.request("DELETE", "/kept?x", &[], b"").status, 204);
+    assert_eq!(c.request("POST", "/fail", &[], b"x").status, 500);
+    for (t, want) in [
+        ("/items", "MISS"),
+        ("/items/7", "MISS"),
+        ("/items/8", "MISS"),
+        // An error answer changes nothing; another URL (query differs) is not touched.
+        ("/fail", "HIT"),
+        ("/kept", "HIT"),
+    ] {
+        assert_eq!(
+            client::get(echo.addr, t, &[]).header("x-cache-status"),
+            Some(want),
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn hosts_are_separate_and_equivalent_authorities_share() {
+    let origin = origin_with(&[("Cache-Control", "max-age=60")]);
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/h", &[("Host", "a.example")]);
+    let other = client::get(echo.addr, "/h", &[("Host", "b.example")]);
+    assert_eq!(other.header("x-cache-status"), Some("MISS"));
+    let same = client::get(echo.addr, "/h", &[("Host", "A.Example:80")]);
+    assert_eq!(same.header("x-cache-status"), Some("HIT"));
+}
+
+#[test]
+fn objects_over_max_object_bytes_stream_whole_and_are_not_stored() {
+    let big = vec![b'b'; 300_000];
+    let expected = big.clone();
+    let origin = TestOrigin::start(move |req| {
+        let resp = OriginResponse::ok(big.clone()).header("Cache-Control", "max-age=60");
+        if req.path() == "/big-chunked" {
+            resp.chunked()
+        } else {
+            resp
+        }
+    });
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        "[cache]\nmax_object_bytes = 100000\n",
+    ));
+    for target in ["/big", "/big-chunked"] {
+        for _ in 0..2 {
+            let resp = client::get(echo.addr, target, &[]);
+            assert_eq!(resp.body, expected, "{target}");
+            assert_eq!(resp.header("x-cache-status"), Some("MISS"), "{target}");
+        }
+        assert_eq!(origin.hits(target), 2, "{target} was stored");
+    }
+}
+
+#[test]
+fn a_large_object_within_the_limit_is_stored_and_served_intact() {
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let expected = big.clone();
+    let origin = TestOrigin::start(move |_| {
+        OriginResponse::ok(big.clone()).header("Cache-Control", "max-age=60")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    for want in ["MISS", "HIT"] {
+        let resp = client::get(echo.addr, "/two-megabytes", &[]);
+        assert_eq!(resp.header("x-cache-status"), Some(want));
+        assert!(
+            resp.body == expected,
+            "2 MB body changed ({} bytes)",
+            resp.body.len()
+        );
+    }
+}
+
+#[test]
+fn range_requests_bypass_the_cache() {
+    let origin = TestOrigin::start(|req| match req.header("range") {
+        Some(_) => OriginResponse::ok("bod")
+            .with_status(206)
+            .header("Content-Range", "bytes 0-2/11"),
+        None => OriginResponse::ok("body of /r").header("Cache-Control", "max-age=60"),
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    let partial = client::get(echo.addr, "/r", &[("Range", "bytes=0-2")]);
+    assert_eq!(partial.status, 206);
+    assert_eq!(partial.header("x-cache-status"), Some("BYPASS"));
+    assert_eq!(
+        client::get(echo.addr, "/r", &[]).header("x-cache-status"),
+        Some("MISS")
+    );
+    assert_eq!(
+        client::get(echo.addr, "/r", &[]).header("x-cache-status"),
+        Some("HIT")
+    );
+}

@@ -1,0 +1,9 @@
+//! Echo's integration tests, linked into one binary: real sockets, a programmable
+//! origin that counts its hits, and Echo itself started in-process on free ports.
+
+mod support;
+
+mod cache;
+mod cli;
+mod frontend;
+mod proxy;
