@@ -32,12 +32,18 @@ pub struct Echo {
 
 /// Starts Echo from a validated config: binds its listeners and starts serving.
 pub fn start(cfg: &Config) -> io::Result<Echo> {
-    let listener = TcpListener::bind(cfg.server.listen)?;
+    let listener = bind(cfg.server.listen, "server.listen")?;
     let admin = match &cfg.admin {
-        Some(a) => Some(TcpListener::bind(a.listen)?),
+        Some(a) => Some(bind(a.listen, "admin.listen")?),
         None => None,
     };
     start_on(cfg, listener, admin)
+}
+
+/// Binds a listener; the error names the address and the config key it came from.
+fn bind(addr: std::net::SocketAddr, key: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
 }
 
 /// Starts Echo on already bound listeners (tests bind port 0 first).

@@ -86,8 +86,7 @@ fn run() -> Result<(), String> {
         Command::Run(path) => {
             let cfg = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             init_logging(&cfg.log)?;
-            let echo = echo::start(&cfg)
-                .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+            let echo = echo::start(&cfg).map_err(|e| e.to_string())?;
             log::info!(
                 "echod {} proxying {} to {}",
                 env!("CARGO_PKG_VERSION"),

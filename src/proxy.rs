@@ -264,8 +264,13 @@ impl Proxy {
             None => BodyLength::Unknown,
         };
         let head_request = ex.req.is_head();
+        // A HEAD answer has no body to measure: announce the length the origin gave.
+        let head_length = response.content_length.or_else(|| {
+            http::header(&response.headers, "content-length")
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        });
         let mut client_gone = ex
-            .start(response.status, &headers, length, response.content_length)
+            .start(response.status, &headers, length, head_length)
             .is_err();
         let mut kept: Option<Vec<u8>> = collect.then(Vec::new);
         let mut buf = vec![0u8; CHUNK];
@@ -399,6 +404,13 @@ impl Proxy {
 
 impl Handler for Proxy {
     fn handle(&self, ex: &mut Exchange<'_>) {
+        if ex.req.target == "*" {
+            // `OPTIONS *` asks about this server, not a resource; Echo answers it (as
+            // most servers do) rather than invent a resource on the origin.
+            let headers = [("via".to_string(), VIA.to_vec())];
+            let _ = ex.respond(200, &headers, b"");
+            return;
+        }
         let cacheable_method = matches!(ex.req.method.as_str(), "GET" | "HEAD");
         if !cacheable_method {
             return self.forward(ex, Forward::Method);

@@ -47,8 +47,9 @@ pub trait Handler: Send + Sync + 'static {
 struct Job {
     conn: Conn,
     req: Request,
-    /// Where the connection goes back when it may carry another request.
-    back: Sender<Conn>,
+    /// Where the connection goes back after the exchange, with whether it may carry
+    /// another request.
+    back: Sender<(Conn, bool)>,
 }
 
 struct Shared {
@@ -283,7 +284,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, jobs: 
         }
         // The worker holds the only sender: if it drops the connection, or dies, this
         // thread sees the channel disconnect instead of waiting forever.
-        let (back_tx, back_rx) = bounded::<Conn>(1);
+        let (back_tx, back_rx) = bounded::<(Conn, bool)>(1);
         let job = Job {
             conn,
             req,
@@ -291,15 +292,23 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, jobs: 
         };
         match jobs.send_timeout(job, cfg.queue_timeout) {
             Ok(()) => {}
-            Err(SendTimeoutError::Timeout(job)) => {
+            Err(SendTimeoutError::Timeout(mut job)) => {
                 warn!("{}: worker queue full; answering 503", shared.name);
                 let _ = write_refusal(job.conn.stream(), &HttpError::new(503, "server busy"));
+                linger_close(&mut job.conn);
                 return;
             }
             Err(SendTimeoutError::Disconnected(_)) => return,
         }
         conn = match back_rx.recv() {
-            Ok(conn) => conn,
+            Ok((conn, true)) => conn,
+            Ok((mut conn, false)) => {
+                // The exchange ended the connection, maybe while the client was still
+                // sending: read that off briefly so the answer is not lost to a reset.
+                let _ = conn.stream().shutdown(Shutdown::Write);
+                linger_close(&mut conn);
+                return;
+            }
             Err(_) => return,
         };
         if shared.shutting_down.load(Ordering::SeqCst) {
@@ -417,11 +426,6 @@ fn worker(shared: &Shared, jobs: &Receiver<Job>, handler: &dyn Handler) {
             }
             ex.complete()
         };
-        if keep {
-            let _ = back.send(conn);
-        }
-        // Otherwise the connection drops here, which closes it; the connection
-        // thread sees the channel's sender gone and ends.
-        drop(back);
+        let _ = back.send((conn, keep));
     }
 }

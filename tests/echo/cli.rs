@@ -1,0 +1,378 @@
+//! The `echod` binary as users run it: flags and exit codes, config errors that name
+//! the key and the line, a listen port already taken, and a request end to end through
+//! the real binaries (`demo-origin` behind `echod`).
+//!
+//! Every process is started through a guard that kills it on drop, and every wait for
+//! one is bounded, so a test that fails never leaves a process behind or hangs.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use crate::support::{free_port, wait_until, RawClient};
+
+const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
+const DEMO_ORIGIN: &str = env!("CARGO_BIN_EXE_demo-origin");
+/// How long a command that should exit at once may take on a loaded machine.
+const EXIT_WITHIN: Duration = Duration::from_secs(10);
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("echo-cli-{}-{label}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// Writes `text` to `name` in the directory and returns its path.
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process that is killed (and reaped) when the guard drops.
+struct ChildGuard {
+    child: Child,
+    name: &'static str,
+    /// Where its stderr goes, for failure messages.
+    log: Option<PathBuf>,
+}
+
+impl ChildGuard {
+    fn spawn(name: &'static str, cmd: &mut Command, log: Option<PathBuf>) -> ChildGuard {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        ChildGuard { child, name, log }
+    }
+
+    fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the process accepts TCP connections on `addr`; panics if it exits
+    /// first or the deadline passes.
+    fn wait_listening(&mut self, addr: SocketAddr) {
+        let name = self.name;
+        wait_until(
+            &format!("{name} accepts connections on {addr}"),
+            Duration::from_secs(10),
+            || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("{name} exited with {status}: {}", self.log_text());
+                }
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            },
+        );
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished command printed.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `echod args...` and waits (bounded) for it to exit.
+fn echod(args: &[&str]) -> Finished {
+    let mut cmd = Command::new(ECHOD);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut guard = ChildGuard::spawn("echod", &mut cmd, None);
+    let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+        guard.child.stdout.take().map(|p| Box::new(p) as _),
+        guard.child.stderr.take().map(|p| Box::new(p) as _),
+    ];
+    let readers = pipes.map(|pipe| {
+        let mut pipe = pipe.expect("piped output");
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    });
+    let mut status = None;
+    wait_until(&format!("echod {args:?} exits"), EXIT_WITHIN, || {
+        status = guard.child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    let [stdout, stderr] = readers.map(|r| r.join().expect("pipe reader"));
+    Finished {
+        status: status.expect("exit status"),
+        stdout,
+        stderr,
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+// ---------------------------------------------------------------------------------------
+// Flags.
+
+#[test]
+fn version_prints_the_version_and_exits_0() {
+    let out = echod(&["--version"]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout.trim(),
+        format!("echod {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn help_prints_usage_and_exits_0() {
+    let out = echod(&["--help"]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    for flag in ["--config", "--check-config", "--version", "--help"] {
+        assert!(
+            out.stdout.contains(flag),
+            "usage lacks {flag}: {}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn unknown_flags_and_missing_values_exit_2_with_a_message() {
+    let out = echod(&["--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("--frobnicate"), "{}", out.stderr);
+    assert!(out.stdout.is_empty());
+
+    let out = echod(&["--config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("--config"), "{}", out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------
+// Config checking.
+
+#[test]
+fn the_shipped_config_checks_ok() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/echo.toml");
+    let out = echod(&["--check-config", "--config", path_str(&path)]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("ok"), "{}", out.stdout);
+}
+
+const ORIGIN: &str = "[origin]\nurl = \"http://127.0.0.1:9000\"\n";
+
+#[test]
+fn config_errors_exit_2_naming_the_key_and_the_line() {
+    let dir = TempDir::new("config-errors");
+    // (file name, text, what stderr must name, line)
+    let cases: Vec<(&str, String, &str, usize)> = vec![
+        (
+            "workers-zero",
+            format!("[server]\nworkers = 0\n{ORIGIN}"),
+            "server.workers",
+            2,
+        ),
+        (
+            "unknown-key",
+            format!("{ORIGIN}\n[server]\nwokers = 3\n"),
+            "wokers",
+            5,
+        ),
+        (
+            "ftp-origin",
+            "# comment\n[origin]\nurl = \"ftp://x\"\n".to_string(),
+            "origin.url",
+            3,
+        ),
+        (
+            "wrong-type",
+            format!("[server]\nlisten = \"127.0.0.1:8080\"\nworkers = \"x\"\n{ORIGIN}"),
+            "server.workers",
+            3,
+        ),
+        (
+            "syntax",
+            format!("{ORIGIN}[server]\nworkers = = 3\n"),
+            "line 4",
+            4,
+        ),
+        (
+            "empty-token",
+            format!("{ORIGIN}[admin]\nlisten = \"127.0.0.1:8081\"\ntoken = \"\"\n"),
+            "admin.token",
+            5,
+        ),
+    ];
+    for (name, text, names, line) in &cases {
+        let path = dir.file(&format!("{name}.toml"), text);
+        let out = echod(&["--check-config", "--config", path_str(&path)]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", out.stderr);
+        assert!(out.stderr.contains(names), "{name}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("line {line}")),
+            "{name}: no line {line}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(path_str(&path)),
+            "{name}: {}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty(), "{name}: {}", out.stdout);
+        // Running with the file is refused the same way, before anything starts.
+        let run = echod(&["--config", path_str(&path)]);
+        assert_eq!(run.status.code(), Some(2), "{name} (run): {}", run.stderr);
+        assert!(run.stderr.contains(names), "{name} (run): {}", run.stderr);
+    }
+
+    let out = echod(&[
+        "--check-config",
+        "--config",
+        path_str(&dir.file("empty.toml", "")),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("origin.url"), "{}", out.stderr);
+}
+
+#[test]
+fn a_missing_config_file_exits_2_naming_the_file() {
+    let dir = TempDir::new("missing");
+    let path = dir.0.join("nowhere.toml");
+    let out = echod(&["--check-config", "--config", path_str(&path)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains(path_str(&path)), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot read"), "{}", out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------
+// Running.
+
+#[test]
+fn a_listen_port_already_taken_exits_2_with_a_message() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = TempDir::new("port-taken");
+    let path = dir.file(
+        "echo.toml",
+        &format!("[server]\nlisten = \"{addr}\"\n{ORIGIN}[log]\nlevel = \"warn\"\n"),
+    );
+    let out = echod(&["--config", path_str(&path)]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot listen"), "{}", out.stderr);
+    assert!(out.stderr.contains(&addr.to_string()), "{}", out.stderr);
+    assert!(out.stderr.contains("server.listen"), "{}", out.stderr);
+
+    // The admin port taken: the message names the admin address and key.
+    let free = format!("127.0.0.1:{}", free_port());
+    let path = dir.file(
+        "admin.toml",
+        &format!(
+            "[server]\nlisten = \"{free}\"\n[admin]\nlisten = \"{addr}\"\ntoken = \"t\"\n{ORIGIN}"
+        ),
+    );
+    let out = echod(&["--config", path_str(&path)]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("cannot listen on {addr} (admin.listen)")),
+        "{}",
+        out.stderr
+    );
+    drop(taken);
+}
+
+#[test]
+fn end_to_end_through_the_binaries_a_second_get_is_a_hit() {
+    let dir = TempDir::new("e2e");
+    let origin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let origin_log = dir.0.join("demo-origin.log");
+    let mut origin = ChildGuard::spawn(
+        "demo-origin",
+        Command::new(DEMO_ORIGIN)
+            .args(["--listen", &origin_addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&origin_log).expect("log file")),
+        Some(origin_log),
+    );
+    origin.wait_listening(origin_addr);
+
+    let echo_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.file(
+        "echo.toml",
+        &format!(
+            "[server]\nlisten = \"{echo_addr}\"\nworkers = 4\n\
+             [origin]\nurl = \"http://{origin_addr}\"\n[log]\nlevel = \"info\"\n"
+        ),
+    );
+    let echo_log = dir.0.join("echod.log");
+    let mut echod = ChildGuard::spawn(
+        "echod",
+        Command::new(ECHOD)
+            .args(["--config", path_str(&config)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&echo_log).expect("log file")),
+        Some(echo_log),
+    );
+    echod.wait_listening(echo_addr);
+
+    let mut client = RawClient::connect(echo_addr);
+    let first = client.get("/data", &[]);
+    assert_eq!(first.status, 200, "{}", echod.log_text());
+    assert_eq!(first.header("x-cache-status"), Some("MISS"));
+    assert!(
+        first.body_str().contains("\"origin_hits\": 1"),
+        "{}",
+        first.body_str()
+    );
+    let second = client.get("/data", &[]);
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("x-cache-status"), Some("HIT"));
+    assert_eq!(second.body, first.body);
+    assert!(second.header("age").is_some());
+
+    // The origin's own page agrees it was asked once.
+    let direct = RawClient::connect(origin_addr).get("/data", &[]);
+    assert!(
+        direct.body_str().contains("\"origin_hits\": 2"),
+        "{}",
+        direct.body_str()
+    );
+    assert!(
+        echod.log_text().contains("proxying"),
+        "{}",
+        echod.log_text()
+    );
+    drop(echod);
+    drop(origin);
+}

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::client::{self, RawClient};
 use crate::support::echo::{config, EchoUnderTest};
-use crate::support::{dead_origin_url, OriginResponse, TestOrigin};
+use crate::support::{dead_origin_url, wait_until, OriginResponse, TestOrigin};
 
 #[test]
 fn requests_reach_the_origin_with_proxy_fields_and_without_hop_by_hop_ones() {
@@ -204,4 +204,55 @@ fn an_origin_body_cut_short_reaches_the_client_cut_short_and_is_not_stored() {
     }
     // Nothing was stored: the second request went to the origin too.
     assert_eq!(origin.hits("/cut"), 2);
+}
+
+#[test]
+fn an_origin_closing_idle_connections_costs_no_client_an_error() {
+    let origin = TestOrigin::start(|req| OriginResponse::ok(format!("body of {}", req.target)));
+    let echo = EchoUnderTest::start(&origin.url());
+    for round in 0..5 {
+        let resp = client::get(echo.addr, &format!("/idle/{round}"), &[]);
+        assert_eq!(resp.status, 200, "round {round}: {}", resp.body_str());
+        // The origin drops every keep-alive connection Echo holds to it.
+        origin.drop_connections();
+        wait_until(
+            "the origin has no open connections",
+            Duration::from_secs(5),
+            || origin.open_connections() == 0,
+        );
+    }
+    assert_eq!(origin.total_hits(), 5);
+}
+
+#[test]
+fn a_forwarded_head_keeps_the_origin_length() {
+    let origin = TestOrigin::start(|_| OriginResponse::ok("twelve bytes"));
+    let echo = EchoUnderTest::start(&origin.url());
+    let mut c = RawClient::connect(echo.addr);
+    // Range makes Echo pass the HEAD through instead of filling the cache.
+    c.send(b"HEAD /len HTTP/1.1\r\nHost: test.local\r\nRange: bytes=0-1\r\n\r\n");
+    let head = c.read_response(true).expect("HEAD response");
+    assert_eq!(head.header("x-cache-status"), Some("BYPASS"));
+    assert_eq!(head.header("content-length"), Some("12"));
+    assert_eq!(
+        origin.last_request().map(|r| r.method),
+        Some("HEAD".to_string())
+    );
+    assert_eq!(
+        c.get("/len", &[]).body_str(),
+        "twelve bytes",
+        "connection still in step"
+    );
+}
+
+#[test]
+fn options_asterisk_is_answered_by_echo() {
+    let origin = TestOrigin::start(|_| OriginResponse::ok("x"));
+    let echo = EchoUnderTest::start(&origin.url());
+    let mut c = RawClient::connect(echo.addr);
+    c.send(b"OPTIONS * HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    let resp = c.read_response(false).expect("a response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(origin.total_hits(), 0);
+    assert_eq!(c.get("/after", &[]).status, 200, "connection still in step");
 }

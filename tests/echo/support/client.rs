@@ -110,6 +110,12 @@ impl RawClient {
         self.stream.flush()
     }
 
+    /// A second handle on the socket, so another thread can write while this one reads
+    /// (large pipelined bursts would otherwise deadlock on full socket buffers).
+    pub fn writer(&self) -> TcpStream {
+        self.stream.try_clone().expect("RawClient: try_clone")
+    }
+
     /// Half-closes the connection (no more requests); reads still work.
     pub fn shutdown_write(&mut self) {
         let _ = self.stream.shutdown(Shutdown::Write);
