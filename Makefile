@@ -8,7 +8,7 @@ DESTDIR ?=
 CARGO ?= cargo
 RELEASE := target/release
 
-.PHONY: all build run test lint bench install uninstall clean
+.PHONY: all build run test lint bench install uninstall clean redis-server
 
 all: build
 
@@ -31,8 +31,19 @@ run: build
 	echo ""; \
 	$(RELEASE)/echod --config etc/echo.toml
 
-test:
+test: redis-server
 	$(CARGO) test --locked
+
+# The Redis tests start their own redis-server processes; install it when missing,
+# and stop loudly (never skip the tests) when it cannot be had.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "redis-server not found: installing it with apt-get"; \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; \
+	}
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "error: the tests need redis-server and it could not be installed" >&2; exit 1; }
 
 lint:
 	$(CARGO) fmt --check

@@ -50,6 +50,7 @@ struct RawConfig {
     origin: Option<RawOrigin>,
     #[serde(default)]
     cache: RawCache,
+    redis: Option<RawRedis>,
     #[serde(default)]
     log: RawLog,
 }
@@ -153,6 +154,38 @@ impl Default for RawCache {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawRedis {
+    master: Option<String>,
+    replicas: Vec<String>,
+    connect_timeout_ms: u64,
+    read_timeout_ms: u64,
+    write_timeout_ms: u64,
+    pool_size: Option<u64>,
+    pool_timeout_ms: u64,
+    ttl_margin_ms: u64,
+    breaker_failures: u64,
+    breaker_open_ms: u64,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            master: None,
+            replicas: Vec::new(),
+            connect_timeout_ms: 250,
+            read_timeout_ms: 250,
+            write_timeout_ms: 250,
+            pool_size: None,
+            pool_timeout_ms: 250,
+            ttl_margin_ms: 60_000,
+            breaker_failures: 3,
+            breaker_open_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawLog {
     level: String,
     file: Option<String>,
@@ -176,7 +209,30 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     pub origin: OriginConfig,
     pub cache: CacheConfig,
+    pub redis: Option<RedisConfig>,
     pub log: LogConfig,
+}
+
+/// The Redis store: where it is and how long Echo waits for it.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`: writes, deletes, and reads of last resort.
+    pub master: String,
+    /// Read from these, round robin; empty: read from the master.
+    pub replicas: Vec<String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Connections per Redis server (default: server.workers).
+    pub pool_size: u32,
+    /// Longest wait for a pooled connection.
+    pub pool_timeout: Duration,
+    /// Added to an entry's remaining freshness for its Redis TTL.
+    pub ttl_margin: Duration,
+    /// Failures in a row after which a Redis server is skipped ...
+    pub breaker_failures: u32,
+    /// ... for this long, before one request tries it again.
+    pub breaker_open: Duration,
 }
 
 /// The HTTP front end: listener, worker pool, limits and client-side timeouts.
@@ -249,6 +305,7 @@ impl OriginConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
+    Redis,
 }
 
 #[derive(Debug, Clone)]
@@ -378,13 +435,24 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let c = &raw.cache;
     let store = match c.store.as_str() {
         "memory" => StoreKind::Memory,
+        "redis" => StoreKind::Redis,
         other => {
             return Err(err(
                 "cache.store",
-                format!("unknown store {other:?}; this build supports \"memory\""),
+                format!("unknown store {other:?}; use \"memory\" or \"redis\""),
             ))
         }
     };
+    let redis = match raw.redis {
+        Some(r) => Some(validate_redis(r, server.workers)?),
+        None => None,
+    };
+    if store == StoreKind::Redis && redis.is_none() {
+        return Err(err(
+            "cache.store",
+            "\"redis\" needs a [redis] section with a master",
+        ));
+    }
     let memory_max_bytes = ranged(
         "cache.memory_max_bytes",
         c.memory_max_bytes,
@@ -430,7 +498,55 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin,
         origin,
         cache,
+        redis,
         log,
+    })
+}
+
+fn redis_url(key: &str, url: &str) -> Result<String, ConfigError> {
+    let rest = url.strip_prefix("redis://").ok_or_else(|| {
+        err(
+            key,
+            format!("must be a redis://host:port URL (got {url:?})"),
+        )
+    })?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(err(key, format!("has no host (got {url:?})")));
+    }
+    Ok(url.to_string())
+}
+
+fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigError> {
+    let master = match &r.master {
+        Some(m) => redis_url("redis.master", m)?,
+        None => return Err(err("redis.master", "is required in [redis]")),
+    };
+    let replicas = r
+        .replicas
+        .iter()
+        .map(|u| redis_url("redis.replicas", u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool_size = match r.pool_size {
+        Some(n) => ranged("redis.pool_size", n, 1, 10_000)?,
+        None => workers,
+    };
+    Ok(RedisConfig {
+        master,
+        replicas,
+        connect_timeout: ms("redis.connect_timeout_ms", r.connect_timeout_ms)?,
+        read_timeout: ms("redis.read_timeout_ms", r.read_timeout_ms)?,
+        write_timeout: ms("redis.write_timeout_ms", r.write_timeout_ms)?,
+        pool_size: u32::try_from(pool_size).unwrap_or(u32::MAX),
+        pool_timeout: ms("redis.pool_timeout_ms", r.pool_timeout_ms)?,
+        ttl_margin: Duration::from_millis(r.ttl_margin_ms),
+        breaker_failures: u32::try_from(ranged(
+            "redis.breaker_failures",
+            r.breaker_failures,
+            1,
+            1000,
+        )?)
+        .unwrap_or(1),
+        breaker_open: ms("redis.breaker_open_ms", r.breaker_open_ms)?,
     })
 }
 
@@ -596,6 +712,13 @@ mod tests {
             ),
             ("[origin]\nurl = \"http://a\"\n[admin]\ntoken = \" \"\n", "admin.token", 4),
             ("[origin]\nurl = \"http://a\"\n[cache]\nstore = \"disk\"\n", "cache.store", 4),
+            ("[origin]\nurl = \"http://a\"\n[cache]\nstore = \"redis\"\n", "cache.store", 4),
+            ("[origin]\nurl = \"http://a\"\n[redis]\nmaster = \"http://r\"\n", "redis.master", 4),
+            (
+                "[origin]\nurl = \"http://a\"\n[redis]\nmaster = \"redis://r\"\nreplicas = [\"r2:6380\"]\n",
+                "redis.replicas",
+                5,
+            ),
         ];
         for (text, key, line) in cases {
             let e = Config::parse(text).unwrap_err();

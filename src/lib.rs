@@ -57,6 +57,16 @@ pub fn start_on(
             cfg.cache.memory_max_bytes,
             cfg.cache.max_variants,
         )),
+        StoreKind::Redis => {
+            let redis = cfg
+                .redis
+                .as_ref()
+                .ok_or_else(|| io::Error::other("[redis] missing"))?;
+            Arc::new(
+                store::redis::RedisStore::new(redis, cfg.cache.max_variants)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            )
+        }
     };
     let policy = policy::PolicyOptions {
         heuristic_max: cfg.cache.heuristic_max,

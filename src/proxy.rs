@@ -92,6 +92,13 @@ impl Forward {
     }
 }
 
+/// A response on its way into the store: everything but the body, which is collected
+/// as it streams to the client.
+struct Fill<'k> {
+    key: &'k CacheKey,
+    entry: Entry,
+}
+
 pub struct Proxy {
     store: Arc<dyn Store>,
     origin: Origin,
@@ -202,30 +209,44 @@ impl Proxy {
             Storability::DoNotStore(why) => (None, Some(why.as_str())),
         };
         let base = response_headers(&response.headers, response_time);
-        let status = response.status;
-        let collect = freshness.is_some();
-        let body = self.stream_body(ex, response, &base, forward, reason, collect);
-        let (Some(freshness), Some(body)) = (freshness, body) else {
-            return;
-        };
-        let vary = match policy::vary(&base) {
-            policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, &ex.req.headers),
-            _ => Vec::new(),
-        };
-        // The origin's Age goes into the initial age; hits send their own Age.
-        let initial_age = policy::corrected_initial_age(&base, request_time, response_time);
-        let mut stored = base;
-        stored.retain(|(n, _)| n != "age");
-        let entry = Entry {
-            status,
-            initial_age,
-            headers: stored,
-            body,
-            response_time,
-            freshness,
-            vary,
-        };
-        if let Err(e) = self.store.put(key, Arc::new(entry)) {
+        let fill = freshness.map(|freshness| {
+            let vary = match policy::vary(&base) {
+                policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, &ex.req.headers),
+                _ => Vec::new(),
+            };
+            // The origin's Age goes into the initial age; hits send their own Age.
+            let initial_age = policy::corrected_initial_age(&base, request_time, response_time);
+            let mut stored = base.clone();
+            stored.retain(|(n, _)| n != "age");
+            // Surrogate-Key: space-separated tags an invalidation can name.
+            let tags = policy::header_joined(&stored, "surrogate-key")
+                .map(|v| {
+                    v.split([' ', ','])
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            Fill {
+                key,
+                entry: Entry {
+                    status: response.status,
+                    initial_age,
+                    tags,
+                    headers: stored,
+                    body: Vec::new(),
+                    response_time,
+                    freshness,
+                    vary,
+                },
+            }
+        });
+        self.stream_body(ex, response, &base, forward, reason, fill);
+    }
+
+    /// Stores a filled entry; a store error is logged and costs only a later miss.
+    fn store(&self, fill: Fill<'_>) {
+        if let Err(e) = self.store.put(fill.key, Arc::new(fill.entry)) {
             self.warn_limited(format_args!(
                 "{} store write failed: {e}",
                 self.store.name()
@@ -233,9 +254,11 @@ impl Proxy {
         }
     }
 
-    /// Streams an origin response to the client. With `collect`, also returns the
-    /// whole body when it arrived complete and within `max_object_bytes`, so it can be
-    /// stored (even if the client went away meanwhile).
+    /// Streams an origin response to the client. With a `fill`, the body is also
+    /// collected (up to `max_object_bytes`) and, when it arrived whole, stored before
+    /// the client gets its last bytes: a client holding a complete stored response can
+    /// count on the next request finding it (the client may go away meanwhile; the
+    /// body is still read to the end and stored).
     fn stream_body(
         &self,
         ex: &mut Exchange<'_>,
@@ -243,10 +266,10 @@ impl Proxy {
         base: &Headers,
         forward: Forward,
         not_stored: Option<&str>,
-        collect: bool,
-    ) -> Option<Vec<u8>> {
+        mut fill: Option<Fill<'_>>,
+    ) {
         let mut headers = base.clone();
-        let stored = if collect { "; stored" } else { "" };
+        let stored = if fill.is_some() { "; stored" } else { "" };
         let detail = not_stored
             .map(|r| format!("; detail={r}"))
             .unwrap_or_default();
@@ -263,19 +286,30 @@ impl Proxy {
             Some(n) => BodyLength::Known(n),
             None => BodyLength::Unknown,
         };
-        let head_request = ex.req.is_head();
         // A HEAD answer has no body to measure: announce the length the origin gave.
         let head_length = response.content_length.or_else(|| {
             http::header(&response.headers, "content-length")
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
         });
-        let mut client_gone = ex
-            .start(response.status, &headers, length, head_length)
-            .is_err();
-        let mut kept: Option<Vec<u8>> = collect.then(Vec::new);
-        let mut buf = vec![0u8; CHUNK];
+        let head_request = ex.req.is_head();
+        if head_request && fill.is_none() {
+            let _ = ex.start(response.status, &headers, length, head_length);
+            let _ = ex.finish();
+            return;
+        }
+        // A HEAD that fills the cache answers once the entry is stored.
+        let mut client_gone = !head_request
+            && ex
+                .start(response.status, &headers, length, head_length)
+                .is_err();
+        let mut body: Vec<u8> = Vec::new();
+        // The last chunk read is held back until the next read shows whether it ends
+        // the body (and so whether the entry is stored first).
+        let mut current = vec![0u8; CHUNK];
+        let mut held = vec![0u8; CHUNK];
+        let mut held_len = 0;
         loop {
-            let n = match response.body.read(&mut buf) {
+            let n = match response.body.read(&mut current) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -283,31 +317,47 @@ impl Proxy {
                         "origin body for {} broke off: {e}",
                         ex.req.target
                     ));
-                    ex.abort();
-                    return None;
+                    if ex.response_started() {
+                        ex.abort();
+                    } else {
+                        ex.respond_error(502, "the origin response broke off", true);
+                    }
+                    return;
                 }
             };
-            if kept
-                .as_ref()
-                .is_some_and(|k| k.len() + n > self.max_object_bytes)
-            {
-                kept = None;
+            if fill.is_some() {
+                if body.len() + n > self.max_object_bytes {
+                    fill = None;
+                    body = Vec::new();
+                } else {
+                    body.extend_from_slice(&current[..n]);
+                }
             }
-            if let Some(k) = kept.as_mut() {
-                k.extend_from_slice(&buf[..n]);
+            if head_request && fill.is_none() {
+                break;
             }
-            if !head_request && !client_gone && ex.write(&buf[..n]).is_err() {
+            if held_len > 0 && !client_gone && ex.write(&held[..held_len]).is_err() {
                 client_gone = true;
             }
-            // Nothing more can reach this client; read on only to store the body.
-            if client_gone && kept.is_none() {
-                return None;
+            if client_gone && fill.is_none() {
+                // Nothing more can reach this client and nothing is being stored.
+                return;
             }
+            std::mem::swap(&mut current, &mut held);
+            held_len = n;
+        }
+        if let Some(mut fill) = fill {
+            fill.entry.body = body;
+            self.store(fill);
+        }
+        if head_request {
+            let _ = ex.start(response.status, &headers, length, head_length);
+        } else if held_len > 0 && !client_gone && ex.write(&held[..held_len]).is_err() {
+            client_gone = true;
         }
         if !client_gone {
             let _ = ex.finish();
         }
-        kept
     }
 
     /// Passes a request through without the cache (other methods, ranges), streaming
@@ -338,7 +388,7 @@ impl Proxy {
             self.invalidate_after_unsafe(&ex.req, &response.headers);
         }
         let base = response_headers(&response.headers, SystemTime::now());
-        self.stream_body(ex, response, &base, forward, None, false);
+        self.stream_body(ex, response, &base, forward, None, None);
     }
 
     /// RFC 9111 §4.4: "A cache MUST invalidate the target URI ... when it receives a

@@ -78,13 +78,7 @@ impl Store for MemoryStore {
             }
             None => Vec::new(),
         };
-        let fields = |e: &Entry| e.vary.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-        let new_fields = fields(&entry);
-        variants.retain(|v| !v.same_variant(&entry) && fields(v) == new_fields);
-        // Oldest variants go first when a key has too many (e.g. Vary: User-Agent).
-        while variants.len() >= self.max_variants {
-            variants.remove(0);
-        }
+        super::merge_variant(&mut variants, self.max_variants, &entry);
         variants.push(entry);
         inner.bytes += variants_size(k, &variants);
         inner.lru.put(k.to_string(), variants);
@@ -126,6 +120,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.map(str::to_string)))
                 .collect(),
+            tags: Vec::new(),
         })
     }
 

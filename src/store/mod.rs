@@ -6,7 +6,9 @@
 //! Invariants: a store never fails a request: errors are returned for the caller to
 //! treat as a miss; entries are immutable once stored (shared as `Arc`).
 
+pub mod codec;
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,6 +33,8 @@ pub struct Entry {
     pub freshness: Duration,
     /// The request's values of the fields named by Vary, when stored.
     pub vary: VarySnapshot,
+    /// The origin's `Surrogate-Key` tags, for invalidation by tag.
+    pub tags: Vec<String>,
 }
 
 impl Entry {
@@ -46,13 +50,27 @@ impl Entry {
             .iter()
             .map(|(n, v)| n.len() + v.as_ref().map_or(0, |v| v.len()) + 48)
             .sum();
-        self.body.len() + headers + vary + std::mem::size_of::<Entry>()
+        let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
+        self.body.len() + headers + vary + tags + std::mem::size_of::<Entry>()
     }
 
     /// The variants under one key are told apart by the Vary field names and the
     /// request's values for them.
     pub fn same_variant(&self, other: &Entry) -> bool {
         self.vary == other.vary
+    }
+}
+
+/// Makes room in `variants` for `new`: drops the variant it replaces, every variant stored
+/// under a different set of Vary fields (the origin changed its Vary), and the oldest
+/// ones beyond `max_variants - 1` (e.g. `Vary: User-Agent`). The caller then pushes `new`.
+pub fn merge_variant(variants: &mut Vec<Arc<Entry>>, max_variants: usize, new: &Entry) {
+    let fields = |e: &Entry| e.vary.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let new_fields = fields(new);
+    variants.retain(|v| !v.same_variant(new) && fields(v) == new_fields);
+    let keep = max_variants.saturating_sub(1);
+    if variants.len() > keep {
+        variants.drain(..variants.len() - keep);
     }
 }
 

@@ -7,3 +7,4 @@ mod cache;
 mod cli;
 mod frontend;
 mod proxy;
+mod redis;
