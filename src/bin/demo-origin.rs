@@ -5,6 +5,8 @@
 //!   and a counter of how many times the origin itself was asked (so a cache HIT shows
 //!   the same count as the MISS before it).
 //! - `PUT /data`: replaces the document (Echo invalidates its cached copy).
+//! - `GET /bytes/N`: N bytes (at most 16 MiB), `Cache-Control: public, max-age=60`, for
+//!   benchmarks.
 //! - `GET /health-check`: `ok`.
 //! - anything else: 404.
 //!
@@ -64,6 +66,21 @@ impl Handler for Demo {
                 let body = format!("{{\"version\": {version}}}\n");
                 let headers = [field("content-type", "application/json")];
                 let _ = ex.respond(200, &headers, body.as_bytes());
+            }
+            ("GET" | "HEAD", p) if p.starts_with("/bytes/") => {
+                match p["/bytes/".len()..].parse::<usize>() {
+                    Ok(n) if n <= 16 << 20 => {
+                        let headers = [
+                            field("content-type", "application/octet-stream"),
+                            field("cache-control", "public, max-age=60"),
+                        ];
+                        let _ = ex.respond(200, &headers, &vec![b'e'; n]);
+                    }
+                    _ => {
+                        let headers = [field("content-type", "text/plain")];
+                        let _ = ex.respond(400, &headers, b"size must be 0..=16777216\n");
+                    }
+                }
             }
             ("GET" | "HEAD", "/health-check") => {
                 let headers = [

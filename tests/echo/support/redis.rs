@@ -82,6 +82,8 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no"])
             .args(["--dir", &self.dir.to_string_lossy()])
             .args(["--daemonize", "no", "--protected-mode", "yes"])
+            // A replica gets its first copy at once, not after the default 5 s wait.
+            .args(["--repl-diskless-sync-delay", "0"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(Stdio::null());
