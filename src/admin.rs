@@ -1,19 +1,58 @@
 //! The admin listener (`admin.listen`, never the proxy port): `GET /health` without a
 //! token; every other call needs `Authorization: Bearer <admin.token>`.
 //!
-//! This version serves health only; invalidation and metrics join it in later issues.
-//! Invariants: the token is compared in constant time and never logged.
+//! - `POST /invalidate` `{"pattern": "^/orgs/42/", "host": ..., "tag": ..., "mode":
+//!   "delete"|"refresh"|"stale", "dry_run": bool, "async": bool}`: validates, queues the
+//!   job for the invalidation thread, and answers when it is done (200), or at once with
+//!   a job id (202) for `async` or a job still running after `invalidation.wait_timeout`.
+//! - `GET /invalidate/<id>`: a job's report, with live counters while it runs.
+//!
+//! Invariants: the token is compared in constant time and never logged; nothing is done
+//! for a request without the token; bad input is a 400 naming what is wrong, and a
+//! full queue a 503 with Retry-After.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
 use crate::http::exchange::Exchange;
+use crate::invalidate::{Invalidator, Job, Matcher, Mode, Refused, Report, State};
 use crate::server::Handler;
+
+/// Largest `POST /invalidate` body read.
+const MAX_BODY: u64 = 64 * 1024;
 
 pub struct Admin {
     token: String,
+    invalidator: Arc<Invalidator>,
+    wait: Duration,
+}
+
+/// The JSON body of `POST /invalidate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateRequest {
+    pattern: Option<String>,
+    tag: Option<String>,
+    host: Option<String>,
+    mode: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default, rename = "async")]
+    asynchronous: bool,
 }
 
 impl Admin {
-    pub fn new(token: String) -> Admin {
-        Admin { token }
+    pub fn new(token: String, invalidator: Arc<Invalidator>, wait: Duration) -> Admin {
+        Admin {
+            token,
+            invalidator,
+            wait,
+        }
     }
 
     fn authorized(&self, ex: &Exchange<'_>) -> bool {
@@ -44,23 +83,150 @@ fn json_headers() -> [(String, Vec<u8>); 2] {
     ]
 }
 
+fn reply(ex: &mut Exchange<'_>, status: u16, body: &Value) {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut headers = json_headers().to_vec();
+    match status {
+        401 => headers.push(("www-authenticate".to_string(), b"Bearer".to_vec())),
+        503 => headers.push(("retry-after".to_string(), b"1".to_vec())),
+        _ => {}
+    }
+    let _ = ex.respond(status, &headers, text.as_bytes());
+}
+
+fn error(ex: &mut Exchange<'_>, status: u16, message: &str) {
+    reply(ex, status, &json!({ "error": message }));
+}
+
+/// A report as JSON; the count of changed entries is named after the mode.
+fn report_json(r: &Report) -> Value {
+    let changed = match (r.dry_run, r.mode) {
+        (true, _) => "would_change",
+        (false, Mode::Delete) => "deleted",
+        (false, Mode::Refresh) => "refreshed",
+        (false, Mode::Stale) => "marked_stale",
+    };
+    let mut v = json!({
+        "id": r.id,
+        "state": r.state.as_str(),
+        "mode": r.mode.as_str(),
+        "dry_run": r.dry_run,
+        "what": r.what,
+        "scanned": r.scanned,
+        "matched": r.matched,
+        changed: if r.dry_run { r.matched } else { r.changed },
+        "elapsed_ms": r.elapsed.as_millis() as u64,
+    });
+    if r.dry_run {
+        v["sample"] = json!(r.sample);
+    }
+    if let Some((acked, wanted)) = r.replicas {
+        v["replicas"] = json!({ "acknowledged": acked, "expected": wanted });
+        if acked < wanted {
+            v["warning"] = json!(format!(
+                "only {acked} of {wanted} replicas acknowledged in time: a lagging replica may serve deleted entries briefly"
+            ));
+        }
+    }
+    if let Some(e) = &r.error {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+impl Admin {
+    fn invalidate(&self, ex: &mut Exchange<'_>) {
+        let mut body = Vec::new();
+        match ex.body().take(MAX_BODY + 1).read_to_end(&mut body) {
+            Ok(_) if body.len() as u64 > MAX_BODY => {
+                return error(ex, 413, "the request body is larger than 64 KiB")
+            }
+            Ok(_) => {}
+            Err(_) => return error(ex, 400, "the request body could not be read"),
+        }
+        let request: InvalidateRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(ex, 400, &format!("invalid JSON: {e}")),
+        };
+        let mode = match request.mode.as_deref() {
+            None => Mode::Delete,
+            Some(m) => match Mode::parse(m) {
+                Some(mode) => mode,
+                None => {
+                    return error(
+                        ex,
+                        400,
+                        &format!("unknown mode {m:?}: use \"delete\", \"refresh\" or \"stale\""),
+                    )
+                }
+            },
+        };
+        let matcher = match Matcher::new(
+            request.pattern.as_deref(),
+            request.host.as_deref(),
+            request.tag.as_deref(),
+        ) {
+            Ok(m) => m,
+            Err(e) => return error(ex, 400, &e.0),
+        };
+        let job = Job {
+            matcher: Arc::new(matcher),
+            mode,
+            dry_run: request.dry_run,
+        };
+        let who = format!("admin-token from {}", ex.req.peer.ip());
+        let (id, done) = match self.invalidator.submit(job, &who) {
+            Ok(submitted) => submitted,
+            Err(Refused::QueueFull) => {
+                return error(ex, 503, "the invalidation queue is full; retry shortly")
+            }
+            Err(Refused::Stopped) => return error(ex, 503, "invalidation is stopped"),
+        };
+        let accepted = |ex: &mut Exchange<'_>, state: &str| {
+            reply(
+                ex,
+                202,
+                &json!({ "id": id, "state": state, "status": format!("/invalidate/{id}") }),
+            )
+        };
+        if request.asynchronous {
+            return accepted(ex, "queued");
+        }
+        match done.recv_timeout(self.wait) {
+            Ok(report) if report.state == State::Failed => reply(ex, 503, &report_json(&report)),
+            Ok(report) => reply(ex, 200, &report_json(&report)),
+            Err(RecvTimeoutError::Timeout) => accepted(ex, "running"),
+            Err(RecvTimeoutError::Disconnected) => error(ex, 503, "invalidation is stopped"),
+        }
+    }
+}
+
 impl Handler for Admin {
     fn handle(&self, ex: &mut Exchange<'_>) {
         let path = ex.req.target.split('?').next().unwrap_or("").to_string();
-        if path == "/health" && matches!(ex.req.method.as_str(), "GET" | "HEAD") {
-            let body = "{\"status\": \"ok\"}\n";
-            let _ = ex.respond(200, &json_headers(), body.as_bytes());
-            return;
+        let method = ex.req.method.clone();
+        if path == "/health" && matches!(method.as_str(), "GET" | "HEAD") {
+            return reply(ex, 200, &json!({ "status": "ok" }));
         }
         if !self.authorized(ex) {
-            let body = "{\"error\": \"missing or wrong bearer token\"}\n";
-            let mut headers = json_headers().to_vec();
-            headers.push(("www-authenticate".to_string(), b"Bearer".to_vec()));
-            let _ = ex.respond(401, &headers, body.as_bytes());
-            return;
+            return error(ex, 401, "missing or wrong bearer token");
         }
-        let body = "{\"error\": \"no such admin endpoint\"}\n";
-        let _ = ex.respond(404, &json_headers(), body.as_bytes());
+        match (method.as_str(), path.as_str()) {
+            ("POST", "/invalidate") => self.invalidate(ex),
+            ("GET", p) if p.starts_with("/invalidate/") => {
+                let report = p["/invalidate/".len()..]
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|id| self.invalidator.report(id));
+                match report {
+                    Some(r) => reply(ex, 200, &report_json(&r)),
+                    None => error(ex, 404, "no such invalidation job"),
+                }
+            }
+            (_, "/invalidate") => error(ex, 405, "use POST /invalidate"),
+            _ => error(ex, 404, "no such admin endpoint"),
+        }
     }
 }
 

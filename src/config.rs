@@ -52,7 +52,27 @@ struct RawConfig {
     cache: RawCache,
     redis: Option<RawRedis>,
     #[serde(default)]
+    invalidation: RawInvalidation,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawInvalidation {
+    queue_depth: u64,
+    wait_timeout_ms: u64,
+    ban_ttl_ms: u64,
+}
+
+impl Default for RawInvalidation {
+    fn default() -> Self {
+        RawInvalidation {
+            queue_depth: 64,
+            wait_timeout_ms: 60_000,
+            ban_ttl_ms: 300_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,6 +185,9 @@ struct RawRedis {
     ttl_margin_ms: u64,
     breaker_failures: u64,
     breaker_open_ms: u64,
+    wait_replicas: Option<u64>,
+    wait_timeout_ms: u64,
+    scan_count: u64,
 }
 
 impl Default for RawRedis {
@@ -180,6 +203,9 @@ impl Default for RawRedis {
             ttl_margin_ms: 60_000,
             breaker_failures: 3,
             breaker_open_ms: 1_000,
+            wait_replicas: None,
+            wait_timeout_ms: 1_000,
+            scan_count: 1_000,
         }
     }
 }
@@ -210,7 +236,19 @@ pub struct Config {
     pub origin: OriginConfig,
     pub cache: CacheConfig,
     pub redis: Option<RedisConfig>,
+    pub invalidation: InvalidationConfig,
     pub log: LogConfig,
+}
+
+/// The invalidation API and thread.
+#[derive(Debug, Clone)]
+pub struct InvalidationConfig {
+    /// Jobs waiting for the invalidation thread; more are refused with 503.
+    pub queue_depth: usize,
+    /// How long `POST /invalidate` waits for its job before answering 202 with its id.
+    pub wait_timeout: Duration,
+    /// How long an invalidation is held against fills that began before it.
+    pub ban_ttl: Duration,
 }
 
 /// The Redis store: where it is and how long Echo waits for it.
@@ -233,6 +271,11 @@ pub struct RedisConfig {
     pub breaker_failures: u32,
     /// ... for this long, before one request tries it again.
     pub breaker_open: Duration,
+    /// Replicas an invalidation waits for (WAIT); default: all of `replicas`.
+    pub wait_replicas: Option<u64>,
+    pub wait_timeout: Duration,
+    /// Keys asked for per SCAN call.
+    pub scan_count: usize,
 }
 
 /// The HTTP front end: listener, worker pool, limits and client-side timeouts.
@@ -474,6 +517,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         heuristic_max: Duration::from_millis(c.heuristic_max_ms),
     };
 
+    let inv = &raw.invalidation;
+    let invalidation = InvalidationConfig {
+        queue_depth: ranged("invalidation.queue_depth", inv.queue_depth, 1, 100_000)?,
+        wait_timeout: ms("invalidation.wait_timeout_ms", inv.wait_timeout_ms)?,
+        ban_ttl: ms("invalidation.ban_ttl_ms", inv.ban_ttl_ms)?,
+    };
+
     let level = match raw.log.level.to_ascii_lowercase().as_str() {
         "off" => log::LevelFilter::Off,
         "error" => log::LevelFilter::Error,
@@ -499,6 +549,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         origin,
         cache,
         redis,
+        invalidation,
         log,
     })
 }
@@ -547,6 +598,17 @@ fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigErro
         )?)
         .unwrap_or(1),
         breaker_open: ms("redis.breaker_open_ms", r.breaker_open_ms)?,
+        wait_replicas: match r.wait_replicas {
+            Some(n) if n > r.replicas.len() as u64 => {
+                return Err(err(
+                    "redis.wait_replicas",
+                    format!("is more than the {} replicas listed", r.replicas.len()),
+                ))
+            }
+            other => other,
+        },
+        wait_timeout: ms("redis.wait_timeout_ms", r.wait_timeout_ms)?,
+        scan_count: ranged("redis.scan_count", r.scan_count, 10, 100_000)?,
     })
 }
 

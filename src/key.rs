@@ -22,6 +22,18 @@ impl CacheKey {
         CacheKey { full, target_at }
     }
 
+    /// Reads a key back from its string form (as stores and invalidation hold it).
+    pub fn parse(full: &str) -> Option<CacheKey> {
+        let (host, target) = crate::invalidate::split_key(full)?;
+        let scheme = full.split("://").next()?;
+        Some(CacheKey::new(scheme, host, target))
+    }
+
+    /// The host part, e.g. `example.com`.
+    pub fn host(&self) -> &str {
+        crate::invalidate::split_key(&self.full).map_or("", |(h, _)| h)
+    }
+
     /// The whole key, e.g. `http://example.com/a?b`.
     pub fn as_str(&self) -> &str {
         &self.full

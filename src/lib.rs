@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod http;
+pub mod invalidate;
 pub mod key;
 pub mod origin;
 pub mod policy;
@@ -56,6 +57,7 @@ pub fn start_on(
         StoreKind::Memory => Arc::new(MemoryStore::new(
             cfg.cache.memory_max_bytes,
             cfg.cache.max_variants,
+            cfg.invalidation.ban_ttl,
         )),
         StoreKind::Redis => {
             let redis = cfg
@@ -63,8 +65,12 @@ pub fn start_on(
                 .as_ref()
                 .ok_or_else(|| io::Error::other("[redis] missing"))?;
             Arc::new(
-                store::redis::RedisStore::new(redis, cfg.cache.max_variants)
-                    .map_err(|e| io::Error::other(e.to_string()))?,
+                store::redis::RedisStore::new(
+                    redis,
+                    cfg.cache.max_variants,
+                    cfg.invalidation.ban_ttl,
+                )
+                .map_err(|e| io::Error::other(e.to_string()))?,
             )
         }
     };
@@ -73,12 +79,19 @@ pub fn start_on(
         ..policy::PolicyOptions::default()
     };
     let origin = origin::Origin::new(&cfg.origin);
-    let handler = Arc::new(proxy::Proxy::new(
-        store,
+    let proxy = Arc::new(proxy::Proxy::new(
+        Arc::clone(&store),
         origin,
         policy,
         cfg.cache.max_object_bytes,
+        cfg.invalidation.ban_ttl,
     ));
+    let invalidator = Arc::new(invalidate::Invalidator::start(
+        store,
+        Arc::clone(&proxy) as Arc<dyn invalidate::Refresher>,
+        cfg.invalidation.queue_depth,
+    )?);
+    let handler = proxy;
     let proxy = server::start("echo", listener, cfg.server.clone(), handler)?;
     let admin = match (admin, &cfg.admin) {
         (Some(listener), Some(a)) => {
@@ -87,7 +100,11 @@ pub fn start_on(
                 workers: 2,
                 ..cfg.server.clone()
             };
-            let handler = Arc::new(admin::Admin::new(a.token.clone()));
+            let handler = Arc::new(admin::Admin::new(
+                a.token.clone(),
+                Arc::clone(&invalidator),
+                cfg.invalidation.wait_timeout,
+            ));
             Some(server::start("echo-admin", listener, admin_cfg, handler)?)
         }
         _ => None,

@@ -10,7 +10,7 @@
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, warn};
 
@@ -18,11 +18,12 @@ use crate::http::body::client_error;
 use crate::http::exchange::Exchange;
 use crate::http::response::BodyLength;
 use crate::http::{self, BodyFraming, Headers, Request};
+use crate::invalidate::Refresher;
 use crate::key::CacheKey;
 use crate::origin::{Origin, OriginError, OriginRequest, OriginResponse};
 use crate::policy::{self, PolicyOptions, Storability};
 use crate::server::Handler;
-use crate::store::{Entry, Store};
+use crate::store::{Entry, Lookup, Store};
 
 /// This cache's name in `Via` and `Cache-Status`.
 const CACHE_NAME: &str = "echo";
@@ -96,7 +97,55 @@ impl Forward {
 /// as it streams to the client.
 struct Fill<'k> {
     key: &'k CacheKey,
+    since: Since,
     entry: Entry,
+}
+
+/// When a fill began: the store's invalidation generation then, and the time.
+#[derive(Debug, Clone, Copy)]
+struct Since {
+    generation: u64,
+    started: Instant,
+}
+
+/// A stored entry for a response (its body still to come): the stored fields, the
+/// request's Vary values, the origin's Age folded into the initial age, and the
+/// `Surrogate-Key` tags.
+fn new_entry(
+    req_headers: &Headers,
+    base: &Headers,
+    status: u16,
+    freshness: Duration,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Entry {
+    let vary = match policy::vary(base) {
+        policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, req_headers),
+        _ => Vec::new(),
+    };
+    // The origin's Age goes into the initial age; hits send their own Age.
+    let initial_age = policy::corrected_initial_age(base, request_time, response_time);
+    let mut headers = base.clone();
+    headers.retain(|(n, _)| n != "age");
+    // Surrogate-Key: space-separated tags an invalidation can name.
+    let tags = policy::header_joined(&headers, "surrogate-key")
+        .map(|v| {
+            v.split([' ', ','])
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Entry {
+        status,
+        headers,
+        body: Vec::new(),
+        response_time,
+        initial_age,
+        freshness,
+        vary,
+        tags,
+    }
 }
 
 pub struct Proxy {
@@ -104,21 +153,26 @@ pub struct Proxy {
     origin: Origin,
     policy: PolicyOptions,
     max_object_bytes: usize,
+    ban_ttl: Duration,
     last_warning: AtomicU64,
 }
 
 impl Proxy {
+    /// `ban_ttl`: a fill that takes longer than this is not stored (older invalidations
+    /// are no longer remembered to check it against).
     pub fn new(
         store: Arc<dyn Store>,
         origin: Origin,
         policy: PolicyOptions,
         max_object_bytes: usize,
+        ban_ttl: Duration,
     ) -> Proxy {
         Proxy {
             store,
             origin,
             policy,
             max_object_bytes,
+            ban_ttl,
             last_warning: AtomicU64::new(0),
         }
     }
@@ -143,7 +197,11 @@ impl Proxy {
 
     fn lookup(&self, ex: &mut Exchange<'_>) {
         let key = CacheKey::new("http", &ex.req.host, &ex.req.target);
-        let variants = match self.store.get(&key) {
+        let started = Instant::now();
+        let Lookup {
+            variants,
+            generation,
+        } = match self.store.get(&key) {
             Ok(v) => v,
             Err(e) => {
                 self.warn_limited(format_args!(
@@ -170,12 +228,16 @@ impl Proxy {
             None => Forward::VaryMiss,
         };
         debug!("{} {key}", forward.cache_status_params());
-        self.fill(ex, &key, forward);
+        let since = Since {
+            generation,
+            started,
+        };
+        self.fill(ex, &key, forward, since);
     }
 
     /// Fetches a GET (HEAD is converted: one stored GET answers both) and stores it
     /// when the policy allows, while streaming it to the client.
-    fn fill(&self, ex: &mut Exchange<'_>, key: &CacheKey, forward: Forward) {
+    fn fill(&self, ex: &mut Exchange<'_>, key: &CacheKey, forward: Forward, since: Since) {
         let mut headers = forward_headers(&ex.req, &self.origin.authority);
         // The stored response must be complete: the client's own validators are
         // answered from the store below, not passed to the origin.
@@ -209,48 +271,48 @@ impl Proxy {
             Storability::DoNotStore(why) => (None, Some(why.as_str())),
         };
         let base = response_headers(&response.headers, response_time);
-        let fill = freshness.map(|freshness| {
-            let vary = match policy::vary(&base) {
-                policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, &ex.req.headers),
-                _ => Vec::new(),
-            };
-            // The origin's Age goes into the initial age; hits send their own Age.
-            let initial_age = policy::corrected_initial_age(&base, request_time, response_time);
-            let mut stored = base.clone();
-            stored.retain(|(n, _)| n != "age");
-            // Surrogate-Key: space-separated tags an invalidation can name.
-            let tags = policy::header_joined(&stored, "surrogate-key")
-                .map(|v| {
-                    v.split([' ', ','])
-                        .filter(|t| !t.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            Fill {
-                key,
-                entry: Entry {
-                    status: response.status,
-                    initial_age,
-                    tags,
-                    headers: stored,
-                    body: Vec::new(),
-                    response_time,
-                    freshness,
-                    vary,
-                },
-            }
+        let fill = freshness.map(|freshness| Fill {
+            key,
+            since,
+            entry: new_entry(
+                &ex.req.headers,
+                &base,
+                response.status,
+                freshness,
+                request_time,
+                response_time,
+            ),
         });
         self.stream_body(ex, response, &base, forward, reason, fill);
     }
 
     /// Stores a filled entry; a store error is logged and costs only a later miss.
-    fn store(&self, fill: Fill<'_>) {
-        if let Err(e) = self.store.put(fill.key, Arc::new(fill.entry)) {
-            self.warn_limited(format_args!(
-                "{} store write failed: {e}",
-                self.store.name()
-            ));
+    /// Returns whether it was stored.
+    fn store(&self, fill: Fill<'_>) -> bool {
+        if fill.since.started.elapsed() > self.ban_ttl {
+            debug!(
+                "not storing {}: the fill outlasted invalidation.ban_ttl",
+                fill.key
+            );
+            return false;
+        }
+        match self
+            .store
+            .put(fill.key, Arc::new(fill.entry), fill.since.generation)
+        {
+            Ok(stored) => {
+                if !stored {
+                    debug!("not storing {}: invalidated while it was fetched", fill.key);
+                }
+                stored
+            }
+            Err(e) => {
+                self.warn_limited(format_args!(
+                    "{} store write failed: {e}",
+                    self.store.name()
+                ));
+                false
+            }
         }
     }
 
@@ -469,6 +531,84 @@ impl Handler for Proxy {
             return self.forward(ex, Forward::Range);
         }
         self.lookup(ex);
+    }
+}
+
+impl Refresher for Proxy {
+    /// Fetches every stored variant of `key` again (its request rebuilt from the Vary
+    /// snapshot) and stores what the origin answers, when HTTP allows.
+    fn refresh(&self, key: &CacheKey) -> bool {
+        let Ok(Lookup {
+            variants,
+            generation,
+        }) = self.store.get(key)
+        else {
+            return false;
+        };
+        let snapshots: Vec<policy::VarySnapshot> = if variants.is_empty() {
+            vec![Vec::new()]
+        } else {
+            variants.iter().map(|e| e.vary.clone()).collect()
+        };
+        let mut refreshed = false;
+        for snapshot in snapshots {
+            let since = Since {
+                generation,
+                started: Instant::now(),
+            };
+            let mut req_headers: Headers = snapshot
+                .iter()
+                .filter_map(|(n, v)| v.as_ref().map(|v| (n.clone(), v.as_bytes().to_vec())))
+                .collect();
+            let mut headers = req_headers.clone();
+            headers.push(("host".into(), self.origin.authority.as_bytes().to_vec()));
+            headers.push(("via".into(), VIA.to_vec()));
+            headers.push(("x-forwarded-host".into(), key.host().as_bytes().to_vec()));
+            headers.push(("x-forwarded-proto".into(), b"http".to_vec()));
+            let request_time = SystemTime::now();
+            let response = match self.origin.send(OriginRequest {
+                method: "GET",
+                target: key.target(),
+                headers: &headers,
+                body: None,
+            }) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.warn_limited(format_args!("refresh of {key} failed: {e}"));
+                    continue;
+                }
+            };
+            let response_time = SystemTime::now();
+            req_headers.push(("host".into(), key.host().as_bytes().to_vec()));
+            let Storability::Store { freshness, .. } = policy::storability(
+                "GET",
+                &req_headers,
+                response.status,
+                &response.headers,
+                response_time,
+                &self.policy,
+            ) else {
+                continue;
+            };
+            let base = response_headers(&response.headers, response_time);
+            let mut entry = new_entry(
+                &req_headers,
+                &base,
+                response.status,
+                freshness,
+                request_time,
+                response_time,
+            );
+            let limit = self.max_object_bytes as u64;
+            let mut body = Vec::new();
+            let read = response.body.take(limit + 1).read_to_end(&mut body);
+            if read.is_err() || body.len() as u64 > limit {
+                continue;
+            }
+            entry.body = body;
+            refreshed |= self.store(Fill { key, since, entry });
+        }
+        refreshed
     }
 }
 

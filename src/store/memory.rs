@@ -2,20 +2,27 @@
 //! least recently used key evicted first, with at most `cache.max_variants` Vary
 //! variants per key.
 //!
+//! Invalidation scans every key under the lock (in-process, a regex per key), and bans
+//! what it names so an older fill cannot store it again (see `invalidate::Bans`).
+//!
 //! Invariants: the accounted size never exceeds the bound after a `put` returns; a lock
 //! poisoned by a panic elsewhere is recovered (the map holds no partial updates: each
 //! operation leaves it consistent before anything can panic).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use lru::LruCache;
 
-use super::{Entry, Store, StoreError};
+use super::{Entry, Lookup, Store, StoreError};
+use crate::invalidate::{Bans, Job, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
 
 struct Inner {
     lru: LruCache<String, Vec<Arc<Entry>>>,
     bytes: usize,
+    bans: Bans,
 }
 
 pub struct MemoryStore {
@@ -29,11 +36,13 @@ fn variants_size(key: &str, variants: &[Arc<Entry>]) -> usize {
 }
 
 impl MemoryStore {
-    pub fn new(max_bytes: usize, max_variants: usize) -> MemoryStore {
+    /// `ban_ttl`: how long an invalidation is remembered against older fills.
+    pub fn new(max_bytes: usize, max_variants: usize, ban_ttl: Duration) -> MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
+                bans: Bans::new(ban_ttl),
             }),
             max_bytes,
             max_variants: max_variants.max(1),
@@ -56,21 +65,23 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    fn get(&self, key: &CacheKey) -> Result<Vec<Arc<Entry>>, StoreError> {
-        Ok(self
-            .lock()
-            .lru
-            .get(key.as_str())
-            .cloned()
-            .unwrap_or_default())
+    fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        let mut inner = self.lock();
+        Ok(Lookup {
+            variants: inner.lru.get(key.as_str()).cloned().unwrap_or_default(),
+            generation: inner.bans.generation(),
+        })
     }
 
-    fn put(&self, key: &CacheKey, entry: Arc<Entry>) -> Result<(), StoreError> {
+    fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
         let k = key.as_str();
         if entry.size() + k.len() > self.max_bytes {
-            return Ok(());
+            return Ok(false);
         }
         let mut inner = self.lock();
+        if !inner.bans.allows(since, k, &entry.tags) {
+            return Ok(false);
+        }
         let mut variants = match inner.lru.pop(k) {
             Some(old) => {
                 inner.bytes -= variants_size(k, &old);
@@ -88,7 +99,7 @@ impl Store for MemoryStore {
                 None => break,
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
@@ -101,12 +112,59 @@ impl Store for MemoryStore {
             None => Ok(0),
         }
     }
+
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
+        let mut inner = self.lock();
+        if !job.dry_run {
+            inner.bans.add(Arc::clone(&job.matcher));
+        }
+        let matching: Vec<String> = inner
+            .lru
+            .iter()
+            .filter(|(k, variants)| {
+                progress.scanned.fetch_add(1, Ordering::Relaxed);
+                job.matcher.matches_key(k)
+                    && variants.iter().any(|e| job.matcher.matches_tags(&e.tags))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut outcome = Outcome {
+            matched: matching.len() as u64,
+            sample: matching.iter().take(SAMPLE).cloned().collect(),
+            ..Outcome::default()
+        };
+        progress.matched.store(outcome.matched, Ordering::Relaxed);
+        if job.dry_run {
+            return Ok(outcome);
+        }
+        match job.mode {
+            Mode::Delete => {
+                for k in &matching {
+                    if let Some(old) = inner.lru.pop(k) {
+                        inner.bytes -= variants_size(k, &old);
+                        outcome.changed += 1;
+                    }
+                }
+            }
+            Mode::Stale => {
+                for k in &matching {
+                    if let Some(variants) = inner.lru.peek_mut(k) {
+                        *variants = super::mark_stale(variants);
+                        outcome.changed += 1;
+                    }
+                }
+            }
+            Mode::Refresh => outcome.to_refresh = matching,
+        }
+        progress.changed.store(outcome.changed, Ordering::Relaxed);
+        Ok(outcome)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, SystemTime};
+    use std::time::SystemTime;
 
     fn entry(body: usize, vary: &[(&str, Option<&str>)]) -> Arc<Entry> {
         Arc::new(Entry {
@@ -131,15 +189,15 @@ mod tests {
     #[test]
     fn the_byte_bound_evicts_least_recently_used_keys() {
         let one = entry(1000, &[]).size() + key("/1").as_str().len();
-        let store = MemoryStore::new(one * 3, 4);
+        let store = MemoryStore::new(one * 3, 4, Duration::from_secs(60));
         for t in ["/1", "/2", "/3"] {
-            store.put(&key(t), entry(1000, &[])).unwrap();
+            store.put(&key(t), entry(1000, &[]), 0).unwrap();
         }
         // Touch /1 so /2 is the least recently used.
-        assert_eq!(store.get(&key("/1")).unwrap().len(), 1);
-        store.put(&key("/4"), entry(1000, &[])).unwrap();
-        assert!(store.get(&key("/2")).unwrap().is_empty());
-        assert_eq!(store.get(&key("/1")).unwrap().len(), 1);
+        assert_eq!(store.get(&key("/1")).unwrap().variants.len(), 1);
+        store.put(&key("/4"), entry(1000, &[]), 0).unwrap();
+        assert!(store.get(&key("/2")).unwrap().variants.is_empty());
+        assert_eq!(store.get(&key("/1")).unwrap().variants.len(), 1);
         let (bytes, keys) = store.usage();
         assert!(bytes <= one * 3, "{bytes} > {}", one * 3);
         assert_eq!(keys, 3);
@@ -147,36 +205,40 @@ mod tests {
 
     #[test]
     fn an_object_larger_than_the_store_is_not_stored() {
-        let store = MemoryStore::new(1 << 16, 4);
-        store.put(&key("/big"), entry(1 << 17, &[])).unwrap();
+        let store = MemoryStore::new(1 << 16, 4, Duration::from_secs(60));
+        store.put(&key("/big"), entry(1 << 17, &[]), 0).unwrap();
         assert_eq!(store.usage(), (0, 0));
     }
 
     #[test]
     fn variants_replace_their_match_and_are_capped() {
-        let store = MemoryStore::new(1 << 20, 2);
+        let store = MemoryStore::new(1 << 20, 2, Duration::from_secs(60));
         let k = key("/v");
         store
-            .put(&k, entry(10, &[("accept-encoding", Some("gzip"))]))
+            .put(&k, entry(10, &[("accept-encoding", Some("gzip"))]), 0)
             .unwrap();
         store
-            .put(&k, entry(20, &[("accept-encoding", Some("br"))]))
+            .put(&k, entry(20, &[("accept-encoding", Some("br"))]), 0)
             .unwrap();
         store
-            .put(&k, entry(30, &[("accept-encoding", Some("gzip"))]))
+            .put(&k, entry(30, &[("accept-encoding", Some("gzip"))]), 0)
             .unwrap();
-        let v = store.get(&k).unwrap();
+        let v = store.get(&k).unwrap().variants;
         assert_eq!(v.len(), 2);
         assert_eq!(v[1].body.len(), 30);
         store
-            .put(&k, entry(40, &[("accept-encoding", None)]))
+            .put(&k, entry(40, &[("accept-encoding", None)]), 0)
             .unwrap();
-        assert_eq!(store.get(&k).unwrap().len(), 2, "capped at max_variants");
+        assert_eq!(
+            store.get(&k).unwrap().variants.len(),
+            2,
+            "capped at max_variants"
+        );
         // A different set of Vary fields replaces every old variant.
         store
-            .put(&k, entry(50, &[("accept-language", Some("en"))]))
+            .put(&k, entry(50, &[("accept-language", Some("en"))]), 0)
             .unwrap();
-        assert_eq!(store.get(&k).unwrap().len(), 1);
+        assert_eq!(store.get(&k).unwrap().variants.len(), 1);
         assert_eq!(store.remove(&k).unwrap(), 1);
         assert_eq!(store.usage(), (0, 0));
     }

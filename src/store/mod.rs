@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::http::Headers;
+use crate::invalidate::{Job, Outcome, Progress};
 use crate::key::CacheKey;
 use crate::policy::VarySnapshot;
 
@@ -89,14 +90,41 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// What a lookup found, and the invalidation generation it saw (a fill started from
+/// this lookup passes it back to `put`).
+#[derive(Debug, Clone, Default)]
+pub struct Lookup {
+    pub variants: Vec<Arc<Entry>>,
+    pub generation: u64,
+}
+
 pub trait Store: Send + Sync {
     /// Short name for logs and metrics ("memory", "redis").
     fn name(&self) -> &'static str;
-    /// Every stored variant of `key` (empty when none).
-    fn get(&self, key: &CacheKey) -> Result<Vec<Arc<Entry>>, StoreError>;
+    /// Every stored variant of `key` (empty when none), and the current generation.
+    fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
     /// Stores `entry` as a variant of `key`, replacing the variant it matches, and every
     /// variant stored under a different set of Vary fields (the origin changed its Vary).
-    fn put(&self, key: &CacheKey, entry: Arc<Entry>) -> Result<(), StoreError>;
+    /// `since` is the generation the fill started at: if an invalidation since then
+    /// names the entry, it is not stored (false), so nothing is resurrected.
+    fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError>;
     /// Removes every variant of `key`; returns how many were removed.
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError>;
+    /// Runs one invalidation job: bans what it names (unless a dry run), then finds the
+    /// matching entries and deletes them, marks them stale, or lists them for refresh.
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError>;
+}
+
+/// The entries of `variants` marked stale: same response, no freshness left, so the next
+/// use revalidates with the origin.
+pub fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
+    variants
+        .iter()
+        .map(|e| {
+            Arc::new(Entry {
+                freshness: Duration::ZERO,
+                ..Entry::clone(e)
+            })
+        })
+        .collect()
 }

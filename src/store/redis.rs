@@ -24,13 +24,39 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
 
-use super::{codec, Entry, Store, StoreError};
+use super::{codec, Entry, Lookup, Store, StoreError};
 use crate::config::RedisConfig;
+use crate::invalidate::{Job, Matcher, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
 use crate::policy;
 
 /// Every key Echo writes starts with this: namespaced, and versioned with the codec.
 pub const KEY_PREFIX: &str = "echo:v1:";
+/// Entry keys: the prefix, then the readable cache key.
+const ENTRY_PREFIX: &str = "echo:v1:http";
+/// The invalidation generation: incremented by every invalidation.
+const GENERATION_KEY: &str = "echo:v1:generation";
+/// Recent invalidations, scored by the time they expire (see `invalidate::Bans`).
+const BANS_KEY: &str = "echo:v1:bans";
+/// Tag index: one set of entry keys per `Surrogate-Key` tag.
+const TAG_PREFIX: &str = "echo:v1:tag:";
+/// Keys deleted or rewritten per round trip.
+const BATCH: usize = 500;
+
+/// Stores an entry only if no invalidation happened since the fill began; indexes its
+/// tags in the same step. KEYS: entry, generation, tag sets. ARGV: the generation the
+/// fill saw, the value, the TTL in ms. Returns -1 when stored, else the generation now.
+const STORE_SCRIPT: &str = r#"
+local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
+if generation ~= tonumber(ARGV[1]) then return generation end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3], 'NX')
+  redis.call('PEXPIRE', KEYS[i], ARGV[3], 'GT')
+end
+return -1
+"#;
 
 /// The Redis key for a cache key.
 pub fn redis_key(key: &CacheKey) -> String {
@@ -170,6 +196,15 @@ impl Endpoint {
 
     /// Runs `command` on a pooled connection, through the breaker.
     fn run<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        self.with_conn(|conn| command.query::<T>(conn))
+    }
+
+    /// Runs `work` on one pooled connection (commands that must share a connection,
+    /// like writes and the WAIT for them), through the breaker.
+    fn with_conn<T>(
+        &self,
+        work: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
         if !self.breaker.allow() {
             return Err(StoreError::Unavailable(format!(
                 "redis {} {} skipped (circuit open)",
@@ -177,7 +212,7 @@ impl Endpoint {
             )));
         }
         let result = match self.pool.get() {
-            Ok(mut conn) => command.query::<T>(&mut *conn).map_err(|e| {
+            Ok(mut conn) => work(&mut conn).map_err(|e| {
                 let endpoint_failed = e.is_io_error()
                     || e.is_timeout()
                     || e.is_connection_dropped()
@@ -215,10 +250,20 @@ pub struct RedisStore {
     next_replica: AtomicUsize,
     ttl_margin: Duration,
     max_variants: usize,
+    store_script: redis::Script,
+    ban_ttl: Duration,
+    wait_replicas: u64,
+    wait_timeout: Duration,
+    scan_count: usize,
 }
 
 impl RedisStore {
-    pub fn new(cfg: &RedisConfig, max_variants: usize) -> Result<RedisStore, StoreError> {
+    /// `ban_ttl`: how long an invalidation is remembered against fills that began before it.
+    pub fn new(
+        cfg: &RedisConfig,
+        max_variants: usize,
+        ban_ttl: Duration,
+    ) -> Result<RedisStore, StoreError> {
         let master = Endpoint::new(&cfg.master, "master", cfg)?;
         let replicas = cfg
             .replicas
@@ -231,23 +276,26 @@ impl RedisStore {
             next_replica: AtomicUsize::new(0),
             ttl_margin: cfg.ttl_margin,
             max_variants: max_variants.max(1),
+            store_script: redis::Script::new(STORE_SCRIPT),
+            ban_ttl,
+            wait_replicas: cfg.wait_replicas.unwrap_or(cfg.replicas.len() as u64),
+            wait_timeout: cfg.wait_timeout,
+            scan_count: cfg.scan_count,
         })
     }
 
-    /// GETs a key from the replicas in turn, then from the master.
-    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut command = redis::cmd("GET");
-        command.arg(key);
+    /// Runs a read on the replicas in turn, then on the master.
+    fn read<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
         let n = self.replicas.len();
         let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
         for i in 0..n {
-            match self.replicas[(start + i) % n].run(&command) {
+            match self.replicas[(start + i) % n].run(command) {
                 Ok(v) => return Ok(v),
                 Err(e) => last_error = Some(e),
             }
         }
-        match self.master.run(&command) {
+        match self.master.run(command) {
             Ok(v) => Ok(v),
             Err(e) => Err(last_error.map_or(e.clone(), |r| {
                 StoreError::Unavailable(format!("{e}; and {r}"))
@@ -255,6 +303,138 @@ impl RedisStore {
         }
     }
 
+    /// Would an invalidation recorded after generation `since` refuse this entry?
+    fn banned_since(&self, since: u64, key: &str, tags: &[String]) -> Result<bool, StoreError> {
+        let mut range = redis::cmd("ZRANGEBYSCORE");
+        range.arg(BANS_KEY).arg(now_millis()).arg("+inf");
+        let bans: Vec<String> = self.master.run(&range)?;
+        for ban in bans {
+            let Ok(ban) = serde_json::from_str::<Ban>(&ban) else {
+                continue;
+            };
+            if ban.generation <= since {
+                continue;
+            }
+            let matcher = Matcher::new(
+                ban.pattern.as_deref(),
+                ban.host.as_deref(),
+                ban.tag.as_deref(),
+            );
+            // A ban Echo cannot read back is taken to name everything: refuse.
+            if matcher.is_err() || matcher.is_ok_and(|m| m.matches_key(key) && m.matches_tags(tags))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Records a ban (and a new generation) before a job touches any entry.
+    fn ban(&self, matcher: &Matcher) -> Result<u64, StoreError> {
+        let generation: u64 = self.master.run(redis::cmd("INCR").arg(GENERATION_KEY))?;
+        let expires = now_millis() + millis(self.ban_ttl);
+        let member = serde_json::to_string(&Ban {
+            generation,
+            pattern: matcher.pattern().map(str::to_string),
+            host: matcher.host().map(str::to_string),
+            tag: matcher.tag().map(str::to_string),
+        })
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZADD")
+            .arg(BANS_KEY)
+            .arg(expires)
+            .arg(member)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(BANS_KEY)
+            .arg("-inf")
+            .arg(now_millis())
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(BANS_KEY)
+            .arg(millis(self.ban_ttl))
+            .ignore();
+        self.master.with_conn(|c| pipe.query::<()>(c))?;
+        Ok(generation)
+    }
+
+    /// The SCAN glob for a matcher: the literal prefix of the pattern narrows it.
+    fn scan_glob(matcher: &Matcher) -> String {
+        let host = matcher.host().map_or("*".to_string(), glob_escape);
+        let prefix = matcher.prefix().map(glob_escape).unwrap_or_default();
+        format!("{ENTRY_PREFIX}://{host}{prefix}*")
+    }
+
+    /// Applies a job's mode to one batch of matching Redis keys, on the job's connection.
+    fn apply(
+        &self,
+        conn: &mut redis::Connection,
+        job: &Job,
+        keys: &[String],
+    ) -> redis::RedisResult<u64> {
+        match job.mode {
+            Mode::Delete => redis::cmd("UNLINK").arg(keys).query(conn),
+            Mode::Stale => {
+                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query(conn)?;
+                let mut pipe = redis::pipe();
+                let mut marked = 0;
+                for (key, value) in keys.iter().zip(values) {
+                    let Some(variants) = value.and_then(|v| codec::decode(&v).ok()) else {
+                        continue;
+                    };
+                    let stale = super::mark_stale(&variants);
+                    // KEEPTTL: a stale entry lives as long as it would have; XX: never
+                    // recreate one deleted meanwhile.
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(codec::encode(&stale))
+                        .arg("KEEPTTL")
+                        .arg("XX")
+                        .ignore();
+                    marked += 1;
+                }
+                pipe.query::<()>(conn)?;
+                Ok(marked)
+            }
+            Mode::Refresh => Ok(0),
+        }
+    }
+}
+
+/// A ban as kept in Redis.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Ban {
+    #[serde(rename = "g")]
+    generation: u64,
+    #[serde(rename = "p", skip_serializing_if = "Option::is_none")]
+    pattern: Option<String>,
+    #[serde(rename = "h", skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(rename = "t", skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+/// Escapes Redis glob characters so a literal matches itself.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl RedisStore {
     /// How long Redis keeps a key's variants: the freshest remaining lifetime plus the
     /// margin, at least one second.
     fn ttl(&self, variants: &[Arc<Entry>], now: SystemTime) -> Duration {
@@ -275,16 +455,28 @@ impl Store for RedisStore {
         "redis"
     }
 
-    fn get(&self, key: &CacheKey) -> Result<Vec<Arc<Entry>>, StoreError> {
-        match self.read(&redis_key(key))? {
-            None => Ok(Vec::new()),
+    /// One round trip: the entry and the generation together.
+    fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(redis_key(key)).arg(GENERATION_KEY);
+        let (value, generation): (Option<Vec<u8>>, Option<u64>) = self.read(&mget)?;
+        Ok(Lookup {
             // A value Echo cannot decode (another version, a hand-made key) is a miss.
-            Some(bytes) => Ok(codec::decode(&bytes).unwrap_or_default()),
-        }
+            variants: value
+                .and_then(|v| codec::decode(&v).ok())
+                .unwrap_or_default(),
+            generation: generation.unwrap_or(0),
+        })
     }
 
-    fn put(&self, key: &CacheKey, entry: Arc<Entry>) -> Result<(), StoreError> {
+    fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
         let rkey = redis_key(key);
+        let tags: Vec<String> = entry
+            .tags
+            .iter()
+            .map(|t| format!("{TAG_PREFIX}{t}"))
+            .collect();
+        let entry_tags = entry.tags.clone();
         let mut variants = Vec::new();
         // Only a response that varies shares its key with other variants; they are read
         // back from the master and merged (a concurrent fill elsewhere may win the write,
@@ -299,17 +491,115 @@ impl Store for RedisStore {
         }
         variants.push(entry);
         let ttl = self.ttl(&variants, SystemTime::now());
-        let mut set = redis::cmd("SET");
-        set.arg(&rkey)
-            .arg(codec::encode(&variants))
-            .arg("PX")
-            .arg(millis(ttl));
-        self.master.run::<()>(&set)
+        let value = codec::encode(&variants);
+        let mut since = since;
+        // Invalidations since the fill began may not name this entry; each round checks
+        // the new ones and tries again (a few rounds at most, under heavy invalidation).
+        for _ in 0..3 {
+            let result: i64 = self.master.with_conn(|c| {
+                let mut invocation = self.store_script.prepare_invoke();
+                invocation.key(&rkey).key(GENERATION_KEY);
+                for tag in &tags {
+                    invocation.key(tag);
+                }
+                invocation.arg(since).arg(&value).arg(millis(ttl));
+                invocation.invoke(c)
+            })?;
+            if result < 0 {
+                return Ok(true);
+            }
+            if self.banned_since(since, key.as_str(), &entry_tags)? {
+                return Ok(false);
+            }
+            since = result as u64;
+        }
+        Ok(false)
     }
 
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
         let mut unlink = redis::cmd("UNLINK");
         unlink.arg(redis_key(key));
         self.master.run::<usize>(&unlink)
+    }
+
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
+        if !job.dry_run {
+            self.ban(&job.matcher)?;
+        }
+        let mut outcome = Outcome::default();
+        let matcher = &job.matcher;
+        // One connection for the whole job: the WAIT at the end covers every write on it.
+        self.master.with_conn(|conn| {
+            let mut cursor: u64 = 0;
+            let mut batch: Vec<String> = Vec::with_capacity(BATCH);
+            loop {
+                let (next, keys): (u64, Vec<String>) = match matcher.tag() {
+                    Some(tag) => redis::cmd("SSCAN")
+                        .arg(format!("{TAG_PREFIX}{tag}"))
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?,
+                    None => redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(Self::scan_glob(matcher))
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?,
+                };
+                progress
+                    .scanned
+                    .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                for rkey in keys {
+                    let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
+                        continue;
+                    };
+                    // The tag part is already satisfied by the tag set.
+                    if !matcher.matches_key(key) {
+                        continue;
+                    }
+                    outcome.matched += 1;
+                    progress.matched.fetch_add(1, Ordering::Relaxed);
+                    if outcome.sample.len() < SAMPLE {
+                        outcome.sample.push(key.to_string());
+                    }
+                    if job.dry_run {
+                        continue;
+                    }
+                    if job.mode == Mode::Refresh {
+                        outcome.to_refresh.push(key.to_string());
+                        continue;
+                    }
+                    batch.push(rkey);
+                    if batch.len() >= BATCH {
+                        let n = self.apply(conn, job, &batch)?;
+                        outcome.changed += n;
+                        progress.changed.fetch_add(n, Ordering::Relaxed);
+                        batch.clear();
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            if !batch.is_empty() {
+                let n = self.apply(conn, job, &batch)?;
+                outcome.changed += n;
+                progress.changed.fetch_add(n, Ordering::Relaxed);
+            }
+            // Read-your-invalidation: the call returns only when the replicas have the
+            // deletes (or the wait times out, which the answer reports).
+            if !job.dry_run && self.wait_replicas > 0 {
+                let acked: u64 = redis::cmd("WAIT")
+                    .arg(self.wait_replicas)
+                    .arg(millis(self.wait_timeout))
+                    .query(conn)?;
+                outcome.replicas = Some((acked, self.wait_replicas));
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
     }
 }
