@@ -503,6 +503,8 @@ fn run(
             None => continue,
         };
         report.scanned = q.progress.scanned.load(Ordering::Relaxed);
+        report.matched = q.progress.matched.load(Ordering::Relaxed);
+        report.changed = q.progress.changed.load(Ordering::Relaxed);
         match result {
             Ok(outcome) => {
                 report.state = State::Done;

@@ -1,12 +1,16 @@
-//! `echod`: parses argv, sets up logging, loads the config and runs Echo. Every error
-//! ends here as one line on stderr and exit code 2.
+//! `echod`: parses argv, sets up logging, loads the config and runs Echo, or makes one
+//! admin API call for `echod invalidate`. Every error ends here as one line on stderr
+//! and exit code 2; an admin call the API refused exits 1 with its answer on stderr.
 //!
-//! The command line is four flags, so it is parsed by hand rather than with a crate.
+//! The command line is a handful of flags and one subcommand, so it is parsed by hand
+//! rather than with a crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use echo::admin_client::{self, AdminCall, ClientError, InvalidateRequest};
 use echo::config::{Config, LogConfig};
+use echo::invalidate::Mode;
 
 const USAGE: &str = "\
 echod: an HTTP reverse proxy cache
@@ -14,15 +18,31 @@ echod: an HTTP reverse proxy cache
 usage:
   echod --config FILE                 run with FILE (default: etc/echo.toml)
   echod --check-config --config FILE  validate FILE and exit (0 ok, 2 error)
+  echod invalidate [--config FILE] (--pattern REGEX | --tag TAG) [--host HOST]
+        [--mode delete|refresh|stale] [--dry-run] [--async]
+                                      invalidate cached entries through the admin
+                                      API named in FILE (admin.listen, admin.token)
+  echod invalidate [--config FILE] --status ID
+                                      the report of invalidation job ID
   echod --version
   echod --help
+
+invalidate prints the API's JSON answer and exits 0 (200 done, 202 accepted:
+poll --status ID), 1 when the API refused (its answer on stderr), 2 on usage,
+config or connection errors.
 ";
 
 enum Command {
     Run(PathBuf),
     Check(PathBuf),
+    Admin(PathBuf, AdminCall),
     Version,
     Help,
+}
+
+/// The value after `flag`.
+fn value_of(args: &mut impl Iterator<Item = String>, flag: &str) -> Result<String, String> {
+    args.next().ok_or_else(|| format!("{flag} needs a value"))
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
@@ -40,6 +60,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
             "--check-config" => check = true,
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
+            "invalidate" if !check => return parse_invalidate(config, args),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
@@ -48,6 +69,64 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
     } else {
         Command::Run(config)
     })
+}
+
+/// The arguments after `invalidate`.
+fn parse_invalidate(
+    mut config: PathBuf,
+    mut args: impl Iterator<Item = String>,
+) -> Result<Command, String> {
+    let mut request = InvalidateRequest::default();
+    let mut status: Option<u64> = None;
+    // A flag given twice is refused: silently keeping one of two patterns could
+    // invalidate something the operator did not mean.
+    let once = |slot: &mut Option<String>, flag: &str, value: String| match slot {
+        Some(_) => Err(format!("invalidate: {flag} given twice")),
+        None => {
+            *slot = Some(value);
+            Ok(())
+        }
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => config = PathBuf::from(value_of(&mut args, "--config")?),
+            "--pattern" => once(&mut request.pattern, &arg, value_of(&mut args, &arg)?)?,
+            "--tag" => once(&mut request.tag, &arg, value_of(&mut args, &arg)?)?,
+            "--host" => once(&mut request.host, &arg, value_of(&mut args, &arg)?)?,
+            "--mode" => {
+                let mode = value_of(&mut args, "--mode")?;
+                request.mode = Some(Mode::parse(&mode).ok_or_else(|| {
+                    format!("invalidate: unknown --mode {mode:?}: use delete, refresh or stale")
+                })?);
+            }
+            "--dry-run" => request.dry_run = true,
+            "--async" => request.asynchronous = true,
+            "--status" if status.is_some() => return Err("invalidate: --status given twice".into()),
+            "--status" => {
+                let id = value_of(&mut args, "--status")?;
+                status = Some(id.parse().map_err(|_| {
+                    format!("invalidate: --status needs a job id (a number), got {id:?}")
+                })?);
+            }
+            "--help" | "-h" => return Ok(Command::Help),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?} to invalidate (see --help)"
+                ))
+            }
+        }
+    }
+    let call = match status {
+        Some(_) if request != InvalidateRequest::default() => {
+            return Err("invalidate: --status takes no other option but --config".into())
+        }
+        Some(id) => AdminCall::Status(id),
+        None if request.pattern.is_none() && request.tag.is_none() => {
+            return Err("invalidate needs --pattern, --tag or --status (see --help)".into())
+        }
+        None => AdminCall::Invalidate(request),
+    };
+    Ok(Command::Admin(config, call))
 }
 
 fn init_logging(cfg: &LogConfig) -> Result<(), String> {
@@ -75,7 +154,33 @@ fn init_logging(cfg: &LogConfig) -> Result<(), String> {
     .map_err(|e| format!("cannot set up logging: {e}"))
 }
 
-fn run() -> Result<(), String> {
+/// Makes one admin API call and prints its answer: JSON on stdout when it succeeded,
+/// the status and the answer on stderr (exit 1) when the API refused.
+fn admin(path: &Path, call: &AdminCall) -> Result<ExitCode, String> {
+    let cfg = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let answer = admin_client::call(&cfg, call).map_err(|e| match e {
+        ClientError::NoAdmin => format!("{}: {e}", path.display()),
+        e => e.to_string(),
+    })?;
+    if answer.is_success() {
+        println!("{}", answer.pretty());
+        if let Some(warning) = answer.warning() {
+            eprintln!("echod: warning: {warning}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let refused = format!(
+        "echod: {} answered {} {}",
+        call.describe(),
+        answer.status,
+        answer.reason
+    );
+    eprintln!("{}", refused.trim_end());
+    eprintln!("{}", answer.pretty());
+    Ok(ExitCode::from(1))
+}
+
+fn run() -> Result<ExitCode, String> {
     match parse_args(std::env::args())? {
         Command::Help => print!("{USAGE}"),
         Command::Version => println!("echod {}", env!("CARGO_PKG_VERSION")),
@@ -83,6 +188,7 @@ fn run() -> Result<(), String> {
             Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             println!("{}: ok", path.display());
         }
+        Command::Admin(path, call) => return admin(&path, &call),
         Command::Run(path) => {
             let cfg = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             init_logging(&cfg.log)?;
@@ -96,12 +202,12 @@ fn run() -> Result<(), String> {
             echo.proxy.join();
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     match run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(message) => {
             eprintln!("echod: {message}");
             ExitCode::from(2)

@@ -1,5 +1,7 @@
 //! The caching proxy: for each request, look the key up, serve what RFC 9111 allows,
 //! otherwise forward to the origin, stream the answer back, and store it when allowed.
+//! A stale stored response with validators is revalidated: the origin request is
+//! conditional, and a 304 freshens the stored response and answers from it.
 //!
 //! Invariants: a store error is a miss, never a failed request; a response is stored
 //! only when the policy allows it, it is complete, and it fits `cache.max_object_bytes`;
@@ -212,15 +214,17 @@ impl Proxy {
             }
         };
         let now = SystemTime::now();
-        let forward = match variants
+        let selected = variants
             .iter()
-            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers))
-        {
+            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers));
+        let forward = match selected {
             Some(entry) => {
                 let age = policy::current_age(entry.initial_age, entry.response_time, now);
                 if policy::is_fresh(entry.freshness, age) {
                     debug!("HIT {key}");
-                    return serve_stored(ex, entry, age, CacheStatus::Hit, None);
+                    let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
+                    let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}");
+                    return serve_stored(ex, entry, age, CacheStatus::Hit, cache_status);
                 }
                 Forward::Stale
             }
@@ -232,16 +236,40 @@ impl Proxy {
             generation,
             started,
         };
-        self.fill(ex, &key, forward, since);
+        // Only a stale selected response is revalidated; a miss has nothing to validate.
+        let stale = selected.filter(|_| forward == Forward::Stale);
+        self.fill(ex, &key, forward, since, stale.map(|e| &**e));
     }
 
     /// Fetches a GET (HEAD is converted: one stored GET answers both) and stores it
-    /// when the policy allows, while streaming it to the client.
-    fn fill(&self, ex: &mut Exchange<'_>, key: &CacheKey, forward: Forward, since: Since) {
+    /// when the policy allows, while streaming it to the client. With the `stale`
+    /// response the request selected, the fetch is conditional on its validators and a
+    /// 304 freshens it (RFC 9111 §4.3).
+    fn fill(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        forward: Forward,
+        since: Since,
+        stale: Option<&Entry>,
+    ) {
         let mut headers = forward_headers(&ex.req, &self.origin.authority);
         // The stored response must be complete: the client's own validators are
         // answered from the store below, not passed to the origin.
         headers.retain(|(n, _)| !matches!(n.as_str(), "if-none-match" | "if-modified-since"));
+        // RFC 9111 §4.3: "When a cache has one or more stored responses for a requested URI,
+        // but cannot serve any of them (e.g., because they are not fresh ...), it can use the
+        // conditional request mechanism ... in the forwarded request to give the next inbound
+        // server an opportunity to choose a valid stored response to use, updating the stored
+        // metadata in the process, or to replace the stored response(s) with a new response."
+        // Echo does whenever the stale response has a validator (an operator's "stale" mark
+        // included). The request keeps the client's fields, Vary's among them: RFC 9111
+        // §4.3.1: the cache "starts with a request it is attempting to satisfy".
+        let preconditions = stale
+            .map(|e| policy::validation_preconditions(&e.headers))
+            .unwrap_or_default();
+        let validating = stale.filter(|_| !preconditions.is_empty());
+        headers.extend(preconditions);
         let request_time = SystemTime::now();
         let result = self.origin.send(OriginRequest {
             method: "GET",
@@ -254,6 +282,28 @@ impl Proxy {
             Err(e) => return self.origin_failed(ex, &e, forward),
         };
         let response_time = SystemTime::now();
+        if let Some(stored) = validating.filter(|_| response.status == 304) {
+            // RFC 9111 §4.3.3: "A 304 (Not Modified) response status code indicates that
+            // the stored response can be updated and reused; see Section 4.3.4." Any other
+            // status goes on below like any fill: "A full response (i.e., one containing
+            // content) indicates that none of the stored responses nominated in the
+            // conditional request are suitable. Instead, the cache MUST use the full response
+            // to satisfy the request. The cache MAY store such a full response"; and of a 5xx,
+            // the cache "can either forward this response to the requesting client or act as
+            // if the server failed to respond" (Echo forwards it).
+            let base = response_headers(&response.headers, response_time);
+            drop(response);
+            if policy::freshens(&stored.headers, &base) {
+                let times = (request_time, response_time);
+                return self.freshen(ex, key, since, stored, &base, times);
+            }
+            // RFC 9111 §4.3.4: "If none of the initial set contains at least one of the same
+            // strong validators, then the cache MUST NOT use the new response to update any
+            // stored responses." Nor can it answer a client that asked unconditionally:
+            // fetch the whole response instead.
+            debug!("304 for {key} names another representation; fetching it whole");
+            return self.fill(ex, key, forward, since, None);
+        }
         let storability = policy::storability(
             "GET",
             &ex.req.headers,
@@ -286,23 +336,81 @@ impl Proxy {
         self.stream_body(ex, response, &base, forward, reason, fill);
     }
 
+    /// Answers from the `stored` response freshened by a 304 (`not_modified`, its fields as
+    /// Echo keeps them), and stores the freshened entry when it may still be stored.
+    fn freshen(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        since: Since,
+        stored: &Entry,
+        not_modified: &Headers,
+        (request_time, response_time): (SystemTime, SystemTime),
+    ) {
+        // RFC 9111 §4.3.4: "For each stored response identified, the cache MUST update its
+        // header fields with the header fields provided in the 304 (Not Modified) response,
+        // as per Section 3.2." The content stays the stored one.
+        let headers = policy::update_stored_headers(&stored.headers, not_modified);
+        // The freshened response's lifetime and storability follow its updated fields (a
+        // 304 can bring a new Cache-Control or Expires); its age starts again from the
+        // 304's Age and Date and this exchange's request and response times (RFC 9111
+        // §4.2.3, in `new_entry`).
+        let storability = policy::storability(
+            "GET",
+            &ex.req.headers,
+            stored.status,
+            &headers,
+            response_time,
+            &self.policy,
+        );
+        let (freshness, not_stored) = match storability {
+            Storability::Store { freshness, .. } => (freshness, None),
+            Storability::DoNotStore(why) => (Duration::ZERO, Some(why.as_str())),
+        };
+        let mut entry = new_entry(
+            &ex.req.headers,
+            &headers,
+            stored.status,
+            freshness,
+            request_time,
+            response_time,
+        );
+        entry.body = stored.body.clone();
+        let entry = Arc::new(entry);
+        // Stored through the same generation check as a fill, before the client is answered
+        // (so its next request finds it): after an invalidation since the lookup, this
+        // client still gets the freshened response, but it is not stored.
+        let stored_now = not_stored.is_none() && self.store_entry(key, since, Arc::clone(&entry));
+        let outcome = match (stored_now, not_stored) {
+            (true, _) => "; stored".to_string(),
+            (false, Some(why)) => format!("; detail={why}"),
+            (false, None) => String::new(),
+        };
+        debug!("REVALIDATED {key}{outcome}");
+        let cache_status = format!(
+            "{CACHE_NAME}; {}; fwd-status=304{outcome}",
+            Forward::Stale.cache_status_params()
+        );
+        let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
+        serve_stored(ex, &entry, age, CacheStatus::Revalidated, cache_status);
+    }
+
     /// Stores a filled entry; a store error is logged and costs only a later miss.
     /// Returns whether it was stored.
     fn store(&self, fill: Fill<'_>) -> bool {
-        if fill.since.started.elapsed() > self.ban_ttl {
-            debug!(
-                "not storing {}: the fill outlasted invalidation.ban_ttl",
-                fill.key
-            );
+        self.store_entry(fill.key, fill.since, Arc::new(fill.entry))
+    }
+
+    /// [`Proxy::store`] for an entry already shared (a freshened one, also being served).
+    fn store_entry(&self, key: &CacheKey, since: Since, entry: Arc<Entry>) -> bool {
+        if since.started.elapsed() > self.ban_ttl {
+            debug!("not storing {key}: the fill outlasted invalidation.ban_ttl");
             return false;
         }
-        match self
-            .store
-            .put(fill.key, Arc::new(fill.entry), fill.since.generation)
-        {
+        match self.store.put(key, entry, since.generation) {
             Ok(stored) => {
                 if !stored {
-                    debug!("not storing {}: invalidated while it was fetched", fill.key);
+                    debug!("not storing {key}: invalidated while it was fetched");
                 }
                 stored
             }
@@ -613,17 +721,14 @@ impl Refresher for Proxy {
 }
 
 /// Answers from a stored entry: 304 when the client's validators match (RFC 9111
-/// §4.3.2), the whole response otherwise.
+/// §4.3.2), the whole response otherwise. `cache_status` is the `Cache-Status` member.
 fn serve_stored(
     ex: &mut Exchange<'_>,
     entry: &Entry,
     age: Duration,
     status: CacheStatus,
-    detail: Option<&str>,
+    cache_status: String,
 ) {
-    let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
-    let detail = detail.map(|d| format!("; detail={d}")).unwrap_or_default();
-    let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}{detail}");
     if entry.status == 200 && not_modified(&ex.req, &entry.headers) {
         // RFC 9110 §15.4.5: a 304 carries the fields a 200 would have that describe
         // the representation's caching and validation, and no content.

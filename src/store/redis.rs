@@ -254,6 +254,7 @@ pub struct RedisStore {
     ban_ttl: Duration,
     wait_replicas: u64,
     wait_timeout: Duration,
+    read_timeout: Duration,
     scan_count: usize,
 }
 
@@ -280,6 +281,7 @@ impl RedisStore {
             ban_ttl,
             wait_replicas: cfg.wait_replicas.unwrap_or(cfg.replicas.len() as u64),
             wait_timeout: cfg.wait_timeout,
+            read_timeout: cfg.read_timeout,
             scan_count: cfg.scan_count,
         })
     }
@@ -592,11 +594,15 @@ impl Store for RedisStore {
             // Read-your-invalidation: the call returns only when the replicas have the
             // deletes (or the wait times out, which the answer reports).
             if !job.dry_run && self.wait_replicas > 0 {
-                let acked: u64 = redis::cmd("WAIT")
+                // WAIT itself blocks for up to wait_timeout: the connection's read
+                // timeout must outlast it, then go back to what every call gets.
+                conn.set_read_timeout(Some(self.wait_timeout + self.read_timeout))?;
+                let acked: redis::RedisResult<u64> = redis::cmd("WAIT")
                     .arg(self.wait_replicas)
                     .arg(millis(self.wait_timeout))
-                    .query(conn)?;
-                outcome.replicas = Some((acked, self.wait_replicas));
+                    .query(conn);
+                conn.set_read_timeout(Some(self.read_timeout))?;
+                outcome.replicas = Some((acked?, self.wait_replicas));
             }
             Ok(())
         })?;

@@ -1,10 +1,13 @@
 //! Caching by RFC 9111 for a shared cache: what is stored, for how long, which variant
-//! answers which request, Age, HEAD, validators, and invalidation by unsafe methods.
+//! answers which request, Age, HEAD, validators, revalidation of stale entries, and
+//! invalidation by unsafe methods.
 //! Every test counts origin hits: a hit is a request the origin did not see.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::client::{self, RawClient};
+use crate::support::client::{self, RawClient, RawResponse};
 use crate::support::echo::{config, EchoUnderTest};
 use crate::support::{wait_until, OriginResponse, TestOrigin};
 
@@ -483,5 +486,374 @@ fn range_requests_bypass_the_cache() {
     assert_eq!(
         client::get(echo.addr, "/r", &[]).header("x-cache-status"),
         Some("HIT")
+    );
+}
+
+// Revalidation (RFC 9111 §4.3): a stale stored response with validators is checked with
+// a conditional request; a 304 freshens it and the client is answered from it.
+
+/// Sends `request` until its answer is not a hit (the stored response went stale and this
+/// request went to the origin) and returns that answer.
+fn first_after_stale(what: &str, mut request: impl FnMut() -> RawResponse) -> RawResponse {
+    let mut answer = None;
+    wait_until(
+        &format!("{what} goes stale"),
+        Duration::from_secs(10),
+        || {
+            let resp = request();
+            let hit = resp.header("x-cache-status") == Some("HIT");
+            if !hit {
+                answer = Some(resp);
+            }
+            !hit
+        },
+    );
+    answer.expect("the answer that was not a hit")
+}
+
+/// An origin whose resource `version` the test can bump: the 200 names it in its body and
+/// ETag (version 1 with `max-age=1`, so it goes stale quickly; later ones `max-age=60`); a
+/// request whose If-None-Match names the current version gets a 304 with `not_modified`
+/// fields.
+fn versioned_origin(
+    version: Arc<AtomicU64>,
+    not_modified: &'static [(&'static str, &'static str)],
+) -> TestOrigin {
+    TestOrigin::start(move |req| {
+        let v = version.load(Ordering::SeqCst);
+        let etag = format!("\"v{v}\"");
+        if req.header("if-none-match") == Some(etag.as_str()) {
+            return not_modified.iter().fold(
+                OriginResponse::status(304).header("ETag", &etag),
+                |r, (n, val)| r.header(n, val),
+            );
+        }
+        let max_age = if v == 1 { 1 } else { 60 };
+        OriginResponse::ok(format!("version {v}"))
+            .header("ETag", &etag)
+            .header("Cache-Control", &format!("max-age={max_age}"))
+            .header("X-Version", &v.to_string())
+    })
+}
+
+#[test]
+fn a_stale_entry_with_an_etag_is_revalidated_by_a_304() {
+    let version = Arc::new(AtomicU64::new(1));
+    let origin = versioned_origin(Arc::clone(&version), &[("Cache-Control", "max-age=60")]);
+    let echo = EchoUnderTest::start(&origin.url());
+    let first = client::get(echo.addr, "/e", &[]);
+    assert_eq!(first.header("x-cache-status"), Some("MISS"));
+    let resp = first_after_stale("/e", || client::get(echo.addr, "/e", &[]));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body_str(), "version 1");
+    assert_eq!(resp.header("x-cache-status"), Some("REVALIDATED"));
+    assert_eq!(
+        resp.header("cache-status"),
+        Some("echo; fwd=stale; fwd-status=304; stored")
+    );
+    assert_eq!(resp.header("etag"), Some("\"v1\""));
+    assert_eq!(resp.header("age"), Some("0"), "the 304 made it new");
+    let requests = origin.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].header("if-none-match"), None);
+    assert_eq!(requests[1].method, "GET");
+    assert_eq!(requests[1].header("if-none-match"), Some("\"v1\""));
+    assert_eq!(requests[1].header("if-modified-since"), None);
+    // Freshened: the next request is a hit, and the origin sees nothing.
+    let next = client::get(echo.addr, "/e", &[]);
+    assert_eq!(
+        (next.header("x-cache-status"), next.body_str().as_str()),
+        (Some("HIT"), "version 1")
+    );
+    assert_eq!(origin.hits("/e"), 2);
+}
+
+#[test]
+fn a_stale_entry_with_only_last_modified_is_revalidated_with_if_modified_since() {
+    const LAST_MODIFIED: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
+    let origin = TestOrigin::start(|req| {
+        if req.header("if-modified-since") == Some(LAST_MODIFIED) {
+            return OriginResponse::status(304).header("Cache-Control", "max-age=60");
+        }
+        OriginResponse::ok("dated")
+            .header("Last-Modified", LAST_MODIFIED)
+            .header("Cache-Control", "max-age=1")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    assert_eq!(
+        client::get(echo.addr, "/d", &[]).header("x-cache-status"),
+        Some("MISS")
+    );
+    let resp = first_after_stale("/d", || client::get(echo.addr, "/d", &[]));
+    assert_eq!(
+        (
+            resp.status,
+            resp.header("x-cache-status"),
+            resp.body_str().as_str()
+        ),
+        (200, Some("REVALIDATED"), "dated")
+    );
+    assert_eq!(resp.header("last-modified"), Some(LAST_MODIFIED));
+    let revalidation = origin.last_request().expect("a revalidation request");
+    assert_eq!(
+        revalidation.header("if-modified-since"),
+        Some(LAST_MODIFIED)
+    );
+    assert_eq!(revalidation.header("if-none-match"), None);
+    assert_eq!(
+        client::get(echo.addr, "/d", &[]).header("x-cache-status"),
+        Some("HIT")
+    );
+    assert_eq!(origin.hits("/d"), 2);
+}
+
+#[test]
+fn a_changed_resource_answers_the_revalidation_with_its_new_content() {
+    let version = Arc::new(AtomicU64::new(1));
+    let origin = versioned_origin(Arc::clone(&version), &[]);
+    let echo = EchoUnderTest::start(&origin.url());
+    assert_eq!(client::get(echo.addr, "/n", &[]).body_str(), "version 1");
+    version.store(2, Ordering::SeqCst);
+    let resp = first_after_stale("/n", || client::get(echo.addr, "/n", &[]));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body_str(), "version 2");
+    assert_eq!(resp.header("x-cache-status"), Some("MISS"));
+    assert_eq!(
+        resp.header("cache-status"),
+        Some("echo; fwd=stale; fwd-status=200; stored")
+    );
+    assert_eq!(
+        origin
+            .last_request()
+            .and_then(|r| r.header("if-none-match").map(str::to_string)),
+        Some("\"v1\"".to_string())
+    );
+    // The new response replaced the old one.
+    let next = client::get(echo.addr, "/n", &[]);
+    assert_eq!(
+        (next.header("x-cache-status"), next.body_str().as_str()),
+        (Some("HIT"), "version 2")
+    );
+    assert_eq!(origin.hits("/n"), 2);
+}
+
+#[test]
+fn fields_of_the_304_update_the_stored_response() {
+    let version = Arc::new(AtomicU64::new(1));
+    // A longer lifetime and a new field value; the (wrong) Content-Length of a 304 is
+    // never taken: the stored content is what it describes.
+    let origin = versioned_origin(
+        Arc::clone(&version),
+        &[
+            ("Cache-Control", "max-age=60"),
+            ("X-Version", "2"),
+            ("Content-Length", "0"),
+        ],
+    );
+    let echo = EchoUnderTest::start(&origin.url());
+    assert_eq!(
+        client::get(echo.addr, "/u", &[]).header("x-version"),
+        Some("1")
+    );
+    let resp = first_after_stale("/u", || client::get(echo.addr, "/u", &[]));
+    assert_eq!(resp.header("x-cache-status"), Some("REVALIDATED"));
+    assert_eq!(resp.header_all("x-version"), vec!["2"]);
+    assert_eq!(resp.header_all("cache-control"), vec!["max-age=60"]);
+    assert_eq!(resp.body_str(), "version 1");
+    assert_eq!(resp.header("content-length"), Some("9"));
+    let hit = client::get(echo.addr, "/u", &[]);
+    assert_eq!(hit.header("x-cache-status"), Some("HIT"));
+    assert_eq!(hit.header_all("x-version"), vec!["2"]);
+    assert_eq!(hit.body_str(), "version 1");
+    // Fresh for the 304's 60 seconds, not the stored response's one.
+    let ttl: i64 = hit
+        .header("cache-status")
+        .and_then(|s| s.rsplit("ttl=").next())
+        .and_then(|t| t.parse().ok())
+        .expect("a ttl");
+    assert!((58..=60).contains(&ttl), "ttl {ttl}");
+    let mut c = RawClient::connect(echo.addr);
+    c.send(b"HEAD /u HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    let head = c.read_response(true).expect("HEAD response");
+    assert_eq!(head.header("content-length"), Some("9"));
+    assert_eq!(origin.hits("/u"), 2);
+}
+
+#[test]
+fn a_stale_entry_without_validators_is_fetched_unconditionally() {
+    let origin = origin_with(&[("Cache-Control", "max-age=1")]);
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/p", &[]);
+    let resp = first_after_stale("/p", || client::get(echo.addr, "/p", &[]));
+    assert_eq!(resp.header("x-cache-status"), Some("MISS"));
+    assert_eq!(
+        resp.header("cache-status"),
+        Some("echo; fwd=stale; fwd-status=200; stored")
+    );
+    assert_eq!(resp.body_str(), "body of /p");
+    let refetch = origin.last_request().expect("a second request");
+    assert_eq!(refetch.header("if-none-match"), None);
+    assert_eq!(refetch.header("if-modified-since"), None);
+    assert_eq!(origin.hits("/p"), 2);
+}
+
+#[test]
+fn head_and_conditional_requests_revalidate_too() {
+    let version = Arc::new(AtomicU64::new(1));
+    let origin = versioned_origin(Arc::clone(&version), &[("Cache-Control", "max-age=60")]);
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/head", &[]);
+    client::get(echo.addr, "/cond", &[]);
+
+    // A HEAD revalidates with a conditional GET and gets the head of the stored response.
+    let mut c = RawClient::connect(echo.addr);
+    let head = first_after_stale("/head", || {
+        c.send(b"HEAD /head HTTP/1.1\r\nHost: test.local\r\n\r\n");
+        c.read_response(true).expect("HEAD response")
+    });
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("x-cache-status"), Some("REVALIDATED"));
+    assert_eq!(head.header("content-length"), Some("9"));
+    assert!(head.body.is_empty());
+    let revalidation = origin.last_request().expect("a revalidation");
+    assert_eq!(
+        (
+            revalidation.method.as_str(),
+            revalidation.header("if-none-match")
+        ),
+        ("GET", Some("\"v1\""))
+    );
+    let get = c.get("/head", &[]);
+    assert_eq!(
+        (get.header("x-cache-status"), get.body_str().as_str()),
+        (Some("HIT"), "version 1")
+    );
+
+    // The client's own validators are not sent on; they are answered from the freshened
+    // response.
+    let theirs = [("If-None-Match", "\"v0\", \"v1\"")];
+    let resp = first_after_stale("/cond", || client::get(echo.addr, "/cond", &theirs));
+    assert_eq!(resp.status, 304);
+    assert_eq!(resp.header("x-cache-status"), Some("REVALIDATED"));
+    assert!(resp.body.is_empty());
+    assert_eq!(
+        origin
+            .last_request()
+            .map(|r| r.header_all("if-none-match").join("|")),
+        Some("\"v1\"".to_string())
+    );
+    assert_eq!(origin.total_hits(), 4);
+}
+
+#[test]
+fn a_304_freshens_only_the_variant_it_validated() {
+    let origin = TestOrigin::start(|req| {
+        let enc = req.header("accept-encoding").unwrap_or("none").to_string();
+        let etag = format!("\"{enc}-1\"");
+        // Stored copies go stale after a second; a freshened one lasts a minute, so
+        // the checks after a revalidation do not race the clock.
+        let resp = if req.header("if-none-match") == Some(etag.as_str()) {
+            OriginResponse::status(304).header("Cache-Control", "max-age=60")
+        } else {
+            OriginResponse::ok(format!("encoded as {enc}")).header("Cache-Control", "max-age=1")
+        };
+        resp.header("ETag", &etag).header("Vary", "Accept-Encoding")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    let gzip = [("Accept-Encoding", "gzip")];
+    let br = [("Accept-Encoding", "br")];
+    client::get(echo.addr, "/v", &gzip);
+    client::get(echo.addr, "/v", &br);
+    for (fields, body) in [(&gzip, "encoded as gzip"), (&br, "encoded as br")] {
+        let resp = first_after_stale(body, || client::get(echo.addr, "/v", fields));
+        assert_eq!(
+            (resp.header("x-cache-status"), resp.body_str().as_str()),
+            (Some("REVALIDATED"), body)
+        );
+        let hit = client::get(echo.addr, "/v", fields);
+        assert_eq!(
+            (hit.header("x-cache-status"), hit.body_str().as_str()),
+            (Some("HIT"), body)
+        );
+    }
+    let requests = origin.requests();
+    let sent: Vec<(Option<&str>, Option<&str>)> = requests
+        .iter()
+        .map(|r| (r.header("accept-encoding"), r.header("if-none-match")))
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            (Some("gzip"), None),
+            (Some("br"), None),
+            (Some("gzip"), Some("\"gzip-1\"")),
+            (Some("br"), Some("\"br-1\"")),
+        ]
+    );
+}
+
+#[test]
+fn a_304_for_another_representation_is_not_used() {
+    // A 304 naming a strong validator the stored response does not have must not update
+    // it (RFC 9111 §4.3.4): Echo fetches the whole response instead.
+    let origin = TestOrigin::start(|req| {
+        if req.header("if-none-match").is_some() {
+            return OriginResponse::status(304).header("ETag", "\"other\"");
+        }
+        OriginResponse::ok("whole")
+            .header("ETag", "\"v1\"")
+            .header("Cache-Control", "max-age=1")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/o", &[]);
+    let resp = first_after_stale("/o", || client::get(echo.addr, "/o", &[]));
+    assert_eq!(
+        (
+            resp.status,
+            resp.header("x-cache-status"),
+            resp.body_str().as_str()
+        ),
+        (200, Some("MISS"), "whole")
+    );
+    let sent: Vec<Option<String>> = origin
+        .requests()
+        .iter()
+        .map(|r| r.header("if-none-match").map(str::to_string))
+        .collect();
+    assert_eq!(sent, vec![None, Some("\"v1\"".to_string()), None]);
+}
+
+#[test]
+fn a_304_that_forbids_storing_is_served_but_not_stored() {
+    let version = Arc::new(AtomicU64::new(1));
+    let origin = versioned_origin(Arc::clone(&version), &[("Cache-Control", "no-store")]);
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/ns", &[]);
+    let resp = first_after_stale("/ns", || client::get(echo.addr, "/ns", &[]));
+    assert_eq!(resp.header("x-cache-status"), Some("REVALIDATED"));
+    assert_eq!(
+        resp.header("cache-status"),
+        Some("echo; fwd=stale; fwd-status=304; detail=no-store")
+    );
+    assert_eq!(resp.body_str(), "version 1");
+    // Still stale in the store: the next request revalidates again.
+    let again = client::get(echo.addr, "/ns", &[]);
+    assert_eq!(again.header("x-cache-status"), Some("REVALIDATED"));
+    assert_eq!(origin.hits("/ns"), 3);
+}
+
+#[test]
+fn an_unreachable_origin_on_revalidation_is_a_502() {
+    let version = Arc::new(AtomicU64::new(1));
+    let origin = versioned_origin(Arc::clone(&version), &[]);
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/gone", &[]);
+    drop(origin);
+    let resp = first_after_stale("/gone", || client::get(echo.addr, "/gone", &[]));
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.header("x-cache-status"), Some("MISS"));
+    assert_eq!(
+        resp.header("cache-status"),
+        Some("echo; fwd=stale; detail=origin-connect")
     );
 }

@@ -1,6 +1,7 @@
 //! The `echod` binary as users run it: flags and exit codes, config errors that name
-//! the key and the line, a listen port already taken, and a request end to end through
-//! the real binaries (`demo-origin` behind `echod`).
+//! the key and the line, a listen port already taken, a request end to end through the
+//! real binaries (`demo-origin` behind `echod`), and `echod invalidate` against a running
+//! `echod`'s admin API.
 //!
 //! Every process is started through a guard that kills it on drop, and every wait for
 //! one is bounded, so a test that fails never leaves a process behind or hangs.
@@ -13,6 +14,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
+
+use serde_json::{json, Value};
 
 use crate::support::{free_port, wait_until, RawClient};
 
@@ -156,7 +159,16 @@ fn version_prints_the_version_and_exits_0() {
 fn help_prints_usage_and_exits_0() {
     let out = echod(&["--help"]);
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
-    for flag in ["--config", "--check-config", "--version", "--help"] {
+    for flag in [
+        "--config",
+        "--check-config",
+        "--version",
+        "--help",
+        "invalidate",
+        "--pattern",
+        "--tag",
+        "--status",
+    ] {
         assert!(
             out.stdout.contains(flag),
             "usage lacks {flag}: {}",
@@ -310,43 +322,99 @@ fn a_listen_port_already_taken_exits_2_with_a_message() {
     drop(taken);
 }
 
+/// `demo-origin` and `echod` started as processes from a temp config; both are killed
+/// when this drops (fields drop in order: echod, then the origin, then the directory).
+struct Binaries {
+    echod: ChildGuard,
+    origin: ChildGuard,
+    origin_addr: SocketAddr,
+    echo_addr: SocketAddr,
+    /// The config echod runs with.
+    config: PathBuf,
+    dir: TempDir,
+}
+
+impl Binaries {
+    /// Starts `demo-origin`, then `echod` in front of it with the memory store; with
+    /// `admin_token`, the admin API listens on a free port with that token.
+    fn start(label: &str, admin_token: Option<&str>) -> Binaries {
+        let dir = TempDir::new(label);
+        let origin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let origin_log = dir.0.join("demo-origin.log");
+        let mut origin = ChildGuard::spawn(
+            "demo-origin",
+            Command::new(DEMO_ORIGIN)
+                .args(["--listen", &origin_addr.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&origin_log).expect("log file")),
+            Some(origin_log),
+        );
+        origin.wait_listening(origin_addr);
+
+        let echo_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin = admin_token.map(|token| {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            (
+                addr,
+                format!("[admin]\nlisten = \"{addr}\"\ntoken = \"{token}\"\n"),
+            )
+        });
+        let config = dir.file(
+            "echo.toml",
+            &format!(
+                "[server]\nlisten = \"{echo_addr}\"\nworkers = 4\n{}\
+                 [origin]\nurl = \"http://{origin_addr}\"\n[log]\nlevel = \"info\"\n",
+                admin.as_ref().map_or("", |(_, section)| section.as_str())
+            ),
+        );
+        let echo_log = dir.0.join("echod.log");
+        let mut echod = ChildGuard::spawn(
+            "echod",
+            Command::new(ECHOD)
+                .args(["--config", path_str(&config)])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&echo_log).expect("log file")),
+            Some(echo_log),
+        );
+        echod.wait_listening(echo_addr);
+        if let Some((admin_addr, _)) = admin {
+            echod.wait_listening(admin_addr);
+        }
+        Binaries {
+            echod,
+            origin,
+            origin_addr,
+            echo_addr,
+            config,
+            dir,
+        }
+    }
+
+    /// `X-Cache-Status` of a GET of `target` through echod.
+    fn cache_status(&self, target: &str) -> String {
+        let response = RawClient::connect(self.echo_addr).get(target, &[]);
+        assert_eq!(
+            response.status,
+            200,
+            "{target}: echod: {}\ndemo-origin: {}",
+            self.echod.log_text(),
+            self.origin.log_text()
+        );
+        response
+            .header("x-cache-status")
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
 #[test]
 fn end_to_end_through_the_binaries_a_second_get_is_a_hit() {
-    let dir = TempDir::new("e2e");
-    let origin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let origin_log = dir.0.join("demo-origin.log");
-    let mut origin = ChildGuard::spawn(
-        "demo-origin",
-        Command::new(DEMO_ORIGIN)
-            .args(["--listen", &origin_addr.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&origin_log).expect("log file")),
-        Some(origin_log),
-    );
-    origin.wait_listening(origin_addr);
+    let binaries = Binaries::start("e2e", None);
+    let echod = &binaries.echod;
 
-    let echo_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = dir.file(
-        "echo.toml",
-        &format!(
-            "[server]\nlisten = \"{echo_addr}\"\nworkers = 4\n\
-             [origin]\nurl = \"http://{origin_addr}\"\n[log]\nlevel = \"info\"\n"
-        ),
-    );
-    let echo_log = dir.0.join("echod.log");
-    let mut echod = ChildGuard::spawn(
-        "echod",
-        Command::new(ECHOD)
-            .args(["--config", path_str(&config)])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&echo_log).expect("log file")),
-        Some(echo_log),
-    );
-    echod.wait_listening(echo_addr);
-
-    let mut client = RawClient::connect(echo_addr);
+    let mut client = RawClient::connect(binaries.echo_addr);
     let first = client.get("/data", &[]);
     assert_eq!(first.status, 200, "{}", echod.log_text());
     assert_eq!(first.header("x-cache-status"), Some("MISS"));
@@ -362,7 +430,7 @@ fn end_to_end_through_the_binaries_a_second_get_is_a_hit() {
     assert!(second.header("age").is_some());
 
     // The origin's own page agrees it was asked once.
-    let direct = RawClient::connect(origin_addr).get("/data", &[]);
+    let direct = RawClient::connect(binaries.origin_addr).get("/data", &[]);
     assert!(
         direct.body_str().contains("\"origin_hits\": 2"),
         "{}",
@@ -373,6 +441,227 @@ fn end_to_end_through_the_binaries_a_second_get_is_a_hit() {
         "{}",
         echod.log_text()
     );
-    drop(echod);
-    drop(origin);
+}
+
+// ---------------------------------------------------------------------------------------
+// `echod invalidate`: the admin API from the command line.
+
+const ADMIN_TOKEN: &str = "cli-test-admin-token-7f3a";
+
+/// The JSON `echod invalidate` printed on stdout.
+fn stdout_json(out: &Finished) -> Value {
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            out.stdout, out.stderr
+        )
+    })
+}
+
+/// Neither output of a finished command holds the token.
+fn assert_no_token(out: &Finished, token: &str) {
+    assert!(
+        !out.stdout.contains(token) && !out.stderr.contains(token),
+        "the token was printed:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
+fn invalidate_drives_the_admin_api_of_a_running_echod() {
+    let echo = Binaries::start("invalidate", Some(ADMIN_TOKEN));
+    let config = path_str(&echo.config);
+    for target in ["/data", "/bytes/10"] {
+        assert_eq!(echo.cache_status(target), "MISS", "{target}");
+        assert_eq!(echo.cache_status(target), "HIT", "{target}");
+    }
+
+    // A dry run names what would go and touches nothing.
+    let out = echod(&[
+        "invalidate",
+        "--config",
+        config,
+        "--pattern",
+        "^/data",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_no_token(&out, ADMIN_TOKEN);
+    let report = stdout_json(&out);
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["dry_run"], true, "{report}");
+    assert_eq!(report["matched"], 1, "{report}");
+    assert_eq!(report["would_change"], 1, "{report}");
+    assert_eq!(
+        report["sample"],
+        json!(["http://test.local/data"]),
+        "{report}"
+    );
+    assert_eq!(echo.cache_status("/data"), "HIT");
+
+    // The real thing deletes /data only.
+    let out = echod(&["invalidate", "--config", config, "--pattern", "^/data"]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_no_token(&out, ADMIN_TOKEN);
+    let report = stdout_json(&out);
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["mode"], "delete", "{report}");
+    assert_eq!(report["matched"], 1, "{report}");
+    assert_eq!(report["deleted"], 1, "{report}");
+    assert_eq!(echo.cache_status("/data"), "MISS");
+    assert_eq!(echo.cache_status("/bytes/10"), "HIT");
+
+    // --async answers at once with a job id; --status follows the job to its end.
+    let out = echod(&[
+        "invalidate",
+        "--config",
+        config,
+        "--pattern",
+        "^/bytes/",
+        "--async",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let accepted = stdout_json(&out);
+    let id = accepted["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no job id: {accepted}"))
+        .to_string();
+    assert_eq!(
+        accepted["status"],
+        format!("/invalidate/{id}"),
+        "{accepted}"
+    );
+    let mut report = Value::Null;
+    wait_until(
+        &format!("invalidation job {id} is done"),
+        Duration::from_secs(10),
+        || {
+            let out = echod(&["invalidate", "--config", config, "--status", &id]);
+            assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+            assert_no_token(&out, ADMIN_TOKEN);
+            report = stdout_json(&out);
+            report["state"] == "done"
+        },
+    );
+    assert_eq!(report["id"].to_string(), id, "{report}");
+    assert_eq!(report["deleted"], 1, "{report}");
+    assert_eq!(echo.cache_status("/bytes/10"), "MISS");
+
+    // The API's refusals exit 1 with its answer on stderr and nothing on stdout.
+    let out = echod(&["invalidate", "--config", config, "--pattern", "("]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("400"), "{}", out.stderr);
+    assert!(out.stderr.contains("invalid pattern"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+
+    let out = echod(&["invalidate", "--config", config, "--status", "999999"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("404"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no such invalidation job"),
+        "{}",
+        out.stderr
+    );
+
+    let wrong_token = "not-the-admin-token-91c2";
+    let text = std::fs::read_to_string(&echo.config).expect("read config");
+    let wrong = echo
+        .dir
+        .file("wrong-token.toml", &text.replace(ADMIN_TOKEN, wrong_token));
+    let out = echod(&[
+        "invalidate",
+        "--config",
+        path_str(&wrong),
+        "--pattern",
+        "^/",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("401"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert_no_token(&out, wrong_token);
+    // Nothing was done for it.
+    assert_eq!(echo.cache_status("/data"), "HIT");
+}
+
+#[test]
+fn invalidate_without_an_admin_section_exits_2() {
+    let dir = TempDir::new("no-admin");
+    let path = dir.file("echo.toml", ORIGIN);
+    let out = echod(&["invalidate", "--config", path_str(&path), "--pattern", "^/"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.starts_with("echod: "), "{}", out.stderr);
+    assert!(out.stderr.contains("[admin]"), "{}", out.stderr);
+    assert!(out.stderr.contains(path_str(&path)), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+}
+
+#[test]
+fn invalidate_with_no_echod_listening_exits_2() {
+    let dir = TempDir::new("no-listener");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let path = dir.file(
+        "echo.toml",
+        &format!("{ORIGIN}[admin]\nlisten = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\"\n"),
+    );
+    let out = echod(&["invalidate", "--config", path_str(&path), "--status", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
+    assert!(out.stderr.contains(&admin), "{}", out.stderr);
+    assert_no_token(&out, ADMIN_TOKEN);
+}
+
+#[test]
+fn invalidate_usage_errors_exit_2_before_reading_the_config() {
+    // The config does not exist: a usage error is reported before it is read.
+    let cases: &[(&[&str], &str)] = &[
+        (&["invalidate"], "--pattern, --tag or --status"),
+        (
+            &["invalidate", "--dry-run", "--async"],
+            "--pattern, --tag or --status",
+        ),
+        (
+            &["invalidate", "--host", "a.example"],
+            "--pattern, --tag or --status",
+        ),
+        (&["invalidate", "--pattern"], "--pattern needs a value"),
+        (
+            &["invalidate", "--pattern", "^/a", "--pattern", "^/b"],
+            "twice",
+        ),
+        (
+            &["invalidate", "--pattern", "^/", "--mode", "purge"],
+            "purge",
+        ),
+        (&["invalidate", "--status", "seven"], "seven"),
+        (&["invalidate", "--status", "1", "--status", "2"], "twice"),
+        (
+            &["invalidate", "--status", "1", "--pattern", "^/"],
+            "--status",
+        ),
+        (
+            &["invalidate", "--pattern", "^/", "--frobnicate"],
+            "--frobnicate",
+        ),
+        (&["--check-config", "invalidate"], "invalidate"),
+    ];
+    for (args, names) in cases {
+        // `--config F` also goes before the subcommand.
+        let mut all = vec!["--config", "/nonexistent/echo.toml"];
+        all.extend_from_slice(args);
+        let out = echod(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.starts_with("echod: "),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(names), "{args:?}: {}", out.stderr);
+        assert!(
+            !out.stderr.contains("cannot read"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
+    }
 }

@@ -6,5 +6,6 @@ mod support;
 mod cache;
 mod cli;
 mod frontend;
+mod invalidate;
 mod proxy;
 mod redis;

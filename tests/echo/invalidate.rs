@@ -1,0 +1,573 @@
+//! Invalidation over the admin API, on both stores: what a pattern, host or tag names
+//! is gone (or refreshed, or marked stale) when the call returns, through the replicas
+//! too; nothing else is touched; fills in flight are not resurrected; bad input and
+//! bad tokens change nothing.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::client::{self, RawClient, RawResponse};
+use crate::support::echo::{config, EchoUnderTest};
+use crate::support::redis::RedisServer;
+use crate::support::{wait_until, OriginResponse, TestOrigin};
+
+const TOKEN: &str = "s3cret-token";
+
+fn admin_section() -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n")
+}
+
+/// Echo on the memory store with the admin API.
+fn memory_echo(origin: &TestOrigin, extra: &str) -> EchoUnderTest {
+    EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!("{}{extra}", admin_section()),
+    ))
+}
+
+/// Echo on Redis (master + replicas) with the admin API.
+fn redis_echo(
+    origin: &TestOrigin,
+    master: &RedisServer,
+    replicas: &[&RedisServer],
+) -> EchoUnderTest {
+    let replicas: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("\"{}\"", r.url()))
+        .collect();
+    let text = format!(
+        "{}[cache]\nstore = \"redis\"\n[redis]\nmaster = \"{}\"\nreplicas = [{}]\n",
+        admin_section(),
+        master.url(),
+        replicas.join(", ")
+    );
+    EchoUnderTest::with_config(config(&origin.url(), &text))
+}
+
+fn admin_call(
+    echo: &EchoUnderTest,
+    method: &str,
+    target: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> RawResponse {
+    let mut c = RawClient::connect(echo.admin.expect("admin listener"));
+    let bearer = auth.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(b) = bearer.as_deref() {
+        headers.push(("Authorization", b));
+    }
+    c.request(method, target, &headers, body.as_bytes())
+}
+
+/// POST /invalidate with the right token; returns (status, JSON answer).
+fn invalidate(echo: &EchoUnderTest, body: &str) -> (u16, Value) {
+    let resp = admin_call(echo, "POST", "/invalidate", Some(TOKEN), body);
+    let json = serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", resp.body_str()));
+    (resp.status, json)
+}
+
+/// An origin whose bodies carry a version the test can bump behind Echo's back.
+struct VersionedOrigin {
+    origin: TestOrigin,
+    version: Arc<AtomicU64>,
+}
+
+fn versioned_origin(tags: &'static str) -> VersionedOrigin {
+    let version = Arc::new(AtomicU64::new(1));
+    let v = Arc::clone(&version);
+    let origin = TestOrigin::start(move |req| {
+        let resp = OriginResponse::ok(format!("{} v{}", req.target, v.load(Ordering::SeqCst)))
+            .header("Cache-Control", "max-age=600");
+        if tags.is_empty() {
+            resp
+        } else {
+            resp.header("Surrogate-Key", tags)
+        }
+    });
+    VersionedOrigin { origin, version }
+}
+
+fn status_of(echo: &EchoUnderTest, target: &str, host: &str) -> String {
+    let resp = client::get(echo.addr, target, &[("Host", host)]);
+    resp.header("x-cache-status").unwrap_or("?").to_string()
+}
+
+fn warm(echo: &EchoUnderTest, targets: &[&str], host: &str) {
+    warm_with(echo, targets, host, &|_| {});
+}
+
+/// Fills each target; `settle` waits for the write to reach where reads go (a replica).
+fn warm_with(echo: &EchoUnderTest, targets: &[&str], host: &str, settle: &dyn Fn(&str)) {
+    for t in targets {
+        client::get(echo.addr, t, &[("Host", host)]);
+        settle(&format!("echo:v1:http://{host}{t}"));
+        assert_eq!(status_of(echo, t, host), "HIT", "{t} was not stored");
+    }
+}
+
+const TARGETS: &[&str] = &[
+    "/orgs/42/users",
+    "/orgs/42/users?page=2",
+    "/orgs/420/users",
+    "/orgs/4/users",
+    "/users/42",
+];
+
+/// Pattern `^/orgs/42/` must take exactly the first two targets. `settle` waits for a
+/// fill to reach the replicas; `after` checks the store right after the call returns.
+fn check_pattern_deletes_exactly(echo: &EchoUnderTest, settle: &dyn Fn(&str), after: &dyn Fn()) {
+    warm_with(echo, TARGETS, "a.example", settle);
+    let (status, answer) = invalidate(echo, r#"{"pattern": "^/orgs/42/"}"#);
+    after();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["matched"], 2, "{answer}");
+    assert_eq!(answer["deleted"], 2, "{answer}");
+    assert_eq!(answer["state"], "done");
+    // Visible at once, without waiting: through the replicas too.
+    let after: Vec<String> = TARGETS
+        .iter()
+        .map(|t| status_of(echo, t, "a.example"))
+        .collect();
+    assert_eq!(after, ["MISS", "MISS", "HIT", "HIT", "HIT"], "{answer}");
+}
+
+#[test]
+fn a_pattern_deletes_exactly_the_matching_entries_in_memory() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    check_pattern_deletes_exactly(&echo, &|_| {}, &|| {});
+}
+
+#[test]
+fn a_pattern_deletes_exactly_the_matching_entries_in_redis_and_the_replica_agrees_at_once() {
+    let master = RedisServer::master();
+    let replica = RedisServer::replica_of(&master);
+    let o = versioned_origin("");
+    let echo = redis_echo(&o.origin, &master, &[&replica]);
+    check_pattern_deletes_exactly(&echo, &|key| replica.wait_for_key(key), &|| {
+        // The call returned: the replica already has the deletes (WAIT).
+        for t in &TARGETS[..2] {
+            let key = format!("echo:v1:http://a.example{t}");
+            assert!(!replica.exists(&key), "{t} still on the replica");
+        }
+        assert!(replica.exists("echo:v1:http://a.example/orgs/420/users"));
+    });
+    let (_, answer) = invalidate(&echo, r#"{"pattern": "^/users/"}"#);
+    assert_eq!(answer["replicas"]["acknowledged"], 1, "{answer}");
+    assert_eq!(answer["replicas"]["expected"], 1, "{answer}");
+}
+
+#[test]
+fn a_host_narrows_the_invalidation_to_one_site() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, &["/p"], "a.example");
+    warm(&echo, &["/p"], "b.example");
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "^/p$", "host": "B.example:80"}"#);
+    assert_eq!(
+        (status, answer["deleted"].clone()),
+        (200, Value::from(1)),
+        "{answer}"
+    );
+    assert_eq!(status_of(&echo, "/p", "a.example"), "HIT");
+    assert_eq!(status_of(&echo, "/p", "b.example"), "MISS");
+}
+
+fn check_tags(echo: &EchoUnderTest) {
+    warm(echo, &["/orgs/42/a", "/orgs/42/b", "/feed"], "a.example");
+    // Tag and pattern together: both must match.
+    let (_, answer) = invalidate(echo, r#"{"tag": "org-42", "pattern": "/b$"}"#);
+    assert_eq!(answer["deleted"], 1, "{answer}");
+    assert_eq!(status_of(echo, "/orgs/42/a", "a.example"), "HIT");
+    assert_eq!(status_of(echo, "/orgs/42/b", "a.example"), "MISS");
+    let (_, answer) = invalidate(echo, r#"{"tag": "org-42"}"#);
+    // /orgs/42/b was filled again by the check above: both go now.
+    assert_eq!(answer["deleted"], 2, "{answer}");
+    assert_eq!(
+        status_of(echo, "/feed", "a.example"),
+        "HIT",
+        "an untagged entry stays"
+    );
+    let (_, answer) = invalidate(echo, r#"{"tag": "no-such-tag"}"#);
+    assert_eq!(answer["matched"], 0, "{answer}");
+}
+
+/// An origin tagging /orgs/42/* with org-42 only.
+fn tagging_origin() -> TestOrigin {
+    TestOrigin::start(|req| {
+        let resp = OriginResponse::ok(format!("body of {}", req.target))
+            .header("Cache-Control", "max-age=600");
+        if req.path().starts_with("/orgs/42/") {
+            resp.header("Surrogate-Key", "org-42 user-7")
+        } else {
+            resp
+        }
+    })
+}
+
+#[test]
+fn tags_name_entries_in_memory() {
+    let origin = tagging_origin();
+    let echo = memory_echo(&origin, "");
+    check_tags(&echo);
+}
+
+#[test]
+fn tags_name_entries_in_redis_through_their_index() {
+    let master = RedisServer::master();
+    let origin = tagging_origin();
+    let echo = redis_echo(&origin, &master, &[]);
+    check_tags(&echo);
+    // The index is a set per tag, with a TTL like the entries.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("echo:v1:tag:user-7")
+        .query(&mut master.connection())
+        .expect("PTTL");
+    assert!(ttl != -1, "the tag index is not immortal");
+}
+
+#[test]
+fn a_dry_run_counts_and_samples_and_changes_nothing() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "^/orgs/", "dry_run": true}"#);
+    assert_eq!(status, 200);
+    assert_eq!(answer["matched"], 4, "{answer}");
+    assert_eq!(answer["would_change"], 4, "{answer}");
+    let sample: Vec<String> = serde_json::from_value(answer["sample"].clone()).expect("sample");
+    assert_eq!(sample.len(), 4);
+    assert!(
+        sample.contains(&"http://a.example/orgs/42/users?page=2".to_string()),
+        "{sample:?}"
+    );
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+}
+
+fn check_refresh(echo: &EchoUnderTest, o: &VersionedOrigin, settle: &dyn Fn(&str)) {
+    warm_with(echo, &["/r/1", "/r/2", "/other"], "a.example", settle);
+    o.version.store(2, Ordering::SeqCst);
+    let before = o.origin.total_hits();
+    let (status, answer) = invalidate(echo, r#"{"pattern": "^/r/", "mode": "refresh"}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["refreshed"], 2, "{answer}");
+    assert_eq!(o.origin.total_hits(), before + 2, "one fetch per entry");
+    for t in ["/r/1", "/r/2"] {
+        let resp = client::get(echo.addr, t, &[("Host", "a.example")]);
+        assert_eq!(resp.header("x-cache-status"), Some("HIT"), "{t}");
+        assert_eq!(
+            resp.body_str(),
+            format!("{t} v2"),
+            "served the refreshed copy"
+        );
+    }
+    let other = client::get(echo.addr, "/other", &[("Host", "a.example")]);
+    assert_eq!(other.header("x-cache-status"), Some("HIT"));
+    assert_eq!(
+        other.body_str(),
+        "/other v1",
+        "only matching entries were refreshed"
+    );
+    let seen = o.origin.requests();
+    let refresh = seen
+        .iter()
+        .rev()
+        .find(|r| r.target == "/r/1")
+        .expect("refresh request");
+    assert_eq!(refresh.header("x-forwarded-host"), Some("a.example"));
+}
+
+#[test]
+fn refresh_fetches_matching_entries_again_in_memory() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    check_refresh(&echo, &o, &|_| {});
+}
+
+#[test]
+fn refresh_fetches_matching_entries_again_in_redis() {
+    let master = RedisServer::master();
+    let replica = RedisServer::replica_of(&master);
+    let o = versioned_origin("");
+    let echo = redis_echo(&o.origin, &master, &[&replica]);
+    check_refresh(&echo, &o, &|key| replica.wait_for_key(key));
+}
+
+/// An origin answering 304 to a matching If-None-Match, counting both kinds.
+fn validating_origin(not_modified: Arc<AtomicUsize>) -> TestOrigin {
+    TestOrigin::start(move |req| {
+        if req.header("if-none-match") == Some("\"v1\"") {
+            not_modified.fetch_add(1, Ordering::SeqCst);
+            return OriginResponse::status(304)
+                .header("ETag", "\"v1\"")
+                .header("Cache-Control", "max-age=600");
+        }
+        OriginResponse::ok(format!("body of {}", req.target))
+            .header("ETag", "\"v1\"")
+            .header("Cache-Control", "max-age=600")
+    })
+}
+
+fn check_stale(echo: &EchoUnderTest, not_modified: &AtomicUsize, settle: &dyn Fn(&str)) {
+    warm_with(echo, &["/s/1", "/keep"], "a.example", settle);
+    let (status, answer) = invalidate(echo, r#"{"pattern": "^/s/", "mode": "stale"}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["marked_stale"], 1, "{answer}");
+    let resp = client::get(echo.addr, "/s/1", &[("Host", "a.example")]);
+    assert_eq!(
+        resp.header("x-cache-status"),
+        Some("REVALIDATED"),
+        "{:?}",
+        resp.header("cache-status")
+    );
+    assert_eq!(resp.body_str(), "body of /s/1");
+    assert_eq!(
+        not_modified.load(Ordering::SeqCst),
+        1,
+        "revalidated with a 304"
+    );
+    assert_eq!(status_of(echo, "/s/1", "a.example"), "HIT", "fresh again");
+    assert_eq!(status_of(echo, "/keep", "a.example"), "HIT");
+}
+
+#[test]
+fn stale_mode_revalidates_with_a_304_in_memory() {
+    let not_modified = Arc::new(AtomicUsize::new(0));
+    let origin = validating_origin(Arc::clone(&not_modified));
+    let echo = memory_echo(&origin, "");
+    check_stale(&echo, &not_modified, &|_| {});
+}
+
+#[test]
+fn stale_mode_revalidates_with_a_304_in_redis() {
+    let master = RedisServer::master();
+    let replica = RedisServer::replica_of(&master);
+    let not_modified = Arc::new(AtomicUsize::new(0));
+    let origin = validating_origin(Arc::clone(&not_modified));
+    let echo = redis_echo(&origin, &master, &[&replica]);
+    check_stale(&echo, &not_modified, &|key| replica.wait_for_key(key));
+}
+
+/// A fill that began before an invalidation finishes after it: its response reaches
+/// its client but is not stored.
+fn check_no_resurrection(echo: &EchoUnderTest, origin: &TestOrigin, release: &AtomicUsize) {
+    let addr = echo.addr;
+    let in_flight = thread::spawn(move || client::get(addr, "/slow/1", &[("Host", "a.example")]));
+    wait_until(
+        "the fill reached the origin",
+        Duration::from_secs(5),
+        || origin.hits("/slow/1") == 1,
+    );
+    let (status, answer) = invalidate(echo, r#"{"pattern": "^/slow/"}"#);
+    assert_eq!(status, 200, "{answer}");
+    release.store(1, Ordering::SeqCst);
+    let resp = in_flight.join().expect("client thread");
+    assert_eq!(
+        resp.status, 200,
+        "the in-flight client still gets its answer"
+    );
+    assert_eq!(
+        status_of(echo, "/slow/1", "a.example"),
+        "MISS",
+        "the older fill was not stored"
+    );
+    assert_eq!(origin.hits("/slow/1"), 2);
+    // Fills that start after the invalidation are stored as usual.
+    assert_eq!(status_of(echo, "/slow/1", "a.example"), "HIT");
+}
+
+/// An origin that holds the first response to /slow/1 until `release` is set.
+fn held_origin(release: Arc<AtomicUsize>) -> TestOrigin {
+    let first = Arc::new(AtomicUsize::new(0));
+    TestOrigin::start(move |req| {
+        if req.target == "/slow/1" && first.fetch_add(1, Ordering::SeqCst) == 0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while release.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        OriginResponse::ok("slow body").header("Cache-Control", "max-age=600")
+    })
+}
+
+#[test]
+fn a_fill_in_flight_during_an_invalidation_is_not_stored_after_it_in_memory() {
+    let release = Arc::new(AtomicUsize::new(0));
+    let origin = held_origin(Arc::clone(&release));
+    let echo = memory_echo(&origin, "");
+    check_no_resurrection(&echo, &origin, &release);
+}
+
+#[test]
+fn a_fill_in_flight_during_an_invalidation_is_not_stored_after_it_in_redis() {
+    let master = RedisServer::master();
+    let release = Arc::new(AtomicUsize::new(0));
+    let origin = held_origin(Arc::clone(&release));
+    let echo = redis_echo(&origin, &master, &[]);
+    check_no_resurrection(&echo, &origin, &release);
+}
+
+#[test]
+fn bad_input_is_refused_with_a_reason_and_nothing_is_done() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    let huge = format!(r#"{{"pattern": "{}"}}"#, "a".repeat(70_000));
+    let cases: &[(&str, u16, &str)] = &[
+        ("not json", 400, "invalid JSON"),
+        ("{}", 400, "pattern, a tag"),
+        (r#"{"pattern": ""}"#, 400, "empty"),
+        (r#"{"pattern": "(unclosed"}"#, 400, "invalid pattern"),
+        (
+            r#"{"pattern": "\\w{1000}\\w{1000}\\w{1000}"}"#,
+            400,
+            "invalid pattern",
+        ),
+        (r#"{"pattern": "^/", "mode": "purge"}"#, 400, "unknown mode"),
+        (
+            r#"{"pattern": "^/", "colour": "red"}"#,
+            400,
+            "unknown field",
+        ),
+        (r#"{"pattern": 42}"#, 400, "invalid JSON"),
+        (r#"{"tag": "two tags"}"#, 400, "invalid tag"),
+        (&huge, 413, "larger than"),
+    ];
+    for (body, status, says) in cases {
+        let resp = admin_call(&echo, "POST", "/invalidate", Some(TOKEN), body);
+        assert_eq!(resp.status, *status, "{body:.60}: {}", resp.body_str());
+        assert!(
+            resp.body_str().contains(says),
+            "{body:.60}: {}",
+            resp.body_str()
+        );
+    }
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+}
+
+#[test]
+fn calls_without_the_right_token_get_401_and_change_nothing() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    let body = r#"{"pattern": "^/"}"#;
+    for auth in [
+        None,
+        Some("wrong"),
+        Some(""),
+        Some(&TOKEN[..TOKEN.len() - 1]),
+    ] {
+        let resp = admin_call(&echo, "POST", "/invalidate", auth, body);
+        assert_eq!(resp.status, 401, "{auth:?}");
+        assert_eq!(resp.header("www-authenticate"), Some("Bearer"));
+    }
+    let mut c = RawClient::connect(echo.admin.expect("admin"));
+    let basic = c.request(
+        "POST",
+        "/invalidate",
+        &[("Authorization", "Basic czNjcmV0LXRva2Vu")],
+        body.as_bytes(),
+    );
+    assert_eq!(basic.status, 401);
+    assert_eq!(
+        admin_call(&echo, "GET", "/invalidate/1", None, "").status,
+        401
+    );
+    // Health needs no token.
+    assert_eq!(admin_call(&echo, "GET", "/health", None, "").status, 200);
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+}
+
+#[test]
+fn async_jobs_answer_202_and_report_progress() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "^/orgs/", "async": true}"#);
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["id"].as_u64().expect("an id");
+    assert_eq!(answer["status"], format!("/invalidate/{id}"));
+    let mut report = Value::Null;
+    wait_until("the job is done", Duration::from_secs(10), || {
+        let resp = admin_call(&echo, "GET", &format!("/invalidate/{id}"), Some(TOKEN), "");
+        report = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+        report["state"] == "done"
+    });
+    assert_eq!(report["deleted"], 4, "{report}");
+    assert_eq!(status_of(&echo, "/users/42", "a.example"), "HIT");
+    let missing = admin_call(&echo, "GET", "/invalidate/999999", Some(TOKEN), "");
+    assert_eq!(missing.status, 404);
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    // The origin holds refresh fetches of /busy until released, keeping the thread busy.
+    let release = Arc::new(AtomicUsize::new(0));
+    let r = Arc::clone(&release);
+    let origin = TestOrigin::start(move |req| {
+        if req.target == "/busy" && req.header("x-forwarded-for").is_none() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while r.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        OriginResponse::ok("busy").header("Cache-Control", "max-age=600")
+    });
+    let echo = memory_echo(&origin, "[invalidation]\nqueue_depth = 1\n");
+    warm(&echo, &["/busy"], "a.example");
+    let (status, first) = invalidate(
+        &echo,
+        r#"{"pattern": "^/busy", "mode": "refresh", "async": true}"#,
+    );
+    assert_eq!(status, 202);
+    let id = first["id"].as_u64().expect("id");
+    wait_until("the refresh job runs", Duration::from_secs(5), || {
+        let resp = admin_call(&echo, "GET", &format!("/invalidate/{id}"), Some(TOKEN), "");
+        resp.body_str().contains("\"running\"")
+    });
+    let (queued, _) = invalidate(&echo, r#"{"pattern": "^/x", "async": true}"#);
+    assert_eq!(queued, 202, "one job fits the queue");
+    let full = admin_call(
+        &echo,
+        "POST",
+        "/invalidate",
+        Some(TOKEN),
+        r#"{"pattern": "^/y"}"#,
+    );
+    assert_eq!(full.status, 503, "{}", full.body_str());
+    assert_eq!(full.header("retry-after"), Some("1"));
+    release.store(1, Ordering::SeqCst);
+}
+
+#[test]
+fn a_replica_that_does_not_acknowledge_is_reported_not_hidden() {
+    let master = RedisServer::master();
+    let mut replica = RedisServer::replica_of(&master);
+    let o = versioned_origin("");
+    let echo = redis_echo(&o.origin, &master, &[&replica]);
+    warm_with(&echo, &["/gone"], "a.example", &|key| {
+        replica.wait_for_key(key)
+    });
+    replica.kill();
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "^/gone"}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["deleted"], 1, "{answer}");
+    assert_eq!(answer["replicas"]["acknowledged"], 0, "{answer}");
+    assert_eq!(answer["replicas"]["expected"], 1, "{answer}");
+    assert!(
+        answer["warning"].as_str().unwrap_or("").contains("0 of 1"),
+        "{answer}"
+    );
+}
