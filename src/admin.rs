@@ -6,6 +6,7 @@
 //!   job for the invalidation thread, and answers when it is done (200), or at once with
 //!   a job id (202) for `async` or a job still running after `invalidation.wait_timeout`.
 //! - `GET /invalidate/<id>`: a job's report, with live counters while it runs.
+//! - `GET /metrics`: Prometheus / OpenMetrics text.
 //!
 //! Invariants: the token is compared in constant time and never logged; nothing is done
 //! for a request without the token; bad input is a 400 naming what is wrong, and a
@@ -21,6 +22,7 @@ use serde_json::{json, Value};
 
 use crate::http::exchange::Exchange;
 use crate::invalidate::{Invalidator, Job, Matcher, Mode, Refused, Report, State};
+use crate::metrics::Metrics;
 use crate::server::Handler;
 
 /// Largest `POST /invalidate` body read.
@@ -30,6 +32,7 @@ pub struct Admin {
     token: String,
     invalidator: Arc<Invalidator>,
     wait: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// The JSON body of `POST /invalidate`.
@@ -47,11 +50,17 @@ struct InvalidateRequest {
 }
 
 impl Admin {
-    pub fn new(token: String, invalidator: Arc<Invalidator>, wait: Duration) -> Admin {
+    pub fn new(
+        token: String,
+        invalidator: Arc<Invalidator>,
+        wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Admin {
         Admin {
             token,
             invalidator,
             wait,
+            metrics,
         }
     }
 
@@ -214,6 +223,13 @@ impl Handler for Admin {
         }
         match (method.as_str(), path.as_str()) {
             ("POST", "/invalidate") => self.invalidate(ex),
+            ("GET", "/metrics") => {
+                let headers = [(
+                    "content-type".to_string(),
+                    b"application/openmetrics-text; version=1.0.0; charset=utf-8".to_vec(),
+                )];
+                let _ = ex.respond(200, &headers, self.metrics.encode().as_bytes());
+            }
             ("GET", p) if p.starts_with("/invalidate/") => {
                 let report = p["/invalidate/".len()..]
                     .parse::<u64>()

@@ -21,6 +21,7 @@ use log::{info, warn};
 use regex::Regex;
 
 use crate::key::CacheKey;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Longest pattern accepted, in bytes.
@@ -396,13 +397,22 @@ impl Invalidator {
         store: Arc<dyn Store>,
         refresher: Arc<dyn Refresher>,
         queue_depth: usize,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Invalidator> {
         let (tx, rx) = bounded::<Queued>(queue_depth);
         let jobs: Arc<Mutex<HashMap<u64, Tracked>>> = Arc::new(Mutex::new(HashMap::new()));
         let thread_jobs = Arc::clone(&jobs);
         thread::Builder::new()
             .name("echo-invalidate".into())
-            .spawn(move || run(&rx, store.as_ref(), refresher.as_ref(), &thread_jobs))?;
+            .spawn(move || {
+                run(
+                    &rx,
+                    store.as_ref(),
+                    refresher.as_ref(),
+                    &thread_jobs,
+                    &metrics,
+                )
+            })?;
         Ok(Invalidator {
             queue: tx,
             next_id: AtomicU64::new(1),
@@ -490,6 +500,7 @@ fn run(
     store: &dyn Store,
     refresher: &dyn Refresher,
     jobs: &Mutex<HashMap<u64, Tracked>>,
+    metrics: &Metrics,
 ) {
     for q in rx.iter() {
         let started = Instant::now();
@@ -555,6 +566,22 @@ fn run(
             report.elapsed.as_millis(),
             replicas
         );
+        let outcome = match (report.state, report.dry_run) {
+            (State::Failed, _) => "failed",
+            (_, true) => "dry_run",
+            _ => "done",
+        };
+        let mode = report.mode.as_str().to_string();
+        metrics
+            .invalidations
+            .get_or_create(&vec![("mode", mode.clone()), ("outcome", outcome.into())])
+            .inc();
+        if !report.dry_run {
+            metrics
+                .invalidated_entries
+                .get_or_create(&vec![("mode", mode)])
+                .inc_by(report.changed);
+        }
         if let Some(t) = lock(jobs).get_mut(&q.id) {
             t.report = report.clone();
         }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod http;
 pub mod invalidate;
 pub mod key;
+pub mod metrics;
 pub mod origin;
 pub mod policy;
 pub mod proxy;
@@ -87,10 +88,12 @@ pub fn start_on(
         cfg.cache.max_object_bytes,
         cfg.invalidation.ban_ttl,
     ));
+    let metrics = metrics::Metrics::new();
     let invalidator = Arc::new(invalidate::Invalidator::start(
         store,
         Arc::clone(&proxy) as Arc<dyn invalidate::Refresher>,
         cfg.invalidation.queue_depth,
+        Arc::clone(&metrics),
     )?);
     let handler = proxy;
     let proxy = server::start("echo", listener, cfg.server.clone(), handler)?;
@@ -105,6 +108,7 @@ pub fn start_on(
                 a.token.clone(),
                 Arc::clone(&invalidator),
                 cfg.invalidation.wait_timeout,
+                Arc::clone(&metrics),
             ));
             Some(server::start("echo-admin", listener, admin_cfg, handler)?)
         }

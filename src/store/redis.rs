@@ -18,6 +18,8 @@
 //!
 //! redis and r2d2 types stay in this file.
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -424,6 +426,14 @@ fn now_millis() -> u64 {
         .map_or(0, millis)
 }
 
+/// A 64-bit fingerprint of a key: remembering these (not the keys) bounds the memory a
+/// job needs to count each match once.
+fn fingerprint(key: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
 /// Escapes Redis glob characters so a literal matches itself.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -534,6 +544,7 @@ impl Store for RedisStore {
         self.master.with_conn(|conn| {
             let mut cursor: u64 = 0;
             let mut batch: Vec<String> = Vec::with_capacity(BATCH);
+            let mut seen: HashSet<u64> = HashSet::new();
             loop {
                 let (next, keys): (u64, Vec<String>) = match matcher.tag() {
                     Some(tag) => redis::cmd("SSCAN")
@@ -559,6 +570,11 @@ impl Store for RedisStore {
                     };
                     // The tag part is already satisfied by the tag set.
                     if !matcher.matches_key(key) {
+                        continue;
+                    }
+                    // SCAN may return a key twice (when Redis resizes its table during
+                    // the scan, as this job's own deletes can make it): count it once.
+                    if !seen.insert(fingerprint(&rkey)) {
                         continue;
                     }
                     outcome.matched += 1;

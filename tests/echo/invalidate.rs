@@ -571,3 +571,29 @@ fn a_replica_that_does_not_acknowledge_is_reported_not_hidden() {
         "{answer}"
     );
 }
+
+#[test]
+fn every_job_is_counted_in_the_metrics() {
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    invalidate(&echo, r#"{"pattern": "^/orgs/42/"}"#);
+    invalidate(&echo, r#"{"pattern": "^/", "dry_run": true}"#);
+    invalidate(&echo, r#"{"pattern": "^/users/", "mode": "stale"}"#);
+    let metrics = admin_call(&echo, "GET", "/metrics", Some(TOKEN), "");
+    assert_eq!(metrics.status, 200);
+    let text = metrics.body_str();
+    for line in [
+        "echo_invalidations_total{mode=\"delete\",outcome=\"done\"} 1",
+        "echo_invalidations_total{mode=\"delete\",outcome=\"dry_run\"} 1",
+        "echo_invalidations_total{mode=\"stale\",outcome=\"done\"} 1",
+        "echo_invalidated_entries_total{mode=\"delete\"} 2",
+        "echo_invalidated_entries_total{mode=\"stale\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert_eq!(admin_call(&echo, "GET", "/metrics", None, "").status, 401);
+}

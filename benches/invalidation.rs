@@ -1,0 +1,567 @@
+//! Pattern invalidation at scale (`harness = false`): how long `Store::invalidate` takes
+//! to delete 0.1 % and 10 % of a large cache, on Redis (a master and one replica, so the
+//! WAIT for the replica is part of every timing) and on the memory store.
+//!
+//! `ECHO_BENCH_KEYS` (default 1,000,000, a multiple of 1,000) is the number of cached keys;
+//! `ECHO_BENCH_KEYS=20000` is a quick smoke run. `ECHO_BENCH_REPLICA=0` drops the replica;
+//! `ECHO_BENCH_SCAN_COUNT` sets `redis.scan_count` (default: the config's default).
+//!
+//! The key space is 1,000 organisations with N / 1,000 keys each:
+//! `http://api.example.com/orgs/{org}/users/{j / 10}?page={j % 10 + 1}`, org 0..999 and j
+//! 0..N/1000. So `^/orgs/7/` names exactly N / 1,000 keys (1,000 of 1,000,000) and
+//! `^/orgs/1\d\d/` (orgs 100..199) exactly N / 10 (100,000); its literal prefix `/orgs/1`
+//! also lets orgs 1 and 10..19 through the SCAN glob, which the regex then drops.
+//! `/orgs/8/` is the unanchored twin of `^/orgs/8/`: same number of matches, no literal
+//! prefix, so every key comes back from SCAN to be checked here.
+//!
+//! Each deletion is timed `RUNS` times (the deleted keys are written back between runs)
+//! and the median and minimum are printed. "scanned" is `Progress.scanned`: the keys SCAN
+//! returned to Echo (after the glob); "keyspace/s" is every key in the store divided by
+//! the time, which is what Redis walks through whatever the glob (SCAN MATCH filters
+//! server-side, after the walk); "SCANs" is the SCAN calls Redis counted, i.e. round trips.
+//! Every count is asserted, and so are the keys left behind (DBSIZE on the master and on
+//! the replica). Numbers are for comparing builds on the same, otherwise idle, machine.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use echo::config::{Config, RedisConfig};
+use echo::invalidate::{Job, Matcher, Mode, Outcome, Progress};
+use echo::key::CacheKey;
+use echo::store::memory::MemoryStore;
+use echo::store::redis::{redis_key, RedisStore};
+use echo::store::{codec, Entry, Store};
+
+const HOST: &str = "api.example.com";
+const ORGS: u64 = 1000;
+/// SETs per pipeline when populating Redis.
+const PIPELINE: u64 = 10_000;
+/// Redis TTL of the populated keys: nothing expires during the bench.
+const TTL_MS: u64 = 3_600_000;
+/// Timed runs of each deletion.
+const RUNS: usize = 3;
+/// Keys Echo itself keeps next to the entries once an invalidation ran.
+const AUX_KEYS: [&str; 2] = ["echo:v1:generation", "echo:v1:bans"];
+
+const SMALL: &str = r"^/orgs/7/";
+const UNANCHORED: &str = r"/orgs/8/";
+const LARGE: &str = r"^/orgs/1\d\d/";
+
+// -----------------------------------------------------------------------------------------
+// The key space.
+
+fn key(org: u64, j: u64) -> CacheKey {
+    CacheKey::new(
+        "http",
+        HOST,
+        &format!("/orgs/{org}/users/{}?page={}", j / 10, j % 10 + 1),
+    )
+}
+
+/// Every key of the given orgs.
+fn keys_of(
+    orgs: impl Iterator<Item = u64> + Clone,
+    per_org: u64,
+) -> impl Iterator<Item = CacheKey> {
+    orgs.flat_map(move |org| (0..per_org).map(move |j| key(org, j)))
+}
+
+fn entry() -> Arc<Entry> {
+    Arc::new(Entry {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), b"application/json".to_vec()),
+            ("etag".into(), b"\"0123456789abcdef\"".to_vec()),
+        ],
+        body: vec![b'x'; 100],
+        response_time: SystemTime::now(),
+        initial_age: Duration::ZERO,
+        freshness: Duration::from_secs(3600),
+        vary: Vec::new(),
+        tags: Vec::new(),
+    })
+}
+
+fn job(pattern: &str, dry_run: bool) -> Job {
+    Job {
+        matcher: Arc::new(Matcher::new(Some(pattern), None, None).expect("pattern")),
+        mode: Mode::Delete,
+        dry_run,
+    }
+}
+
+// -----------------------------------------------------------------------------------------
+// A redis-server of our own: free port, temp dir, no persistence, killed on drop.
+
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    fn start(replica_of: Option<u16>) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!(
+            "echo-bench-redis-{}-{}",
+            std::process::id(),
+            replica_of.map_or("master".to_string(), |p| format!("replica-of-{p}"))
+        ));
+        std::fs::create_dir_all(&dir).expect("redis temp dir");
+        let mut server = RedisServer {
+            child: None,
+            port: 0,
+            dir,
+        };
+        // A free port can be taken between finding it and binding it: try a few.
+        for _ in 0..5 {
+            server.port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let log = std::fs::File::create(server.dir.join("redis.log")).expect("redis log");
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &server.port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--dir", &server.dir.to_string_lossy()])
+                .args(["--daemonize", "no", "--protected-mode", "yes"])
+                .args(["--repl-diskless-sync-delay", "0"])
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(Stdio::null());
+            if let Some(master) = replica_of {
+                cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+            }
+            server.child = Some(cmd.spawn().unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): install it (`apt-get install redis-server`)"
+                )
+            }));
+            if server.wait_answering(Duration::from_secs(10)) {
+                if replica_of.is_some() {
+                    server.wait_for("the replica's link to its master", |s| {
+                        s.info("replication").contains("master_link_status:up")
+                    });
+                }
+                return server;
+            }
+            server.kill();
+        }
+        panic!("redis-server did not start (see {})", server.dir.display());
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        let conn =
+            redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))?;
+        conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(120)))?;
+        Ok(conn)
+    }
+
+    fn wait_answering(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                return false;
+            }
+            let pong = self
+                .connection()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if pong.is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    fn wait_for(&self, what: &str, ok: impl Fn(&RedisServer) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ok(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        cmd.query(&mut self.connection().expect("redis connection"))
+            .expect("redis command")
+    }
+
+    fn info(&self, section: &str) -> String {
+        self.query(redis::cmd("INFO").arg(section))
+    }
+
+    fn info_field(&self, section: &str, field: &str) -> String {
+        let prefix = format!("{field}:");
+        self.info(section)
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    }
+
+    fn dbsize(&self) -> u64 {
+        self.query(&redis::cmd("DBSIZE"))
+    }
+
+    /// Entry keys: DBSIZE less Echo's own bookkeeping keys.
+    fn entries(&self) -> u64 {
+        let aux: u64 = self.query(redis::cmd("EXISTS").arg(&AUX_KEYS[..]));
+        self.dbsize() - aux
+    }
+
+    /// SCAN calls since the last `CONFIG RESETSTAT`.
+    fn scan_calls(&self) -> u64 {
+        self.info("commandstats")
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("cmdstat_scan:calls=")
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn reset_stats(&self) {
+        self.query::<()>(redis::cmd("CONFIG").arg("RESETSTAT"));
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes `keys` with pipelined `SET key value PX ttl`, `PIPELINE` per round trip, then
+/// waits (WAIT) until `replicas` have them. Returns how many were written.
+fn redis_populate(
+    master: &RedisServer,
+    replicas: u64,
+    value: &[u8],
+    keys: impl Iterator<Item = CacheKey>,
+) -> u64 {
+    let mut conn = master.connection().expect("redis connection");
+    let mut pipe = redis::pipe();
+    let mut in_pipe = 0;
+    let mut written = 0;
+    for k in keys {
+        pipe.cmd("SET")
+            .arg(redis_key(&k))
+            .arg(value)
+            .arg("PX")
+            .arg(TTL_MS)
+            .ignore();
+        in_pipe += 1;
+        if in_pipe == PIPELINE {
+            pipe.query::<()>(&mut conn).expect("pipelined SET");
+            pipe.clear();
+            written += in_pipe;
+            in_pipe = 0;
+        }
+    }
+    if in_pipe > 0 {
+        pipe.query::<()>(&mut conn).expect("pipelined SET");
+        written += in_pipe;
+    }
+    if replicas > 0 {
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(120_000)
+            .query(&mut conn)
+            .expect("WAIT");
+        assert_eq!(acked, replicas, "the replica did not get the keys");
+    }
+    written
+}
+
+// -----------------------------------------------------------------------------------------
+// Measuring and reporting.
+
+struct Row {
+    what: String,
+    keys: u64,
+    matched: u64,
+    /// Milliseconds per run.
+    ms: Vec<f64>,
+    scanned: u64,
+    scans: Option<u64>,
+}
+
+impl Row {
+    fn median(&self) -> f64 {
+        let mut ms = self.ms.clone();
+        ms.sort_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    }
+
+    fn min(&self) -> f64 {
+        self.ms.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    fn print(&self) {
+        let median = self.median();
+        let per_s = |n: u64| n as f64 / (median / 1000.0);
+        let scans = self.scans.map_or("-".to_string(), |s| s.to_string());
+        println!(
+            "{:<44} {:>9} {:>9} {:>9.1} {:>9.1} {:>9} {:>12.0} {:>12.0} {:>7}",
+            self.what,
+            self.keys,
+            self.matched,
+            median,
+            self.min(),
+            self.scanned,
+            per_s(self.scanned),
+            per_s(self.keys),
+            scans
+        );
+    }
+}
+
+fn header(title: &str) {
+    println!();
+    println!("{title}");
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12} {:>7}",
+        "what",
+        "keys",
+        "matched",
+        "ms (med)",
+        "ms (min)",
+        "scanned",
+        "scanned/s",
+        "keyspace/s",
+        "SCANs"
+    );
+}
+
+/// Runs one job on `store`, timed; checks what it reports against `want`.
+fn run_job(store: &dyn Store, job: &Job, want: u64) -> (Duration, Outcome, u64) {
+    let progress = Progress::default();
+    let start = Instant::now();
+    let outcome = store.invalidate(job, &progress).expect("invalidate");
+    let took = start.elapsed();
+    let what = job.matcher.describe();
+    assert_eq!(outcome.matched, want, "{what}: matched");
+    assert_eq!(
+        progress.matched.load(Ordering::Relaxed),
+        want,
+        "{what}: progress.matched"
+    );
+    let changed = if job.dry_run { 0 } else { want };
+    assert_eq!(outcome.changed, changed, "{what}: deleted");
+    assert_eq!(
+        progress.changed.load(Ordering::Relaxed),
+        changed,
+        "{what}: progress.changed"
+    );
+    (took, outcome, progress.scanned.load(Ordering::Relaxed))
+}
+
+// -----------------------------------------------------------------------------------------
+
+fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>) {
+    let master = RedisServer::start(None);
+    let replica = with_replica.then(|| RedisServer::start(Some(master.port)));
+    let replicas = u64::from(with_replica);
+    let replica_urls = replica
+        .as_ref()
+        .map_or(String::new(), |r| format!("\"{}\"", r.url()));
+    let scan_count = scan_count.map_or(String::new(), |c| format!("scan_count = {c}\n"));
+    let cfg: RedisConfig = Config::parse(&format!(
+        "[origin]\nurl = \"http://{HOST}\"\n[redis]\nmaster = \"{}\"\nreplicas = [{replica_urls}]\n{scan_count}",
+        master.url()
+    ))
+    .expect("bench config")
+    .redis
+    .expect("[redis]");
+    let store = RedisStore::new(&cfg, 4, Duration::from_secs(60)).expect("redis store");
+    let value = codec::encode(&[entry()]);
+
+    header(&format!(
+        "Redis store: master{} (redis-server {}), scan_count {}, UNLINK batches of 500, {}-byte values",
+        if with_replica { " + 1 replica, WAIT 1" } else { " only" },
+        master.info_field("server", "redis_version"),
+        cfg.scan_count,
+        value.len(),
+    ));
+
+    let all = keys_of(0..ORGS, per_org);
+    let start = Instant::now();
+    let written = redis_populate(&master, replicas, &value, all);
+    let took = start.elapsed();
+    assert_eq!(written, n);
+    assert_eq!(master.dbsize(), n);
+    println!(
+        "{:<44} {:>9} {:>9} {:>9.1} {:>9} {:>9} {:>12.0}   ({} per pipeline, used_memory {})",
+        "populate: pipelined SET PX",
+        n,
+        "-",
+        took.as_secs_f64() * 1000.0,
+        "-",
+        "-",
+        n as f64 / took.as_secs_f64(),
+        PIPELINE,
+        master.info_field("memory", "used_memory_human"),
+    );
+
+    let check_left = |left: u64, what: &str| {
+        assert_eq!(master.entries(), left, "{what}: keys left on the master");
+        if let Some(r) = &replica {
+            // WAIT returned: the replica has applied every delete already.
+            assert_eq!(r.entries(), left, "{what}: keys left on the replica");
+        }
+    };
+
+    let mut left = n;
+    // (pattern, what, dry run, orgs it names)
+    let cases: [(&str, &str, bool, Vec<u64>); 4] = [
+        (LARGE, "dry run, 10 %", true, (100..200).collect()),
+        (SMALL, "delete 0.1 % (prefix /orgs/7/)", false, vec![7]),
+        (
+            UNANCHORED,
+            "delete 0.1 % unanchored (full SCAN)",
+            false,
+            vec![8],
+        ),
+        (
+            LARGE,
+            "delete 10 % (prefix /orgs/1)",
+            false,
+            (100..200).collect(),
+        ),
+    ];
+    for (pattern, what, dry_run, orgs) in cases {
+        let want = orgs.len() as u64 * per_org;
+        let mut row = Row {
+            what: format!("{what} {pattern}"),
+            keys: left,
+            matched: want,
+            ms: Vec::new(),
+            scanned: 0,
+            scans: None,
+        };
+        for run in 0..RUNS {
+            if run > 0 && !dry_run {
+                // Put back what the last run deleted.
+                let keys = keys_of(orgs.iter().copied(), per_org);
+                assert_eq!(redis_populate(&master, replicas, &value, keys), want);
+                check_left(left, "re-populated");
+            }
+            master.reset_stats();
+            let (took, outcome, scanned) = run_job(&store, &job(pattern, dry_run), want);
+            if !dry_run {
+                let want_replicas = with_replica.then_some((1, 1));
+                assert_eq!(outcome.replicas, want_replicas, "{what}: replicas acked");
+            }
+            row.ms.push(took.as_secs_f64() * 1000.0);
+            row.scanned = scanned;
+            row.scans = Some(master.scan_calls());
+            check_left(if dry_run { left } else { left - want }, what);
+        }
+        if !dry_run {
+            left -= want;
+        }
+        row.print();
+    }
+}
+
+fn memory_bench(n: u64, per_org: u64) {
+    // Every key shares one entry: the bench measures the scan, not the allocator.
+    let e = entry();
+    let store = MemoryStore::new(usize::MAX / 2, 4, Duration::from_secs(60));
+    header("Memory store: one lock held for the whole scan, a regex per key");
+    let start = Instant::now();
+    for k in keys_of(0..ORGS, per_org) {
+        assert!(store.put(&k, Arc::clone(&e), 0).expect("put"));
+    }
+    let took = start.elapsed();
+    assert_eq!(store.usage().1 as u64, n);
+    println!(
+        "{:<44} {:>9} {:>9} {:>9.1} {:>9} {:>9} {:>12.0}   (accounted {} MB)",
+        "populate: put(key, entry, 0)",
+        n,
+        "-",
+        took.as_secs_f64() * 1000.0,
+        "-",
+        "-",
+        n as f64 / took.as_secs_f64(),
+        store.usage().0 >> 20,
+    );
+
+    let mut left = n;
+    let cases: [(&str, &str, bool, Vec<u64>); 4] = [
+        (LARGE, "dry run, 10 %", true, (100..200).collect()),
+        (SMALL, "delete 0.1 %", false, vec![7]),
+        (UNANCHORED, "delete 0.1 % unanchored", false, vec![8]),
+        (LARGE, "delete 10 %", false, (100..200).collect()),
+    ];
+    for (pattern, what, dry_run, orgs) in cases {
+        let want = orgs.len() as u64 * per_org;
+        let mut row = Row {
+            what: format!("{what} {pattern}"),
+            keys: left,
+            matched: want,
+            ms: Vec::new(),
+            scanned: 0,
+            scans: None,
+        };
+        for run in 0..RUNS {
+            if run > 0 && !dry_run {
+                // Put back what the last run deleted (a fill from the current generation).
+                let since = store.get(&key(orgs[0], 0)).expect("get").generation;
+                for k in keys_of(orgs.iter().copied(), per_org) {
+                    assert!(store.put(&k, Arc::clone(&e), since).expect("put"));
+                }
+            }
+            let (took, _, scanned) = run_job(&store, &job(pattern, dry_run), want);
+            row.ms.push(took.as_secs_f64() * 1000.0);
+            row.scanned = scanned;
+            let want_left = if dry_run { left } else { left - want };
+            assert_eq!(store.usage().1 as u64, want_left, "{what}: keys left");
+        }
+        if !dry_run {
+            left -= want;
+        }
+        row.print();
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::var("ECHO_BENCH_KEYS")
+        .ok()
+        .map_or(1_000_000, |v| {
+            v.trim().parse().expect("ECHO_BENCH_KEYS: a number")
+        });
+    assert!(
+        n >= ORGS && n % ORGS == 0,
+        "ECHO_BENCH_KEYS must be a multiple of {ORGS} (got {n})"
+    );
+    let with_replica = std::env::var("ECHO_BENCH_REPLICA").map_or(true, |v| v.trim() != "0");
+    let scan_count = std::env::var("ECHO_BENCH_SCAN_COUNT")
+        .ok()
+        .map(|v| v.trim().parse().expect("ECHO_BENCH_SCAN_COUNT: a number"));
+    let per_org = n / ORGS;
+    println!(
+        "invalidation bench: {n} keys, {ORGS} orgs x {per_org} keys \
+         (http://{HOST}/orgs/{{org}}/users/{{u}}?page={{p}}), {RUNS} runs per deletion"
+    );
+    redis_bench(n, per_org, with_replica, scan_count);
+    memory_bench(n, per_org);
+}
