@@ -158,6 +158,15 @@ struct RawCache {
     max_object_bytes: u64,
     max_variants: u64,
     heuristic_max_ms: u64,
+    default_ttl_ms: u64,
+    max_stale_ms: u64,
+    honor_request_cache_control: bool,
+    refresh_ahead_ms: u64,
+    background_workers: u64,
+    background_queue: u64,
+    coalesce_wait_ms: u64,
+    coalesce_max_waiters: Option<u64>,
+    coalesce_lock_ttl_ms: u64,
 }
 
 impl Default for RawCache {
@@ -168,6 +177,15 @@ impl Default for RawCache {
             max_object_bytes: 8 * 1024 * 1024,
             max_variants: 16,
             heuristic_max_ms: 86_400_000,
+            default_ttl_ms: 0,
+            max_stale_ms: 3_600_000,
+            honor_request_cache_control: true,
+            refresh_ahead_ms: 0,
+            background_workers: 4,
+            background_queue: 256,
+            coalesce_wait_ms: 5_000,
+            coalesce_max_waiters: None,
+            coalesce_lock_ttl_ms: 30_000,
         }
     }
 }
@@ -358,6 +376,24 @@ pub struct CacheConfig {
     pub max_object_bytes: usize,
     pub max_variants: usize,
     pub heuristic_max: Duration,
+    /// Lifetime for heuristically cacheable responses without freshness information;
+    /// zero: off.
+    pub default_ttl: Duration,
+    /// Cap on serving stale (stale-while-revalidate, stale-if-error, max-stale).
+    pub max_stale: Duration,
+    /// Act on clients' Cache-Control request directives.
+    pub honor_request_cache_control: bool,
+    /// Refresh an entry read within this long of its expiry in the background; zero: off.
+    pub refresh_ahead: Duration,
+    /// Threads and queue for background refreshes (stale-while-revalidate, refresh-ahead).
+    pub background_workers: usize,
+    pub background_queue: usize,
+    /// How long a request waits for another's fetch of the same key before fetching itself.
+    pub coalesce_wait: Duration,
+    /// Requests allowed to wait on one key; more fetch themselves.
+    pub coalesce_max_waiters: usize,
+    /// Lifetime of the cross-node fill lock (Redis), in case its holder dies.
+    pub coalesce_lock_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +551,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         max_object_bytes,
         max_variants: ranged("cache.max_variants", c.max_variants, 1, 1024)?,
         heuristic_max: Duration::from_millis(c.heuristic_max_ms),
+        default_ttl: Duration::from_millis(c.default_ttl_ms),
+        max_stale: Duration::from_millis(c.max_stale_ms),
+        honor_request_cache_control: c.honor_request_cache_control,
+        refresh_ahead: Duration::from_millis(c.refresh_ahead_ms),
+        background_workers: ranged("cache.background_workers", c.background_workers, 1, 256)?,
+        background_queue: ranged("cache.background_queue", c.background_queue, 1, 100_000)?,
+        coalesce_wait: ms("cache.coalesce_wait_ms", c.coalesce_wait_ms)?,
+        coalesce_max_waiters: match c.coalesce_max_waiters {
+            Some(n) => ranged("cache.coalesce_max_waiters", n, 0, 100_000)?,
+            None => server.workers,
+        },
+        coalesce_lock_ttl: ms("cache.coalesce_lock_ttl_ms", c.coalesce_lock_ttl_ms)?,
     };
 
     let inv = &raw.invalidation;

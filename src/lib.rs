@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod coalesce;
 pub mod config;
 pub mod http;
 pub mod invalidate;
@@ -72,23 +73,37 @@ pub fn start_on(
                     cfg.cache.max_variants,
                     cfg.invalidation.ban_ttl,
                 )
-                .map_err(|e| io::Error::other(e.to_string()))?,
+                .map_err(|e| io::Error::other(e.to_string()))?
+                .with_max_stale(cfg.cache.max_stale),
             )
         }
     };
     let policy = policy::PolicyOptions {
         heuristic_max: cfg.cache.heuristic_max,
+        default_ttl: cfg.cache.default_ttl,
+        max_stale: cfg.cache.max_stale,
+        honor_request: cfg.cache.honor_request_cache_control,
         ..policy::PolicyOptions::default()
     };
     let origin = origin::Origin::new(&cfg.origin);
-    let proxy = Arc::new(proxy::Proxy::new(
-        Arc::clone(&store),
-        origin,
-        policy,
-        cfg.cache.max_object_bytes,
-        cfg.invalidation.ban_ttl,
-    ));
     let metrics = metrics::Metrics::new();
+    let proxy = Arc::new(
+        proxy::Proxy::new(
+            Arc::clone(&store),
+            origin,
+            policy,
+            cfg.cache.max_object_bytes,
+            cfg.invalidation.ban_ttl,
+        )
+        .with_refresh_ahead(cfg.cache.refresh_ahead)
+        .with_coalescing(
+            cfg.cache.coalesce_max_waiters,
+            cfg.cache.coalesce_wait,
+            cfg.cache.coalesce_lock_ttl,
+        )
+        .with_metrics(Arc::clone(&metrics)),
+    );
+    proxy.start_background(cfg.cache.background_workers, cfg.cache.background_queue)?;
     let invalidator = Arc::new(invalidate::Invalidator::start(
         store,
         Arc::clone(&proxy) as Arc<dyn invalidate::Refresher>,

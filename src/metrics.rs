@@ -20,6 +20,8 @@ pub struct Metrics {
     pub invalidations: Family<Labels, Counter>,
     /// `echo_invalidated_entries_total{mode}`: entries deleted, marked stale or refreshed.
     pub invalidated_entries: Family<Labels, Counter>,
+    /// `echo_coalesced_requests_total`: requests answered from another's fetch.
+    pub coalesced: Counter,
 }
 
 impl Metrics {
@@ -37,10 +39,17 @@ impl Metrics {
             "Entries deleted, marked stale or refreshed by invalidation jobs, by mode",
             invalidated_entries.clone(),
         );
+        let coalesced = Counter::default();
+        registry.register(
+            "echo_coalesced_requests",
+            "Requests answered from another request's origin fetch of the same key",
+            coalesced.clone(),
+        );
         Arc::new(Metrics {
             registry,
             invalidations,
             invalidated_entries,
+            coalesced,
         })
     }
 

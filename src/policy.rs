@@ -507,6 +507,16 @@ pub struct PolicyOptions {
     pub heuristic_max: Duration,
     /// Fraction of (Date − Last-Modified) used for the heuristic. Default: 0.1.
     pub heuristic_fraction: f64,
+    /// Lifetime given to a heuristically cacheable response that has no freshness
+    /// information at all (no explicit lifetime, no Last-Modified). Zero (the default): off.
+    pub default_ttl: Duration,
+    /// Cap on how long past its freshness a response is served stale (stale-while-
+    /// revalidate, stale-if-error, a client's max-stale). Default: 1 hour.
+    pub max_stale: Duration,
+    /// Act on the client's request directives (max-age, max-stale, min-fresh, no-cache,
+    /// only-if-cached); many operators turn this off so clients cannot bypass the cache.
+    /// Default: on.
+    pub honor_request: bool,
 }
 
 impl Default for PolicyOptions {
@@ -514,6 +524,9 @@ impl Default for PolicyOptions {
         PolicyOptions {
             heuristic_max: Duration::from_secs(24 * 60 * 60),
             heuristic_fraction: 0.1,
+            default_ttl: Duration::ZERO,
+            max_stale: Duration::from_secs(60 * 60),
+            honor_request: true,
         }
     }
 }
@@ -678,7 +691,14 @@ pub fn freshness_lifetime(
     // RFC 9111 §4.2.2: "A cache MUST NOT use heuristics to determine freshness when an
     // explicit expiration time is present in the stored response." (We only get here when
     // none is.)
-    heuristic_lifetime(status, resp, response_time, opts).map(|d| (d, true))
+    heuristic_lifetime(status, resp, response_time, opts)
+        .map(|d| (d, true))
+        // An operator's default lifetime, for heuristically cacheable responses the origin
+        // said nothing about (the same responses RFC 9111 §4.2.2 lets a cache guess for).
+        .or_else(|| {
+            (heuristically_cacheable(status) && !opts.default_ttl.is_zero())
+                .then_some((opts.default_ttl, true))
+        })
 }
 
 /// RFC 9111 §4.2.2 heuristic: fraction × (Date − Last-Modified), capped, whole seconds.
@@ -720,6 +740,121 @@ fn heuristic_lifetime(
 /// Saturates a computed lifetime at 2^31 seconds (RFC 9111 §1.2.2).
 fn cap_delta(d: Duration) -> Duration {
     d.min(Duration::from_secs(DELTA_SECONDS_MAX))
+}
+
+/// How a stored response may be used for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Fresh: serve it.
+    Fresh,
+    /// Stale within stale-while-revalidate: serve it now, refresh it in the background.
+    StaleWhileRevalidate,
+    /// Stale, but the client accepts that (max-stale): serve it.
+    StaleAccepted,
+    /// Go to the origin first (conditionally, when the response has validators).
+    /// `if_error`: the stored response may answer instead if the origin fails
+    /// (stale-if-error). `never_stale`: it may never be served stale, and an origin that
+    /// cannot be reached is a 504.
+    Revalidate { if_error: bool, never_stale: bool },
+}
+
+/// How long past its freshness a stored response may be served stale at most (the
+/// longer of its stale-while-revalidate and stale-if-error windows, capped); zero when
+/// it may never be served stale. Stores keep entries at least this long past freshness.
+pub fn stale_window(stored: &HeaderList, opts: &PolicyOptions) -> Duration {
+    let cc = CacheControl::parse(stored);
+    if never_stale(&cc) {
+        return Duration::ZERO;
+    }
+    let secs = cc
+        .stale_while_revalidate
+        .unwrap_or(0)
+        .max(cc.stale_if_error.unwrap_or(0));
+    Duration::from_secs(secs).min(opts.max_stale)
+}
+
+/// Must this response never be served stale?
+fn never_stale(cc: &CacheControl) -> bool {
+    // RFC 9111 §5.2.2.2: "once the response has become stale, a cache MUST NOT reuse that
+    // response to satisfy another request until it has been successfully validated by the
+    // origin". §5.2.2.8: proxy-revalidate "has the same meaning as the must-revalidate
+    // response directive except that it does not apply to private caches". §5.2.2.10:
+    // s-maxage "also implies the semantics of the proxy-revalidate response directive".
+    // (no-cache responses are not stored at all.)
+    cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some() || cc.no_cache
+}
+
+/// Decides how a stored response (its fields, lifetime and current age) may answer a
+/// request with directives `req` (RFC 9111 §4.2.4, §5.2.1; RFC 5861).
+pub fn reuse(
+    stored: &HeaderList,
+    freshness: Duration,
+    age: Duration,
+    req: &CacheControl,
+    opts: &PolicyOptions,
+) -> Reuse {
+    let cc = CacheControl::parse(stored);
+    let never_stale = never_stale(&cc);
+    let staleness = age.saturating_sub(freshness);
+    let cap = |secs: Option<u64>| secs.map(|s| Duration::from_secs(s).min(opts.max_stale));
+    // RFC 5861 §4: "The stale-if-error Cache-Control extension indicates that when an
+    // error is encountered, a cached stale response MAY be used to satisfy the request,
+    // regardless of other freshness information." Within its window, and never against
+    // must-revalidate and its kin.
+    let if_error = !never_stale && cap(cc.stale_if_error).is_some_and(|w| staleness <= w);
+    let revalidate = Reuse::Revalidate {
+        if_error,
+        never_stale,
+    };
+    let req = if opts.honor_request {
+        req.clone()
+    } else {
+        CacheControl::default()
+    };
+    // RFC 9111 §5.2.1.4: "The no-cache request directive indicates that the client prefers
+    // that a stored response not be used to satisfy the request without successful
+    // validation on the origin server."
+    if req.no_cache {
+        return revalidate;
+    }
+    // RFC 9111 §5.2.1.1: "The max-age request directive indicates that the client prefers a
+    // response whose age is less than or equal to the specified number of seconds."
+    if req.max_age.is_some_and(|m| age > Duration::from_secs(m)) {
+        return revalidate;
+    }
+    // RFC 9111 §5.2.1.3: "The min-fresh request directive indicates that the client
+    // prefers a response whose freshness lifetime is no less than its current age plus the
+    // specified time in seconds."
+    if req
+        .min_fresh
+        .is_some_and(|m| freshness < age.saturating_add(Duration::from_secs(m)))
+    {
+        return revalidate;
+    }
+    if is_fresh(freshness, age) {
+        return Reuse::Fresh;
+    }
+    if never_stale {
+        return revalidate;
+    }
+    // RFC 9111 §5.2.1.2: "The max-stale request directive indicates that the client will
+    // accept a response that has exceeded its freshness lifetime. If a value is present,
+    // then the client is willing to accept a response that has exceeded its freshness
+    // lifetime by no more than the specified number of seconds." (Capped by max_stale.)
+    match req.max_stale {
+        Some(None) if staleness <= opts.max_stale => return Reuse::StaleAccepted,
+        Some(Some(n)) if staleness <= Duration::from_secs(n).min(opts.max_stale) => {
+            return Reuse::StaleAccepted
+        }
+        _ => {}
+    }
+    // RFC 5861 §3: "When present in an HTTP response, the stale-while-revalidate Cache-
+    // Control extension indicates that caches MAY serve the response in which it appears
+    // after it becomes stale, up to the indicated number of seconds."
+    if cap(cc.stale_while_revalidate).is_some_and(|w| staleness <= w) {
+        return Reuse::StaleWhileRevalidate;
+    }
+    revalidate
 }
 
 /// Is this stored response fresh at `age`?
@@ -1874,6 +2009,7 @@ mod tests {
                 let opts = PolicyOptions {
                     heuristic_max: secs(cap),
                     heuristic_fraction,
+                    ..PolicyOptions::default()
                 };
                 storability("GET", &[], 200, &resp, t0(), &opts)
             };
@@ -2444,6 +2580,171 @@ mod tests {
             for (m, s, want) in cases {
                 assert_eq!(invalidates(m, s), want, "{m} {s}");
             }
+        }
+    }
+
+    mod reuse_rules {
+        use super::super::*;
+
+        fn h(cc: &str) -> Vec<(String, Vec<u8>)> {
+            vec![("cache-control".to_string(), cc.as_bytes().to_vec())]
+        }
+
+        fn req(cc: &str) -> CacheControl {
+            CacheControl::parse_request(&h(cc))
+        }
+
+        #[test]
+        fn stored_and_requested_directives_decide_reuse() {
+            let rv = |if_error, never_stale| Reuse::Revalidate {
+                if_error,
+                never_stale,
+            };
+            // (stored Cache-Control, freshness s, age s, request Cache-Control, expected)
+            let cases: &[(&str, u64, u64, &str, Reuse)] = &[
+                ("max-age=60", 60, 10, "", Reuse::Fresh),
+                ("max-age=60", 60, 61, "", rv(false, false)),
+                (
+                    "max-age=60, stale-while-revalidate=30",
+                    60,
+                    80,
+                    "",
+                    Reuse::StaleWhileRevalidate,
+                ),
+                (
+                    "max-age=60, stale-while-revalidate=30",
+                    60,
+                    95,
+                    "",
+                    rv(false, false),
+                ),
+                ("max-age=60, stale-if-error=30", 60, 80, "", rv(true, false)),
+                (
+                    "max-age=60, stale-if-error=30",
+                    60,
+                    95,
+                    "",
+                    rv(false, false),
+                ),
+                // must-revalidate and its kin: never stale, whatever the extensions say.
+                (
+                    "max-age=60, must-revalidate, stale-while-revalidate=30",
+                    60,
+                    70,
+                    "",
+                    rv(false, true),
+                ),
+                (
+                    "max-age=60, proxy-revalidate, stale-if-error=30",
+                    60,
+                    70,
+                    "",
+                    rv(false, true),
+                ),
+                (
+                    "s-maxage=60, stale-while-revalidate=30",
+                    60,
+                    70,
+                    "",
+                    rv(false, true),
+                ),
+                // Request directives.
+                ("max-age=60", 60, 10, "no-cache", rv(false, false)),
+                ("max-age=60", 60, 10, "max-age=5", rv(false, false)),
+                ("max-age=60", 60, 10, "max-age=20", Reuse::Fresh),
+                ("max-age=60", 60, 50, "min-fresh=20", rv(false, false)),
+                ("max-age=60", 60, 70, "max-stale", Reuse::StaleAccepted),
+                ("max-age=60", 60, 70, "max-stale=5", rv(false, false)),
+                ("max-age=60", 60, 70, "max-stale=50", Reuse::StaleAccepted),
+                (
+                    "max-age=60, must-revalidate",
+                    60,
+                    70,
+                    "max-stale",
+                    rv(false, true),
+                ),
+            ];
+            let opts = PolicyOptions::default();
+            for (stored, fresh, age, request, want) in cases {
+                let got = reuse(
+                    &h(stored),
+                    Duration::from_secs(*fresh),
+                    Duration::from_secs(*age),
+                    &req(request),
+                    &opts,
+                );
+                assert_eq!(got, *want, "{stored} / age {age} / request {request:?}");
+            }
+        }
+
+        #[test]
+        fn request_directives_can_be_ignored_and_stale_windows_are_capped() {
+            let opts = PolicyOptions {
+                honor_request: false,
+                max_stale: Duration::from_secs(10),
+                ..PolicyOptions::default()
+            };
+            let stored = h("max-age=60, stale-while-revalidate=3600");
+            let got = reuse(
+                &stored,
+                Duration::from_secs(60),
+                Duration::from_secs(10),
+                &req("no-cache"),
+                &opts,
+            );
+            assert_eq!(got, Reuse::Fresh, "the client's no-cache is ignored");
+            let got = reuse(
+                &stored,
+                Duration::from_secs(60),
+                Duration::from_secs(65),
+                &req(""),
+                &opts,
+            );
+            assert_eq!(got, Reuse::StaleWhileRevalidate);
+            let got = reuse(
+                &stored,
+                Duration::from_secs(60),
+                Duration::from_secs(75),
+                &req(""),
+                &opts,
+            );
+            assert_eq!(
+                got,
+                Reuse::Revalidate {
+                    if_error: false,
+                    never_stale: false
+                },
+                "capped at 10 s"
+            );
+            assert_eq!(stale_window(&stored, &opts), Duration::from_secs(10));
+            assert_eq!(
+                stale_window(&h("max-age=60, must-revalidate, stale-if-error=99"), &opts),
+                Duration::ZERO
+            );
+        }
+
+        #[test]
+        fn a_default_ttl_covers_responses_the_origin_said_nothing_about() {
+            let opts = PolicyOptions {
+                default_ttl: Duration::from_secs(30),
+                ..PolicyOptions::default()
+            };
+            let now = SystemTime::now();
+            let got = storability("GET", &[], 200, &[], now, &opts);
+            assert_eq!(
+                got,
+                Storability::Store {
+                    freshness: Duration::from_secs(30),
+                    heuristic: true
+                }
+            );
+            // Not for statuses that need explicit freshness, and off by default.
+            assert!(matches!(
+                storability("GET", &[], 302, &[], now, &opts),
+                Storability::DoNotStore(_)
+            ));
+            let off = storability("GET", &[], 200, &[], now, &PolicyOptions::default());
+            assert_eq!(off, Storability::DoNotStore(NoStoreReason::NotFresh));
         }
     }
 }

@@ -9,21 +9,24 @@
 //! complete one) and stores nothing; every proxied response says what happened in
 //! `X-Cache-Status` and in an RFC 9211 `Cache-Status` member.
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, warn};
 
+use crate::coalesce::{Coalescer, Join, Outcome};
 use crate::http::body::client_error;
 use crate::http::exchange::Exchange;
 use crate::http::response::BodyLength;
 use crate::http::{self, BodyFraming, Headers, Request};
 use crate::invalidate::Refresher;
 use crate::key::CacheKey;
+use crate::metrics::Metrics;
 use crate::origin::{Origin, OriginError, OriginRequest, OriginResponse};
-use crate::policy::{self, PolicyOptions, Storability};
+use crate::policy::{self, CacheControl, PolicyOptions, Reuse, Storability};
 use crate::server::Handler;
 use crate::store::{Entry, Lookup, Store};
 
@@ -156,6 +159,16 @@ pub struct Proxy {
     policy: PolicyOptions,
     max_object_bytes: usize,
     ban_ttl: Duration,
+    /// Refresh-ahead window; zero: off.
+    refresh_ahead: Duration,
+    background: OnceLock<Background>,
+    coalescer: Coalescer,
+    coalesce_wait: Duration,
+    coalesce_lock_ttl: Duration,
+    /// Identifies this Echo process in fill-lock owner ids.
+    node_id: String,
+    fetches: AtomicU64,
+    metrics: Option<Arc<Metrics>>,
     last_warning: AtomicU64,
 }
 
@@ -175,6 +188,20 @@ impl Proxy {
             policy,
             max_object_bytes,
             ban_ttl,
+            refresh_ahead: Duration::ZERO,
+            background: OnceLock::new(),
+            coalescer: Coalescer::new(64, Duration::from_secs(5)),
+            coalesce_wait: Duration::from_secs(5),
+            coalesce_lock_ttl: Duration::from_secs(30),
+            node_id: format!(
+                "{}-{}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
+            fetches: AtomicU64::new(0),
+            metrics: None,
             last_warning: AtomicU64::new(0),
         }
     }
@@ -217,28 +244,175 @@ impl Proxy {
         let selected = variants
             .iter()
             .find(|e| policy::vary_matches(&e.vary, &ex.req.headers));
-        let forward = match selected {
-            Some(entry) => {
-                let age = policy::current_age(entry.initial_age, entry.response_time, now);
-                if policy::is_fresh(entry.freshness, age) {
-                    debug!("HIT {key}");
-                    let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
-                    let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}");
-                    return serve_stored(ex, entry, age, CacheStatus::Hit, cache_status);
-                }
-                Forward::Stale
-            }
-            None if variants.is_empty() => Forward::UriMiss,
-            None => Forward::VaryMiss,
-        };
-        debug!("{} {key}", forward.cache_status_params());
+        let req_cc = CacheControl::parse_request(&ex.req.headers);
         let since = Since {
             generation,
             started,
         };
+        let mut fallback = Fallback::default();
+        let forward = match selected {
+            Some(entry) => {
+                let age = policy::current_age(entry.initial_age, entry.response_time, now);
+                let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
+                match policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy) {
+                    Reuse::Fresh => {
+                        debug!("HIT {key}");
+                        // Refresh-ahead: a hot entry close to expiry is revalidated in the
+                        // background, so the next requests never find it stale.
+                        let left = entry.freshness.saturating_sub(age);
+                        if !self.refresh_ahead.is_zero() && left <= self.refresh_ahead {
+                            self.refresh_later(&key, &ex.req, entry, since);
+                        }
+                        let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}");
+                        return serve_stored(ex, entry, age, CacheStatus::Hit, cache_status);
+                    }
+                    Reuse::StaleWhileRevalidate => {
+                        debug!("STALE {key} (stale-while-revalidate)");
+                        self.refresh_later(&key, &ex.req, entry, since);
+                        let cache_status =
+                            format!("{CACHE_NAME}; hit; ttl={ttl}; detail=stale-while-revalidate");
+                        return serve_stored(ex, entry, age, CacheStatus::Stale, cache_status);
+                    }
+                    Reuse::StaleAccepted => {
+                        debug!("STALE {key} (the client's max-stale)");
+                        let cache_status =
+                            format!("{CACHE_NAME}; hit; ttl={ttl}; detail=max-stale");
+                        return serve_stored(ex, entry, age, CacheStatus::Stale, cache_status);
+                    }
+                    Reuse::Revalidate {
+                        if_error,
+                        never_stale,
+                    } => {
+                        fallback = Fallback {
+                            if_error,
+                            never_stale,
+                        };
+                        Forward::Stale
+                    }
+                }
+            }
+            None if variants.is_empty() => Forward::UriMiss,
+            None => Forward::VaryMiss,
+        };
+        // RFC 9111 §5.2.1.7: "The only-if-cached request directive indicates that the client
+        // only wishes to obtain a stored response. Caches that honor this request directive
+        // SHOULD, upon receiving it, respond with either a stored response consistent with
+        // the other constraints of the request or a 504 (Gateway Timeout) status code."
+        if req_cc.only_if_cached && self.policy.honor_request {
+            return only_if_cached_miss(ex, forward);
+        }
+        debug!("{} {key}", forward.cache_status_params());
         // Only a stale selected response is revalidated; a miss has nothing to validate.
-        let stale = selected.filter(|_| forward == Forward::Stale);
-        self.fill(ex, &key, forward, since, stale.map(|e| &**e));
+        let stale = selected
+            .filter(|_| forward == Forward::Stale)
+            .map(|e| (&**e, fallback));
+        self.fetch_once(ex, &key, forward, since, stale);
+    }
+
+    /// One origin fetch per key at a time. The first request leads: with a shared store
+    /// it also takes the cluster-wide fill lock, or, when another node holds it, waits
+    /// for that node's fill. The others wait for the leader and answer from the store
+    /// (`collapsed`), or fetch themselves when its answer may not be shared (private,
+    /// Set-Cookie, uncacheable), it failed, or they waited too long.
+    fn fetch_once(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        forward: Forward,
+        since: Since,
+        stale: Option<(&Entry, Fallback)>,
+    ) {
+        match self.coalescer.join(key.as_str()) {
+            Join::Leader(permit) => {
+                // Registered before the lock is tried, so no release can be missed.
+                let waiter = self.store.fill_waiter(key);
+                let owner = self.next_owner();
+                let outcome = match self.store.lock_fill(key, &owner, self.coalesce_lock_ttl) {
+                    Ok(false) => {
+                        let started = Instant::now();
+                        waiter.wait(self.coalesce_wait);
+                        if self.serve_collapsed(ex, key, started.elapsed()) {
+                            Outcome::Stored
+                        } else {
+                            self.fill(ex, key, forward, since, stale)
+                        }
+                    }
+                    locked => {
+                        drop(waiter);
+                        // Released on every path (drop), after the fill has stored.
+                        let _lock = matches!(locked, Ok(true)).then(|| FillLock {
+                            store: self.store.as_ref(),
+                            key,
+                            owner,
+                        });
+                        self.fill(ex, key, forward, since, stale)
+                    }
+                };
+                permit.finish(outcome);
+            }
+            Join::Followed {
+                outcome: Outcome::Stored,
+                waited,
+            } => {
+                if !self.serve_collapsed(ex, key, waited) {
+                    self.fill(ex, key, forward, since, stale);
+                }
+            }
+            Join::Followed { .. } | Join::TimedOut | Join::Overflow => {
+                self.fill(ex, key, forward, since, stale);
+            }
+        }
+    }
+
+    /// Answers a request that waited for another's fetch from what that fetch stored, if
+    /// it stored a fresh response this request selects.
+    fn serve_collapsed(&self, ex: &mut Exchange<'_>, key: &CacheKey, waited: Duration) -> bool {
+        // From where the fill was written: a lagging replica would turn this into a miss.
+        let Ok(lookup) = self.store.get_latest(key) else {
+            return false;
+        };
+        let Some(entry) = lookup
+            .variants
+            .iter()
+            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers))
+        else {
+            return false;
+        };
+        let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
+        if !policy::is_fresh(entry.freshness, age) {
+            return false;
+        }
+        if let Some(m) = &self.metrics {
+            m.coalesced.inc();
+        }
+        debug!("HIT {key} (collapsed, waited {waited:?})");
+        let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
+        let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}; collapsed");
+        serve_stored(ex, entry, age, CacheStatus::Hit, cache_status);
+        true
+    }
+
+    /// A unique id for one fetch, naming the holder of a fill lock.
+    fn next_owner(&self) -> String {
+        let n = self.fetches.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.node_id)
+    }
+
+    /// Queues a background revalidation of `entry` (one per key at a time; none when the
+    /// queue is full: the next request tries again).
+    fn refresh_later(&self, key: &CacheKey, req: &Request, entry: &Arc<Entry>, since: Since) {
+        let Some(background) = self.background.get() else {
+            return;
+        };
+        let mut headers = forward_headers(req, &self.origin.authority);
+        headers.retain(|(n, _)| !matches!(n.as_str(), "if-none-match" | "if-modified-since"));
+        background.submit(Task {
+            key: key.clone(),
+            headers,
+            req_headers: req.headers.clone(),
+            stale: Arc::clone(entry),
+            since,
+        });
     }
 
     /// Fetches a GET (HEAD is converted: one stored GET answers both) and stores it
@@ -251,8 +425,10 @@ impl Proxy {
         key: &CacheKey,
         forward: Forward,
         since: Since,
-        stale: Option<&Entry>,
-    ) {
+        stale: Option<(&Entry, Fallback)>,
+    ) -> Outcome {
+        let fallback = stale;
+        let stale = stale.map(|(e, _)| e);
         let mut headers = forward_headers(&ex.req, &self.origin.authority);
         // The stored response must be complete: the client's own validators are
         // answered from the store below, not passed to the origin.
@@ -279,9 +455,35 @@ impl Proxy {
         });
         let response = match result {
             Ok(r) => r,
-            Err(e) => return self.origin_failed(ex, &e, forward),
+            Err(e) => {
+                if let Some((stored, f)) = fallback {
+                    if f.if_error {
+                        serve_stale_on_error(ex, stored, e.kind());
+                        return Outcome::Failed;
+                    }
+                    // RFC 9111 §5.2.2.2: "if a cache is disconnected, the cache MUST
+                    // generate an error response rather than reuse the stale response. The
+                    // generated status code SHOULD be 504 (Gateway Timeout)".
+                    if f.never_stale && !matches!(e, OriginError::ClientBody(_)) {
+                        self.origin_failed(ex, &OriginError::Timeout("revalidation"), forward);
+                        return Outcome::Failed;
+                    }
+                }
+                self.origin_failed(ex, &e, forward);
+                return Outcome::Failed;
+            }
         };
         let response_time = SystemTime::now();
+        // RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or
+        // 504 HTTP response status code being returned."
+        if let Some((stored, f)) = fallback {
+            if f.if_error && matches!(response.status, 500 | 502 | 503 | 504) {
+                let kind = format!("status-{}", response.status);
+                drop(response);
+                serve_stale_on_error(ex, stored, &kind);
+                return Outcome::Failed;
+            }
+        }
         if let Some(stored) = validating.filter(|_| response.status == 304) {
             // RFC 9111 §4.3.3: "A 304 (Not Modified) response status code indicates that
             // the stored response can be updated and reused; see Section 4.3.4." Any other
@@ -333,7 +535,11 @@ impl Proxy {
                 response_time,
             ),
         });
-        self.stream_body(ex, response, &base, forward, reason, fill);
+        if self.stream_body(ex, response, &base, forward, reason, fill) {
+            Outcome::Stored
+        } else {
+            Outcome::NotShared
+        }
     }
 
     /// Answers from the `stored` response freshened by a 304 (`not_modified`, its fields as
@@ -346,7 +552,7 @@ impl Proxy {
         stored: &Entry,
         not_modified: &Headers,
         (request_time, response_time): (SystemTime, SystemTime),
-    ) {
+    ) -> Outcome {
         // RFC 9111 §4.3.4: "For each stored response identified, the cache MUST update its
         // header fields with the header fields provided in the 304 (Not Modified) response,
         // as per Section 3.2." The content stays the stored one.
@@ -393,6 +599,37 @@ impl Proxy {
         );
         let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
         serve_stored(ex, &entry, age, CacheStatus::Revalidated, cache_status);
+        if stored_now {
+            Outcome::Stored
+        } else {
+            Outcome::NotShared
+        }
+    }
+
+    /// Coalescing: at most `max_waiters` requests wait up to `wait` for another's fetch of
+    /// the same key; a cross-node fill lock lives at most `lock_ttl`.
+    pub fn with_coalescing(
+        mut self,
+        max_waiters: usize,
+        wait: Duration,
+        lock_ttl: Duration,
+    ) -> Proxy {
+        self.coalescer = Coalescer::new(max_waiters, wait);
+        self.coalesce_wait = wait;
+        self.coalesce_lock_ttl = lock_ttl;
+        self
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Proxy {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Turns refresh-ahead on: entries read within `window` of their expiry are
+    /// revalidated in the background.
+    pub fn with_refresh_ahead(mut self, window: Duration) -> Proxy {
+        self.refresh_ahead = window;
+        self
     }
 
     /// Stores a filled entry; a store error is logged and costs only a later miss.
@@ -437,7 +674,7 @@ impl Proxy {
         forward: Forward,
         not_stored: Option<&str>,
         mut fill: Option<Fill<'_>>,
-    ) {
+    ) -> bool {
         let mut headers = base.clone();
         let stored = if fill.is_some() { "; stored" } else { "" };
         let detail = not_stored
@@ -465,7 +702,7 @@ impl Proxy {
         if head_request && fill.is_none() {
             let _ = ex.start(response.status, &headers, length, head_length);
             let _ = ex.finish();
-            return;
+            return false;
         }
         // A HEAD that fills the cache answers once the entry is stored.
         let mut client_gone = !head_request
@@ -492,7 +729,7 @@ impl Proxy {
                     } else {
                         ex.respond_error(502, "the origin response broke off", true);
                     }
-                    return;
+                    return false;
                 }
             };
             if fill.is_some() {
@@ -511,14 +748,15 @@ impl Proxy {
             }
             if client_gone && fill.is_none() {
                 // Nothing more can reach this client and nothing is being stored.
-                return;
+                return false;
             }
             std::mem::swap(&mut current, &mut held);
             held_len = n;
         }
+        let mut stored = false;
         if let Some(mut fill) = fill {
             fill.entry.body = body;
-            self.store(fill);
+            stored = self.store(fill);
         }
         if head_request {
             let _ = ex.start(response.status, &headers, length, head_length);
@@ -528,6 +766,7 @@ impl Proxy {
         if !client_gone {
             let _ = ex.finish();
         }
+        stored
     }
 
     /// Passes a request through without the cache (other methods, ranges), streaming
@@ -673,51 +912,231 @@ impl Refresher for Proxy {
             headers.push(("via".into(), VIA.to_vec()));
             headers.push(("x-forwarded-host".into(), key.host().as_bytes().to_vec()));
             headers.push(("x-forwarded-proto".into(), b"http".to_vec()));
-            let request_time = SystemTime::now();
-            let response = match self.origin.send(OriginRequest {
-                method: "GET",
-                target: key.target(),
-                headers: &headers,
-                body: None,
-            }) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.warn_limited(format_args!("refresh of {key} failed: {e}"));
-                    continue;
-                }
-            };
-            let response_time = SystemTime::now();
             req_headers.push(("host".into(), key.host().as_bytes().to_vec()));
+            refreshed |= self.fetch_and_store(key, headers, &req_headers, None, since);
+        }
+        refreshed
+    }
+}
+
+impl Proxy {
+    /// Starts the background refresh pool (stale-while-revalidate, refresh-ahead). Its
+    /// threads hold the proxy weakly: they end when it is dropped.
+    pub fn start_background(self: &Arc<Self>, workers: usize, queue: usize) -> std::io::Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded::<Task>(queue);
+        for i in 0..workers {
+            let rx = rx.clone();
+            let proxy = Arc::downgrade(self);
+            std::thread::Builder::new()
+                .name(format!("echo-refresh-{i}"))
+                .spawn(move || {
+                    for task in rx.iter() {
+                        let Some(proxy) = proxy.upgrade() else {
+                            return;
+                        };
+                        let done_key = task.key.as_str().to_string();
+                        proxy.fetch_and_store(
+                            &task.key,
+                            task.headers,
+                            &task.req_headers,
+                            Some(&task.stale),
+                            task.since,
+                        );
+                        if let Some(background) = proxy.background.get() {
+                            background.done(&done_key);
+                        }
+                    }
+                })?;
+        }
+        let _ = self.background.set(Background {
+            tx,
+            refreshing: Mutex::new(HashSet::new()),
+        });
+        Ok(())
+    }
+
+    /// Fetches `key` with `headers` (conditionally on `validate`'s validators) and stores
+    /// the answer when HTTP allows: a 304 freshens `validate`, a full response replaces it.
+    /// No client is involved (background refreshes, invalidation's refresh mode).
+    fn fetch_and_store(
+        &self,
+        key: &CacheKey,
+        mut headers: Headers,
+        req_headers: &Headers,
+        validate: Option<&Entry>,
+        since: Since,
+    ) -> bool {
+        if let Some(stored) = validate {
+            headers.extend(policy::validation_preconditions(&stored.headers));
+        }
+        let request_time = SystemTime::now();
+        let response = match self.origin.send(OriginRequest {
+            method: "GET",
+            target: key.target(),
+            headers: &headers,
+            body: None,
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                self.warn_limited(format_args!("background fetch of {key} failed: {e}"));
+                return false;
+            }
+        };
+        let response_time = SystemTime::now();
+        if response.status == 304 {
+            let Some(stored) = validate else {
+                return false;
+            };
+            let not_modified = response_headers(&response.headers, response_time);
+            if !policy::freshens(&stored.headers, &not_modified) {
+                return false;
+            }
+            let updated = policy::update_stored_headers(&stored.headers, &not_modified);
             let Storability::Store { freshness, .. } = policy::storability(
                 "GET",
-                &req_headers,
-                response.status,
-                &response.headers,
+                req_headers,
+                stored.status,
+                &updated,
                 response_time,
                 &self.policy,
             ) else {
-                continue;
+                return false;
             };
-            let base = response_headers(&response.headers, response_time);
             let mut entry = new_entry(
-                &req_headers,
-                &base,
-                response.status,
+                req_headers,
+                &updated,
+                stored.status,
                 freshness,
                 request_time,
                 response_time,
             );
-            let limit = self.max_object_bytes as u64;
-            let mut body = Vec::new();
-            let read = response.body.take(limit + 1).read_to_end(&mut body);
-            if read.is_err() || body.len() as u64 > limit {
-                continue;
-            }
-            entry.body = body;
-            refreshed |= self.store(Fill { key, since, entry });
+            entry.body = stored.body.clone();
+            return self.store_entry(key, since, Arc::new(entry));
         }
-        refreshed
+        let Storability::Store { freshness, .. } = policy::storability(
+            "GET",
+            req_headers,
+            response.status,
+            &response.headers,
+            response_time,
+            &self.policy,
+        ) else {
+            return false;
+        };
+        let base = response_headers(&response.headers, response_time);
+        let mut entry = new_entry(
+            req_headers,
+            &base,
+            response.status,
+            freshness,
+            request_time,
+            response_time,
+        );
+        let limit = self.max_object_bytes as u64;
+        let mut body = Vec::new();
+        let read = response.body.take(limit + 1).read_to_end(&mut body);
+        if read.is_err() || body.len() as u64 > limit {
+            return false;
+        }
+        entry.body = body;
+        self.store(Fill { key, since, entry })
     }
+}
+
+/// A background revalidation.
+struct Task {
+    key: CacheKey,
+    /// The origin request's fields (the triggering client's, as forwarded).
+    headers: Headers,
+    /// The triggering client's fields, for storability and Vary.
+    req_headers: Headers,
+    stale: Arc<Entry>,
+    since: Since,
+}
+
+/// The bounded queue of background revalidations, and the keys being revalidated (one
+/// at a time per key).
+struct Background {
+    tx: crossbeam_channel::Sender<Task>,
+    refreshing: Mutex<HashSet<String>>,
+}
+
+impl Background {
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.refreshing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn submit(&self, task: Task) {
+        let key = task.key.as_str().to_string();
+        if !self.keys().insert(key.clone()) {
+            return;
+        }
+        if self.tx.try_send(task).is_err() {
+            debug!("background queue full; {key} is not refreshed now");
+            self.keys().remove(&key);
+        }
+    }
+
+    fn done(&self, key: &str) {
+        self.keys().remove(key);
+    }
+}
+
+/// The cluster-wide fill lock of one key while this node fetches it; released (and the
+/// waiting nodes woken) when dropped, on every path.
+struct FillLock<'a> {
+    store: &'a dyn Store,
+    key: &'a CacheKey,
+    owner: String,
+}
+
+impl Drop for FillLock<'_> {
+    fn drop(&mut self) {
+        // A lock that cannot be released expires after coalesce_lock_ttl.
+        let _ = self.store.unlock_fill(self.key, &self.owner);
+    }
+}
+
+/// What may answer if revalidation fails (RFC 5861 stale-if-error; RFC 9111 §5.2.2.2).
+#[derive(Debug, Clone, Copy, Default)]
+struct Fallback {
+    /// The stale copy may answer when the origin fails.
+    if_error: bool,
+    /// It may never answer stale: an unreachable origin is a 504.
+    never_stale: bool,
+}
+
+/// The stale copy answers because the origin failed and stale-if-error allows it.
+fn serve_stale_on_error(ex: &mut Exchange<'_>, stored: &Entry, why: &str) {
+    let age = policy::current_age(stored.initial_age, stored.response_time, SystemTime::now());
+    let ttl = stored.freshness.as_secs() as i64 - age.as_secs() as i64;
+    debug!("STALE {} (stale-if-error: {why})", ex.req.target);
+    let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}; detail=stale-if-error-{why}");
+    serve_stored(ex, stored, age, CacheStatus::Stale, cache_status);
+}
+
+/// A request with only-if-cached that nothing stored may answer.
+fn only_if_cached_miss(ex: &mut Exchange<'_>, forward: Forward) {
+    let mut headers = vec![
+        (
+            "content-type".to_string(),
+            b"text/plain; charset=utf-8".to_vec(),
+        ),
+        ("cache-control".to_string(), b"no-store".to_vec()),
+    ];
+    add_status(
+        &mut headers,
+        CacheStatus::Miss,
+        format!(
+            "{CACHE_NAME}; {}; detail=only-if-cached",
+            forward.cache_status_params()
+        ),
+    );
+    let _ = ex.respond(
+        504,
+        &headers,
+        b"echo: only-if-cached and nothing stored may answer\n",
+    );
 }
 
 /// Answers from a stored entry: 304 when the client's validators match (RFC 9111

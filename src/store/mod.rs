@@ -3,6 +3,11 @@
 //! A key holds every Vary variant of its resource: a lookup returns them all and the
 //! policy picks the one the request selects, so a hit costs one store round trip.
 //!
+//! Stores shared by several Echo nodes also coordinate fills: a cluster-wide fill lock
+//! per key ([`Store::lock_fill`]) and a [`FillWaiter`] woken when it is released, so one
+//! node fetches a key from the origin while the others wait for it. Single-node stores
+//! keep the defaults (the local coalescer is enough).
+//!
 //! Invariants: a store never fails a request: errors are returned for the caller to
 //! treat as a miss; entries are immutable once stored (shared as `Arc`).
 
@@ -13,6 +18,8 @@ pub mod redis;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::Receiver;
 
 use crate::http::Headers;
 use crate::invalidate::{Job, Outcome, Progress};
@@ -108,11 +115,80 @@ pub trait Store: Send + Sync {
     /// `since` is the generation the fill started at: if an invalidation since then
     /// names the entry, it is not stored (false), so nothing is resurrected.
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError>;
+    /// Like `get`, but from where writes land (the Redis master): for a request that
+    /// waited for another's fill and must see it, replica lag or not.
+    fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        self.get(key)
+    }
     /// Removes every variant of `key`; returns how many were removed.
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError>;
     /// Runs one invalidation job: bans what it names (unless a dry run), then finds the
     /// matching entries and deletes them, marks them stale, or lists them for refresh.
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError>;
+
+    /// Tries to take the cluster-wide fill lock of `key` for `ttl` as `owner` (a unique id
+    /// per fetch). True: this node fetches. Default (single-node stores): always true.
+    fn lock_fill(&self, _key: &CacheKey, _owner: &str, _ttl: Duration) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Releases the fill lock if `owner` still holds it, and wakes the nodes waiting for
+    /// it. The lock holder calls this on every path, whether or not the fill stored
+    /// anything.
+    fn unlock_fill(&self, _key: &CacheKey, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Registers interest in the release of `key`'s fill lock. Call it BEFORE re-checking
+    /// the store and the lock, so no release between the re-check and the wait is missed.
+    /// Default: a waiter that returns false at once.
+    fn fill_waiter(&self, _key: &CacheKey) -> FillWaiter {
+        FillWaiter::none()
+    }
+}
+
+/// Interest in the release of one key's fill lock, registered by [`Store::fill_waiter`];
+/// dropping it (or waiting on it, which consumes it) unregisters it.
+pub struct FillWaiter {
+    woken: Option<Receiver<()>>,
+    /// Unregisters the waiter when dropped (the store's own bookkeeping).
+    _registration: Option<Box<dyn Send>>,
+}
+
+impl FillWaiter {
+    /// A waiter nothing will wake: `wait` returns false at once.
+    pub fn none() -> FillWaiter {
+        FillWaiter {
+            woken: None,
+            _registration: None,
+        }
+    }
+
+    /// A waiter woken by a message on `woken`; `registration` is dropped with it.
+    pub fn new(woken: Receiver<()>, registration: impl Send + 'static) -> FillWaiter {
+        FillWaiter {
+            woken: Some(woken),
+            _registration: Some(Box::new(registration)),
+        }
+    }
+
+    /// Waits at most `timeout` for the lock to be released. True: it was released since
+    /// registration, or the store may have missed a release (e.g. it reconnected) and
+    /// asks the caller to re-check; false: timed out, or nothing can wake this waiter.
+    pub fn wait(self, timeout: Duration) -> bool {
+        match &self.woken {
+            Some(woken) => woken.recv_timeout(timeout).is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl fmt::Debug for FillWaiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FillWaiter")
+            .field("registered", &self.woken.is_some())
+            .finish()
+    }
 }
 
 /// The entries of `variants` marked stale: same response, no freshness left, so the next

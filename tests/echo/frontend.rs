@@ -9,6 +9,8 @@
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::client::build_request;
@@ -924,14 +926,18 @@ fn an_http10_client_gets_a_close_delimited_body_when_the_length_is_unknown() {
 
 #[test]
 fn a_full_worker_queue_answers_503_instead_of_waiting() {
-    let origin = TestOrigin::start(|req| {
-        let resp =
-            OriginResponse::ok(format!("GET {}", req.target)).header("Cache-Control", "no-store");
+    // The origin holds the slow requests until the test releases them, so the only worker
+    // stays busy for as long as the test needs, however loaded the machine is.
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&release);
+    let origin = TestOrigin::start(move |req| {
         if req.target.starts_with("/slow") {
-            resp.delay(Duration::from_millis(2000))
-        } else {
-            resp
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
+        OriginResponse::ok(format!("GET {}", req.target)).header("Cache-Control", "no-store")
     });
     let echo = echo_with(
         &origin,
@@ -944,21 +950,31 @@ fn a_full_worker_queue_answers_503_instead_of_waiting() {
         Duration::from_secs(5),
         || origin.total_hits() == 1,
     );
-    // One of these two waits in the queue; the other finds it full.
-    let mut b = RawClient::connect(echo.addr);
-    b.send(&build_request("GET", "/slow/b", &[], b""));
-    let mut c = RawClient::connect(echo.addr);
-    c.send(&build_request("GET", "/slow/c", &[], b""));
-    let (rb, rc) = (
-        b.read_response(false).unwrap(),
-        c.read_response(false).unwrap(),
-    );
-    let mut statuses = [rb.status, rc.status];
-    statuses.sort_unstable();
-    assert_eq!(statuses, [200, 503], "{rb:?} {rc:?}");
-    let refused = if rb.status == 503 { &rb } else { &rc };
-    assert_eq!(refused.header("retry-after"), Some("1"));
-    assert_eq!(refused.header("connection"), Some("close"));
+    // One of these two waits in the queue; the other finds it full and gets a 503 while
+    // the worker is still held.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for target in ["/slow/b", "/slow/c"] {
+        let tx = tx.clone();
+        let addr = echo.addr;
+        std::thread::spawn(move || {
+            let mut client = RawClient::connect(addr);
+            client.send(&build_request("GET", target, &[], b""));
+            let _ = tx.send(client.read_response(false));
+        });
+    }
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("an answer while the worker is busy")
+        .expect("a response");
+    assert_eq!(first.status, 503, "{first:?}");
+    assert_eq!(first.header("retry-after"), Some("1"));
+    assert_eq!(first.header("connection"), Some("close"));
+    release.store(true, Ordering::SeqCst);
+    let second = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the queued request is answered")
+        .expect("a response");
+    assert_eq!(second.status, 200, "{second:?}");
     assert_eq!(busy.read_response(false).unwrap().status, 200);
     assert_eq!(origin.total_hits(), 2);
 }

@@ -5,7 +5,10 @@ mod support;
 
 mod cache;
 mod cli;
+mod coalesce;
 mod frontend;
 mod invalidate;
 mod proxy;
 mod redis;
+mod redis_lock;
+mod stale;

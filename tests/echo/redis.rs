@@ -70,7 +70,7 @@ fn a_hit_after_a_miss_is_read_from_a_replica_and_lives_on_the_master_with_a_ttl(
 }
 
 #[test]
-fn a_hit_costs_one_redis_round_trip_and_a_miss_two() {
+fn a_hit_costs_one_redis_round_trip_and_a_miss_four() {
     let master = RedisServer::master();
     let replica = RedisServer::replica_of(&master);
     let origin = cacheable_origin();
@@ -83,23 +83,20 @@ fn a_hit_costs_one_redis_round_trip_and_a_miss_two() {
     master.reset_stats();
     replica.reset_stats();
     client::get(echo.addr, "/counted", &[]);
-    // A miss: one MGET (entry + invalidation generation) on a replica, one EVALSHA (the
-    // generation-checked SET) on the master.
+    // A miss: one MGET (entry + invalidation generation) on a replica; on the master, the
+    // fill lock (SET NX), the generation-checked store (EVALSHA) and the lock's release,
+    // which wakes other nodes (EVALSHA: DEL + PUBLISH).
     assert_eq!(replica.calls("mget"), 1, "miss: one lookup on a replica");
-    assert_eq!(
-        master.calls("evalsha"),
-        1,
-        "miss: one store script on the master"
-    );
-    // (The replica also applies the master's replicated SET: not a request of Echo's.)
+    // (The replica also applies the master's replicated writes: not requests of Echo's.)
     assert_eq!(replica.calls("get"), 0, "no other read on the replica");
-    // Inside the script Redis counts its GET, SET as commands of their own.
+    assert_eq!(master.calls("evalsha"), 2, "store script and lock release");
     assert_eq!(
-        total_commands(&master),
-        3,
-        "{}",
-        master.info("commandstats")
+        master.calls("set"),
+        2,
+        "the lock, and the entry inside the script"
     );
+    assert_eq!(master.calls("publish"), 1, "waiting nodes are woken once");
+    assert_eq!(master.calls("mget"), 0, "no read on the master");
 
     replica.wait_for_key(&format!("{KEY}/counted"));
     master.reset_stats();
@@ -296,4 +293,32 @@ fn writes_invalidate_in_redis_too() {
         client::get(echo.addr, "/w", &[]).header("x-cache-status"),
         Some("MISS")
     );
+}
+
+#[test]
+fn the_redis_ttl_covers_the_stale_window_up_to_max_stale() {
+    let master = RedisServer::master();
+    let origin = TestOrigin::start(|req| {
+        let cc = if req.path() == "/long" {
+            "max-age=60, stale-while-revalidate=600"
+        } else {
+            "max-age=60, stale-if-error=86400"
+        };
+        OriginResponse::ok("x").header("Cache-Control", cc)
+    });
+    let echo = echo_on(&origin, &master, &[], "max_stale_ms = 1200000");
+    client::get(echo.addr, "/long", &[]);
+    client::get(echo.addr, "/capped", &[]);
+    let pttl = |t: &str| -> i64 {
+        redis::cmd("PTTL")
+            .arg(format!("{KEY}{t}"))
+            .query(&mut master.connection())
+            .expect("PTTL")
+    };
+    // freshness 60 s + stale window 600 s + margin 60 s.
+    let long = pttl("/long");
+    assert!(long > 700_000 && long <= 720_000, "{long}");
+    // stale-if-error of a day is capped at max_stale (1200 s).
+    let capped = pttl("/capped");
+    assert!(capped > 1_300_000 && capped <= 1_320_000, "{capped}");
 }
