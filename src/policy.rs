@@ -1123,13 +1123,6 @@ pub fn freshens(stored: &HeaderList, not_modified: &HeaderList) -> bool {
 // exclude such fields from updates".
 const NOT_UPDATED_BY_304: &[&str] = &[
     "content-length",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
     "proxy-authenticate",
     "proxy-authentication-info",
     "proxy-authorization",
@@ -1146,9 +1139,11 @@ pub fn update_stored_headers(
     stored: &HeaderList,
     not_modified: &HeaderList,
 ) -> Vec<(String, Vec<u8>)> {
+    // Hop-by-hop fields are never taken either (RFC 9111 §3.1), nor those they name.
     let taken = |name: &str| {
-        !NOT_UPDATED_BY_304
+        !crate::http::HOP_BY_HOP
             .iter()
+            .chain(NOT_UPDATED_BY_304)
             .any(|x| x.eq_ignore_ascii_case(name))
     };
     let updates: Vec<&(String, Vec<u8>)> = not_modified.iter().filter(|(n, _)| taken(n)).collect();

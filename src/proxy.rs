@@ -840,24 +840,18 @@ impl Proxy {
             OriginError::Timeout(_) => "the origin did not answer in time",
             _ => "the origin could not be reached",
         };
-        let body = format!("echo: {reason}\n");
-        let mut headers = vec![
-            (
-                "content-type".to_string(),
-                b"text/plain; charset=utf-8".to_vec(),
-            ),
-            ("cache-control".to_string(), b"no-store".to_vec()),
-        ];
-        add_status(
-            &mut headers,
-            forward.x_cache_status(),
-            format!(
-                "{CACHE_NAME}; {}; detail=origin-{}",
-                forward.cache_status_params(),
-                e.kind()
-            ),
+        let cache_status = format!(
+            "{CACHE_NAME}; {}; detail=origin-{}",
+            forward.cache_status_params(),
+            e.kind()
         );
-        let _ = ex.respond(e.status(), &headers, body.as_bytes());
+        own_error(
+            ex,
+            e.status(),
+            forward.x_cache_status(),
+            cache_status,
+            reason,
+        );
     }
 }
 
@@ -1117,6 +1111,27 @@ fn serve_stale_on_error(ex: &mut Exchange<'_>, stored: &Entry, why: &str) {
 
 /// A request with only-if-cached that nothing stored may answer.
 fn only_if_cached_miss(ex: &mut Exchange<'_>, forward: Forward) {
+    let cache_status = format!(
+        "{CACHE_NAME}; {}; detail=only-if-cached",
+        forward.cache_status_params()
+    );
+    own_error(
+        ex,
+        504,
+        CacheStatus::Miss,
+        cache_status,
+        "only-if-cached and nothing stored may answer",
+    );
+}
+
+/// An answer in Echo's own words (never stored, with what the cache did).
+fn own_error(
+    ex: &mut Exchange<'_>,
+    status: u16,
+    cache: CacheStatus,
+    cache_status: String,
+    message: &str,
+) {
     let mut headers = vec![
         (
             "content-type".to_string(),
@@ -1124,19 +1139,8 @@ fn only_if_cached_miss(ex: &mut Exchange<'_>, forward: Forward) {
         ),
         ("cache-control".to_string(), b"no-store".to_vec()),
     ];
-    add_status(
-        &mut headers,
-        CacheStatus::Miss,
-        format!(
-            "{CACHE_NAME}; {}; detail=only-if-cached",
-            forward.cache_status_params()
-        ),
-    );
-    let _ = ex.respond(
-        504,
-        &headers,
-        b"echo: only-if-cached and nothing stored may answer\n",
-    );
+    add_status(&mut headers, cache, cache_status);
+    let _ = ex.respond(status, &headers, format!("echo: {message}\n").as_bytes());
 }
 
 /// Answers from a stored entry: 304 when the client's validators match (RFC 9111
