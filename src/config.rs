@@ -80,6 +80,9 @@ impl Default for RawInvalidation {
 struct RawServer {
     listen: String,
     workers: u64,
+    fetch_workers: u64,
+    fetch_queue: u64,
+    drain_timeout_ms: u64,
     max_connections: u64,
     queue_depth: u64,
     queue_timeout_ms: u64,
@@ -98,6 +101,9 @@ impl Default for RawServer {
         RawServer {
             listen: "127.0.0.1:8080".into(),
             workers: 64,
+            fetch_workers: 256,
+            fetch_queue: 1024,
+            drain_timeout_ms: 30_000,
             max_connections: 4096,
             queue_depth: 1024,
             queue_timeout_ms: 1000,
@@ -150,6 +156,23 @@ fn default_send_timeout_ms() -> u64 {
     30_000
 }
 
+/// Request fields that are not part of the cache key and that origins are known to act
+/// on or reflect (URL rewrites, method overrides, forwarding details): removed from every
+/// request that may fill the cache, so one client cannot store a response others get.
+pub const DEFAULT_STRIPPED: &[&str] = &[
+    "forwarded",
+    "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-host",
+];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawCache {
@@ -167,6 +190,7 @@ struct RawCache {
     coalesce_wait_ms: u64,
     coalesce_max_waiters: Option<u64>,
     coalesce_lock_ttl_ms: u64,
+    strip_request_headers: Vec<String>,
 }
 
 impl Default for RawCache {
@@ -186,6 +210,7 @@ impl Default for RawCache {
             coalesce_wait_ms: 5_000,
             coalesce_max_waiters: None,
             coalesce_lock_ttl_ms: 30_000,
+            strip_request_headers: DEFAULT_STRIPPED.iter().map(|h| h.to_string()).collect(),
         }
     }
 }
@@ -301,6 +326,12 @@ pub struct RedisConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub workers: usize,
+    /// Threads of the fetch stage: requests waiting on the origin.
+    pub fetch_workers: usize,
+    /// Requests waiting for a fetch worker; more are answered 503.
+    pub fetch_queue: usize,
+    /// On SIGTERM/SIGINT, how long requests in flight get to finish.
+    pub drain_timeout: Duration,
     pub max_connections: usize,
     pub queue_depth: usize,
     pub queue_timeout: Duration,
@@ -394,6 +425,8 @@ pub struct CacheConfig {
     pub coalesce_max_waiters: usize,
     /// Lifetime of the cross-node fill lock (Redis), in case its holder dies.
     pub coalesce_lock_ttl: Duration,
+    /// Request fields removed from requests that may fill the cache (lower case).
+    pub strip_request_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -473,6 +506,9 @@ fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
         listen: socket_addr("server.listen", &s.listen)?,
         workers: ranged("server.workers", s.workers, 1, 4096)?,
+        fetch_workers: ranged("server.fetch_workers", s.fetch_workers, 1, 4096)?,
+        fetch_queue: ranged("server.fetch_queue", s.fetch_queue, 1, 1_000_000)?,
+        drain_timeout: ms("server.drain_timeout_ms", s.drain_timeout_ms)?,
         max_connections: ranged("server.max_connections", s.max_connections, 1, 1_000_000)?,
         queue_depth: ranged("server.queue_depth", s.queue_depth, 1, 1_000_000)?,
         queue_timeout: ms("server.queue_timeout_ms", s.queue_timeout_ms)?,
@@ -563,6 +599,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             None => server.workers,
         },
         coalesce_lock_ttl: ms("cache.coalesce_lock_ttl_ms", c.coalesce_lock_ttl_ms)?,
+        strip_request_headers: c
+            .strip_request_headers
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect(),
     };
 
     let inv = &raw.invalidation;

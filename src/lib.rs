@@ -22,6 +22,7 @@ pub mod store;
 use std::io;
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use config::{Config, StoreKind};
 use server::ServerHandle;
@@ -34,6 +35,18 @@ pub struct Echo {
     pub admin: Option<ServerHandle>,
 }
 
+impl Echo {
+    /// Graceful stop of every listener: see `ServerHandle::drain`. True if every
+    /// connection finished within `timeout`.
+    pub fn drain(&mut self, timeout: Duration) -> bool {
+        let mut clean = self.proxy.drain(timeout);
+        if let Some(admin) = self.admin.as_mut() {
+            clean &= admin.drain(Duration::from_secs(1));
+        }
+        clean
+    }
+}
+
 /// Starts Echo from a validated config: binds its listeners and starts serving.
 pub fn start(cfg: &Config) -> io::Result<Echo> {
     let listener = bind(cfg.server.listen, "server.listen")?;
@@ -42,6 +55,37 @@ pub fn start(cfg: &Config) -> io::Result<Echo> {
         None => None,
     };
     start_on(cfg, listener, admin)
+}
+
+/// Descriptors kept for everything but client connections: an origin or Redis
+/// connection per worker thread, plus logs, listeners, pools' idle connections and the
+/// acceptor's spare.
+fn reserved_fds(cfg: &config::ServerConfig) -> u64 {
+    64 + (cfg.workers + cfg.fetch_workers) as u64
+}
+
+/// How many client connections the open-files limit allows (each takes two descriptors:
+/// the socket and the clone kept to close it on shutdown). Raises the soft limit as far
+/// as the hard one allows first; if that is still short of `server.max_connections`,
+/// serves fewer (and says so) rather than hang new clients when descriptors run out.
+fn connections_within_fd_limit(cfg: &config::ServerConfig) -> usize {
+    let wanted = 2 * cfg.max_connections as u64 + reserved_fds(cfg);
+    let limit = match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) => limit,
+        Err(e) => {
+            log::warn!("cannot read the open-files limit: {e}");
+            return cfg.max_connections;
+        }
+    };
+    if limit >= wanted {
+        return cfg.max_connections;
+    }
+    let fits = (limit.saturating_sub(reserved_fds(cfg)) / 2).max(1) as usize;
+    log::warn!(
+        "the open-files limit ({limit}) allows {fits} client connections, not server.max_connections = {}; serving {fits} (raise the limit, e.g. LimitNOFILE in the systemd unit)",
+        cfg.max_connections
+    );
+    fits
 }
 
 /// Binds a listener; the error names the address and the config key it came from.
@@ -56,6 +100,8 @@ pub fn start_on(
     listener: TcpListener,
     admin: Option<TcpListener>,
 ) -> io::Result<Echo> {
+    let mut server_cfg = cfg.server.clone();
+    server_cfg.max_connections = connections_within_fd_limit(&server_cfg);
     let store: Arc<dyn Store> = match cfg.cache.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(
             cfg.cache.memory_max_bytes,
@@ -101,6 +147,7 @@ pub fn start_on(
             cfg.cache.coalesce_wait,
             cfg.cache.coalesce_lock_ttl,
         )
+        .with_stripped_request_headers(cfg.cache.strip_request_headers.clone())
         .with_metrics(Arc::clone(&metrics)),
     );
     proxy.start_background(cfg.cache.background_workers, cfg.cache.background_queue)?;
@@ -111,13 +158,14 @@ pub fn start_on(
         Arc::clone(&metrics),
     )?);
     let handler = proxy;
-    let proxy = server::start("echo", listener, cfg.server.clone(), handler)?;
+    let proxy = server::start("echo", listener, server_cfg.clone(), handler)?;
     let admin = match (admin, &cfg.admin) {
         (Some(listener), Some(a)) => {
             // The admin side needs few workers; its limits are the proxy's.
             let admin_cfg = config::ServerConfig {
                 workers: 2,
-                ..cfg.server.clone()
+                fetch_workers: 1,
+                ..server_cfg.clone()
             };
             let handler = Arc::new(admin::Admin::new(
                 a.token.clone(),

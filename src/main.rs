@@ -192,14 +192,30 @@ fn run() -> Result<ExitCode, String> {
         Command::Run(path) => {
             let cfg = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             init_logging(&cfg.log)?;
-            let echo = echo::start(&cfg).map_err(|e| e.to_string())?;
+            // Registered before anything starts, so a SIGTERM is always a drain.
+            let mut signals = signal_hook::iterator::Signals::new([
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGINT,
+            ])
+            .map_err(|e| format!("cannot handle signals: {e}"))?;
+            let mut echo = echo::start(&cfg).map_err(|e| e.to_string())?;
             log::info!(
                 "echod {} proxying {} to {}",
                 env!("CARGO_PKG_VERSION"),
                 echo.proxy.local_addr(),
                 cfg.origin.base_url()
             );
-            echo.proxy.join();
+            if let Some(signal) = signals.forever().next() {
+                log::info!(
+                    "signal {signal}: draining (up to {} ms)",
+                    cfg.server.drain_timeout.as_millis()
+                );
+                if echo.drain(cfg.server.drain_timeout) {
+                    log::info!("drained; exiting");
+                } else {
+                    log::warn!("drain timeout reached with requests still in flight; exiting");
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,6 +9,7 @@
 //! complete one) and stores nothing; every proxied response says what happened in
 //! `X-Cache-Status` and in an RFC 9211 `Cache-Status` member.
 
+use std::any::Any;
 use std::collections::HashSet;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,6 +170,8 @@ pub struct Proxy {
     node_id: String,
     fetches: AtomicU64,
     metrics: Option<Arc<Metrics>>,
+    /// Request fields never sent on fills (`cache.strip_request_headers`).
+    strip: Vec<String>,
     last_warning: AtomicU64,
 }
 
@@ -202,6 +205,10 @@ impl Proxy {
             ),
             fetches: AtomicU64::new(0),
             metrics: None,
+            strip: crate::config::DEFAULT_STRIPPED
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
             last_warning: AtomicU64::new(0),
         }
     }
@@ -237,7 +244,7 @@ impl Proxy {
                     "{} store lookup failed: {e}",
                     self.store.name()
                 ));
-                return self.forward(ex, Forward::StoreError);
+                return self.defer(ex, Deferred::Forward(Forward::StoreError));
             }
         };
         let now = SystemTime::now();
@@ -305,8 +312,55 @@ impl Proxy {
         // Only a stale selected response is revalidated; a miss has nothing to validate.
         let stale = selected
             .filter(|_| forward == Forward::Stale)
-            .map(|e| (&**e, fallback));
-        self.fetch_once(ex, &key, forward, since, stale);
+            .map(|e| (Arc::clone(e), fallback));
+        self.defer(
+            ex,
+            Deferred::Fill {
+                key,
+                forward,
+                since,
+                stale,
+            },
+        );
+    }
+
+    /// The request as it goes to the origin to fill the cache: as forwarded, less the
+    /// client's validators (the stored response must be complete; they are answered from
+    /// the store) and the fields on `cache.strip_request_headers` (cache poisoning).
+    fn fill_headers(&self, req: &Request) -> Headers {
+        let mut headers = forward_headers(req, &self.origin.authority);
+        headers.retain(|(n, _)| {
+            !matches!(n.as_str(), "if-none-match" | "if-modified-since")
+                && !self.strip.iter().any(|s| s == n)
+        });
+        headers
+    }
+
+    /// Hands the exchange to the fetch stage (`Handler::fetch`), which may wait on the
+    /// origin without holding a worker; runs it here if it cannot be deferred.
+    fn defer(&self, ex: &mut Exchange<'_>, deferred: Deferred) {
+        // Not expected to fail (nothing was answered or read yet); if it does, the work
+        // runs here rather than the request being lost.
+        if let Err(state) = ex.defer(Box::new(deferred)) {
+            if let Ok(deferred) = state.downcast::<Deferred>() {
+                self.run_deferred(ex, *deferred);
+            }
+        }
+    }
+
+    fn run_deferred(&self, ex: &mut Exchange<'_>, deferred: Deferred) {
+        match deferred {
+            Deferred::Forward(forward) => self.forward(ex, forward),
+            Deferred::Fill {
+                key,
+                forward,
+                since,
+                stale,
+            } => {
+                let stale = stale.as_ref().map(|(e, f)| (&**e, *f));
+                self.fetch_once(ex, &key, forward, since, stale);
+            }
+        }
     }
 
     /// One origin fetch per key at a time. The first request leads: with a shared store
@@ -345,7 +399,16 @@ impl Proxy {
                             key,
                             owner,
                         });
-                        self.fill(ex, key, forward, since, stale)
+                        // A fill that finished between this request's lookup and its lock
+                        // (here or on another node) has left what it fetched: look again
+                        // where writes land before fetching it once more.
+                        if matches!(locked, Ok(true))
+                            && self.serve_collapsed(ex, key, Duration::ZERO)
+                        {
+                            Outcome::Stored
+                        } else {
+                            self.fill(ex, key, forward, since, stale)
+                        }
                     }
                 };
                 permit.finish(outcome);
@@ -379,7 +442,12 @@ impl Proxy {
             return false;
         };
         let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
-        if !policy::is_fresh(entry.freshness, age) {
+        // Only as the request's own directives allow (a client's no-cache wants its own
+        // validation, not a copy another request fetched).
+        let req_cc = CacheControl::parse_request(&ex.req.headers);
+        if policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy)
+            != Reuse::Fresh
+        {
             return false;
         }
         if let Some(m) = &self.metrics {
@@ -404,8 +472,7 @@ impl Proxy {
         let Some(background) = self.background.get() else {
             return;
         };
-        let mut headers = forward_headers(req, &self.origin.authority);
-        headers.retain(|(n, _)| !matches!(n.as_str(), "if-none-match" | "if-modified-since"));
+        let headers = self.fill_headers(req);
         background.submit(Task {
             key: key.clone(),
             headers,
@@ -429,10 +496,7 @@ impl Proxy {
     ) -> Outcome {
         let fallback = stale;
         let stale = stale.map(|(e, _)| e);
-        let mut headers = forward_headers(&ex.req, &self.origin.authority);
-        // The stored response must be complete: the client's own validators are
-        // answered from the store below, not passed to the origin.
-        headers.retain(|(n, _)| !matches!(n.as_str(), "if-none-match" | "if-modified-since"));
+        let mut headers = self.fill_headers(&ex.req);
         // RFC 9111 §4.3: "When a cache has one or more stored responses for a requested URI,
         // but cannot serve any of them (e.g., because they are not fresh ...), it can use the
         // conditional request mechanism ... in the forwarded request to give the next inbound
@@ -617,6 +681,12 @@ impl Proxy {
         self.coalescer = Coalescer::new(max_waiters, wait);
         self.coalesce_wait = wait;
         self.coalesce_lock_ttl = lock_ttl;
+        self
+    }
+
+    /// Request fields removed from requests that may fill the cache.
+    pub fn with_stripped_request_headers(mut self, names: Vec<String>) -> Proxy {
+        self.strip = names;
         self
     }
 
@@ -866,12 +936,20 @@ impl Handler for Proxy {
         }
         let cacheable_method = matches!(ex.req.method.as_str(), "GET" | "HEAD");
         if !cacheable_method {
-            return self.forward(ex, Forward::Method);
+            return self.defer(ex, Deferred::Forward(Forward::Method));
         }
         if ex.req.header("range").is_some() {
-            return self.forward(ex, Forward::Range);
+            return self.defer(ex, Deferred::Forward(Forward::Range));
         }
         self.lookup(ex);
+    }
+
+    /// The fetch stage: whatever waits on the origin.
+    fn fetch(&self, ex: &mut Exchange<'_>, state: Box<dyn Any + Send>) {
+        match state.downcast::<Deferred>() {
+            Ok(deferred) => self.run_deferred(ex, *deferred),
+            Err(_) => ex.respond_error(500, "internal error", true),
+        }
     }
 }
 
@@ -1035,6 +1113,19 @@ impl Proxy {
         entry.body = body;
         self.store(Fill { key, since, entry })
     }
+}
+
+/// What the fetch stage does for an exchange the worker deferred.
+enum Deferred {
+    /// Pass it through (other methods, ranges, an unreadable store).
+    Forward(Forward),
+    /// Fetch it once for everyone waiting on it, and store it when allowed.
+    Fill {
+        key: CacheKey,
+        forward: Forward,
+        since: Since,
+        stale: Option<(Arc<Entry>, Fallback)>,
+    },
 }
 
 /// A background revalidation.

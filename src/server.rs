@@ -8,10 +8,16 @@
 //! head never holds a worker. The worker queue is bounded: when it stays full for
 //! `queue_timeout` the client gets a 503.
 //!
+//! A handler that would wait on a slow backend (the origin) defers the exchange: it moves
+//! to a second fixed pool of fetch workers with its own bounded queue, so the workers stay
+//! free for what can be answered at once (cache hits) however slow the origin is. Both
+//! pools are fixed: `workers + fetch_workers` bounds how many requests run at once.
+//!
 //! Invariants: an accept error is logged and survived; a handler panic answers 500 (or
 //! cuts an unfinished response) and the worker lives on; every read waits at most until
 //! a deadline from config; at most `max_connections` connections are served at once.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -32,6 +38,8 @@ use crate::http::{BodyFraming, Request};
 
 /// Stack of a connection thread: it parses heads and waits, nothing deeper.
 const CONNECTION_STACK: usize = 128 * 1024;
+/// Stack of a fetch worker: an origin client call and body copies (buffers on the heap).
+const FETCH_STACK: usize = 512 * 1024;
 /// Bodies up to this size are read by the connection thread before a worker is involved,
 /// so a client that trickles a small body does not hold a worker.
 const PREREAD_BODY: u64 = 64 * 1024;
@@ -41,12 +49,22 @@ const BUFFER_SLACK: usize = PREREAD_BODY as usize + 16 * 1024;
 /// What runs one exchange. Implementations answer every request (the server answers
 /// 500 for them if they return without starting a response).
 pub trait Handler: Send + Sync + 'static {
+    /// Runs on a worker: answers, or defers the exchange (`Exchange::defer`) to `fetch`.
     fn handle(&self, ex: &mut Exchange<'_>);
+
+    /// Runs a deferred exchange on a fetch worker, with the state `handle` deferred it
+    /// with. Only handlers that defer need it.
+    fn fetch(&self, ex: &mut Exchange<'_>, state: Box<dyn Any + Send>) {
+        let _ = state;
+        ex.respond_error(500, "internal error", true);
+    }
 }
 
 struct Job {
     conn: Conn,
     req: Request,
+    /// For the fetch stage: what `Handler::handle` deferred the exchange with.
+    deferred: Option<Box<dyn Any + Send>>,
     /// Where the connection goes back after the exchange, with whether it may carry
     /// another request.
     back: Sender<(Conn, bool)>,
@@ -56,15 +74,16 @@ struct Shared {
     name: String,
     cfg: ServerConfig,
     limits: Limits,
-    shutting_down: AtomicBool,
+    shutting_down: Arc<AtomicBool>,
     open: AtomicUsize,
     next_id: AtomicU64,
-    /// A clone of every open client socket, so shutdown can wake their threads.
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Every open client socket (a clone), and whether it is idle between requests, so
+    /// shutdown can close the idle ones at once and let the busy ones finish.
+    conns: Mutex<HashMap<u64, (TcpStream, Arc<AtomicBool>)>>,
 }
 
 impl Shared {
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, TcpStream>> {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, (TcpStream, Arc<AtomicBool>)>> {
         // A panic elsewhere cannot leave the map inconsistent: recover it.
         self.conns
             .lock()
@@ -101,15 +120,39 @@ impl ServerHandle {
         if self.shared.shutting_down.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the acceptor out of accept().
+        // Wake the acceptor out of accept(); when it ends, the listener closes and new
+        // connections are refused.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        for stream in self.shared.conns().values() {
-            let _ = stream.shutdown(Shutdown::Read);
-        }
+        self.close_idle();
         info!("{}: stopped accepting on {}", self.shared.name, self.addr);
+    }
+
+    /// Closes the connections that wait for a next request; busy ones finish theirs.
+    fn close_idle(&self) {
+        for (stream, idle) in self.shared.conns().values() {
+            if idle.load(Ordering::SeqCst) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Graceful stop: no new connections, idle ones closed, requests in flight given
+    /// until `timeout` to finish. True if every connection ended in time.
+    pub fn drain(&mut self, timeout: Duration) -> bool {
+        self.shutdown();
+        let deadline = Instant::now() + timeout;
+        while self.open_connections() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // A connection that finished its exchange becomes idle (or closes itself).
+            self.close_idle();
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 }
 
@@ -134,22 +177,34 @@ pub fn start(
         max_body_bytes: cfg.max_body_bytes,
     };
     let (jobs_tx, jobs_rx) = bounded::<Job>(cfg.queue_depth);
+    let (fetch_tx, fetch_rx) = bounded::<Job>(cfg.fetch_queue);
     let shared = Arc::new(Shared {
         name: name.to_string(),
         cfg,
         limits,
-        shutting_down: AtomicBool::new(false),
+        shutting_down: Arc::new(AtomicBool::new(false)),
         open: AtomicUsize::new(0),
         next_id: AtomicU64::new(0),
         conns: Mutex::new(HashMap::new()),
     });
     for i in 0..shared.cfg.workers {
         let rx = jobs_rx.clone();
+        let fetch = fetch_tx.clone();
         let handler = Arc::clone(&handler);
         let shared = Arc::clone(&shared);
         thread::Builder::new()
             .name(format!("{name}-worker-{i}"))
-            .spawn(move || worker(&shared, &rx, handler.as_ref()))?;
+            .spawn(move || worker(&shared, &rx, Some(&fetch), handler.as_ref()))?;
+    }
+    drop(fetch_tx);
+    for i in 0..shared.cfg.fetch_workers {
+        let rx = fetch_rx.clone();
+        let handler = Arc::clone(&handler);
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name(format!("{name}-fetch-{i}"))
+            .stack_size(FETCH_STACK)
+            .spawn(move || worker(&shared, &rx, None, handler.as_ref()))?;
     }
     let acceptor = {
         let shared = Arc::clone(&shared);
@@ -170,12 +225,22 @@ pub fn start(
 
 fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, jobs: &Sender<Job>) {
     let mut last_warning: Option<Instant> = None;
+    // A descriptor kept in reserve: out of descriptors, it is given up for a moment so a
+    // waiting client can be accepted and told 503, instead of hanging in the backlog.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
                 if shared.shutting_down.load(Ordering::SeqCst) {
                     return;
+                }
+                let out_of_fds = matches!(e.raw_os_error(), Some(23) | Some(24));
+                if out_of_fds && spare.take().is_some() {
+                    if let Ok((stream, _)) = listener.accept() {
+                        refuse_over_limit(stream);
+                    }
+                    spare = std::fs::File::open("/dev/null").ok();
                 }
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     warn!("{}: accept failed: {e}", shared.name);
@@ -196,8 +261,9 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, jobs: &Sender<Job>)
         }
         shared.open.fetch_add(1, Ordering::SeqCst);
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let idle = Arc::new(AtomicBool::new(true));
         if let Ok(clone) = stream.try_clone() {
-            shared.conns().insert(id, clone);
+            shared.conns().insert(id, (clone, Arc::clone(&idle)));
         }
         let thread_shared = Arc::clone(shared);
         let jobs = jobs.clone();
@@ -209,7 +275,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, jobs: &Sender<Job>)
                     shared: &thread_shared,
                     id,
                 };
-                serve_connection(&thread_shared, stream, peer, &jobs);
+                serve_connection(&thread_shared, stream, peer, &jobs, &idle);
             });
         if let Err(e) = spawned {
             shared.open.fetch_sub(1, Ordering::SeqCst);
@@ -257,7 +323,13 @@ fn write_refusal(mut stream: &TcpStream, e: &HttpError) -> io::Result<()> {
 }
 
 /// Reads requests from one client and hands each to the worker pool, in order.
-fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, jobs: &Sender<Job>) {
+fn serve_connection(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    jobs: &Sender<Job>,
+    idle: &AtomicBool,
+) {
     let cfg = &shared.cfg;
     if stream.set_nodelay(true).is_err()
         || stream.set_write_timeout(Some(cfg.write_timeout)).is_err()
@@ -266,7 +338,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, jobs: 
     }
     let mut conn = Conn::new(stream, peer, cfg.max_header_bytes + BUFFER_SLACK);
     loop {
-        let req = match read_head(shared, &mut conn) {
+        let req = match read_head(shared, &mut conn, idle) {
             Ok(Some(req)) => req,
             Ok(None) => return,
             Err(e) => {
@@ -288,6 +360,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, jobs: 
         let job = Job {
             conn,
             req,
+            deferred: None,
             back: back_tx,
         };
         match jobs.send_timeout(job, cfg.queue_timeout) {
@@ -319,7 +392,11 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, jobs: 
 
 /// Waits for and parses the next request head. `Ok(None)`: the client closed, or stayed
 /// idle past `idle_timeout` between requests.
-fn read_head(shared: &Shared, conn: &mut Conn) -> Result<Option<Request>, HttpError> {
+fn read_head(
+    shared: &Shared,
+    conn: &mut Conn,
+    idle: &AtomicBool,
+) -> Result<Option<Request>, HttpError> {
     let cfg = &shared.cfg;
     let idle_deadline = Instant::now() + cfg.idle_timeout;
     let mut head_deadline: Option<Instant> = None;
@@ -347,7 +424,15 @@ fn read_head(shared: &Shared, conn: &mut Conn) -> Result<Option<Request>, HttpEr
             }
         }
         let deadline = head_deadline.unwrap_or(idle_deadline);
-        match conn.fill(deadline) {
+        // Idle: nothing of a next request yet. A drain may close the socket now.
+        let waiting_idle = conn.buffered().is_empty();
+        idle.store(waiting_idle, Ordering::SeqCst);
+        if waiting_idle && shared.shutting_down.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let filled = conn.fill(deadline);
+        idle.store(false, Ordering::SeqCst);
+        match filled {
             Ok(0) => {
                 if conn.buffered().is_empty() {
                     return Ok(None);
@@ -398,7 +483,15 @@ fn linger_close(conn: &mut Conn) {
     }
 }
 
-fn worker(shared: &Shared, jobs: &Receiver<Job>, handler: &dyn Handler) {
+/// Runs exchanges: on a worker (`fetch` is the fetch stage's queue) the handler's
+/// `handle`, handing deferred exchanges on; on a fetch worker (`fetch` is None) the
+/// handler's `fetch` for them.
+fn worker(
+    shared: &Shared,
+    jobs: &Receiver<Job>,
+    fetch: Option<&Sender<Job>>,
+    handler: &dyn Handler,
+) {
     let timeouts = ExchangeTimeouts {
         body: shared.cfg.body_timeout,
     };
@@ -406,26 +499,65 @@ fn worker(shared: &Shared, jobs: &Receiver<Job>, handler: &dyn Handler) {
         let Job {
             mut conn,
             req,
+            deferred,
             back,
         } = job;
-        let keep = {
+        let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
+        // Draining (now or before the answer starts): that answer is the connection's last.
+        ex.watch_drain(Arc::clone(&shared.shutting_down));
+        let outcome = catch_unwind(AssertUnwindSafe(|| match deferred {
+            Some(state) => handler.fetch(&mut ex, state),
+            None => handler.handle(&mut ex),
+        }));
+        if outcome.is_err() {
+            error!(
+                "{}: handler panicked on {} {}",
+                shared.name, ex.req.method, ex.req.target
+            );
+            ex.respond_error(500, "internal error", true);
+        }
+        if let Some(state) = ex.take_deferred() {
+            let req = ex.into_request();
+            let job = Job {
+                conn,
+                req,
+                deferred: Some(state),
+                back,
+            };
+            let refused = match fetch {
+                Some(fetch) => match fetch.try_send(job) {
+                    Ok(()) => continue,
+                    // Every fetch worker busy and the queue full: a quick 503 keeps this
+                    // worker for the requests that need none.
+                    Err(e) => (e.into_inner(), HttpError::new(503, "server busy")),
+                },
+                // Deferred from the fetch stage itself: a handler bug.
+                None => (job, HttpError::new(500, "internal error")),
+            };
+            let (
+                Job {
+                    mut conn,
+                    req,
+                    back,
+                    ..
+                },
+                why,
+            ) = refused;
+            warn!("{}: {} {}: {why}", shared.name, req.method, req.target);
             let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
-            let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&mut ex)));
-            if outcome.is_err() {
-                error!(
-                    "{}: handler panicked on {} {}",
-                    shared.name, ex.req.method, ex.req.target
-                );
-                ex.respond_error(500, "internal error", true);
-            } else if !ex.response_started() {
-                error!(
-                    "{}: handler gave no response to {} {}",
-                    shared.name, ex.req.method, ex.req.target
-                );
-                ex.respond_error(500, "internal error", true);
-            }
-            ex.complete()
-        };
+            ex.respond_error(why.status, why.reason, true);
+            let keep = ex.complete();
+            let _ = back.send((conn, keep));
+            continue;
+        }
+        if !ex.response_started() {
+            error!(
+                "{}: handler gave no response to {} {}",
+                shared.name, ex.req.method, ex.req.target
+            );
+            ex.respond_error(500, "internal error", true);
+        }
+        let keep = ex.complete();
         let _ = back.send((conn, keep));
     }
 }

@@ -6,7 +6,10 @@
 //! its end, closes the connection (the next bytes on it cannot be trusted); the
 //! `100 Continue` interim response is sent only when the body is actually wanted.
 
+use std::any::Any;
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::body::BodyState;
@@ -42,6 +45,10 @@ pub struct Exchange<'c> {
     head_buf: Vec<u8>,
     /// Status of the response sent, for logs.
     status: u16,
+    /// Set by a handler that hands the exchange to the fetch stage.
+    deferred: Option<Box<dyn Any + Send>>,
+    /// The server is draining: the response says it is the connection's last.
+    draining: Option<Arc<AtomicBool>>,
 }
 
 impl<'c> Exchange<'c> {
@@ -63,7 +70,36 @@ impl<'c> Exchange<'c> {
             timeouts,
             head_buf: Vec::with_capacity(512),
             status: 0,
+            deferred: None,
+            draining: None,
         }
+    }
+
+    /// Watches the server's drain flag: a response started after it is set closes.
+    pub fn watch_drain(&mut self, draining: Arc<AtomicBool>) {
+        self.draining = Some(draining);
+    }
+
+    /// Hands this exchange to the fetch stage, with the handler's `state`: the server
+    /// runs `Handler::fetch` for it on a fetch worker. Only before the response has
+    /// started and before any of the body was read (the fetch stage starts afresh).
+    /// The state comes back when the exchange cannot be deferred any more.
+    pub fn defer(&mut self, state: Box<dyn Any + Send>) -> Result<(), Box<dyn Any + Send>> {
+        if self.response_started() || self.continue_sent || self.body.received() > 0 {
+            return Err(state);
+        }
+        self.deferred = Some(state);
+        Ok(())
+    }
+
+    /// The state a handler deferred this exchange with, if it did.
+    pub fn take_deferred(&mut self) -> Option<Box<dyn Any + Send>> {
+        self.deferred.take()
+    }
+
+    /// The request back, to run a deferred exchange elsewhere.
+    pub fn into_request(self) -> Request {
+        self.req
     }
 
     /// The request body as a stream (empty when the request has none).
@@ -112,6 +148,13 @@ impl<'c> Exchange<'c> {
             return Err(io::Error::other("response already started"));
         }
         let framing = response::choose(status, self.req.is_head(), length, self.req.version);
+        if self
+            .draining
+            .as_ref()
+            .is_some_and(|d| d.load(Ordering::SeqCst))
+        {
+            self.close = true;
+        }
         if framing == Framing::Close {
             self.close = true;
         }

@@ -665,3 +665,89 @@ fn invalidate_usage_errors_exit_2_before_reading_the_config() {
         assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
     }
 }
+
+#[test]
+fn sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0() {
+    use crate::support::{client, OriginResponse, TestOrigin};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&release);
+    let origin = TestOrigin::start(move |req| {
+        if req.target == "/in-flight" {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        OriginResponse::ok(format!("body of {}", req.target))
+    });
+    let dir = TempDir::new("drain");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.file(
+        "echo.toml",
+        &format!(
+            "[server]\nlisten = \"{addr}\"\ndrain_timeout_ms = 10000\n[origin]\nurl = \"{}\"\n[log]\nlevel = \"info\"\n",
+            origin.url()
+        ),
+    );
+    let log = dir.0.join("echod.log");
+    let mut echod = ChildGuard::spawn(
+        "echod",
+        Command::new(ECHOD)
+            .args(["--config", path_str(&config)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log file")),
+        Some(log),
+    );
+    echod.wait_listening(addr);
+    // An idle keep-alive client, and a request in flight at the origin.
+    let mut idle = RawClient::connect(addr);
+    assert_eq!(idle.get("/before", &[]).status, 200);
+    let in_flight = thread::spawn(move || client::get(addr, "/in-flight", &[]));
+    wait_until(
+        "the request is at the origin",
+        Duration::from_secs(5),
+        || origin.hits("/in-flight") == 1,
+    );
+
+    let pid = echod.child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    // No new connections once draining; the idle one is closed.
+    wait_until(
+        "new connections are refused",
+        Duration::from_secs(5),
+        || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+    );
+    assert!(
+        idle.closed_within(Duration::from_secs(5)),
+        "the idle connection was closed"
+    );
+    // The request in flight still completes, then echod exits 0.
+    release.store(true, Ordering::SeqCst);
+    let resp = in_flight.join().expect("client");
+    assert_eq!(
+        (resp.status, resp.body_str().as_str()),
+        (200, "body of /in-flight")
+    );
+    assert_eq!(resp.header("connection"), Some("close"));
+    let mut status = None;
+    wait_until("echod exits", EXIT_WITHIN, || {
+        status = echod.child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    let status = status.expect("exited");
+    assert_eq!(status.code(), Some(0), "{}", echod.log_text());
+    assert!(
+        echod.log_text().contains("draining"),
+        "{}",
+        echod.log_text()
+    );
+}

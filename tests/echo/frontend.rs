@@ -941,7 +941,7 @@ fn a_full_worker_queue_answers_503_instead_of_waiting() {
     });
     let echo = echo_with(
         &origin,
-        "[server]\nworkers = 1\nqueue_depth = 1\nqueue_timeout_ms = 200\n",
+        "[server]\nworkers = 1\nfetch_workers = 1\nfetch_queue = 1\n",
     );
     let mut busy = RawClient::connect(echo.addr);
     busy.send(&build_request("GET", "/slow/busy", &[], b""));

@@ -256,3 +256,50 @@ fn options_asterisk_is_answered_by_echo() {
     assert_eq!(origin.total_hits(), 0);
     assert_eq!(c.get("/after", &[]).status, 200, "connection still in step");
 }
+
+#[test]
+fn a_slow_origin_on_many_urls_does_not_starve_cache_hits() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // The origin holds every /slow/* request until released; /hot answers at once.
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&release);
+    let origin = TestOrigin::start(move |req| {
+        if req.target.starts_with("/slow/") {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        OriginResponse::ok(format!("body of {}", req.target)).header("Cache-Control", "max-age=600")
+    });
+    // The default pools: 64 workers, 256 fetch workers.
+    let echo = EchoUnderTest::start(&origin.url());
+    for i in 0..5 {
+        client::get(echo.addr, &format!("/hot/{i}"), &[]);
+    }
+    let hanging: Vec<_> = (0..64)
+        .map(|i| {
+            let addr = echo.addr;
+            std::thread::spawn(move || client::get(addr, &format!("/slow/{i}"), &[]))
+        })
+        .collect();
+    wait_until("64 origin requests hang", Duration::from_secs(10), || {
+        (0..64).all(|i| origin.hits(&format!("/slow/{i}")) == 1)
+    });
+    let mut worst = Duration::ZERO;
+    for round in 0..20 {
+        let started = Instant::now();
+        let hit = client::get(echo.addr, &format!("/hot/{}", round % 5), &[]);
+        worst = worst.max(started.elapsed());
+        assert_eq!(hit.header("x-cache-status"), Some("HIT"));
+    }
+    assert!(
+        worst < Duration::from_millis(200),
+        "a hit took {worst:?} while the origin hung"
+    );
+    release.store(true, Ordering::SeqCst);
+    for h in hanging {
+        assert_eq!(h.join().expect("client").status, 200);
+    }
+}

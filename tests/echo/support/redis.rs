@@ -199,6 +199,34 @@ impl RedisServer {
         }
     }
 
+    /// The process id of the running server, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Freezes the server (SIGSTOP): connections are still accepted by the kernel, but
+    /// nothing is answered until [`resume`](Self::resume). A frozen server is still
+    /// killed on drop (SIGKILL works on a stopped process).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a server frozen by [`pause`](Self::pause) run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("redis on {} is not running", self.port));
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {which} {pid} failed: {status}");
+    }
+
     /// Starts it again on the same port (a replica reconnects to its master by itself).
     pub fn restart(&mut self) {
         self.kill();
