@@ -247,60 +247,15 @@ impl Proxy {
                 return self.defer(ex, Deferred::Forward(Forward::StoreError));
             }
         };
-        let now = SystemTime::now();
-        let selected = variants
-            .iter()
-            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers));
-        let req_cc = CacheControl::parse_request(&ex.req.headers);
         let since = Since {
             generation,
             started,
         };
-        let mut fallback = Fallback::default();
-        let forward = match selected {
-            Some(entry) => {
-                let age = policy::current_age(entry.initial_age, entry.response_time, now);
-                let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
-                match policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy) {
-                    Reuse::Fresh => {
-                        debug!("HIT {key}");
-                        // Refresh-ahead: a hot entry close to expiry is revalidated in the
-                        // background, so the next requests never find it stale.
-                        let left = entry.freshness.saturating_sub(age);
-                        if !self.refresh_ahead.is_zero() && left <= self.refresh_ahead {
-                            self.refresh_later(&key, &ex.req, entry, since);
-                        }
-                        let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}");
-                        return serve_stored(ex, entry, age, CacheStatus::Hit, cache_status);
-                    }
-                    Reuse::StaleWhileRevalidate => {
-                        debug!("STALE {key} (stale-while-revalidate)");
-                        self.refresh_later(&key, &ex.req, entry, since);
-                        let cache_status =
-                            format!("{CACHE_NAME}; hit; ttl={ttl}; detail=stale-while-revalidate");
-                        return serve_stored(ex, entry, age, CacheStatus::Stale, cache_status);
-                    }
-                    Reuse::StaleAccepted => {
-                        debug!("STALE {key} (the client's max-stale)");
-                        let cache_status =
-                            format!("{CACHE_NAME}; hit; ttl={ttl}; detail=max-stale");
-                        return serve_stored(ex, entry, age, CacheStatus::Stale, cache_status);
-                    }
-                    Reuse::Revalidate {
-                        if_error,
-                        never_stale,
-                    } => {
-                        fallback = Fallback {
-                            if_error,
-                            never_stale,
-                        };
-                        Forward::Stale
-                    }
-                }
-            }
-            None if variants.is_empty() => Forward::UriMiss,
-            None => Forward::VaryMiss,
+        let (forward, stale) = match self.answer_from_store(ex, &key, &variants, since) {
+            Answer::Served => return,
+            Answer::Fetch(forward, stale) => (forward, stale),
         };
+        let req_cc = CacheControl::parse_request(&ex.req.headers);
         // RFC 9111 §5.2.1.7: "The only-if-cached request directive indicates that the client
         // only wishes to obtain a stored response. Caches that honor this request directive
         // SHOULD, upon receiving it, respond with either a stored response consistent with
@@ -309,10 +264,6 @@ impl Proxy {
             return only_if_cached_miss(ex, forward);
         }
         debug!("{} {key}", forward.cache_status_params());
-        // Only a stale selected response is revalidated; a miss has nothing to validate.
-        let stale = selected
-            .filter(|_| forward == Forward::Stale)
-            .map(|e| (Arc::clone(e), fallback));
         self.defer(
             ex,
             Deferred::Fill {
@@ -322,6 +273,73 @@ impl Proxy {
                 stale,
             },
         );
+    }
+
+    /// Answers from the stored `variants` when RFC 9111 allows (fresh; stale within
+    /// stale-while-revalidate, refreshing in the background; stale as the client's
+    /// max-stale accepts); otherwise says what the fetch must do. Never blocks.
+    fn answer_from_store(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        variants: &[Arc<Entry>],
+        since: Since,
+    ) -> Answer {
+        let selected = variants
+            .iter()
+            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers));
+        let Some(entry) = selected else {
+            let forward = if variants.is_empty() {
+                Forward::UriMiss
+            } else {
+                Forward::VaryMiss
+            };
+            return Answer::Fetch(forward, None);
+        };
+        let req_cc = CacheControl::parse_request(&ex.req.headers);
+        let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
+        let ttl = entry.freshness.as_secs() as i64 - age.as_secs() as i64;
+        match policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy) {
+            Reuse::Fresh => {
+                debug!("HIT {key}");
+                // Refresh-ahead: a hot entry close to expiry is revalidated in the
+                // background, so the next requests never find it stale.
+                let left = entry.freshness.saturating_sub(age);
+                if !self.refresh_ahead.is_zero() && left <= self.refresh_ahead {
+                    self.refresh_later(key, &ex.req, entry, since);
+                }
+                let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}");
+                serve_stored(ex, entry, age, CacheStatus::Hit, cache_status);
+                Answer::Served
+            }
+            Reuse::StaleWhileRevalidate => {
+                debug!("STALE {key} (stale-while-revalidate)");
+                self.refresh_later(key, &ex.req, entry, since);
+                let cache_status =
+                    format!("{CACHE_NAME}; hit; ttl={ttl}; detail=stale-while-revalidate");
+                serve_stored(ex, entry, age, CacheStatus::Stale, cache_status);
+                Answer::Served
+            }
+            Reuse::StaleAccepted => {
+                debug!("STALE {key} (the client's max-stale)");
+                let cache_status = format!("{CACHE_NAME}; hit; ttl={ttl}; detail=max-stale");
+                serve_stored(ex, entry, age, CacheStatus::Stale, cache_status);
+                Answer::Served
+            }
+            Reuse::Revalidate {
+                if_error,
+                never_stale,
+            } => Answer::Fetch(
+                Forward::Stale,
+                Some((
+                    Arc::clone(entry),
+                    Fallback {
+                        if_error,
+                        never_stale,
+                    },
+                )),
+            ),
+        }
     }
 
     /// The request as it goes to the origin to fill the cache: as forwarded, less the
@@ -944,6 +962,32 @@ impl Handler for Proxy {
         self.lookup(ex);
     }
 
+    /// Hits from an in-process store, answered on the connection thread (no hand-off).
+    fn handle_inline(&self, ex: &mut Exchange<'_>) {
+        if !self.store.is_local()
+            || ex.req.target == "*"
+            || !matches!(ex.req.method.as_str(), "GET" | "HEAD")
+            || ex.req.header("range").is_some()
+        {
+            return;
+        }
+        let key = CacheKey::new("http", &ex.req.host, &ex.req.target);
+        let started = Instant::now();
+        let Ok(Lookup {
+            variants,
+            generation,
+        }) = self.store.get(&key)
+        else {
+            return;
+        };
+        let since = Since {
+            generation,
+            started,
+        };
+        // Anything but an answer from the store is left to the workers, untouched.
+        let _ = self.answer_from_store(ex, &key, &variants, since);
+    }
+
     /// The fetch stage: whatever waits on the origin.
     fn fetch(&self, ex: &mut Exchange<'_>, state: Box<dyn Any + Send>) {
         match state.downcast::<Deferred>() {
@@ -1115,6 +1159,14 @@ impl Proxy {
     }
 }
 
+/// What the store could do for a request.
+enum Answer {
+    Served,
+    /// Go to the origin, for this reason; with the stale copy the request selected (to
+    /// revalidate, and what may answer if that fails).
+    Fetch(Forward, Option<(Arc<Entry>, Fallback)>),
+}
+
 /// What the fetch stage does for an exchange the worker deferred.
 enum Deferred {
     /// Pass it through (other methods, ranges, an unreadable store).
@@ -1269,10 +1321,10 @@ fn serve_stored(
         let _ = ex.respond(304, &headers, b"");
         return;
     }
-    let mut headers = entry.headers.clone();
-    headers.push(("age".into(), age.as_secs().to_string().into_bytes()));
-    add_status(&mut headers, status, cache_status);
-    let _ = ex.respond(entry.status, &headers, &entry.body);
+    let mut added = Vec::with_capacity(3);
+    added.push(("age".into(), age.as_secs().to_string().into_bytes()));
+    add_status(&mut added, status, cache_status);
+    let _ = ex.respond_fields(entry.status, &[&entry.headers, &added], &entry.body);
 }
 
 /// RFC 9110 §13.1.2 / §13.1.3 / §13.2.2: If-None-Match (weak comparison) takes

@@ -52,6 +52,14 @@ pub trait Handler: Send + Sync + 'static {
     /// Runs on a worker: answers, or defers the exchange (`Exchange::defer`) to `fetch`.
     fn handle(&self, ex: &mut Exchange<'_>);
 
+    /// Runs on the connection thread before the exchange is queued for a worker: answers
+    /// at once what needs no blocking call (a hit in an in-process store), saving the
+    /// hand-off to a worker and back. It must not block, and must leave the exchange
+    /// untouched (no response started, no body read) when it does not answer.
+    fn handle_inline(&self, ex: &mut Exchange<'_>) {
+        let _ = ex;
+    }
+
     /// Runs a deferred exchange on a fetch worker, with the state `handle` deferred it
     /// with. Only handlers that defer need it.
     fn fetch(&self, ex: &mut Exchange<'_>, state: Box<dyn Any + Send>) {
@@ -208,9 +216,10 @@ pub fn start(
     }
     let acceptor = {
         let shared = Arc::clone(&shared);
+        let acceptor_handler = Arc::clone(&handler);
         thread::Builder::new()
             .name(format!("{name}-acceptor"))
-            .spawn(move || accept_loop(&shared, &listener, &jobs_tx))?
+            .spawn(move || accept_loop(&shared, &acceptor_handler, &listener, &jobs_tx))?
     };
     info!(
         "{name}: listening on {addr} with {} workers",
@@ -223,7 +232,12 @@ pub fn start(
     })
 }
 
-fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, jobs: &Sender<Job>) {
+fn accept_loop(
+    shared: &Arc<Shared>,
+    handler: &Arc<dyn Handler>,
+    listener: &TcpListener,
+    jobs: &Sender<Job>,
+) {
     let mut last_warning: Option<Instant> = None;
     // A descriptor kept in reserve: out of descriptors, it is given up for a moment so a
     // waiting client can be accepted and told 503, instead of hanging in the backlog.
@@ -266,6 +280,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, jobs: &Sender<Job>)
             shared.conns().insert(id, (clone, Arc::clone(&idle)));
         }
         let thread_shared = Arc::clone(shared);
+        let handler = Arc::clone(handler);
         let jobs = jobs.clone();
         let spawned = thread::Builder::new()
             .name(format!("{}-conn", shared.name))
@@ -275,7 +290,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, jobs: &Sender<Job>)
                     shared: &thread_shared,
                     id,
                 };
-                serve_connection(&thread_shared, stream, peer, &jobs, &idle);
+                serve_connection(&thread_shared, handler.as_ref(), stream, peer, &jobs, &idle);
             });
         if let Err(e) = spawned {
             shared.open.fetch_sub(1, Ordering::SeqCst);
@@ -325,6 +340,7 @@ fn write_refusal(mut stream: &TcpStream, e: &HttpError) -> io::Result<()> {
 /// Reads requests from one client and hands each to the worker pool, in order.
 fn serve_connection(
     shared: &Shared,
+    handler: &dyn Handler,
     stream: TcpStream,
     peer: SocketAddr,
     jobs: &Sender<Job>,
@@ -354,6 +370,19 @@ fn serve_connection(
                 return;
             }
         }
+        let req = if req.framing == BodyFraming::None {
+            match serve_inline(shared, handler, &mut conn, req) {
+                Inline::Answered(true) => continue,
+                Inline::Answered(false) => {
+                    let _ = conn.stream().shutdown(Shutdown::Write);
+                    linger_close(&mut conn);
+                    return;
+                }
+                Inline::Declined(req) => req,
+            }
+        } else {
+            req
+        };
         // The worker holds the only sender: if it drops the connection, or dies, this
         // thread sees the channel disconnect instead of waiting forever.
         let (back_tx, back_rx) = bounded::<(Conn, bool)>(1);
@@ -388,6 +417,34 @@ fn serve_connection(
             return;
         }
     }
+}
+
+/// What the connection thread's own attempt at a request came to.
+enum Inline {
+    /// Answered here; true if the connection may carry another request.
+    Answered(bool),
+    /// Not answerable without blocking: for the workers.
+    Declined(Request),
+}
+
+/// Lets the handler answer on the connection thread (`Handler::handle_inline`).
+fn serve_inline(shared: &Shared, handler: &dyn Handler, conn: &mut Conn, req: Request) -> Inline {
+    let timeouts = ExchangeTimeouts {
+        body: shared.cfg.body_timeout,
+    };
+    let mut ex = Exchange::new(req, conn, shared.cfg.max_body_bytes, timeouts);
+    ex.watch_drain(Arc::clone(&shared.shutting_down));
+    if catch_unwind(AssertUnwindSafe(|| handler.handle_inline(&mut ex))).is_err() {
+        error!(
+            "{}: inline handler panicked on {} {}",
+            shared.name, ex.req.method, ex.req.target
+        );
+        ex.respond_error(500, "internal error", true);
+    }
+    if ex.response_started() {
+        return Inline::Answered(ex.complete());
+    }
+    Inline::Declined(ex.into_request())
 }
 
 /// Waits for and parses the next request head. `Ok(None)`: the client closed, or stayed

@@ -132,14 +132,14 @@ impl<'c> Exchange<'c> {
         length: BodyLength,
         head_length: Option<u64>,
     ) -> io::Result<()> {
-        self.start_with(status, headers, length, head_length, &[])
+        self.start_with(status, &[headers], length, head_length, &[])
     }
 
     /// Starts the response and writes `first` body bytes with the head in one write.
     fn start_with(
         &mut self,
         status: u16,
-        headers: &[(String, Vec<u8>)],
+        fields: &[&[(String, Vec<u8>)]],
         length: BodyLength,
         head_length: Option<u64>,
         first: &[u8],
@@ -171,7 +171,7 @@ impl<'c> Exchange<'c> {
             &mut head,
             self.req.version,
             status,
-            headers,
+            fields,
             framing,
             head_length,
             !self.close,
@@ -265,12 +265,23 @@ impl<'c> Exchange<'c> {
         headers: &[(String, Vec<u8>)],
         body: &[u8],
     ) -> io::Result<()> {
+        self.respond_fields(status, &[headers], body)
+    }
+
+    /// [`Exchange::respond`] with fields in several slices, written in order (a stored
+    /// response's fields and those added for this answer, without copying them).
+    pub fn respond_fields(
+        &mut self,
+        status: u16,
+        fields: &[&[(String, Vec<u8>)]],
+        body: &[u8],
+    ) -> io::Result<()> {
         let length = BodyLength::Known(body.len() as u64);
         if response::has_no_body(status, self.req.is_head()) {
             let head_length = (status != 204 && status != 304).then_some(body.len() as u64);
-            self.start(status, headers, length, head_length)?;
+            self.start_with(status, fields, length, head_length, &[])?;
         } else {
-            self.start_with(status, headers, length, None, body)?;
+            self.start_with(status, fields, length, None, body)?;
         }
         self.finish()
     }

@@ -45,11 +45,13 @@ pub fn choose(status: u16, head_request: bool, length: BodyLength, version: Vers
 ///
 /// `keep_alive` is whether the connection stays open after this response; `length` is
 /// kept for HEAD responses, which announce the length a GET would have had.
+/// `fields` are written in order, slice after slice (stored fields, then the ones added
+/// for this answer), so no caller has to join them into a new list.
 pub fn write_head(
     out: &mut Vec<u8>,
     version: Version,
     status: u16,
-    headers: &[(String, Vec<u8>)],
+    fields: &[&[(String, Vec<u8>)]],
     framing: Framing,
     head_length: Option<u64>,
     keep_alive: bool,
@@ -59,7 +61,7 @@ pub fn write_head(
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
+    for (name, value) in fields.iter().flat_map(|f| f.iter()) {
         if matches!(
             name.as_str(),
             "content-length" | "transfer-encoding" | "connection" | "keep-alive"
@@ -107,7 +109,13 @@ mod tests {
             ("transfer-encoding".to_string(), b"gzip".to_vec()),
         ];
         write_head(
-            &mut out, version, status, &headers, framing, None, keep_alive,
+            &mut out,
+            version,
+            status,
+            &[&headers],
+            framing,
+            None,
+            keep_alive,
         );
         String::from_utf8(out).unwrap()
     }
