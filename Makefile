@@ -1,6 +1,7 @@
 # Echo: build, run, test, lint, bench, install.
 #   make run      demo origin on 127.0.0.1:9000 + echod on 127.0.0.1:8080 (memory store)
 #   make test     every test (unit + integration, real sockets)
+#   make bench    micro, invalidation and load benchmarks (load: Echo vs nginx vs Varnish)
 #   make install  PREFIX=/opt/echo (default), DESTDIR honoured
 
 PREFIX ?= /opt/echo
@@ -49,7 +50,11 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-bench:
+# The load comparison (benches/load.rs) runs the release echod and demo-origin: they are
+# built first. It needs wrk (nginx and varnishd are compared when installed) and
+# writes target/bench/load.md and load.svg; ECHO_BENCH_SECONDS sets each wrk run (5 s).
+bench: redis-server
+	$(CARGO) build --release --locked --bins
 	$(CARGO) bench --locked
 
 install: build
