@@ -962,30 +962,12 @@ impl Handler for Proxy {
         self.lookup(ex);
     }
 
-    /// Hits from an in-process store, answered on the connection thread (no hand-off).
+    /// Lookups on the connection thread: a hit is answered at once (no hand-off to a
+    /// worker and back), anything that waits on the origin goes straight to the fetch
+    /// stage with what the lookup found. A lookup in Redis blocks this thread only, within
+    /// the Redis timeouts, and the Redis pool bounds how many run at once.
     fn handle_inline(&self, ex: &mut Exchange<'_>) {
-        if !self.store.is_local()
-            || ex.req.target == "*"
-            || !matches!(ex.req.method.as_str(), "GET" | "HEAD")
-            || ex.req.header("range").is_some()
-        {
-            return;
-        }
-        let key = CacheKey::new("http", &ex.req.host, &ex.req.target);
-        let started = Instant::now();
-        let Ok(Lookup {
-            variants,
-            generation,
-        }) = self.store.get(&key)
-        else {
-            return;
-        };
-        let since = Since {
-            generation,
-            started,
-        };
-        // Anything but an answer from the store is left to the workers, untouched.
-        let _ = self.answer_from_store(ex, &key, &variants, since);
+        self.handle(ex);
     }
 
     /// The fetch stage: whatever waits on the origin.

@@ -36,8 +36,9 @@ use crate::http::exchange::{Exchange, ExchangeTimeouts};
 use crate::http::parse::{parse_head, HttpError, Limits, Parsed};
 use crate::http::{BodyFraming, Request};
 
-/// Stack of a connection thread: it parses heads and waits, nothing deeper.
-const CONNECTION_STACK: usize = 128 * 1024;
+/// Stack of a connection thread: it parses heads, looks requests up (a Redis round trip
+/// at most) and answers hits.
+const CONNECTION_STACK: usize = 256 * 1024;
 /// Stack of a fetch worker: an origin client call and body copies (buffers on the heap).
 const FETCH_STACK: usize = 512 * 1024;
 /// Bodies up to this size are read by the connection thread before a worker is involved,
@@ -204,7 +205,6 @@ pub fn start(
             .name(format!("{name}-worker-{i}"))
             .spawn(move || worker(&shared, &rx, Some(&fetch), handler.as_ref()))?;
     }
-    drop(fetch_tx);
     for i in 0..shared.cfg.fetch_workers {
         let rx = fetch_rx.clone();
         let handler = Arc::clone(&handler);
@@ -217,9 +217,17 @@ pub fn start(
     let acceptor = {
         let shared = Arc::clone(&shared);
         let acceptor_handler = Arc::clone(&handler);
+        let acceptor_fetch = fetch_tx.clone();
         thread::Builder::new()
             .name(format!("{name}-acceptor"))
-            .spawn(move || accept_loop(&shared, &acceptor_handler, &listener, &jobs_tx))?
+            .spawn(move || {
+                accept_loop(
+                    &shared,
+                    &acceptor_handler,
+                    &listener,
+                    (&jobs_tx, &acceptor_fetch),
+                )
+            })?
     };
     info!(
         "{name}: listening on {addr} with {} workers",
@@ -236,7 +244,7 @@ fn accept_loop(
     shared: &Arc<Shared>,
     handler: &Arc<dyn Handler>,
     listener: &TcpListener,
-    jobs: &Sender<Job>,
+    (jobs, fetch): (&Sender<Job>, &Sender<Job>),
 ) {
     let mut last_warning: Option<Instant> = None;
     // A descriptor kept in reserve: out of descriptors, it is given up for a moment so a
@@ -282,6 +290,7 @@ fn accept_loop(
         let thread_shared = Arc::clone(shared);
         let handler = Arc::clone(handler);
         let jobs = jobs.clone();
+        let fetch = fetch.clone();
         let spawned = thread::Builder::new()
             .name(format!("{}-conn", shared.name))
             .stack_size(CONNECTION_STACK)
@@ -290,7 +299,14 @@ fn accept_loop(
                     shared: &thread_shared,
                     id,
                 };
-                serve_connection(&thread_shared, handler.as_ref(), stream, peer, &jobs, &idle);
+                serve_connection(
+                    &thread_shared,
+                    handler.as_ref(),
+                    stream,
+                    peer,
+                    (&jobs, &fetch),
+                    &idle,
+                );
             });
         if let Err(e) = spawned {
             shared.open.fetch_sub(1, Ordering::SeqCst);
@@ -343,7 +359,7 @@ fn serve_connection(
     handler: &dyn Handler,
     stream: TcpStream,
     peer: SocketAddr,
-    jobs: &Sender<Job>,
+    (jobs, fetch): (&Sender<Job>, &Sender<Job>),
     idle: &AtomicBool,
 ) {
     let cfg = &shared.cfg;
@@ -370,7 +386,7 @@ fn serve_connection(
                 return;
             }
         }
-        let req = if req.framing == BodyFraming::None {
+        let (req, deferred) = if req.framing == BodyFraming::None {
             match serve_inline(shared, handler, &mut conn, req) {
                 Inline::Answered(true) => continue,
                 Inline::Answered(false) => {
@@ -378,24 +394,34 @@ fn serve_connection(
                     linger_close(&mut conn);
                     return;
                 }
-                Inline::Declined(req) => req,
+                Inline::Deferred(req, state) => (req, Some(state)),
+                Inline::Declined(req) => (req, None),
             }
         } else {
-            req
+            (req, None)
         };
         // The worker holds the only sender: if it drops the connection, or dies, this
         // thread sees the channel disconnect instead of waiting forever.
         let (back_tx, back_rx) = bounded::<(Conn, bool)>(1);
+        let to_fetch = deferred.is_some();
         let job = Job {
             conn,
             req,
-            deferred: None,
+            deferred,
             back: back_tx,
         };
-        match jobs.send_timeout(job, cfg.queue_timeout) {
+        // A request deferred here goes straight to the fetch stage; a full fetch queue is
+        // answered 503 at once, as the workers do.
+        let queue = if to_fetch { fetch } else { jobs };
+        let wait = if to_fetch {
+            Duration::ZERO
+        } else {
+            cfg.queue_timeout
+        };
+        match queue.send_timeout(job, wait) {
             Ok(()) => {}
             Err(SendTimeoutError::Timeout(mut job)) => {
-                warn!("{}: worker queue full; answering 503", shared.name);
+                warn!("{}: queue full; answering 503", shared.name);
                 let _ = write_refusal(job.conn.stream(), &HttpError::new(503, "server busy"));
                 linger_close(&mut job.conn);
                 return;
@@ -423,7 +449,9 @@ fn serve_connection(
 enum Inline {
     /// Answered here; true if the connection may carry another request.
     Answered(bool),
-    /// Not answerable without blocking: for the workers.
+    /// Deferred by the handler: straight to the fetch stage, with its state.
+    Deferred(Request, Box<dyn Any + Send>),
+    /// Left to the workers.
     Declined(Request),
 }
 
@@ -440,6 +468,9 @@ fn serve_inline(shared: &Shared, handler: &dyn Handler, conn: &mut Conn, req: Re
             shared.name, ex.req.method, ex.req.target
         );
         ex.respond_error(500, "internal error", true);
+    }
+    if let Some(state) = ex.take_deferred() {
+        return Inline::Deferred(ex.into_request(), state);
     }
     if ex.response_started() {
         return Inline::Answered(ex.complete());
