@@ -1,20 +1,19 @@
-//! The server: one acceptor thread, one small-stack thread per client connection that
-//! reads and validates request heads, and a fixed pool of worker threads that run the
-//! [`Handler`] for each request.
+//! The server: one acceptor thread, one small-stack thread per client connection, a
+//! fixed pool of workers and a fixed pool of fetch workers, each fed by a bounded queue.
 //!
-//! A connection thread lends its connection to a worker for one exchange and gets it
-//! back when the response is written, so responses on a connection leave in request
-//! order (pipelined requests wait in the connection's buffer) and a slow or half-sent
-//! head never holds a worker. The worker queue is bounded: when it stays full for
-//! `queue_timeout` the client gets a 503.
-//!
-//! A handler that would wait on a slow backend (the origin) defers the exchange: it moves
-//! to a second fixed pool of fetch workers with its own bounded queue, so the workers stay
-//! free for what can be answered at once (cache hits) however slow the origin is. Both
-//! pools are fixed: `workers + fetch_workers` bounds how many requests run at once.
+//! A connection thread reads and validates request heads (a slow or half-sent head holds
+//! only its own thread), then offers each request to the handler inline
+//! (`Handler::handle_inline`): what it answers at once (a cache hit) costs no hand-off.
+//! What the handler defers (`Exchange::defer`: it would wait on the origin) goes straight
+//! to the fetch workers; the rest (requests with a body, handlers without an inline path)
+//! to the workers, whose `handle` may defer to the fetch workers in turn. A connection is
+//! lent to one thread at a time and comes back when the response is written, so responses
+//! on a connection leave in request order (pipelined requests wait in its buffer). A full
+//! queue is a 503, never an unbounded wait: `workers + fetch_workers` bounds the requests
+//! that may block.
 //!
 //! Invariants: an accept error is logged and survived; a handler panic answers 500 (or
-//! cuts an unfinished response) and the worker lives on; every read waits at most until
+//! cuts an unfinished response) and the thread lives on; every read waits at most until
 //! a deadline from config; at most `max_connections` connections are served at once.
 
 use std::any::Any;
