@@ -1,5 +1,6 @@
 //! Micro benchmarks on stable Rust (`harness = false`): the cache key, the request-head
-//! parser and the RFC 9111 policy, the pieces every request goes through.
+//! parser, the RFC 9111 policy and the stored-entry codec (every Redis hit decodes one),
+//! the pieces every request goes through.
 //!
 //! Each is run for a fixed time after a warm-up and reported as ns per operation; the
 //! numbers are for comparing one build with the next on the same machine. The load
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use echo::http::parse::{parse_head, Limits, Parsed};
 use echo::key::CacheKey;
 use echo::policy::{self, PolicyOptions};
+use echo::store::{codec, Entry};
+use std::sync::Arc;
 
 fn bench(name: &str, mut f: impl FnMut()) {
     let warm = Instant::now();
@@ -81,5 +84,25 @@ fn main() {
     let snapshot = policy::vary_snapshot(&["accept-encoding".to_string()], &req);
     bench("policy::vary_matches", || {
         black_box(policy::vary_matches(black_box(&snapshot), &req));
+    });
+
+    let entry = Arc::new(Entry {
+        status: 200,
+        headers: resp.clone(),
+        body: vec![b'e'; 1024],
+        response_time: now,
+        initial_age: Duration::ZERO,
+        freshness: Duration::from_secs(60),
+        vary: snapshot.clone(),
+        tags: vec!["org-42".into()],
+    });
+    let variants = vec![entry];
+    bench("codec::encode (1 KiB entry)", || {
+        black_box(codec::encode(black_box(&variants)));
+    });
+    let encoded = codec::encode(&variants);
+    bench("codec::decode (1 KiB entry)", || {
+        let decoded = codec::decode(black_box(&encoded));
+        assert!(decoded.is_ok());
     });
 }
