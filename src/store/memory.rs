@@ -65,10 +65,6 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    fn is_local(&self) -> bool {
-        true
-    }
-
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         let mut inner = self.lock();
         Ok(Lookup {

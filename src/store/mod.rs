@@ -108,11 +108,6 @@ pub struct Lookup {
 pub trait Store: Send + Sync {
     /// Short name for logs and metrics ("memory", "redis").
     fn name(&self) -> &'static str;
-    /// Does a lookup never block (an in-process store)? Then hits may be answered on
-    /// the connection thread.
-    fn is_local(&self) -> bool {
-        false
-    }
     /// Every stored variant of `key` (empty when none), and the current generation.
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
     /// Stores `entry` as a variant of `key`, replacing the variant it matches, and every
