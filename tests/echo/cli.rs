@@ -91,6 +91,20 @@ impl ChildGuard {
     }
 }
 
+/// Starts `echod --config <config>` with its stderr logged to `echod.log` in `dir`.
+fn spawn_echod(dir: &TempDir, config: &Path) -> ChildGuard {
+    let log = dir.0.join("echod.log");
+    ChildGuard::spawn(
+        "echod",
+        Command::new(ECHOD)
+            .args(["--config", path_str(config)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log file")),
+        Some(log),
+    )
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -368,16 +382,7 @@ impl Binaries {
                 admin.as_ref().map_or("", |(_, section)| section.as_str())
             ),
         );
-        let echo_log = dir.0.join("echod.log");
-        let mut echod = ChildGuard::spawn(
-            "echod",
-            Command::new(ECHOD)
-                .args(["--config", path_str(&config)])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&echo_log).expect("log file")),
-            Some(echo_log),
-        );
+        let mut echod = spawn_echod(&dir, &config);
         echod.wait_listening(echo_addr);
         if let Some((admin_addr, _)) = admin {
             echod.wait_listening(admin_addr);
@@ -693,16 +698,7 @@ fn sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0() {
             origin.url()
         ),
     );
-    let log = dir.0.join("echod.log");
-    let mut echod = ChildGuard::spawn(
-        "echod",
-        Command::new(ECHOD)
-            .args(["--config", path_str(&config)])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("log file")),
-        Some(log),
-    );
+    let mut echod = spawn_echod(&dir, &config);
     echod.wait_listening(addr);
     // An idle keep-alive client, and a request in flight at the origin.
     let mut idle = RawClient::connect(addr);

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::client::{self, RawResponse};
-use crate::support::echo::{config, EchoUnderTest};
+use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, OriginResponse, TestOrigin};
 
@@ -221,11 +221,7 @@ fn twenty_misses_over_two_nodes_on_one_redis_cost_one_fetch() {
     let origin = holding_origin(Arc::clone(&release), |t, _| {
         OriginResponse::ok(format!("body of {t}")).header("Cache-Control", "max-age=60")
     });
-    let redis = format!(
-        "[cache]\nstore = \"redis\"\n[redis]\nmaster = \"{}\"\nreplicas = [\"{}\"]\n",
-        master.url(),
-        replica.url()
-    );
+    let redis = redis_sections(&master, &[&replica], "", "");
     let a = EchoUnderTest::with_config(config(&origin.url(), &redis));
     let b = EchoUnderTest::with_config(config(&origin.url(), &redis));
     let first = concurrent_gets(&[a.addr], 1, "/held/nodes");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::client::{self, RawClient, RawResponse};
-use crate::support::echo::{config, EchoUnderTest};
+use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, OriginResponse, TestOrigin};
 
@@ -35,15 +35,10 @@ fn redis_echo(
     master: &RedisServer,
     replicas: &[&RedisServer],
 ) -> EchoUnderTest {
-    let replicas: Vec<String> = replicas
-        .iter()
-        .map(|r| format!("\"{}\"", r.url()))
-        .collect();
     let text = format!(
-        "{}[cache]\nstore = \"redis\"\n[redis]\nmaster = \"{}\"\nreplicas = [{}]\n",
+        "{}{}",
         admin_section(),
-        master.url(),
-        replicas.join(", ")
+        redis_sections(master, replicas, "", "")
     );
     EchoUnderTest::with_config(config(&origin.url(), &text))
 }

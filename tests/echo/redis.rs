@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client;
-use crate::support::echo::{config, EchoUnderTest};
+use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, OriginResponse, TestOrigin};
 
@@ -16,17 +16,7 @@ fn echo_on(
     replicas: &[&RedisServer],
     extra: &str,
 ) -> EchoUnderTest {
-    let replicas: Vec<String> = replicas
-        .iter()
-        .map(|r| format!("\"{}\"", r.url()))
-        .collect();
-    let text = format!(
-        "[cache]\nstore = \"redis\"\n{extra}\n[redis]\nmaster = \"{}\"\nreplicas = [{}]\n\
-         connect_timeout_ms = 200\nread_timeout_ms = 200\nwrite_timeout_ms = 200\n\
-         pool_timeout_ms = 200\nbreaker_failures = 2\nbreaker_open_ms = 300\n",
-        master.url(),
-        replicas.join(", ")
-    );
+    let text = redis_sections(master, replicas, extra, QUICK_REDIS);
     EchoUnderTest::with_config(config(&origin.url(), &text))
 }
 

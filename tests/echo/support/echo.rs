@@ -5,6 +5,8 @@ use std::net::{SocketAddr, TcpListener};
 
 use echo::config::Config;
 
+use super::redis::RedisServer;
+
 pub struct EchoUnderTest {
     pub echo: echo::Echo,
     pub addr: SocketAddr,
@@ -18,6 +20,30 @@ pub fn config(origin_url: &str, extra: &str) -> Config {
         "[origin]\nurl = \"{origin_url}\"\nconnect_timeout_ms = 1000\nresponse_timeout_ms = 2000\nread_timeout_ms = 2000\n{extra}"
     );
     Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+}
+
+/// Timeouts the Redis failure tests use: failures show in a fraction of a second, and
+/// a dead server is skipped after 2 failures for 300 ms.
+pub const QUICK_REDIS: &str = "connect_timeout_ms = 200\nread_timeout_ms = 200\n\
+     write_timeout_ms = 200\npool_timeout_ms = 200\nbreaker_failures = 2\nbreaker_open_ms = 300\n";
+
+/// The `[cache]` and `[redis]` sections for Echo on `master` and `replicas`: `cache`
+/// goes under `[cache]` (after `store = "redis"`), `redis` under `[redis]`.
+pub fn redis_sections(
+    master: &RedisServer,
+    replicas: &[&RedisServer],
+    cache: &str,
+    redis: &str,
+) -> String {
+    let replicas: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("\"{}\"", r.url()))
+        .collect();
+    format!(
+        "[cache]\nstore = \"redis\"\n{cache}\n[redis]\nmaster = \"{}\"\nreplicas = [{}]\n{redis}",
+        master.url(),
+        replicas.join(", ")
+    )
 }
 
 impl EchoUnderTest {
