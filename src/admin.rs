@@ -24,6 +24,7 @@ use crate::http::exchange::Exchange;
 use crate::invalidate::{Invalidator, Job, Matcher, Mode, Refused, Report, State};
 use crate::metrics::Metrics;
 use crate::server::Handler;
+use crate::upstream::Upstreams;
 
 /// Largest `POST /invalidate` body read.
 const MAX_BODY: u64 = 64 * 1024;
@@ -33,6 +34,7 @@ pub struct Admin {
     invalidator: Arc<Invalidator>,
     wait: Duration,
     metrics: Arc<Metrics>,
+    upstreams: Arc<Upstreams>,
 }
 
 /// The JSON body of `POST /invalidate`.
@@ -55,13 +57,47 @@ impl Admin {
         invalidator: Arc<Invalidator>,
         wait: Duration,
         metrics: Arc<Metrics>,
+        upstreams: Arc<Upstreams>,
     ) -> Admin {
         Admin {
             token,
             invalidator,
             wait,
             metrics,
+            upstreams,
         }
+    }
+
+    /// `GET /health`: 200 while Echo serves (it does, even with every origin server
+    /// out: stale copies and errors are answers); the body says what is degraded.
+    fn health(&self) -> Value {
+        let services = self.upstreams.health();
+        let degraded: Vec<&str> = services
+            .iter()
+            .filter(|s| !s.servers.iter().any(|v| v.up))
+            .map(|s| s.name.as_str())
+            .collect();
+        let origins: Vec<Value> = services
+            .iter()
+            .map(|s| {
+                let up = s.servers.iter().filter(|v| v.up).count();
+                json!({
+                    "name": s.name,
+                    "status": if up == 0 { "down" } else if up < s.servers.len() { "degraded" } else { "ok" },
+                    "servers": s.servers.iter().map(|v| {
+                        let mut o = json!({ "url": v.server, "up": v.up });
+                        if let Some(r) = &v.reason {
+                            o["reason"] = json!(r);
+                        }
+                        o
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "status": if degraded.is_empty() { "ok" } else { "degraded" },
+            "origins": origins,
+        })
     }
 
     fn authorized(&self, ex: &Exchange<'_>) -> bool {
@@ -216,7 +252,7 @@ impl Handler for Admin {
         let path = ex.req.target.split('?').next().unwrap_or("").to_string();
         let method = ex.req.method.clone();
         if path == "/health" && matches!(method.as_str(), "GET" | "HEAD") {
-            return reply(ex, 200, &json!({ "status": "ok" }));
+            return reply(ex, 200, &self.health());
         }
         if !self.authorized(ex) {
             return error(ex, 401, "missing or wrong bearer token");

@@ -49,6 +49,8 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     origin: Option<RawOrigin>,
     #[serde(default)]
+    route: Vec<RawOrigin>,
+    #[serde(default)]
     cache: RawCache,
     redis: Option<RawRedis>,
     #[serde(default)]
@@ -127,33 +129,68 @@ struct RawAdmin {
     token_file: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[origin]`, and each `[[route]]` (which alone may set `path_prefix` and `host`).
+/// Every field is optional here so a route can tell "unset" (inherit `[origin]`'s)
+/// from a value.
+#[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawOrigin {
     url: Option<String>,
-    #[serde(default = "default_connect_timeout_ms")]
-    connect_timeout_ms: u64,
-    #[serde(default = "default_response_timeout_ms")]
-    response_timeout_ms: u64,
-    #[serde(default = "default_read_timeout_ms")]
-    read_timeout_ms: u64,
-    #[serde(default = "default_send_timeout_ms")]
-    send_timeout_ms: u64,
-    #[serde(default)]
+    servers: Option<Vec<String>>,
+    path_prefix: Option<String>,
+    host: Option<String>,
+    balance: Option<String>,
+    retries: Option<u64>,
+    max_fails: Option<u64>,
+    fail_timeout_ms: Option<u64>,
+    health_check_path: Option<String>,
+    health_check_interval_ms: Option<u64>,
+    health_check_timeout_ms: Option<u64>,
+    health_check_fails: Option<u64>,
+    health_check_passes: Option<u64>,
+    preserve_host: Option<bool>,
+    ca_file: Option<PathBuf>,
+    connect_timeout_ms: Option<u64>,
+    response_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    send_timeout_ms: Option<u64>,
+    total_timeout_ms: Option<u64>,
     max_idle_connections: Option<u64>,
 }
 
-fn default_connect_timeout_ms() -> u64 {
-    2_000
-}
-fn default_response_timeout_ms() -> u64 {
-    30_000
-}
-fn default_read_timeout_ms() -> u64 {
-    30_000
-}
-fn default_send_timeout_ms() -> u64 {
-    30_000
+impl RawOrigin {
+    /// A route's settings: its own where set, `[origin]`'s otherwise. The servers, the
+    /// health check path and what selects the route are never inherited: they belong
+    /// to the service the route names.
+    fn inherit(self, base: &RawOrigin) -> RawOrigin {
+        RawOrigin {
+            url: self.url,
+            servers: self.servers,
+            path_prefix: self.path_prefix,
+            host: self.host,
+            health_check_path: self.health_check_path,
+            balance: self.balance.or_else(|| base.balance.clone()),
+            retries: self.retries.or(base.retries),
+            max_fails: self.max_fails.or(base.max_fails),
+            fail_timeout_ms: self.fail_timeout_ms.or(base.fail_timeout_ms),
+            health_check_interval_ms: self
+                .health_check_interval_ms
+                .or(base.health_check_interval_ms),
+            health_check_timeout_ms: self
+                .health_check_timeout_ms
+                .or(base.health_check_timeout_ms),
+            health_check_fails: self.health_check_fails.or(base.health_check_fails),
+            health_check_passes: self.health_check_passes.or(base.health_check_passes),
+            preserve_host: self.preserve_host.or(base.preserve_host),
+            ca_file: self.ca_file.or_else(|| base.ca_file.clone()),
+            connect_timeout_ms: self.connect_timeout_ms.or(base.connect_timeout_ms),
+            response_timeout_ms: self.response_timeout_ms.or(base.response_timeout_ms),
+            read_timeout_ms: self.read_timeout_ms.or(base.read_timeout_ms),
+            send_timeout_ms: self.send_timeout_ms.or(base.send_timeout_ms),
+            total_timeout_ms: self.total_timeout_ms.or(base.total_timeout_ms),
+            max_idle_connections: self.max_idle_connections.or(base.max_idle_connections),
+        }
+    }
 }
 
 /// Request fields that are not part of the cache key and that origins are known to act
@@ -277,6 +314,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
     pub origin: OriginConfig,
+    /// In the file's order; the router picks the longest matching prefix.
+    pub routes: Vec<RouteConfig>,
     pub cache: CacheConfig,
     pub redis: Option<RedisConfig>,
     pub invalidation: InvalidationConfig,
@@ -374,24 +413,83 @@ impl Scheme {
     }
 }
 
-/// The passthrough service.
-#[derive(Debug, Clone)]
-pub struct OriginConfig {
+/// One server of a passthrough service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
     pub scheme: Scheme,
-    /// `host[:port]` as written in the URL, used for the origin request's Host.
+    /// `host[:port]` as written in the URL: the Host sent to it, and its TLS name.
     pub authority: String,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    pub read_timeout: Duration,
-    pub send_timeout: Duration,
-    pub max_idle_connections: usize,
 }
 
-impl OriginConfig {
-    /// `http://authority`, the base every request target is appended to.
+impl ServerAddr {
+    /// `scheme://authority`, the base every request target is appended to; also the
+    /// server's name in logs, `/health` and metrics.
     pub fn base_url(&self) -> String {
         format!("{}://{}", self.scheme.as_str(), self.authority)
     }
+}
+
+/// How a request picks among a service's healthy servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// The server with the fewest requests in flight (round robin among equals).
+    LeastOutstanding,
+}
+
+/// Active health checks of a service's servers.
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    /// Probed with a GET; a 2xx or 3xx answer within `timeout` passes.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failed probes that take a server out.
+    pub fails: u32,
+    /// Consecutive passed probes that put it back.
+    pub passes: u32,
+}
+
+/// A passthrough service (`[origin]`, or a `[[route]]`'s): its servers and how they
+/// are used.
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    /// `origin`, or `route[N]`: the service's name in logs and `/health`.
+    pub name: String,
+    pub servers: Vec<ServerAddr>,
+    pub balance: Balance,
+    /// Other servers tried after a failed connect (idempotent requests whose body was
+    /// not read yet).
+    pub retries: usize,
+    /// Consecutive connect failures or timeouts that take a server out for
+    /// `fail_timeout`; zero: never.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub health_check: Option<HealthCheckConfig>,
+    /// Send the client's Host instead of the server's authority.
+    pub preserve_host: bool,
+    /// PEM roots trusted for https servers instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Until the response head arrives (first byte).
+    pub response_timeout: Duration,
+    /// Between reads of the body.
+    pub read_timeout: Duration,
+    pub send_timeout: Duration,
+    /// The whole exchange, body included; `None`: no limit beyond the others.
+    pub total_timeout: Option<Duration>,
+    /// Idle keep-alive connections kept per server.
+    pub max_idle_connections: usize,
+}
+
+/// A `[[route]]`: requests whose path starts with `path_prefix` (and, when set, whose
+/// Host is `host`) go to its service; the longest prefix wins.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub path_prefix: String,
+    /// Lower case, without a port.
+    pub host: Option<String>,
+    pub origin: OriginConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -542,10 +640,68 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(a) => Some(validate_admin(a, server.listen)?),
     };
 
-    let origin = match raw.origin {
-        Some(o) => validate_origin(o, server.workers)?,
-        None => return Err(err("origin.url", "is required (the passthrough service)")),
+    let Some(raw_origin) = raw.origin else {
+        return Err(err("origin.url", "is required (the passthrough service)"));
     };
+    for field in [
+        ("path_prefix", raw_origin.path_prefix.is_some()),
+        ("host", raw_origin.host.is_some()),
+    ] {
+        if field.1 {
+            return Err(err(
+                &format!("origin.{}", field.0),
+                "belongs in a [[route]], not in [origin]",
+            ));
+        }
+    }
+    let origin = validate_origin("origin", raw_origin.clone(), server.workers)?;
+    let mut routes = Vec::with_capacity(raw.route.len());
+    for (i, r) in raw.route.into_iter().enumerate() {
+        let name = format!("route[{i}]");
+        let raw_route = r.inherit(&raw_origin);
+        let path_prefix = match &raw_route.path_prefix {
+            Some(p) if p.starts_with('/') && !p.chars().any(|c| c.is_control() || c == ' ') => {
+                p.clone()
+            }
+            Some(p) => {
+                return Err(err(
+                    &format!("{name}.path_prefix"),
+                    format!("must be a path starting with / (got {p:?})"),
+                ))
+            }
+            None => {
+                return Err(err(
+                    &format!("{name}.path_prefix"),
+                    "is required (which requests the route takes)",
+                ))
+            }
+        };
+        let host = match &raw_route.host {
+            None => None,
+            Some(h) if valid_host(h) => Some(h.to_ascii_lowercase()),
+            Some(h) => {
+                return Err(err(
+                    &format!("{name}.host"),
+                    format!("must be a host name without a port (got {h:?})"),
+                ))
+            }
+        };
+        if routes
+            .iter()
+            .any(|o: &RouteConfig| o.path_prefix == path_prefix && o.host == host)
+        {
+            return Err(err(
+                &format!("{name}.path_prefix"),
+                format!("{path_prefix:?} is already routed (for the same host)"),
+            ));
+        }
+        let origin = validate_origin(&name, raw_route, server.workers)?;
+        routes.push(RouteConfig {
+            path_prefix,
+            host,
+            origin,
+        });
+    }
 
     let c = &raw.cache;
     let store = match c.store.as_str() {
@@ -636,6 +792,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         server,
         admin,
         origin,
+        routes,
         cache,
         redis,
         invalidation,
@@ -732,39 +889,159 @@ fn validate_admin(a: RawAdmin, proxy: SocketAddr) -> Result<AdminConfig, ConfigE
     Ok(AdminConfig { listen, token })
 }
 
-fn validate_origin(o: RawOrigin, workers: usize) -> Result<OriginConfig, ConfigError> {
-    let url = o
-        .url
-        .ok_or_else(|| err("origin.url", "is required (the passthrough service)"))?;
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// `scheme://host[:port]`, with nothing after the authority but an optional `/`.
+fn server_addr(key: &str, url: &str) -> Result<ServerAddr, ConfigError> {
     let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
         (Scheme::Http, rest)
     } else if let Some(rest) = url.strip_prefix("https://") {
         (Scheme::Https, rest)
     } else {
         return Err(err(
-            "origin.url",
+            key,
             format!("must start with http:// or https:// (got {url:?})"),
         ));
     };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty()
+        || authority.starts_with(':')
         || authority.contains(['/', '?', '#', '@', ' '])
         || authority.chars().any(|c| c.is_control())
     {
         return Err(err(
-            "origin.url",
+            key,
             format!("must be scheme://host[:port] with no path (got {url:?})"),
         ));
     }
-    Ok(OriginConfig {
+    Ok(ServerAddr {
         scheme,
         authority: authority.to_ascii_lowercase(),
-        connect_timeout: ms("origin.connect_timeout_ms", o.connect_timeout_ms)?,
-        response_timeout: ms("origin.response_timeout_ms", o.response_timeout_ms)?,
-        read_timeout: ms("origin.read_timeout_ms", o.read_timeout_ms)?,
-        send_timeout: ms("origin.send_timeout_ms", o.send_timeout_ms)?,
+    })
+}
+
+/// Validates a service; `name` is `origin` or `route[N]`, the prefix of its keys.
+fn validate_origin(name: &str, o: RawOrigin, workers: usize) -> Result<OriginConfig, ConfigError> {
+    let key = |k: &str| format!("{name}.{k}");
+    let servers = match (o.url, o.servers) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                &key("servers"),
+                "give url (one server) or servers, not both",
+            ))
+        }
+        (Some(url), None) => vec![server_addr(&key("url"), &url)?],
+        (None, Some(list)) if !list.is_empty() => {
+            let mut servers = Vec::with_capacity(list.len());
+            for url in &list {
+                let addr = server_addr(&key("servers"), url)?;
+                if servers.contains(&addr) {
+                    return Err(err(&key("servers"), format!("{url:?} is listed twice")));
+                }
+                servers.push(addr);
+            }
+            servers
+        }
+        _ => {
+            return Err(err(
+                &key("url"),
+                "is required (the passthrough service; or servers = [...])",
+            ))
+        }
+    };
+    let balance = match o.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_outstanding") => Balance::LeastOutstanding,
+        Some(other) => {
+            return Err(err(
+                &key("balance"),
+                format!("unknown balance {other:?}; use \"round_robin\" or \"least_outstanding\""),
+            ))
+        }
+    };
+    let health_check = match o.health_check_path {
+        None => None,
+        Some(path)
+            if path.starts_with('/') && !path.chars().any(|c| c.is_control() || c == ' ') =>
+        {
+            Some(HealthCheckConfig {
+                path,
+                interval: ms(
+                    &key("health_check_interval_ms"),
+                    o.health_check_interval_ms.unwrap_or(10_000),
+                )?,
+                timeout: ms(
+                    &key("health_check_timeout_ms"),
+                    o.health_check_timeout_ms.unwrap_or(2_000),
+                )?,
+                fails: ranged(
+                    &key("health_check_fails"),
+                    o.health_check_fails.unwrap_or(3),
+                    1,
+                    1000,
+                )? as u32,
+                passes: ranged(
+                    &key("health_check_passes"),
+                    o.health_check_passes.unwrap_or(2),
+                    1,
+                    1000,
+                )? as u32,
+            })
+        }
+        Some(path) => {
+            return Err(err(
+                &key("health_check_path"),
+                format!("must be a path starting with / (got {path:?})"),
+            ))
+        }
+    };
+    if let Some(path) = &o.ca_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {}
+            Ok(_) => {
+                return Err(err(
+                    &key("ca_file"),
+                    format!("{} holds no PEM certificate", path.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(err(
+                    &key("ca_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                ))
+            }
+        }
+    }
+    Ok(OriginConfig {
+        name: name.to_string(),
+        retries: ranged(&key("retries"), o.retries.unwrap_or(1), 0, 100)?,
+        servers,
+        balance,
+        max_fails: ranged(&key("max_fails"), o.max_fails.unwrap_or(3), 0, 1000)? as u32,
+        fail_timeout: ms(&key("fail_timeout_ms"), o.fail_timeout_ms.unwrap_or(10_000))?,
+        health_check,
+        preserve_host: o.preserve_host.unwrap_or(false),
+        ca_file: o.ca_file,
+        connect_timeout: ms(
+            &key("connect_timeout_ms"),
+            o.connect_timeout_ms.unwrap_or(2_000),
+        )?,
+        response_timeout: ms(
+            &key("response_timeout_ms"),
+            o.response_timeout_ms.unwrap_or(30_000),
+        )?,
+        read_timeout: ms(&key("read_timeout_ms"), o.read_timeout_ms.unwrap_or(30_000))?,
+        send_timeout: ms(&key("send_timeout_ms"), o.send_timeout_ms.unwrap_or(30_000))?,
+        total_timeout: match o.total_timeout_ms {
+            None => None,
+            Some(v) => Some(ms(&key("total_timeout_ms"), v)?),
+        },
         max_idle_connections: match o.max_idle_connections {
-            Some(n) => ranged("origin.max_idle_connections", n, 0, 100_000)?,
+            Some(n) => ranged(&key("max_idle_connections"), n, 0, 100_000)?,
             None => workers,
         },
     })
@@ -800,6 +1077,16 @@ fn spans(text: &str) -> Vec<(String, std::ops::Range<usize>)> {
             if let Some(t) = v.get_ref().as_table() {
                 walk(&name, t, out);
             }
+            // `[[route]]` tables: `route[0].path_prefix`, ...
+            if let Some(items) = v.get_ref().as_array() {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(t) = item.get_ref().as_table() {
+                        let item_name = format!("{name}[{i}]");
+                        out.push((item_name.clone(), item.span()));
+                        walk(&item_name, t, out);
+                    }
+                }
+            }
         }
     }
     let mut out = Vec::new();
@@ -809,11 +1096,17 @@ fn spans(text: &str) -> Vec<(String, std::ops::Range<usize>)> {
     out
 }
 
+/// The line of `key`, or of the closest table holding it when the key is missing
+/// (`route[0].url` not given: the line of `route[0]`).
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    spans(text)
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, s)| line_of(text, s.start))
+    let spans = spans(text);
+    let mut key = key;
+    loop {
+        if let Some((_, s)) = spans.iter().find(|(k, _)| k == key) {
+            return Some(line_of(text, s.start));
+        }
+        key = &key[..key.rfind('.')?];
+    }
 }
 
 /// The innermost key whose span holds `offset`, e.g. the key of a value of the wrong type.
@@ -835,7 +1128,10 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.server.workers, 64);
-        assert_eq!(c.origin.authority, "127.0.0.1:9000");
+        assert_eq!(c.origin.servers.len(), 1);
+        assert_eq!(c.origin.servers[0].authority, "127.0.0.1:9000");
+        assert_eq!(c.origin.servers[0].base_url(), "http://127.0.0.1:9000");
+        assert!(c.routes.is_empty());
         assert_eq!(c.origin.max_idle_connections, 64);
         assert!(c.admin.is_none());
         let _ = ServerConfig::default();
@@ -870,12 +1166,69 @@ mod tests {
                 "redis.replicas",
                 5,
             ),
+            (
+                "[origin]\nurl = \"http://a\"\nservers = [\"http://b\"]\n",
+                "origin.servers",
+                3,
+            ),
+            ("[origin]\nservers = [\"http://a\", \"b\"]\n", "origin.servers", 2),
+            ("[origin]\nurl = \"http://a\"\npath_prefix = \"/x\"\n", "origin.path_prefix", 3),
+            ("[origin]\nurl = \"http://a\"\nbalance = \"random\"\n", "origin.balance", 3),
+            (
+                "[origin]\nurl = \"http://a\"\nhealth_check_path = \"health\"\n",
+                "origin.health_check_path",
+                3,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/api/\"\n",
+                "route[0].url",
+                3,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/a/\"\nurl = \"http://b\"\n[[route]]\npath_prefix = \"api\"\nurl = \"http://c\"\n",
+                "route[1].path_prefix",
+                7,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/a/\"\nhost = \"x.com:80\"\nurl = \"http://b\"\n",
+                "route[0].host",
+                5,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/a/\"\nurl = \"http://b\"\nca_file = \"/nonexistent.pem\"\n",
+                "route[0].ca_file",
+                6,
+            ),
         ];
         for (text, key, line) in cases {
             let e = Config::parse(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(*key), "{text}: {e}");
             assert_eq!(e.line, Some(*line), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn routes_inherit_the_origin_settings_they_do_not_set() {
+        let c = Config::parse(
+            "[origin]\nservers = [\"http://a:1\", \"https://B:2/\"]\nbalance = \"least_outstanding\"\n\
+             connect_timeout_ms = 111\nhealth_check_path = \"/hc\"\nretries = 3\n\
+             [[route]]\npath_prefix = \"/api/\"\nhost = \"Api.Example\"\nurl = \"http://c:3\"\n\
+             connect_timeout_ms = 222\npreserve_host = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.origin.servers[1].scheme, Scheme::Https);
+        assert_eq!(c.origin.servers[1].authority, "b:2");
+        assert!(c.origin.health_check.is_some());
+        let r = &c.routes[0];
+        assert_eq!(r.host.as_deref(), Some("api.example"));
+        assert_eq!(r.origin.name, "route[0]");
+        assert_eq!(r.origin.balance, Balance::LeastOutstanding);
+        assert_eq!(r.origin.retries, 3);
+        assert_eq!(r.origin.connect_timeout, Duration::from_millis(222));
+        assert!(r.origin.preserve_host);
+        assert!(!c.origin.preserve_host);
+        // The health check belongs to the service it names.
+        assert!(r.origin.health_check.is_none());
     }
 
     #[test]

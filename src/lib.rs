@@ -18,6 +18,7 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod upstream;
 
 use std::io;
 use std::net::TcpListener;
@@ -131,12 +132,15 @@ pub fn start_on(
         honor_request: cfg.cache.honor_request_cache_control,
         ..policy::PolicyOptions::default()
     };
-    let origin = origin::Origin::new(&cfg.origin);
     let metrics = metrics::Metrics::new();
+    let upstreams = Arc::new(
+        upstream::Upstreams::new(&cfg.origin, &cfg.routes, Some(Arc::clone(&metrics)))
+            .map_err(io::Error::other)?,
+    );
     let proxy = Arc::new(
         proxy::Proxy::new(
             Arc::clone(&store),
-            origin,
+            Arc::clone(&upstreams),
             policy,
             cfg.cache.max_object_bytes,
             cfg.invalidation.ban_ttl,
@@ -172,6 +176,7 @@ pub fn start_on(
                 Arc::clone(&invalidator),
                 cfg.invalidation.wait_timeout,
                 Arc::clone(&metrics),
+                Arc::clone(&upstreams),
             ));
             Some(server::start("echo-admin", listener, admin_cfg, handler)?)
         }

@@ -200,10 +200,19 @@ fn run() -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot handle signals: {e}"))?;
             let mut echo = echo::start(&cfg).map_err(|e| e.to_string())?;
             log::info!(
-                "echod {} proxying {} to {}",
+                "echod {} proxying {} to {}{}",
                 env!("CARGO_PKG_VERSION"),
                 echo.proxy.local_addr(),
-                cfg.origin.base_url()
+                cfg.origin
+                    .servers
+                    .iter()
+                    .map(|s| s.base_url())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                match cfg.routes.len() {
+                    0 => String::new(),
+                    n => format!(" (and {n} route(s))"),
+                }
             );
             if let Some(signal) = signals.forever().next() {
                 log::info!(

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// A label set: `(name, value)` pairs.
@@ -22,6 +23,8 @@ pub struct Metrics {
     pub invalidated_entries: Family<Labels, Counter>,
     /// `echo_coalesced_requests_total`: requests answered from another's fetch.
     pub coalesced: Counter,
+    /// `echo_origin_server_up{server}`: 1 while a server is in rotation, 0 while out.
+    pub origin_server_up: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -45,11 +48,18 @@ impl Metrics {
             "Requests answered from another request's origin fetch of the same key",
             coalesced.clone(),
         );
+        let origin_server_up = Family::<Labels, Gauge>::default();
+        registry.register(
+            "echo_origin_server_up",
+            "Whether an origin server is in rotation (1) or out after failed health checks or requests (0)",
+            origin_server_up.clone(),
+        );
         Arc::new(Metrics {
             registry,
             invalidations,
             invalidated_entries,
             coalesced,
+            origin_server_up,
         })
     }
 

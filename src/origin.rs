@@ -1,4 +1,5 @@
-//! The passthrough service: one shared `ureq` agent, configured for a proxy.
+//! One server of a passthrough service: its own `ureq` agent (so its own keep-alive
+//! connections), configured for a proxy. Choosing among servers is `upstream`'s work.
 //!
 //! ureq's defaults are wrong for a proxy and are all turned off here: no redirects
 //! (3xx pass through), no proxy from the environment, no decompression (the crate is
@@ -13,7 +14,7 @@ use std::io::{self, Read};
 
 use ureq::http;
 
-use crate::config::OriginConfig;
+use crate::config::{OriginConfig, ServerAddr};
 use crate::http::Headers;
 
 /// A request to forward.
@@ -21,7 +22,10 @@ pub struct OriginRequest<'a> {
     pub method: &'a str,
     /// Origin-form target, `/path?query`.
     pub target: &'a str,
-    /// End-to-end fields to send, Host included.
+    /// The client's Host: what routing looks at, and what is sent as Host when the
+    /// service preserves it.
+    pub host: &'a str,
+    /// End-to-end fields to send, Host excluded (the server chosen decides it).
     pub headers: &'a Headers,
     /// The body and its length when known (None: sent chunked).
     pub body: Option<(&'a mut dyn Read, Option<u64>)>,
@@ -35,6 +39,8 @@ pub struct OriginResponse {
     /// The body length when the origin framed it with Content-Length.
     pub content_length: Option<u64>,
     pub body: Box<dyn Read + Send>,
+    /// The server that answered (`scheme://authority`).
+    pub server: std::sync::Arc<str>,
 }
 
 /// Why the origin did not answer.
@@ -48,6 +54,8 @@ pub enum OriginError {
     Protocol(String),
     /// Reading the client's request body failed while forwarding it.
     ClientBody(io::Error),
+    /// No server of the service is healthy (or out of its hold-down): 502, at once.
+    Unavailable(String),
 }
 
 impl OriginError {
@@ -67,6 +75,7 @@ impl OriginError {
             OriginError::Timeout(_) => "timeout",
             OriginError::Protocol(_) => "protocol",
             OriginError::ClientBody(_) => "client-body",
+            OriginError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -78,21 +87,37 @@ impl fmt::Display for OriginError {
             OriginError::Timeout(phase) => write!(f, "the origin timed out ({phase})"),
             OriginError::Protocol(why) => write!(f, "the origin failed: {why}"),
             OriginError::ClientBody(e) => write!(f, "reading the request body failed: {e}"),
+            OriginError::Unavailable(why) => write!(f, "no origin server available: {why}"),
         }
     }
 }
 
 impl std::error::Error for OriginError {}
 
+/// A client for one server.
 pub struct Origin {
     agent: ureq::Agent,
     base: String,
-    /// The Host sent to the origin.
+    /// `scheme://authority`: the server's name in logs, `/health` and metrics.
+    pub name: std::sync::Arc<str>,
+    /// The Host sent to it (unless the service preserves the client's).
     pub authority: String,
 }
 
 impl Origin {
-    pub fn new(cfg: &OriginConfig) -> Origin {
+    /// `roots`: the trust anchors for https (None: the system's verifier).
+    pub fn new(
+        addr: &ServerAddr,
+        cfg: &OriginConfig,
+        roots: Option<&ureq::tls::RootCerts>,
+    ) -> Origin {
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(
+                roots
+                    .cloned()
+                    .unwrap_or(ureq::tls::RootCerts::PlatformVerifier),
+            )
+            .build();
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -102,6 +127,8 @@ impl Origin {
             .accept_encoding(ureq::config::AutoHeaderValue::None)
             .allow_non_standard_methods(true)
             .no_delay(true)
+            .tls_config(tls)
+            .timeout_global(cfg.total_timeout)
             .timeout_connect(Some(cfg.connect_timeout))
             .timeout_send_request(Some(cfg.send_timeout))
             .timeout_send_body(None)
@@ -111,20 +138,55 @@ impl Origin {
             .max_idle_connections(cfg.max_idle_connections)
             .max_idle_connections_per_host(cfg.max_idle_connections)
             .build();
+        let base = addr.base_url();
         Origin {
             agent: config.new_agent(),
-            base: cfg.base_url(),
-            authority: cfg.authority.clone(),
+            name: base.as_str().into(),
+            base,
+            authority: addr.authority.clone(),
+        }
+    }
+
+    /// A probe: GET `path` within `timeout`, body read (up to 64 KiB) and dropped.
+    /// Passes on a 2xx or 3xx; the error says why it failed.
+    pub fn probe(&self, path: &str, timeout: std::time::Duration) -> Result<u16, String> {
+        let request = http::Request::get(format!("{}{}", self.base, path))
+            .header("host", self.authority.as_str())
+            .header("user-agent", "echo-health-check")
+            .body(())
+            .map_err(|e| e.to_string())?;
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_global(Some(timeout))
+            .build();
+        let response = self
+            .agent
+            .run(request)
+            .map_err(|e| map_error(e).to_string())?;
+        let status = response.status().as_u16();
+        let mut sink = Vec::new();
+        let _ = response
+            .into_body()
+            .into_reader()
+            .take(64 * 1024)
+            .read_to_end(&mut sink);
+        if (200..400).contains(&status) {
+            Ok(status)
+        } else {
+            Err(format!("status {status}"))
         }
     }
 
     /// Sends one request and returns the response head with its body stream.
-    pub fn send(&self, req: OriginRequest<'_>) -> Result<OriginResponse, OriginError> {
+    /// `host`: the Host field to send.
+    pub fn send(&self, req: OriginRequest<'_>, host: &str) -> Result<OriginResponse, OriginError> {
         let uri = format!("{}{}", self.base, req.target);
         let mut builder = http::Request::builder()
             .method(req.method)
             .uri(uri)
-            .version(http::Version::HTTP_11);
+            .version(http::Version::HTTP_11)
+            .header("host", host);
         for (name, value) in req.headers {
             builder = builder.header(name.as_str(), value.as_slice());
         }
@@ -169,6 +231,7 @@ impl Origin {
             headers,
             content_length: body.content_length(),
             body: Box::new(BodyStream(body.into_reader())),
+            server: std::sync::Arc::clone(&self.name),
         })
     }
 }

@@ -26,10 +26,11 @@ use crate::http::{self, BodyFraming, Headers, Request};
 use crate::invalidate::Refresher;
 use crate::key::CacheKey;
 use crate::metrics::Metrics;
-use crate::origin::{Origin, OriginError, OriginRequest, OriginResponse};
+use crate::origin::{OriginError, OriginRequest, OriginResponse};
 use crate::policy::{self, CacheControl, PolicyOptions, Reuse, Storability};
 use crate::server::Handler;
 use crate::store::{Entry, Lookup, Store};
+use crate::upstream::Upstreams;
 
 /// This cache's name in `Via` and `Cache-Status`.
 const CACHE_NAME: &str = "echo";
@@ -156,7 +157,7 @@ fn new_entry(
 
 pub struct Proxy {
     store: Arc<dyn Store>,
-    origin: Origin,
+    origin: Arc<Upstreams>,
     policy: PolicyOptions,
     max_object_bytes: usize,
     ban_ttl: Duration,
@@ -180,7 +181,7 @@ impl Proxy {
     /// are no longer remembered to check it against).
     pub fn new(
         store: Arc<dyn Store>,
-        origin: Origin,
+        origin: Arc<Upstreams>,
         policy: PolicyOptions,
         max_object_bytes: usize,
         ban_ttl: Duration,
@@ -346,7 +347,7 @@ impl Proxy {
     /// client's validators (the stored response must be complete; they are answered from
     /// the store) and the fields on `cache.strip_request_headers` (cache poisoning).
     fn fill_headers(&self, req: &Request) -> Headers {
-        let mut headers = forward_headers(req, &self.origin.authority);
+        let mut headers = forward_headers(req);
         headers.retain(|(n, _)| {
             !matches!(n.as_str(), "if-none-match" | "if-modified-since")
                 && !self.strip.iter().any(|s| s == n)
@@ -532,6 +533,7 @@ impl Proxy {
         let result = self.origin.send(OriginRequest {
             method: "GET",
             target: &ex.req.target,
+            host: &ex.req.host,
             headers: &headers,
             body: None,
         });
@@ -860,9 +862,10 @@ impl Proxy {
     /// Passes a request through without the cache (other methods, ranges), streaming
     /// the body both ways; unsafe methods invalidate what they may have changed.
     fn forward(&self, ex: &mut Exchange<'_>, forward: Forward) {
-        let headers = forward_headers(&ex.req, &self.origin.authority);
+        let headers = forward_headers(&ex.req);
         let method = ex.req.method.clone();
         let target = ex.req.target.clone();
+        let host = ex.req.host.clone();
         let length = match ex.req.framing {
             BodyFraming::None => None,
             BodyFraming::Length(n) => Some(Some(n)),
@@ -873,6 +876,7 @@ impl Proxy {
             self.origin.send(OriginRequest {
                 method: &method,
                 target: &target,
+                host: &host,
                 headers: &headers,
                 body: length.map(|len| (&mut body as &mut dyn Read, len)),
             })
@@ -1006,7 +1010,6 @@ impl Refresher for Proxy {
                 .filter_map(|(n, v)| v.as_ref().map(|v| (n.clone(), v.as_bytes().to_vec())))
                 .collect();
             let mut headers = req_headers.clone();
-            headers.push(("host".into(), self.origin.authority.as_bytes().to_vec()));
             headers.push(("via".into(), VIA.to_vec()));
             headers.push(("x-forwarded-host".into(), key.host().as_bytes().to_vec()));
             headers.push(("x-forwarded-proto".into(), b"http".to_vec()));
@@ -1071,6 +1074,7 @@ impl Proxy {
         let response = match self.origin.send(OriginRequest {
             method: "GET",
             target: key.target(),
+            host: key.host(),
             headers: &headers,
             body: None,
         }) {
@@ -1336,11 +1340,11 @@ fn not_modified(req: &Request, stored: &Headers) -> bool {
     matches!((parse(ims), parse(lm)), (Some(ims), Some(lm)) if lm <= ims)
 }
 
-/// The request as it goes to the origin: hop-by-hop fields removed, Host set to the
-/// origin's, framing left to the client library, and `Via`, `X-Forwarded-For`,
+/// The request as it goes to the origin: hop-by-hop fields and Host removed (the
+/// server chosen for it sets Host), framing left to the client library, and `Via`, `X-Forwarded-For`,
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` added. A client's own X-Forwarded-Host
 /// and -Proto are replaced, never trusted, so they cannot steer what the origin builds.
-pub fn forward_headers(req: &Request, origin_authority: &str) -> Headers {
+pub fn forward_headers(req: &Request) -> Headers {
     let mut headers = req.headers.clone();
     http::strip_hop_by_hop(&mut headers);
     let prior_xff = policy::header_joined(&headers, "x-forwarded-for");
@@ -1355,7 +1359,6 @@ pub fn forward_headers(req: &Request, origin_authority: &str) -> Headers {
                 | "x-forwarded-proto"
         )
     });
-    headers.push(("host".into(), origin_authority.as_bytes().to_vec()));
     headers.push(("via".into(), VIA.to_vec()));
     let peer = req.peer.ip().to_string();
     let xff = match prior_xff {

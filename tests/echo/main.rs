@@ -9,6 +9,7 @@ mod coalesce;
 mod faults;
 mod frontend;
 mod invalidate;
+mod origins;
 mod props;
 mod proxy;
 mod redis;
