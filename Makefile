@@ -8,6 +8,10 @@ PREFIX ?= /opt/echo
 DESTDIR ?=
 CARGO ?= cargo
 RELEASE := target/release
+# The echod that install copies. The tests install their debug build with
+# ECHOD=<path> NOBUILD=1 instead of waiting on a release build.
+ECHOD ?= $(RELEASE)/echod
+NOBUILD ?=
 
 .PHONY: all build run test lint bench install uninstall clean redis-server
 
@@ -57,20 +61,25 @@ bench: redis-server
 	$(CARGO) build --release --locked --bins
 	$(CARGO) bench --locked
 
-install: build
+install: $(if $(NOBUILD),,build)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/etc $(DESTDIR)$(PREFIX)/log
-	install -m 0755 $(RELEASE)/echod $(DESTDIR)$(PREFIX)/bin/echod
+	install -m 0755 $(ECHOD) $(DESTDIR)$(PREFIX)/bin/echod
 	@# An operator's config is never overwritten.
 	@if [ -e $(DESTDIR)$(PREFIX)/etc/echo.toml ]; then \
 		echo "keeping existing $(DESTDIR)$(PREFIX)/etc/echo.toml"; \
 	else \
 		install -m 0640 etc/echo.toml $(DESTDIR)$(PREFIX)/etc/echo.toml; \
 	fi
+	@# The unit names its paths under /opt/echo: they follow PREFIX (DESTDIR is only
+	@# where the files land, never part of the paths the service runs with).
+	sed 's|/opt/echo|$(PREFIX)|g' etc/echo.service > $(DESTDIR)$(PREFIX)/etc/echo.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/etc/echo.service
 
-# Removes what install added; config and logs stay.
+# Removes exactly what install added; config (etc/echo.toml) and logs (log/) stay.
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/echod
-	-rmdir $(DESTDIR)$(PREFIX)/bin 2>/dev/null
+	rm -f $(DESTDIR)$(PREFIX)/bin/echod $(DESTDIR)$(PREFIX)/etc/echo.service
+	@# Only when empty: anything an operator put there stays.
+	rmdir $(DESTDIR)$(PREFIX)/bin 2>/dev/null || true
 
 clean:
 	$(CARGO) clean

@@ -8,6 +8,7 @@ mod cli;
 mod coalesce;
 mod faults;
 mod frontend;
+mod install;
 mod invalidate;
 mod origins;
 mod props;
