@@ -1,6 +1,9 @@
-//! The admin listener (`admin.listen`, never the proxy port): `GET /health` without a
-//! token; every other call needs `Authorization: Bearer <admin.token>`.
+//! The admin listener (`admin.listen`, never the proxy port): `GET /health` and
+//! `GET /ready` without a token; every other call needs `Authorization: Bearer
+//! <admin.token>`.
 //!
+//! - `GET /health`: 200 while Echo serves, JSON naming what is degraded (store, origins,
+//!   invalidation thread). `GET /ready`: 200, or 503 once a drain has begun.
 //! - `POST /invalidate` `{"pattern": "^/orgs/42/", "host": ..., "tag": ..., "mode":
 //!   "delete"|"refresh"|"stale", "dry_run": bool, "async": bool}`: validates, queues the
 //!   job for the invalidation thread, and answers when it is done (200), or at once with
@@ -13,6 +16,7 @@
 //! full queue a 503 with Retry-After.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,19 +26,36 @@ use serde_json::{json, Value};
 
 use crate::http::exchange::Exchange;
 use crate::invalidate::{Invalidator, Job, Matcher, Mode, Refused, Report, State};
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::server::Handler;
+use crate::store::Store;
 use crate::upstream::Upstreams;
 
 /// Largest `POST /invalidate` body read.
 const MAX_BODY: u64 = 64 * 1024;
 
 pub struct Admin {
-    token: String,
+    /// Replaced by a config reload that changes `admin.token`.
+    token: Live<String>,
     invalidator: Arc<Invalidator>,
     wait: Duration,
     metrics: Arc<Metrics>,
-    upstreams: Arc<Upstreams>,
+    upstreams: Arc<Live<Upstreams>>,
+    store: Arc<dyn Store>,
+    /// Set when the proxy starts draining: `/ready` fails from then on.
+    draining: Arc<AtomicBool>,
+}
+
+/// What the admin API reports on and acts through.
+pub struct AdminParts {
+    pub token: String,
+    pub invalidator: Arc<Invalidator>,
+    pub wait: Duration,
+    pub metrics: Arc<Metrics>,
+    pub upstreams: Arc<Live<Upstreams>>,
+    pub store: Arc<dyn Store>,
+    pub draining: Arc<AtomicBool>,
 }
 
 /// The JSON body of `POST /invalidate`.
@@ -52,31 +73,33 @@ struct InvalidateRequest {
 }
 
 impl Admin {
-    pub fn new(
-        token: String,
-        invalidator: Arc<Invalidator>,
-        wait: Duration,
-        metrics: Arc<Metrics>,
-        upstreams: Arc<Upstreams>,
-    ) -> Admin {
+    pub fn new(parts: AdminParts) -> Admin {
         Admin {
-            token,
-            invalidator,
-            wait,
-            metrics,
-            upstreams,
+            token: Live::new(Arc::new(parts.token)),
+            invalidator: parts.invalidator,
+            wait: parts.wait,
+            metrics: parts.metrics,
+            upstreams: parts.upstreams,
+            store: parts.store,
+            draining: parts.draining,
         }
     }
 
-    /// `GET /health`: 200 while Echo serves (it does, even with every origin server
-    /// out: stale copies and errors are answers); the body says what is degraded.
+    /// A config reload's new `admin.token`.
+    pub fn set_token(&self, token: String) {
+        self.token.set(Arc::new(token));
+    }
+
+    /// `GET /health`: 200 while Echo serves (it does with Redis down, or every origin
+    /// server out: misses, stale copies and errors are answers); the body says which
+    /// of the store, the origins and the invalidation thread are degraded.
     fn health(&self) -> Value {
-        let services = self.upstreams.health();
-        let degraded: Vec<&str> = services
-            .iter()
-            .filter(|s| !s.servers.iter().any(|v| v.up))
-            .map(|s| s.name.as_str())
-            .collect();
+        let mut degraded = Vec::new();
+        let store_errors = self.store.health();
+        if !store_errors.is_empty() {
+            degraded.push("store");
+        }
+        let services = self.upstreams.get().health();
         let origins: Vec<Value> = services
             .iter()
             .map(|s| {
@@ -94,9 +117,34 @@ impl Admin {
                 })
             })
             .collect();
+        if services.iter().any(|s| !s.servers.iter().any(|v| v.up)) {
+            degraded.push("origins");
+        }
+        let invalidation = self.invalidator.health();
+        if invalidation.is_some() {
+            degraded.push("invalidation");
+        }
+        let mut store = json!({
+            "name": self.store.name(),
+            "status": if store_errors.is_empty() { "ok" } else { "degraded" },
+        });
+        if !store_errors.is_empty() {
+            store["errors"] = json!(store_errors);
+        }
+        let mut inv = json!({
+            "status": if invalidation.is_none() { "ok" } else { "degraded" },
+            "queued": self.invalidator.queued(),
+        });
+        if let Some(why) = invalidation {
+            inv["error"] = json!(why);
+        }
         json!({
             "status": if degraded.is_empty() { "ok" } else { "degraded" },
+            "degraded": degraded,
+            "draining": self.draining.load(Ordering::SeqCst),
+            "store": store,
             "origins": origins,
+            "invalidation": inv,
         })
     }
 
@@ -107,7 +155,7 @@ impl Admin {
         let Some(given) = value.strip_prefix(b"Bearer ") else {
             return false;
         };
-        constant_time_eq(given.trim_ascii(), self.token.as_bytes())
+        constant_time_eq(given.trim_ascii(), self.token.get().as_bytes())
     }
 }
 
@@ -253,6 +301,14 @@ impl Handler for Admin {
         let method = ex.req.method.clone();
         if path == "/health" && matches!(method.as_str(), "GET" | "HEAD") {
             return reply(ex, 200, &self.health());
+        }
+        // Load balancers take a draining node out on this; it needs no token.
+        if path == "/ready" && matches!(method.as_str(), "GET" | "HEAD") {
+            return if self.draining.load(Ordering::SeqCst) {
+                reply(ex, 503, &json!({ "ready": false, "reason": "draining" }))
+            } else {
+                reply(ex, 200, &json!({ "ready": true }))
+            };
         }
         if !self.authorized(ex) {
             return error(ex, 401, "missing or wrong bearer token");

@@ -295,6 +295,7 @@ impl Default for RawRedis {
 struct RawLog {
     level: String,
     file: Option<String>,
+    access_log: Option<String>,
 }
 
 impl Default for RawLog {
@@ -302,6 +303,7 @@ impl Default for RawLog {
         RawLog {
             level: "info".into(),
             file: None,
+            access_log: None,
         }
     }
 }
@@ -531,6 +533,8 @@ pub struct CacheConfig {
 pub struct LogConfig {
     pub level: log::LevelFilter,
     pub file: Option<PathBuf>,
+    /// One line per answered request; reopened on SIGHUP. None: no access log.
+    pub access_log: Option<PathBuf>,
 }
 
 impl Config {
@@ -783,9 +787,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ))
         }
     };
+    let access_log = match raw.log.access_log {
+        Some(p) if p.trim().is_empty() => {
+            return Err(err("log.access_log", "must be a file path (or left out)"))
+        }
+        p => p.map(PathBuf::from),
+    };
     let log = LogConfig {
         level,
         file: raw.log.file.map(PathBuf::from),
+        access_log,
     };
 
     Ok(Config {

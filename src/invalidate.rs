@@ -385,6 +385,7 @@ pub struct Invalidator {
     queue: Sender<Queued>,
     next_id: AtomicU64,
     jobs: Arc<Mutex<HashMap<u64, Tracked>>>,
+    thread: thread::JoinHandle<()>,
 }
 
 fn lock<'a>(jobs: &'a Mutex<HashMap<u64, Tracked>>) -> MutexGuard<'a, HashMap<u64, Tracked>> {
@@ -400,9 +401,21 @@ impl Invalidator {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Invalidator> {
         let (tx, rx) = bounded::<Queued>(queue_depth);
+        // Every series exists from the start (at 0), so alerts on rates see it.
+        for mode in [Mode::Delete, Mode::Refresh, Mode::Stale] {
+            let mode = mode.as_str().to_string();
+            for outcome in ["done", "failed", "dry_run"] {
+                let _ = metrics
+                    .invalidations
+                    .get_or_create(&vec![("mode", mode.clone()), ("outcome", outcome.into())]);
+            }
+            let _ = metrics
+                .invalidated_entries
+                .get_or_create(&vec![("mode", mode)]);
+        }
         let jobs: Arc<Mutex<HashMap<u64, Tracked>>> = Arc::new(Mutex::new(HashMap::new()));
         let thread_jobs = Arc::clone(&jobs);
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("echo-invalidate".into())
             .spawn(move || {
                 run(
@@ -417,7 +430,28 @@ impl Invalidator {
             queue: tx,
             next_id: AtomicU64::new(1),
             jobs,
+            thread,
         })
+    }
+
+    /// What is wrong with the invalidation thread, for `/health`: None when it runs
+    /// and has room in its queue.
+    pub fn health(&self) -> Option<String> {
+        if self.thread.is_finished() {
+            return Some("the invalidation thread has stopped".into());
+        }
+        if self.queue.is_full() {
+            return Some(format!(
+                "the invalidation queue is full ({} jobs)",
+                self.queue.len()
+            ));
+        }
+        None
+    }
+
+    /// Jobs waiting for the thread.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
     /// Queues a job; the receiver gets its report when it is done.
@@ -577,7 +611,7 @@ fn run(
             .get_or_create(&vec![("mode", mode.clone()), ("outcome", outcome.into())])
             .inc();
         if !report.dry_run {
-            metrics
+            let _ = metrics
                 .invalidated_entries
                 .get_or_create(&vec![("mode", mode)])
                 .inc_by(report.changed);

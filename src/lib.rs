@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admin_client;
 pub mod coalesce;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod http;
 pub mod invalidate;
 pub mod key;
+pub mod live;
 pub mod metrics;
 pub mod origin;
 pub mod policy;
@@ -30,21 +32,160 @@ use server::ServerHandle;
 use store::memory::MemoryStore;
 use store::Store;
 
-/// A running Echo: the proxy listener (and what it needs to stay up).
+/// A running Echo: the proxy listener (and what it needs to stay up), and what a
+/// reload or a drain acts on.
 pub struct Echo {
     pub proxy: ServerHandle,
     pub admin: Option<ServerHandle>,
+    handler: Arc<proxy::Proxy>,
+    admin_handler: Option<Arc<admin::Admin>>,
+    upstreams: Arc<live::Live<upstream::Upstreams>>,
+    metrics: Arc<metrics::Metrics>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The config running now: what a reload compares against.
+    running: Config,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Settings now in effect (`origin`, `route`, `admin.token`, `log.level`, ...).
+    pub applied: Vec<String>,
+    /// Changed settings that only a restart applies; they keep their running value.
+    pub need_restart: Vec<String>,
 }
 
 impl Echo {
     /// Graceful stop of every listener: see `ServerHandle::drain`. True if every
-    /// connection finished within `timeout`.
+    /// connection finished within `timeout`. `/ready` fails from the start; the admin
+    /// listener stops last.
     pub fn drain(&mut self, timeout: Duration) -> bool {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut clean = self.proxy.drain(timeout);
+        if let Some(log) = self.handler.access_log().as_ref() {
+            log.flush(Duration::from_secs(2));
+        }
         if let Some(admin) = self.admin.as_mut() {
             clean &= admin.drain(Duration::from_secs(1));
         }
         clean
+    }
+
+    /// Reopens the access log at its path (SIGHUP, after logrotate moved the file).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = self.handler.access_log().as_ref() {
+            log.reopen();
+        }
+    }
+
+    /// Waits until the access log lines so far are written (tests, drain).
+    pub fn flush_logs(&self, timeout: Duration) -> bool {
+        match self.handler.access_log().as_ref() {
+            Some(log) => log.flush(timeout),
+            None => true,
+        }
+    }
+
+    /// Applies a new, already validated config to the running Echo (SIGHUP). Live:
+    /// `[origin]` and `[[route]]` (new servers, health checks, timeouts: requests in
+    /// flight finish on the old ones), `admin.token`, `log.level` and
+    /// `log.access_log`. Anything else that changed is listed in `need_restart` and
+    /// keeps its running value. On an error nothing has changed.
+    pub fn reload(&mut self, new: &Config) -> io::Result<Reloaded> {
+        let old = &self.running;
+        let mut done = Reloaded::default();
+        // Build everything that can fail first, then swap.
+        let upstreams_changed = format!("{:?}{:?}", old.origin, old.routes)
+            != format!("{:?}{:?}", new.origin, new.routes);
+        let upstreams = if upstreams_changed {
+            Some(
+                upstream::Upstreams::new(&new.origin, &new.routes, Some(Arc::clone(&self.metrics)))
+                    .map_err(io::Error::other)?,
+            )
+        } else {
+            None
+        };
+        let access_log = if old.log.access_log != new.log.access_log {
+            Some(match &new.log.access_log {
+                Some(path) => Some(
+                    access_log::AccessLog::open(path, Some(Arc::clone(&self.metrics))).map_err(
+                        |e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("log.access_log {}: {e}", path.display()),
+                            )
+                        },
+                    )?,
+                ),
+                None => None,
+            })
+        } else {
+            None
+        };
+        if let Some(u) = upstreams {
+            self.upstreams.set(Arc::new(u));
+            done.applied.push("origin and routes".into());
+        }
+        if let Some(log) = access_log {
+            self.handler.set_access_log(log);
+            done.applied.push("log.access_log".into());
+        }
+        if old.log.level != new.log.level {
+            log::set_max_level(new.log.level);
+            done.applied.push("log.level".into());
+        }
+        let old_token = old.admin.as_ref().map(|a| a.token.as_str());
+        let new_token = new.admin.as_ref().map(|a| a.token.as_str());
+        if old_token != new_token {
+            match (&self.admin_handler, new_token) {
+                (Some(admin), Some(token)) => {
+                    admin.set_token(token.to_string());
+                    done.applied.push("admin.token".into());
+                }
+                _ => done.need_restart.push("admin".into()),
+            }
+        }
+        let restart_only = [
+            (
+                "server",
+                format!("{:?}", old.server) != format!("{:?}", new.server),
+            ),
+            (
+                "admin.listen",
+                old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen),
+            ),
+            (
+                "cache",
+                format!("{:?}", old.cache) != format!("{:?}", new.cache),
+            ),
+            (
+                "redis",
+                format!("{:?}", old.redis) != format!("{:?}", new.redis),
+            ),
+            (
+                "invalidation",
+                format!("{:?}", old.invalidation) != format!("{:?}", new.invalidation),
+            ),
+            ("log.file", old.log.file != new.log.file),
+        ];
+        for (section, changed) in restart_only {
+            if changed && !done.need_restart.iter().any(|s| s == section) {
+                done.need_restart.push(section.into());
+            }
+        }
+        // What a restart would change stays as it runs, so the next reload compares
+        // against the truth.
+        let mut running = self.running.clone();
+        running.origin = new.origin.clone();
+        running.routes = new.routes.clone();
+        running.log.level = new.log.level;
+        running.log.access_log = new.log.access_log.clone();
+        if let (Some(r), Some(n)) = (running.admin.as_mut(), new.admin.as_ref()) {
+            r.token = n.token.clone();
+        }
+        self.running = running;
+        Ok(done)
     }
 }
 
@@ -125,6 +266,17 @@ pub fn start_on(
             )
         }
     };
+    let metrics = metrics::Metrics::new();
+    let store: Arc<dyn Store> = Arc::new(store::Instrumented::new(store, Arc::clone(&metrics)));
+    {
+        let store = Arc::clone(&store);
+        metrics.add_sampler(move |m| {
+            if let Some((bytes, objects)) = store.usage() {
+                m.stored_bytes.set(bytes as i64);
+                m.stored_objects.set(objects as i64);
+            }
+        });
+    }
     let policy = policy::PolicyOptions {
         heuristic_max: cfg.cache.heuristic_max,
         default_ttl: cfg.cache.default_ttl,
@@ -132,11 +284,18 @@ pub fn start_on(
         honor_request: cfg.cache.honor_request_cache_control,
         ..policy::PolicyOptions::default()
     };
-    let metrics = metrics::Metrics::new();
-    let upstreams = Arc::new(
+    let upstreams = Arc::new(live::Live::new(Arc::new(
         upstream::Upstreams::new(&cfg.origin, &cfg.routes, Some(Arc::clone(&metrics)))
             .map_err(io::Error::other)?,
-    );
+    )));
+    let access_log = match &cfg.log.access_log {
+        Some(path) => Some(
+            access_log::AccessLog::open(path, Some(Arc::clone(&metrics))).map_err(|e| {
+                io::Error::new(e.kind(), format!("log.access_log {}: {e}", path.display()))
+            })?,
+        ),
+        None => None,
+    };
     let proxy = Arc::new(
         proxy::Proxy::new(
             Arc::clone(&store),
@@ -154,16 +313,31 @@ pub fn start_on(
         .with_stripped_request_headers(cfg.cache.strip_request_headers.clone())
         .with_metrics(Arc::clone(&metrics)),
     );
+    proxy.set_access_log(access_log);
     proxy.start_background(cfg.cache.background_workers, cfg.cache.background_queue)?;
     let invalidator = Arc::new(invalidate::Invalidator::start(
-        store,
+        Arc::clone(&store),
         Arc::clone(&proxy) as Arc<dyn invalidate::Refresher>,
         cfg.invalidation.queue_depth,
         Arc::clone(&metrics),
     )?);
-    let handler = proxy;
-    let proxy = server::start("echo", listener, server_cfg.clone(), handler)?;
-    let admin = match (admin, &cfg.admin) {
+    let handler = Arc::clone(&proxy);
+    let proxy_server = server::start("echo", listener, server_cfg.clone(), handler)?;
+    {
+        let stats = proxy_server.stats();
+        metrics.add_sampler(move |m| {
+            m.connections_open.set(stats.open_connections() as i64);
+            let (workers, fetch) = stats.queued();
+            m.queue_depth
+                .get_or_create(&vec![("pool", "workers".to_string())])
+                .set(workers as i64);
+            m.queue_depth
+                .get_or_create(&vec![("pool", "fetch".to_string())])
+                .set(fetch as i64);
+        });
+    }
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (admin, admin_handler) = match (admin, &cfg.admin) {
         (Some(listener), Some(a)) => {
             // The admin side needs few workers; its limits are the proxy's.
             let admin_cfg = config::ServerConfig {
@@ -171,16 +345,35 @@ pub fn start_on(
                 fetch_workers: 1,
                 ..server_cfg.clone()
             };
-            let handler = Arc::new(admin::Admin::new(
-                a.token.clone(),
-                Arc::clone(&invalidator),
-                cfg.invalidation.wait_timeout,
-                Arc::clone(&metrics),
-                Arc::clone(&upstreams),
-            ));
-            Some(server::start("echo-admin", listener, admin_cfg, handler)?)
+            let handler = Arc::new(admin::Admin::new(admin::AdminParts {
+                token: a.token.clone(),
+                invalidator: Arc::clone(&invalidator),
+                wait: cfg.invalidation.wait_timeout,
+                metrics: Arc::clone(&metrics),
+                upstreams: Arc::clone(&upstreams),
+                store: Arc::clone(&store),
+                draining: Arc::clone(&draining),
+            }));
+            (
+                Some(server::start(
+                    "echo-admin",
+                    listener,
+                    admin_cfg,
+                    Arc::clone(&handler) as Arc<dyn server::Handler>,
+                )?),
+                Some(handler),
+            )
         }
-        _ => None,
+        _ => (None, None),
     };
-    Ok(Echo { proxy, admin })
+    Ok(Echo {
+        proxy: proxy_server,
+        admin,
+        handler: proxy,
+        admin_handler,
+        upstreams,
+        metrics,
+        draining,
+        running: cfg.clone(),
+    })
 }

@@ -17,7 +17,8 @@ echod: an HTTP reverse proxy cache
 
 usage:
   echod --config FILE                 run with FILE (default: etc/echo.toml)
-  echod --check-config --config FILE  validate FILE and exit (0 ok, 2 error)
+  echod --check-config [FILE]         validate FILE (or --config FILE) and exit
+                                      (0 ok, 2 error)
   echod invalidate [--config FILE] (--pattern REGEX | --tag TAG) [--host HOST]
         [--mode delete|refresh|stale] [--dry-run] [--async]
                                       invalidate cached entries through the admin
@@ -57,7 +58,24 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
                     .map(PathBuf::from)
                     .ok_or("--config needs a file")?;
             }
-            "--check-config" => check = true,
+            "--check-config" => {
+                check = true;
+                // `--check-config FILE` as well as `--check-config --config FILE`.
+                if let Some(next) = args.next() {
+                    if next == "--config" || next == "-c" {
+                        config = args
+                            .next()
+                            .map(PathBuf::from)
+                            .ok_or("--config needs a file")?;
+                    } else if next.starts_with('-') || next == "invalidate" {
+                        return Err(format!(
+                            "unknown argument {next:?} after --check-config (see --help)"
+                        ));
+                    } else {
+                        config = PathBuf::from(next);
+                    }
+                }
+            }
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
             "invalidate" if !check => return parse_invalidate(config, args),
@@ -142,16 +160,59 @@ fn init_logging(cfg: &LogConfig) -> Result<(), String> {
                 .append(true)
                 .open(path)
                 .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-            simplelog::WriteLogger::init(cfg.level, log_config, file)
+            // The logger passes everything; the level is `log`'s global filter, so a
+            // reload can change it.
+            simplelog::WriteLogger::init(simplelog::LevelFilter::Trace, log_config, file)
         }
         None => simplelog::TermLogger::init(
-            cfg.level,
+            simplelog::LevelFilter::Trace,
             log_config,
             simplelog::TerminalMode::Stderr,
             simplelog::ColorChoice::Never,
         ),
     }
-    .map_err(|e| format!("cannot set up logging: {e}"))
+    .map_err(|e| format!("cannot set up logging: {e}"))?;
+    log::set_max_level(cfg.level);
+    Ok(())
+}
+
+/// SIGHUP: reopens the access log (logrotate), then reloads the config. An invalid
+/// config is refused and logged; the running one stays.
+fn reload(echo: &mut echo::Echo, path: &Path) {
+    echo.reopen_logs();
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            log::error!(
+                "SIGHUP: {} refused, still running the previous config: {e}",
+                path.display()
+            );
+            return;
+        }
+    };
+    match echo.reload(&cfg) {
+        Ok(done) => {
+            log::info!(
+                "SIGHUP: reloaded {}; applied: {}",
+                path.display(),
+                if done.applied.is_empty() {
+                    "nothing changed".to_string()
+                } else {
+                    done.applied.join(", ")
+                }
+            );
+            if !done.need_restart.is_empty() {
+                log::warn!(
+                    "SIGHUP: changes to {} need a restart; they keep their running values",
+                    done.need_restart.join(", ")
+                );
+            }
+        }
+        Err(e) => log::error!(
+            "SIGHUP: {} refused, still running the previous config: {e}",
+            path.display()
+        ),
+    }
 }
 
 /// Makes one admin API call and prints its answer: JSON on stdout when it succeeded,
@@ -196,6 +257,7 @@ fn run() -> Result<ExitCode, String> {
             let mut signals = signal_hook::iterator::Signals::new([
                 signal_hook::consts::SIGTERM,
                 signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGHUP,
             ])
             .map_err(|e| format!("cannot handle signals: {e}"))?;
             let mut echo = echo::start(&cfg).map_err(|e| e.to_string())?;
@@ -214,7 +276,11 @@ fn run() -> Result<ExitCode, String> {
                     n => format!(" (and {n} route(s))"),
                 }
             );
-            if let Some(signal) = signals.forever().next() {
+            for signal in signals.forever() {
+                if signal == signal_hook::consts::SIGHUP {
+                    reload(&mut echo, &path);
+                    continue;
+                }
                 log::info!(
                     "signal {signal}: draining (up to {} ms)",
                     cfg.server.drain_timeout.as_millis()
@@ -224,6 +290,7 @@ fn run() -> Result<ExitCode, String> {
                 } else {
                     log::warn!("drain timeout reached with requests still in flight; exiting");
                 }
+                break;
             }
         }
     }

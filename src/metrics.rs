@@ -4,19 +4,70 @@
 //! Invariants: label values are lower case; a metric is registered once, here, with its
 //! help text; recording never blocks a request for long (atomic counters).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// A label set: `(name, value)` pairs.
+/// A label set: `(name, value)` pairs (for metrics off the hot path).
 pub type Labels = Vec<(&'static str, String)>;
+
+/// `echo_requests_total`'s labels: fixed values only, so a client cannot grow the
+/// family (unknown methods are `other`), and recording allocates nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub cache_status: &'static str,
+    pub method: &'static str,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheStatusLabel {
+    pub cache_status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub store: &'static str,
+    pub op: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latency buckets from 50 µs to 10 s: cache hits sit in the first ones, origin
+/// fetches in the middle, timeouts in the last.
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+/// Read at each scrape (gauges whose truth lives elsewhere: the store's size, the
+/// server's connections and queues).
+type Sampler = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
+    /// `echo_requests_total{cache_status, method, code}`: proxied requests answered.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `echo_request_duration_seconds{cache_status}`: from the request head to the
+    /// response's last byte.
+    pub request_duration: HistogramFamily<CacheStatusLabel>,
+    /// `echo_origin_request_duration_seconds{server}`: from sending to the response head.
+    pub origin_duration: HistogramFamily<Labels>,
+    /// `echo_origin_errors_total{server, kind}`: connect, timeout, protocol, ...
+    pub origin_errors: Family<Labels, Counter>,
+    /// `echo_store_errors_total{store, op}`.
+    pub store_errors: Family<StoreLabels, Counter>,
+    /// `echo_store_operation_duration_seconds{store, op}`.
+    pub store_duration: HistogramFamily<StoreLabels>,
     /// `echo_invalidations_total{mode, outcome}`: invalidation jobs run.
     pub invalidations: Family<Labels, Counter>,
     /// `echo_invalidated_entries_total{mode}`: entries deleted, marked stale or refreshed.
@@ -25,50 +76,198 @@ pub struct Metrics {
     pub coalesced: Counter,
     /// `echo_origin_server_up{server}`: 1 while a server is in rotation, 0 while out.
     pub origin_server_up: Family<Labels, Gauge>,
+    /// `echo_stored_bytes` / `echo_stored_objects`: the memory store's contents.
+    pub stored_bytes: Gauge,
+    pub stored_objects: Gauge,
+    /// `echo_connections_open`: client connections to the proxy listener.
+    pub connections_open: Gauge,
+    /// `echo_worker_queue_depth{pool}`: requests waiting for a worker or fetch worker.
+    pub queue_depth: Family<Labels, Gauge>,
+    /// `echo_access_log_dropped_lines_total`: lines lost because the writer fell behind.
+    pub access_log_dropped: Counter,
+    samplers: Mutex<Vec<Sampler>>,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::default();
+        let mut r = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        r.register(
+            "echo_requests",
+            "Proxied requests answered, by X-Cache-Status, method and status code",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily<CacheStatusLabel> =
+            Family::new_with_constructor(latency_histogram);
+        r.register(
+            "echo_request_duration_seconds",
+            "Time from a request's head to its response's last byte, by X-Cache-Status",
+            request_duration.clone(),
+        );
+        let origin_duration: HistogramFamily<Labels> =
+            Family::new_with_constructor(latency_histogram);
+        r.register(
+            "echo_origin_request_duration_seconds",
+            "Time from sending a request to an origin server to its response head, by server",
+            origin_duration.clone(),
+        );
+        let origin_errors = Family::<Labels, Counter>::default();
+        r.register(
+            "echo_origin_errors",
+            "Failed origin requests, by server and kind (connect, timeout, protocol, unavailable)",
+            origin_errors.clone(),
+        );
+        let store_errors = Family::<StoreLabels, Counter>::default();
+        r.register(
+            "echo_store_errors",
+            "Failed store operations, by store and operation (each one answered as a miss or skipped)",
+            store_errors.clone(),
+        );
+        let store_duration: HistogramFamily<StoreLabels> =
+            Family::new_with_constructor(latency_histogram);
+        r.register(
+            "echo_store_operation_duration_seconds",
+            "Time taken by store operations, by store and operation",
+            store_duration.clone(),
+        );
         let invalidations = Family::<Labels, Counter>::default();
-        registry.register(
+        r.register(
             "echo_invalidations",
             "Invalidation jobs run, by mode and outcome (done, failed, dry_run)",
             invalidations.clone(),
         );
         let invalidated_entries = Family::<Labels, Counter>::default();
-        registry.register(
+        r.register(
             "echo_invalidated_entries",
             "Entries deleted, marked stale or refreshed by invalidation jobs, by mode",
             invalidated_entries.clone(),
         );
         let coalesced = Counter::default();
-        registry.register(
+        r.register(
             "echo_coalesced_requests",
             "Requests answered from another request's origin fetch of the same key",
             coalesced.clone(),
         );
         let origin_server_up = Family::<Labels, Gauge>::default();
-        registry.register(
+        r.register(
             "echo_origin_server_up",
             "Whether an origin server is in rotation (1) or out after failed health checks or requests (0)",
             origin_server_up.clone(),
         );
+        let stored_bytes = Gauge::default();
+        r.register(
+            "echo_stored_bytes",
+            "Bytes held by the memory store (keys, fields and bodies)",
+            stored_bytes.clone(),
+        );
+        let stored_objects = Gauge::default();
+        r.register(
+            "echo_stored_objects",
+            "Entries (URLs) held by the memory store",
+            stored_objects.clone(),
+        );
+        let connections_open = Gauge::default();
+        r.register(
+            "echo_connections_open",
+            "Client connections open on the proxy listener",
+            connections_open.clone(),
+        );
+        let queue_depth = Family::<Labels, Gauge>::default();
+        r.register(
+            "echo_worker_queue_depth",
+            "Requests waiting for a thread, by pool (workers: requests with bodies; fetch: requests waiting on the origin)",
+            queue_depth.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        r.register(
+            "echo_access_log_dropped_lines",
+            "Access log lines dropped because the writer could not keep up",
+            access_log_dropped.clone(),
+        );
         Arc::new(Metrics {
-            registry,
+            registry: r,
+            requests,
+            request_duration,
+            origin_duration,
+            origin_errors,
+            store_errors,
+            store_duration,
             invalidations,
             invalidated_entries,
             coalesced,
             origin_server_up,
+            stored_bytes,
+            stored_objects,
+            connections_open,
+            queue_depth,
+            access_log_dropped,
+            samplers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Runs `sample` before every scrape, to set gauges read from elsewhere.
+    pub fn add_sampler(&self, sample: impl Fn(&Metrics) + Send + Sync + 'static) {
+        self.samplers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(sample));
+    }
+
+    /// Counts one answered proxy request.
+    pub fn request(&self, cache_status: &'static str, method: &str, code: u16, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                cache_status,
+                method: method_label(method),
+                code,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&CacheStatusLabel { cache_status })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one store operation: its time, and whether it failed.
+    pub fn store_op(&self, store: &'static str, op: &'static str, took: Duration, failed: bool) {
+        let labels = StoreLabels { store, op };
+        self.store_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if failed {
+            self.store_errors.get_or_create(&labels).inc();
+        }
     }
 
     /// The exposition text.
     pub fn encode(&self) -> String {
+        for sample in self
+            .samplers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            sample(self);
+        }
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
+    }
+}
+
+/// The method as a label: the registered methods Echo sees, `other` for the rest.
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "get",
+        "HEAD" => "head",
+        "POST" => "post",
+        "PUT" => "put",
+        "DELETE" => "delete",
+        "PATCH" => "patch",
+        "OPTIONS" => "options",
+        "TRACE" => "trace",
+        "CONNECT" => "connect",
+        _ => "other",
     }
 }
 
@@ -95,5 +294,36 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# HELP echo_invalidations"), "{text}");
+    }
+
+    #[test]
+    fn requests_are_counted_by_bounded_labels() {
+        let m = Metrics::new();
+        m.request("hit", "GET", 200, Duration::from_micros(80));
+        m.request("hit", "GET", 200, Duration::from_micros(90));
+        m.request("bypass", "BREW", 501, Duration::from_millis(3));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "echo_requests_total{cache_status=\"hit\",method=\"get\",code=\"200\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("method=\"other\",code=\"501\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "echo_request_duration_seconds_bucket{le=\"0.0001\",cache_status=\"hit\"} 2"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn samplers_run_before_each_scrape() {
+        let m = Metrics::new();
+        m.add_sampler(|m| {
+            m.stored_objects.set(7);
+        });
+        assert!(m.encode().contains("echo_stored_objects 7"));
     }
 }

@@ -181,7 +181,7 @@ impl Origin {
     /// Sends one request and returns the response head with its body stream.
     /// `host`: the Host field to send.
     pub fn send(&self, req: OriginRequest<'_>, host: &str) -> Result<OriginResponse, OriginError> {
-        let uri = format!("{}{}", self.base, req.target);
+        let uri = format!("{}{}", self.base, uri_safe(req.target));
         let mut builder = http::Request::builder()
             .method(req.method)
             .uri(uri)
@@ -236,6 +236,26 @@ impl Origin {
     }
 }
 
+/// The target with the bytes the URI type refuses percent-encoded (`"`, `<`, `>`,
+/// `\`, `^`, `` ` ``, `{`, `|`, `}` and non-ASCII: RFC 3986 does not allow them raw, but
+/// clients send them and Echo's parser accepts them, as nginx does). Encoding them
+/// keeps their meaning for the origin instead of failing the request.
+fn uri_safe(target: &str) -> std::borrow::Cow<'_, str> {
+    let refused = |b: u8| !b.is_ascii() || b"\"<>\\^`{|}".contains(&b);
+    if !target.bytes().any(refused) {
+        return std::borrow::Cow::Borrowed(target);
+    }
+    let mut out = String::with_capacity(target.len() + 16);
+    for b in target.bytes() {
+        if refused(b) {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(char::from(b));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Remembers an error from the client's body, so it is not blamed on the origin.
 struct WatchedReader<'a, 'b> {
     inner: &'a mut dyn Read,
@@ -284,5 +304,21 @@ fn map_error(e: ureq::Error) -> OriginError {
             _ => OriginError::Protocol(io.to_string()),
         },
         other => OriginError::Protocol(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_the_uri_type_refuses_are_percent_encoded() {
+        assert_eq!(uri_safe("/a?b=1"), "/a?b=1");
+        assert_eq!(uri_safe("/q=\"x\"|{y}"), "/q=%22x%22%7C%7By%7D");
+        assert_eq!(uri_safe("/caf\u{e9}"), "/caf%C3%A9");
+        for target in ["/q=\"x\"|{y}^`<>\\", "/caf\u{e9}"] {
+            let uri = format!("http://h{}", uri_safe(target));
+            assert!(uri.parse::<http::Uri>().is_ok(), "{uri}");
+        }
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, warn};
 
+use crate::access_log::{AccessLog, Record};
 use crate::coalesce::{Coalescer, Join, Outcome};
 use crate::http::body::client_error;
 use crate::http::exchange::Exchange;
@@ -25,6 +26,7 @@ use crate::http::response::BodyLength;
 use crate::http::{self, BodyFraming, Headers, Request};
 use crate::invalidate::Refresher;
 use crate::key::CacheKey;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::origin::{OriginError, OriginRequest, OriginResponse};
 use crate::policy::{self, CacheControl, PolicyOptions, Reuse, Storability};
@@ -157,7 +159,8 @@ fn new_entry(
 
 pub struct Proxy {
     store: Arc<dyn Store>,
-    origin: Arc<Upstreams>,
+    /// Replaced whole by a config reload.
+    origin: Arc<Live<Upstreams>>,
     policy: PolicyOptions,
     max_object_bytes: usize,
     ban_ttl: Duration,
@@ -171,6 +174,8 @@ pub struct Proxy {
     node_id: String,
     fetches: AtomicU64,
     metrics: Option<Arc<Metrics>>,
+    /// `log.access_log`, replaced by a reload that changes it.
+    access_log: Live<Option<AccessLog>>,
     /// Request fields never sent on fills (`cache.strip_request_headers`).
     strip: Vec<String>,
     last_warning: AtomicU64,
@@ -181,7 +186,7 @@ impl Proxy {
     /// are no longer remembered to check it against).
     pub fn new(
         store: Arc<dyn Store>,
-        origin: Arc<Upstreams>,
+        origin: Arc<Live<Upstreams>>,
         policy: PolicyOptions,
         max_object_bytes: usize,
         ban_ttl: Duration,
@@ -206,6 +211,7 @@ impl Proxy {
             ),
             fetches: AtomicU64::new(0),
             metrics: None,
+            access_log: Live::new(Arc::new(None)),
             strip: crate::config::DEFAULT_STRIPPED
                 .iter()
                 .map(|h| h.to_string())
@@ -530,7 +536,7 @@ impl Proxy {
         let validating = stale.filter(|_| !preconditions.is_empty());
         headers.extend(preconditions);
         let request_time = SystemTime::now();
-        let result = self.origin.send(OriginRequest {
+        let result = self.origin.get().send(OriginRequest {
             method: "GET",
             target: &ex.req.target,
             host: &ex.req.host,
@@ -538,7 +544,10 @@ impl Proxy {
             body: None,
         });
         let response = match result {
-            Ok(r) => r,
+            Ok(r) => {
+                ex.set_origin(Arc::clone(&r.server));
+                r
+            }
             Err(e) => {
                 if let Some((stored, f)) = fallback {
                     if f.if_error {
@@ -715,6 +724,15 @@ impl Proxy {
         self
     }
 
+    /// The access log requests are written to (None: none).
+    pub fn access_log(&self) -> Arc<Option<AccessLog>> {
+        self.access_log.get()
+    }
+
+    pub fn set_access_log(&self, log: Option<AccessLog>) {
+        self.access_log.set(Arc::new(log));
+    }
+
     /// Turns refresh-ahead on: entries read within `window` of their expiry are
     /// revalidated in the background.
     pub fn with_refresh_ahead(mut self, window: Duration) -> Proxy {
@@ -873,7 +891,7 @@ impl Proxy {
         };
         let result = {
             let mut body = ex.body();
-            self.origin.send(OriginRequest {
+            self.origin.get().send(OriginRequest {
                 method: &method,
                 target: &target,
                 host: &host,
@@ -885,6 +903,7 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => return self.origin_failed(ex, &e, forward),
         };
+        ex.set_origin(Arc::clone(&response.server));
         if policy::invalidates(&method, response.status) {
             self.invalidate_after_unsafe(&ex.req, &response.headers);
         }
@@ -981,6 +1000,29 @@ impl Handler for Proxy {
             Err(_) => ex.respond_error(500, "internal error", true),
         }
     }
+
+    /// Counts the request (`echo_requests_total`, `echo_request_duration_seconds`) and
+    /// writes its access log line.
+    fn finished(&self, ex: &Exchange<'_>) {
+        let took = ex.req.received.elapsed();
+        if let Some(m) = &self.metrics {
+            m.request(ex.cache_status(), &ex.req.method, ex.status(), took);
+        }
+        if let Some(log) = self.access_log.get().as_ref() {
+            log.log(&Record {
+                received: SystemTime::now() - took,
+                client: ex.req.peer.ip(),
+                method: &ex.req.method,
+                target: &ex.req.target,
+                version: ex.req.version.as_str(),
+                status: ex.status(),
+                bytes: ex.body_bytes(),
+                took,
+                cache_status: ex.cache_status(),
+                origin: ex.origin(),
+            });
+        }
+    }
 }
 
 impl Refresher for Proxy {
@@ -1071,7 +1113,7 @@ impl Proxy {
             headers.extend(policy::validation_preconditions(&stored.headers));
         }
         let request_time = SystemTime::now();
-        let response = match self.origin.send(OriginRequest {
+        let response = match self.origin.get().send(OriginRequest {
             method: "GET",
             target: key.target(),
             host: key.host(),

@@ -66,6 +66,11 @@ pub trait Handler: Send + Sync + 'static {
         let _ = state;
         ex.respond_error(500, "internal error", true);
     }
+
+    /// Called once per answered exchange, after its response (access log, metrics).
+    fn finished(&self, ex: &Exchange<'_>) {
+        let _ = ex;
+    }
 }
 
 struct Job {
@@ -88,6 +93,8 @@ struct Shared {
     /// Every open client socket (a clone), and whether it is idle between requests, so
     /// shutdown can close the idle ones at once and let the busy ones finish.
     conns: Mutex<HashMap<u64, (TcpStream, Arc<AtomicBool>)>>,
+    /// The worker and fetch queues, to report their depth.
+    queues: (Receiver<Job>, Receiver<Job>),
 }
 
 impl Shared {
@@ -96,6 +103,25 @@ impl Shared {
         self.conns
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Connections and queue depths of a running server.
+pub struct ServerStats(Arc<Shared>);
+
+impl ServerStats {
+    pub fn open_connections(&self) -> usize {
+        self.0.open.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a worker, and for a fetch worker.
+    pub fn queued(&self) -> (usize, usize) {
+        (self.0.queues.0.len(), self.0.queues.1.len())
+    }
+
+    /// Set once a drain has begun.
+    pub fn draining(&self) -> bool {
+        self.0.shutting_down.load(Ordering::SeqCst)
     }
 }
 
@@ -114,6 +140,11 @@ impl ServerHandle {
     /// Open client connections right now.
     pub fn open_connections(&self) -> usize {
         self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// Live figures of this server, for metrics: it can outlive the handle's borrow.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats(Arc::clone(&self.shared))
     }
 
     /// Blocks until the server stops.
@@ -194,6 +225,7 @@ pub fn start(
         open: AtomicUsize::new(0),
         next_id: AtomicU64::new(0),
         conns: Mutex::new(HashMap::new()),
+        queues: (jobs_rx.clone(), fetch_rx.clone()),
     });
     for i in 0..shared.cfg.workers {
         let rx = jobs_rx.clone();
@@ -472,6 +504,7 @@ fn serve_inline(shared: &Shared, handler: &dyn Handler, conn: &mut Conn, req: Re
         return Inline::Deferred(ex.into_request(), state);
     }
     if ex.response_started() {
+        handler.finished(&ex);
         return Inline::Answered(ex.complete());
     }
     Inline::Declined(ex.into_request())
@@ -633,6 +666,7 @@ fn worker(
             warn!("{}: {} {}: {why}", shared.name, req.method, req.target);
             let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
             ex.respond_error(why.status, why.reason, true);
+            handler.finished(&ex);
             let keep = ex.complete();
             let _ = back.send((conn, keep));
             continue;
@@ -644,6 +678,7 @@ fn worker(
             );
             ex.respond_error(500, "internal error", true);
         }
+        handler.finished(&ex);
         let keep = ex.complete();
         let _ = back.send((conn, keep));
     }

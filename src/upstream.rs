@@ -134,6 +134,7 @@ pub struct Pool {
     retries: usize,
     preserve_host: bool,
     next: AtomicUsize,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Pool {
@@ -162,6 +163,14 @@ impl Pool {
             .collect();
         for server in &servers {
             server.publish(true);
+            if let Some(m) = &metrics {
+                for kind in ["connect", "timeout", "protocol"] {
+                    let _ = m.origin_errors.get_or_create(&vec![
+                        ("server", server.origin.name.to_string()),
+                        ("kind", kind.to_string()),
+                    ]);
+                }
+            }
             if let Some(check) = &cfg.health_check {
                 let server = Arc::clone(server);
                 let check = check.clone();
@@ -179,6 +188,7 @@ impl Pool {
             retries: cfg.retries,
             preserve_host: cfg.preserve_host,
             next: AtomicUsize::new(0),
+            metrics,
         })
     }
 
@@ -204,6 +214,7 @@ impl Pool {
             let Some(i) = self.pick(&tried) else {
                 // No other server to try: the error of the last one tried, if any.
                 return Err(last_error.unwrap_or_else(|| {
+                    self.count_error(&self.name, "unavailable");
                     OriginError::Unavailable(format!(
                         "every server of {} is out of rotation",
                         self.name
@@ -218,6 +229,7 @@ impl Pool {
                 server.origin.authority.as_str()
             };
             server.outstanding.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
             let result = {
                 let mut watched;
                 let attempt_body = match &mut body {
@@ -243,6 +255,11 @@ impl Pool {
             };
             match result {
                 Ok(mut response) => {
+                    if let Some(m) = &self.metrics {
+                        m.origin_duration
+                            .get_or_create(&vec![("server", server.origin.name.to_string())])
+                            .observe(started.elapsed().as_secs_f64());
+                    }
                     server.succeeded();
                     // In flight until its body is read or dropped.
                     response.body = Box::new(InFlight {
@@ -253,6 +270,9 @@ impl Pool {
                 }
                 Err(e) => {
                     server.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    if !matches!(e, OriginError::ClientBody(_)) {
+                        self.count_error(&server.origin.name, e.kind());
+                    }
                     if matches!(e, OriginError::Connect(_) | OriginError::Timeout(_)) {
                         server.failed(&e);
                     }
@@ -269,6 +289,18 @@ impl Pool {
                     last_error = Some(e);
                 }
             }
+        }
+    }
+
+    /// `echo_origin_errors_total{server, kind}`.
+    fn count_error(&self, server: &str, kind: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.origin_errors
+                .get_or_create(&vec![
+                    ("server", server.to_string()),
+                    ("kind", kind.to_string()),
+                ])
+                .inc();
         }
     }
 

@@ -28,6 +28,25 @@ enum ResponseState {
     Done,
 }
 
+/// The response's `X-Cache-Status` as a metric label: the header the client sees is
+/// what is logged and counted.
+fn cache_status_label(fields: &[&[(String, Vec<u8>)]]) -> &'static str {
+    let value = fields
+        .iter()
+        .flat_map(|f| f.iter())
+        .find(|(n, _)| n == "x-cache-status")
+        .map(|(_, v)| v.as_slice());
+    match value {
+        None => "none",
+        Some(b"HIT") => "hit",
+        Some(b"MISS") => "miss",
+        Some(b"STALE") => "stale",
+        Some(b"REVALIDATED") => "revalidated",
+        Some(b"BYPASS") => "bypass",
+        Some(_) => "other",
+    }
+}
+
 /// Timeouts an exchange applies to the client.
 #[derive(Debug, Clone, Copy)]
 pub struct ExchangeTimeouts {
@@ -45,6 +64,12 @@ pub struct Exchange<'c> {
     head_buf: Vec<u8>,
     /// Status of the response sent, for logs.
     status: u16,
+    /// Body bytes written (framing excluded), for logs.
+    body_bytes: u64,
+    /// The response's `X-Cache-Status`, lower case, for logs and metrics.
+    cache_status: &'static str,
+    /// The origin server that answered, when one did.
+    origin: Option<Arc<str>>,
     /// Set by a handler that hands the exchange to the fetch stage.
     deferred: Option<Box<dyn Any + Send>>,
     /// The server is draining: the response says it is the connection's last.
@@ -70,6 +95,9 @@ impl<'c> Exchange<'c> {
             timeouts,
             head_buf: Vec::with_capacity(512),
             status: 0,
+            body_bytes: 0,
+            cache_status: "none",
+            origin: None,
             deferred: None,
             draining: None,
         }
@@ -119,6 +147,25 @@ impl<'c> Exchange<'c> {
         self.status
     }
 
+    /// Body bytes sent so far.
+    pub fn body_bytes(&self) -> u64 {
+        self.body_bytes
+    }
+
+    /// The `X-Cache-Status` the response carried, lower case (`none` without one).
+    pub fn cache_status(&self) -> &'static str {
+        self.cache_status
+    }
+
+    /// Notes the origin server whose answer this exchange passes on.
+    pub fn set_origin(&mut self, server: Arc<str>) {
+        self.origin = Some(server);
+    }
+
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+
     /// Close the connection after this exchange.
     pub fn set_close(&mut self) {
         self.close = true;
@@ -165,6 +212,7 @@ impl<'c> Exchange<'c> {
             self.close = true;
         }
         self.status = status;
+        self.cache_status = cache_status_label(fields);
         let mut head = std::mem::take(&mut self.head_buf);
         head.clear();
         response::write_head(
@@ -214,6 +262,9 @@ impl<'c> Exchange<'c> {
 
     fn write_framed(&mut self, head: Option<&[u8]>, data: &[u8]) -> io::Result<()> {
         let head = head.unwrap_or_default();
+        if !matches!(self.response, ResponseState::Body(Framing::NoBody, _)) {
+            self.body_bytes += data.len() as u64;
+        }
         match self.response {
             ResponseState::Body(Framing::NoBody, _) => self.conn.write_all(head),
             ResponseState::Body(Framing::Length(left), _) => {

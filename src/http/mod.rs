@@ -24,6 +24,15 @@ pub enum Version {
     Http11,
 }
 
+impl Version {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        }
+    }
+}
+
 /// How the request body is framed (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFraming {
@@ -48,6 +57,8 @@ pub struct Request {
     /// The client allows the connection to persist after this exchange.
     pub keep_alive: bool,
     pub peer: SocketAddr,
+    /// When the head was parsed: the start of the request's duration in logs.
+    pub received: std::time::Instant,
 }
 
 impl Request {

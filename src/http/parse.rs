@@ -162,6 +162,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits, peer: SocketAddr) -> Result<Parse
             expect_continue,
             keep_alive,
             peer,
+            received: std::time::Instant::now(),
         },
         len,
     ))

@@ -65,6 +65,10 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    fn usage(&self) -> Option<(usize, usize)> {
+        Some(MemoryStore::usage(self))
+    }
+
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         let mut inner = self.lock();
         Ok(Lookup {

@@ -108,6 +108,15 @@ pub struct Lookup {
 pub trait Store: Send + Sync {
     /// Short name for logs and metrics ("memory", "redis").
     fn name(&self) -> &'static str;
+    /// What is degraded, for `/health`: each part that cannot be reached, with why.
+    /// Empty: healthy. Default: an in-process store is always healthy.
+    fn health(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Accounted bytes and entries, for stores that hold them in-process.
+    fn usage(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// Every stored variant of `key` (empty when none), and the current generation.
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
     /// Stores `entry` as a variant of `key`, replacing the variant it matches, and every
@@ -203,4 +212,81 @@ pub fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
             })
         })
         .collect()
+}
+
+/// A store that times every operation and counts its errors
+/// (`echo_store_operation_duration_seconds`, `echo_store_errors_total`).
+pub struct Instrumented {
+    inner: Arc<dyn Store>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Instrumented {
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<crate::metrics::Metrics>) -> Instrumented {
+        // Every series exists from the start (at 0), so alerts on rates see it.
+        for op in [
+            "get",
+            "put",
+            "get_latest",
+            "remove",
+            "invalidate",
+            "lock_fill",
+            "unlock_fill",
+        ] {
+            let labels = crate::metrics::StoreLabels {
+                store: inner.name(),
+                op,
+            };
+            let _ = metrics.store_errors.get_or_create(&labels);
+        }
+        Instrumented { inner, metrics }
+    }
+
+    fn timed<T>(
+        &self,
+        op: &'static str,
+        run: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = run();
+        self.metrics
+            .store_op(self.inner.name(), op, started.elapsed(), result.is_err());
+        result
+    }
+}
+
+impl Store for Instrumented {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn health(&self) -> Vec<String> {
+        self.inner.health()
+    }
+    fn usage(&self) -> Option<(usize, usize)> {
+        self.inner.usage()
+    }
+    fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        self.timed("get", || self.inner.get(key))
+    }
+    fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
+        self.timed("put", || self.inner.put(key, entry, since))
+    }
+    fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        self.timed("get_latest", || self.inner.get_latest(key))
+    }
+    fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
+        self.timed("remove", || self.inner.remove(key))
+    }
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
+        self.timed("invalidate", || self.inner.invalidate(job, progress))
+    }
+    fn lock_fill(&self, key: &CacheKey, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.timed("lock_fill", || self.inner.lock_fill(key, owner, ttl))
+    }
+    fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
+        self.timed("unlock_fill", || self.inner.unlock_fill(key, owner))
+    }
+    fn fill_waiter(&self, key: &CacheKey) -> FillWaiter {
+        self.inner.fill_waiter(key)
+    }
 }

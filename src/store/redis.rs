@@ -747,6 +747,15 @@ impl Store for RedisStore {
         "redis"
     }
 
+    /// A PING to every server (through its breaker: one skipped for failing is down).
+    fn health(&self) -> Vec<String> {
+        std::iter::once(&self.master)
+            .chain(self.replicas.iter())
+            .filter_map(|e| e.run::<String>(&redis::cmd("PING")).err())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
     /// One round trip: the entry and the generation together.
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         let mut mget = redis::cmd("MGET");

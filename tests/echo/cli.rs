@@ -747,3 +747,157 @@ fn sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0() {
         echod.log_text()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// SIGHUP: config reload and access log reopen.
+
+/// Sends `signal` (e.g. "-HUP") to the process.
+fn signal(child: &ChildGuard, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {signal}");
+}
+
+#[test]
+fn check_config_takes_the_file_as_its_argument() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/echo.toml");
+    let out = echod(&["--check-config", path_str(&path)]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let out = echod(&["--check-config", "/nonexistent/echo.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        out.stderr.contains("/nonexistent/echo.toml"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn sighup_applies_a_changed_config_and_refuses_an_invalid_one() {
+    use crate::support::{client, OriginResponse, TestOrigin};
+
+    let first = TestOrigin::fixed(OriginResponse::ok("first").header("Cache-Control", "no-store"));
+    let second =
+        TestOrigin::fixed(OriginResponse::ok("second").header("Cache-Control", "no-store"));
+    let dir = TempDir::new("sighup");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let write = |origin: &str, token: &str| {
+        dir.file(
+            "echo.toml",
+            &format!(
+                "[server]\nlisten = \"{addr}\"\nworkers = 4\n\
+                 [admin]\nlisten = \"{admin}\"\ntoken = \"{token}\"\n\
+                 [origin]\nurl = \"{origin}\"\n[log]\nlevel = \"info\"\n"
+            ),
+        )
+    };
+    let config = write(&first.url(), "token-one");
+    let mut echod = spawn_echod(&dir, &config);
+    echod.wait_listening(addr);
+    echod.wait_listening(admin);
+    let metrics_status = |token: &str| {
+        let auth = format!("Bearer {token}");
+        RawClient::connect(admin)
+            .request("GET", "/metrics", &[("Authorization", &auth)], b"")
+            .status
+    };
+    assert_eq!(client::get(addr, "/a", &[]).body_str(), "first");
+    assert_eq!(metrics_status("token-one"), 200);
+
+    // A new origin and a new token, applied by SIGHUP without a restart.
+    write(&second.url(), "token-two");
+    signal(&echod, "-HUP");
+    wait_until("the reload applies", Duration::from_secs(10), || {
+        client::get(addr, "/a", &[]).body_str() == "second"
+    });
+    assert_eq!(metrics_status("token-two"), 200);
+    assert_eq!(metrics_status("token-one"), 401);
+
+    // An invalid config is refused, logged, and the running one stays.
+    dir.file(
+        "echo.toml",
+        &format!(
+            "[server]\nlisten = \"{addr}\"\nworkers = 0\n[origin]\nurl = \"{}\"\n",
+            first.url()
+        ),
+    );
+    signal(&echod, "-HUP");
+    wait_until("the refusal is logged", Duration::from_secs(10), || {
+        echod.log_text().contains("refused")
+    });
+    assert!(
+        echod.log_text().contains("server.workers"),
+        "{}",
+        echod.log_text()
+    );
+    assert!(echod.child.try_wait().unwrap().is_none(), "echod exited");
+    assert_eq!(client::get(addr, "/a", &[]).body_str(), "second");
+    assert_eq!(metrics_status("token-two"), 200);
+
+    // A change only a restart applies is named in the log, and nothing breaks.
+    write(&second.url(), "token-two");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("workers = 4", "workers = 8");
+    dir.file("echo.toml", &text);
+    signal(&echod, "-HUP");
+    wait_until(
+        "the restart-only change is logged",
+        Duration::from_secs(10),
+        || echod.log_text().contains("need a restart"),
+    );
+    assert_eq!(client::get(addr, "/a", &[]).status, 200);
+}
+
+#[test]
+fn sighup_reopens_the_access_log_so_logrotate_can_move_it() {
+    use crate::support::{client, OriginResponse, TestOrigin};
+
+    let origin = TestOrigin::fixed(OriginResponse::ok("x").header("Cache-Control", "max-age=60"));
+    let dir = TempDir::new("logrotate");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let access = dir.0.join("access.log");
+    let config = dir.file(
+        "echo.toml",
+        &format!(
+            "[server]\nlisten = \"{addr}\"\nworkers = 4\n[origin]\nurl = \"{}\"\n\
+             [log]\nlevel = \"info\"\naccess_log = \"{}\"\n",
+            origin.url(),
+            path_str(&access)
+        ),
+    );
+    let mut echod = spawn_echod(&dir, &config);
+    echod.wait_listening(addr);
+    let lines = |path: &Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    client::get(addr, "/one", &[]);
+    client::get(addr, "/one", &[]);
+    wait_until("two lines written", Duration::from_secs(10), || {
+        lines(&access).len() == 2
+    });
+    // logrotate: rename, then SIGHUP.
+    let rotated = dir.0.join("access.log.1");
+    std::fs::rename(&access, &rotated).unwrap();
+    signal(&echod, "-HUP");
+    wait_until(
+        "a new file after the reopen",
+        Duration::from_secs(10),
+        || {
+            client::get(addr, "/two", &[]);
+            !lines(&access).is_empty()
+        },
+    );
+    let old = lines(&rotated);
+    assert_eq!(old.len(), 2, "{old:?}");
+    assert!(old[0].contains("\"GET /one HTTP/1.1\" 200 1 ") && old[0].ends_with(&origin.url()));
+    assert!(old[1].contains(" hit -"), "{}", old[1]);
+    assert!(lines(&access).iter().all(|l| l.contains("GET /two")));
+}

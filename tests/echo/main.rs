@@ -10,6 +10,7 @@ mod faults;
 mod frontend;
 mod install;
 mod invalidate;
+mod operations;
 mod origins;
 mod props;
 mod proxy;

@@ -1,0 +1,227 @@
+//! The access log (`log.access_log`): one line per answered request, written by a
+//! thread of its own so no request ever waits on the disk.
+//!
+//! A line is
+//! `2026-11-21T22:45:01.123Z 10.0.0.7 "GET /orgs/42?page=2 HTTP/1.1" 200 1234 0.000345 hit http://10.0.0.1:9000`:
+//! time the request arrived (UTC), client address, request line, status, body bytes
+//! sent, seconds taken, cache status, and the origin server that answered (`-` when
+//! none did). Bytes a client controls are escaped (`"`, `\`, controls and non-ASCII as
+//! `\xHH`), so a line is always one line and its quoted field always ends where it seems.
+//!
+//! Invariants: logging never blocks a request: lines go through a bounded queue, and a
+//! full queue drops the line and counts it (`echo_access_log_dropped_lines_total`).
+//! `reopen` (on SIGHUP) makes the writer close and reopen the path, so logrotate can
+//! move the file away; lines queued before it go to the old file.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use log::{error, warn};
+
+use crate::metrics::Metrics;
+
+/// Lines waiting for the writer; beyond it they are dropped.
+const QUEUE: usize = 16 * 1024;
+/// Buffered lines are written out after this long without new ones.
+const FLUSH_AFTER: Duration = Duration::from_millis(200);
+
+/// What one line says.
+pub struct Record<'a> {
+    pub received: SystemTime,
+    pub client: IpAddr,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub version: &'a str,
+    pub status: u16,
+    pub bytes: u64,
+    pub took: Duration,
+    pub cache_status: &'a str,
+    pub origin: Option<&'a str>,
+}
+
+enum Message {
+    Line(String),
+    Reopen,
+    /// Write everything queued before this, then answer.
+    Flush(Sender<()>),
+}
+
+pub struct AccessLog {
+    tx: Sender<Message>,
+    path: PathBuf,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl AccessLog {
+    /// Opens (appends to) `path` and starts the writer thread; it ends when the
+    /// `AccessLog` is dropped, after writing what was queued.
+    pub fn open(path: &Path, metrics: Option<Arc<Metrics>>) -> io::Result<AccessLog> {
+        let file = open_append(path)?;
+        let (tx, rx) = bounded::<Message>(QUEUE);
+        let writer_path = path.to_path_buf();
+        thread::Builder::new()
+            .name("echo-access-log".into())
+            .spawn(move || {
+                let mut out = BufWriter::with_capacity(64 * 1024, file);
+                loop {
+                    let message = match rx.recv_timeout(FLUSH_AFTER) {
+                        Ok(m) => m,
+                        Err(RecvTimeoutError::Timeout) => {
+                            flush(&mut out, &writer_path);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
+                    match message {
+                        Message::Line(line) => {
+                            if let Err(e) = out.write_all(line.as_bytes()) {
+                                error!("access log {}: {e}", writer_path.display());
+                            }
+                        }
+                        Message::Reopen => {
+                            flush(&mut out, &writer_path);
+                            match open_append(&writer_path) {
+                                Ok(file) => out = BufWriter::with_capacity(64 * 1024, file),
+                                Err(e) => error!(
+                                    "cannot reopen the access log {}: {e}; still writing to the old file",
+                                    writer_path.display()
+                                ),
+                            }
+                        }
+                        Message::Flush(done) => {
+                            flush(&mut out, &writer_path);
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                flush(&mut out, &writer_path);
+            })?;
+        Ok(AccessLog {
+            tx,
+            path: path.to_path_buf(),
+            metrics,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues one line; drops it (and counts it) if the writer is that far behind.
+    pub fn log(&self, r: &Record<'_>) {
+        if self.tx.try_send(Message::Line(format_line(r))).is_err() {
+            if let Some(m) = &self.metrics {
+                m.access_log_dropped.inc();
+            }
+        }
+    }
+
+    /// Closes and reopens the file at the path (after logrotate renamed it).
+    pub fn reopen(&self) {
+        if self
+            .tx
+            .send_timeout(Message::Reopen, Duration::from_secs(1))
+            .is_err()
+        {
+            warn!("access log writer busy: reopen skipped");
+        }
+    }
+
+    /// Waits (at most `timeout`) until every line queued so far is written out.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (done, wait) = bounded(1);
+        self.tx.send_timeout(Message::Flush(done), timeout).is_ok()
+            && wait.recv_timeout(timeout).is_ok()
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+fn flush(out: &mut BufWriter<File>, path: &Path) {
+    if let Err(e) = out.flush() {
+        error!("access log {}: {e}", path.display());
+    }
+}
+
+/// One line, newline included.
+pub fn format_line(r: &Record<'_>) -> String {
+    let mut line = String::with_capacity(128 + r.target.len());
+    let _ = write!(
+        line,
+        "{} {} \"",
+        humantime::format_rfc3339_millis(r.received),
+        r.client
+    );
+    escape_into(&mut line, r.method);
+    line.push(' ');
+    escape_into(&mut line, r.target);
+    let _ = writeln!(
+        line,
+        " {}\" {} {} {:.6} {} {}",
+        r.version,
+        r.status,
+        r.bytes,
+        r.took.as_secs_f64(),
+        r.cache_status,
+        r.origin.unwrap_or("-")
+    );
+    line
+}
+
+/// Appends `text` with `"`, `\`, control and non-ASCII bytes as `\xHH`.
+fn escape_into(out: &mut String, text: &str) {
+    for b in text.bytes() {
+        if b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "\\x{b:02X}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(target: &'a str) -> Record<'a> {
+        Record {
+            received: SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123),
+            client: "10.0.0.7".parse().unwrap(),
+            method: "GET",
+            target,
+            version: "HTTP/1.1",
+            status: 200,
+            bytes: 1234,
+            took: Duration::from_micros(345),
+            cache_status: "hit",
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn a_line_has_every_field_in_order() {
+        assert_eq!(
+            format_line(&record("/orgs/42?page=2")),
+            "2026-11-18T11:06:40.123Z 10.0.0.7 \"GET /orgs/42?page=2 HTTP/1.1\" 200 1234 0.000345 hit -\n"
+        );
+    }
+
+    #[test]
+    fn client_bytes_cannot_break_the_line_or_its_quotes() {
+        let line = format_line(&record("/a\"b\\c\u{e9}\n"));
+        assert!(
+            line.contains("\"GET /a\\x22b\\x5Cc\\xC3\\xA9\\x0A HTTP/1.1\""),
+            "{line}"
+        );
+        assert_eq!(line.matches('\n').count(), 1);
+    }
+}

@@ -1,0 +1,321 @@
+//! Operations, in process: the metrics after known traffic, `/health` naming what is
+//! degraded (Redis down), `/ready` failing during a drain, and the access log. The
+//! signal-driven parts (SIGHUP reload and log reopen, SIGTERM drain) run the real
+//! `echod` in `cli.rs`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::client::{self, RawClient};
+use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
+use crate::support::origin::dead_origin_url;
+use crate::support::redis::RedisServer;
+use crate::support::{wait_until, OriginResponse, TestOrigin};
+
+const TOKEN: &str = "ops-token";
+
+fn admin_section() -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n")
+}
+
+fn metrics(echo: &EchoUnderTest) -> String {
+    let auth = format!("Bearer {TOKEN}");
+    let resp = RawClient::connect(echo.admin.unwrap()).request(
+        "GET",
+        "/metrics",
+        &[("Authorization", &auth)],
+        b"",
+    );
+    assert_eq!(resp.status, 200);
+    resp.body_str()
+}
+
+/// The value of the sample line that starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
+}
+
+fn admin_json(echo: &EchoUnderTest, path: &str) -> (u16, Value) {
+    let resp = client::get(echo.admin.unwrap(), path, &[]);
+    let json = serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {}", resp.body_str()));
+    (resp.status, json)
+}
+
+#[test]
+fn metrics_count_known_traffic() {
+    let origin = TestOrigin::start(|req| match req.path() {
+        "/fresh" => OriginResponse::ok("cached").header("Cache-Control", "max-age=600"),
+        _ => OriginResponse::ok("passed"),
+    });
+    let echo = EchoUnderTest::with_config(config(&origin.url(), &admin_section()));
+    for _ in 0..3 {
+        client::get(echo.addr, "/fresh", &[]);
+    }
+    let mut c = RawClient::connect(echo.addr);
+    assert_eq!(c.request("POST", "/form", &[], b"a=1").status, 200);
+    assert_eq!(c.request("BREW", "/pot", &[], b"").status, 200);
+    // A request is counted just after its response went out: wait for the last one.
+    let mut text = String::new();
+    wait_until("every request counted", Duration::from_secs(5), || {
+        text = metrics(&echo);
+        sample(
+            &text,
+            "echo_request_duration_seconds_count{cache_status=\"bypass\"}",
+        ) == Some(2.0)
+    });
+    let url = origin.url();
+    let expect = [
+        (
+            "echo_requests_total{cache_status=\"miss\",method=\"get\",code=\"200\"}",
+            1.0,
+        ),
+        (
+            "echo_requests_total{cache_status=\"hit\",method=\"get\",code=\"200\"}",
+            2.0,
+        ),
+        (
+            "echo_requests_total{cache_status=\"bypass\",method=\"post\",code=\"200\"}",
+            1.0,
+        ),
+        // Methods outside the registered set share one label value.
+        (
+            "echo_requests_total{cache_status=\"bypass\",method=\"other\",code=\"200\"}",
+            1.0,
+        ),
+        (
+            "echo_request_duration_seconds_count{cache_status=\"hit\"}",
+            2.0,
+        ),
+        (
+            "echo_request_duration_seconds_count{cache_status=\"miss\"}",
+            1.0,
+        ),
+        (
+            &format!("echo_origin_request_duration_seconds_count{{server=\"{url}\"}}"),
+            3.0,
+        ),
+        (&format!("echo_origin_server_up{{server=\"{url}\"}}"), 1.0),
+        ("echo_stored_objects", 1.0),
+        ("echo_worker_queue_depth{pool=\"fetch\"}", 0.0),
+        ("echo_worker_queue_depth{pool=\"workers\"}", 0.0),
+        ("echo_coalesced_requests_total", 0.0),
+    ];
+    for (series, value) in expect {
+        assert_eq!(sample(&text, series), Some(value), "{series}\n{text}");
+    }
+    // Every lookup was timed: three GETs (and the fill's second look, if any).
+    let gets = sample(
+        &text,
+        "echo_store_operation_duration_seconds_count{store=\"memory\",op=\"get\"}",
+    )
+    .unwrap();
+    assert!(gets >= 3.0, "{text}");
+    assert!(sample(&text, "echo_stored_bytes").unwrap() > 0.0);
+    // This scrape's own connection is not a proxy connection; `c` is.
+    assert!(
+        sample(&text, "echo_connections_open").unwrap() >= 1.0,
+        "{text}"
+    );
+    // Error and invalidation series exist at 0 before anything happened.
+    for series in [
+        "echo_invalidations_total{mode=\"delete\",outcome=\"done\"}",
+        "echo_invalidated_entries_total{mode=\"stale\"}",
+        &format!("echo_origin_errors_total{{server=\"{url}\",kind=\"timeout\"}}"),
+        "echo_store_errors_total{store=\"memory\",op=\"put\"}",
+        "echo_access_log_dropped_lines_total",
+    ] {
+        assert_eq!(sample(&text, series), Some(0.0), "{series}\n{text}");
+    }
+}
+
+#[test]
+fn origin_errors_are_counted_by_server_and_kind() {
+    let dead = dead_origin_url();
+    // `config` writes the [origin] section first: keys before [admin] land in it.
+    let echo = EchoUnderTest::with_config(config(
+        &dead,
+        &format!(
+            "max_fails = 3\nfail_timeout_ms = 60000\n{}",
+            admin_section()
+        ),
+    ));
+    // Three refusals take the only server out; the fourth request is not sent.
+    for _ in 0..4 {
+        assert_eq!(client::get(echo.addr, "/down", &[]).status, 502);
+    }
+    let mut text = String::new();
+    wait_until("every request counted", Duration::from_secs(5), || {
+        text = metrics(&echo);
+        sample(
+            &text,
+            "echo_request_duration_seconds_count{cache_status=\"miss\"}",
+        ) == Some(4.0)
+    });
+    assert_eq!(
+        sample(
+            &text,
+            &format!("echo_origin_errors_total{{server=\"{dead}\",kind=\"connect\"}}")
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "echo_origin_errors_total{server=\"origin\",kind=\"unavailable\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("echo_origin_server_up{{server=\"{dead}\"}}")
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "echo_requests_total{cache_status=\"miss\",method=\"get\",code=\"502\"}"
+        ),
+        Some(4.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn health_names_the_store_when_redis_is_down_and_stays_200() {
+    let master = RedisServer::master();
+    let replica = RedisServer::replica_of(&master);
+    let origin = TestOrigin::fixed(OriginResponse::ok("x").header("Cache-Control", "max-age=60"));
+    let text = format!(
+        "{}{}",
+        admin_section(),
+        redis_sections(&master, &[&replica], "", QUICK_REDIS)
+    );
+    let echo = EchoUnderTest::with_config(config(&origin.url(), &text));
+    let (status, h) = admin_json(&echo, "/health");
+    assert_eq!((status, h["status"].as_str()), (200, Some("ok")), "{h}");
+    assert_eq!(h["store"]["name"], "redis");
+
+    drop(replica);
+    drop(master);
+    let (status, h) = admin_json(&echo, "/health");
+    assert_eq!(status, 200, "Echo still serves: {h}");
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["degraded"], serde_json::json!(["store"]), "{h}");
+    assert_eq!(h["store"]["status"], "degraded");
+    assert_eq!(
+        h["store"]["errors"].as_array().map(Vec::len),
+        Some(2),
+        "{h}"
+    );
+    assert_eq!(h["invalidation"]["status"], "ok");
+    // And requests still get answers (from the origin).
+    assert_eq!(client::get(echo.addr, "/still", &[]).status, 200);
+    let text = metrics(&echo);
+    assert!(
+        sample(&text, "echo_store_errors_total{store=\"redis\",op=\"get\"}")
+            .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn ready_fails_once_a_drain_begins_while_health_still_answers() {
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&release);
+    let origin = TestOrigin::start(move |_| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        OriginResponse::ok("slow")
+    });
+    let mut echo = EchoUnderTest::with_config(config(&origin.url(), &admin_section()));
+    assert_eq!(
+        admin_json(&echo, "/ready"),
+        (200, serde_json::json!({"ready": true}))
+    );
+    let addr = echo.addr;
+    let in_flight = std::thread::spawn(move || client::get(addr, "/slow", &[]));
+    wait_until(
+        "the request is at the origin",
+        Duration::from_secs(5),
+        || origin.hits("/slow") == 1,
+    );
+    let admin = echo.admin.unwrap();
+    let drainer = std::thread::spawn(move || {
+        let clean = echo.echo.drain(Duration::from_secs(10));
+        (clean, echo)
+    });
+    wait_until("/ready fails", Duration::from_secs(5), || {
+        client::get(admin, "/ready", &[]).status == 503
+    });
+    let resp = client::get(admin, "/health", &[]);
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.body_str().contains("\"draining\":true"),
+        "{}",
+        resp.body_str()
+    );
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(in_flight.join().unwrap().status, 200);
+    let (clean, _echo) = drainer.join().unwrap();
+    assert!(clean, "the request in flight finished within the drain");
+}
+
+#[test]
+fn the_access_log_has_one_line_per_request_with_every_field() {
+    let dir = std::env::temp_dir().join(format!("echo-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let _ = std::fs::remove_file(&path);
+    let origin =
+        TestOrigin::fixed(OriginResponse::ok("0123456789").header("Cache-Control", "max-age=60"));
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!("[log]\naccess_log = \"{}\"\n", path.display()),
+    ));
+    client::get(echo.addr, "/logged?q=\"x\"", &[]);
+    client::get(echo.addr, "/logged?q=\"x\"", &[]);
+    // The origin got the quotes percent-encoded (its URI type refuses them raw).
+    assert_eq!(origin.requests()[0].target, "/logged?q=%22x%22");
+    // A line is queued just after its response went out: wait for both.
+    let mut text = String::new();
+    wait_until("two access log lines", Duration::from_secs(5), || {
+        echo.echo.flush_logs(Duration::from_secs(1));
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.lines().count() >= 2
+    });
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let url = origin.url();
+    for (line, status, origin) in [(lines[0], "miss", url.as_str()), (lines[1], "hit", "-")] {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert!(
+            fields[0].ends_with('Z') && fields[0].contains('T'),
+            "{line}"
+        );
+        assert_eq!(fields[1], "127.0.0.1", "{line}");
+        // The quotes the client sent are escaped inside the quoted request line.
+        assert_eq!(
+            fields[2..5].join(" "),
+            "\"GET /logged?q=\\x22x\\x22 HTTP/1.1\"",
+            "{line}"
+        );
+        assert_eq!(&fields[5..7], &["200", "10"], "{line}");
+        let seconds: f64 = fields[7].parse().unwrap();
+        assert!(seconds > 0.0 && seconds < 10.0, "{line}");
+        assert_eq!(&fields[8..], &[status, origin], "{line}");
+    }
+    drop(echo);
+    let _ = std::fs::remove_dir_all(&dir);
+}
