@@ -11,45 +11,18 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{free_port, wait_until, RawClient};
+use crate::support::{free_port, wait_until, RawClient, TempDir};
 
 const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
 const DEMO_ORIGIN: &str = env!("CARGO_BIN_EXE_demo-origin");
 /// How long a command that should exit at once may take on a loaded machine.
 const EXIT_WITHIN: Duration = Duration::from_secs(10);
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let path =
-            std::env::temp_dir().join(format!("echo-cli-{}-{label}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    /// Writes `text` to `name` in the directory and returns its path.
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("write temp file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A child process that is killed (and reaped) when the guard drops.
 struct ChildGuard {

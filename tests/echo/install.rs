@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use echo::config::Config;
 
-use crate::support::wait_until;
+use crate::support::{wait_until, TempDir};
 
 const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -28,6 +28,8 @@ const EXIT_WITHIN: Duration = Duration::from_secs(60);
 /// One install: a fresh temp dir (removed on drop) holding the DESTDIR tree and the
 /// output of every command run against it.
 struct Staging {
+    /// Removed with the staging, whatever the test did.
+    _temp: TempDir,
     dir: PathBuf,
     destdir: OsString,
     prefix: String,
@@ -35,20 +37,13 @@ struct Staging {
 }
 
 impl Staging {
-    fn temp_dir(label: &str) -> PathBuf {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("echo-install-{}-{label}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        dir
-    }
-
     /// DESTDIR is `<temp>/dest`: the way packagers stage an install.
     fn new(label: &str, prefix: &str) -> Staging {
-        let dir = Staging::temp_dir(label);
+        let temp = TempDir::new(&format!("install-{label}"));
+        let dir = temp.0.clone();
         let destdir = dir.join("dest").into_os_string();
         Staging {
+            _temp: temp,
             dir,
             destdir,
             prefix: prefix.to_string(),
@@ -59,13 +54,15 @@ impl Staging {
     /// No DESTDIR, PREFIX inside the temp dir: the installed unit names files that
     /// exist, so tools that follow its paths (systemd-analyze) can check them.
     fn live(label: &str) -> Staging {
-        let dir = Staging::temp_dir(label);
+        let temp = TempDir::new(&format!("install-{label}"));
+        let dir = temp.0.clone();
         let prefix = dir
             .join("echo")
             .to_str()
             .expect("temp paths are UTF-8")
             .to_string();
         Staging {
+            _temp: temp,
             dir,
             destdir: OsString::new(),
             prefix,
@@ -143,12 +140,6 @@ impl Staging {
             stdout: text(&stdout),
             stderr: text(&stderr),
         })
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

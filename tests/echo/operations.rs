@@ -13,7 +13,7 @@ use crate::support::client::{self, RawClient};
 use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
 use crate::support::origin::dead_origin_url;
 use crate::support::redis::RedisServer;
-use crate::support::{wait_until, OriginResponse, TestOrigin};
+use crate::support::{wait_until, OriginResponse, TempDir, TestOrigin};
 
 const TOKEN: &str = "ops-token";
 
@@ -277,10 +277,8 @@ fn ready_fails_once_a_drain_begins_while_health_still_answers() {
 
 #[test]
 fn the_access_log_has_one_line_per_request_with_every_field() {
-    let dir = std::env::temp_dir().join(format!("echo-access-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("access.log");
-    let _ = std::fs::remove_file(&path);
+    let dir = TempDir::new("access-log");
+    let path = dir.0.join("access.log");
     let origin =
         TestOrigin::fixed(OriginResponse::ok("0123456789").header("Cache-Control", "max-age=60"));
     let echo = EchoUnderTest::with_config(config(
@@ -331,5 +329,4 @@ fn the_access_log_has_one_line_per_request_with_every_field() {
         assert_eq!(&fields[8..], &[status, origin], "{line}");
     }
     drop(echo);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::support::client::{self, RawClient, RawResponse};
 use crate::support::echo::EchoUnderTest;
 use crate::support::origin::dead_origin_url;
-use crate::support::{wait_until, OriginResponse, TestOrigin};
+use crate::support::{wait_until, OriginResponse, TempDir, TestOrigin};
 
 const TOKEN: &str = "origins-token";
 
@@ -596,10 +596,8 @@ fn serve_tls(stream: TcpStream, config: Arc<rustls::ServerConfig>, seen: Seen, b
 fn an_https_origin_is_verified_against_the_configured_ca_and_gets_sni() {
     let pki = test_pki();
     let (port, seen) = tls_origin(&pki, "secret stuff");
-    let dir = std::env::temp_dir().join(format!("echo-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let dir = TempDir::new("tls");
+    let ca_file = dir.file("ca.pem", &pki.ca_pem);
     let echo = echo_with(
         &format!(
             "url = \"https://localhost:{port}\"\nca_file = \"{}\"",
@@ -631,5 +629,4 @@ fn an_https_origin_is_verified_against_the_configured_ca_and_gets_sni() {
     let refused: RawResponse = client::get(untrusting.addr, "/tls", &[]);
     assert_eq!(refused.status, 502);
     assert_eq!(seen.lock().unwrap().len(), before);
-    let _ = std::fs::remove_dir_all(&dir);
 }
