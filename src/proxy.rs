@@ -1001,6 +1001,30 @@ impl Handler for Proxy {
         }
     }
 
+    /// Counts a request the server refused before any handler saw it (cache status
+    /// `none`; method `other` when its head could not be parsed), and logs it.
+    fn refused(&self, peer: std::net::SocketAddr, request: Option<&Request>, status: u16) {
+        let took = request.map_or(Duration::ZERO, |r| r.received.elapsed());
+        let method = request.map_or("-", |r| r.method.as_str());
+        if let Some(m) = &self.metrics {
+            m.request("none", method, status, took);
+        }
+        if let Some(log) = self.access_log.get().as_ref() {
+            log.log(&Record {
+                received: SystemTime::now() - took,
+                client: peer.ip(),
+                method,
+                target: request.map_or("-", |r| r.target.as_str()),
+                version: request.map_or("-", |r| r.version.as_str()),
+                status,
+                bytes: 0,
+                took,
+                cache_status: "none",
+                origin: None,
+            });
+        }
+    }
+
     /// Counts the request (`echo_requests_total`, `echo_request_duration_seconds`) and
     /// writes its access log line.
     fn finished(&self, ex: &Exchange<'_>) {

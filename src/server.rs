@@ -71,6 +71,13 @@ pub trait Handler: Send + Sync + 'static {
     fn finished(&self, ex: &Exchange<'_>) {
         let _ = ex;
     }
+
+    /// Called when the server itself refused a request (`status`): a malformed or
+    /// oversized head, a head not received in time, a full queue. `request` is the
+    /// request when it was parsed.
+    fn refused(&self, peer: SocketAddr, request: Option<&Request>, status: u16) {
+        let _ = (peer, request, status);
+    }
 }
 
 struct Job {
@@ -407,6 +414,7 @@ fn serve_connection(
             Err(e) => {
                 debug!("{}: {peer}: refused: {e}", shared.name);
                 let _ = write_refusal(conn.stream(), &e);
+                handler.refused(peer, None, e.status);
                 linger_close(&mut conn);
                 return;
             }
@@ -454,6 +462,7 @@ fn serve_connection(
             Err(SendTimeoutError::Timeout(mut job)) => {
                 warn!("{}: queue full; answering 503", shared.name);
                 let _ = write_refusal(job.conn.stream(), &HttpError::new(503, "server busy"));
+                handler.refused(peer, Some(&job.req), 503);
                 linger_close(&mut job.conn);
                 return;
             }

@@ -330,3 +330,40 @@ fn the_access_log_has_one_line_per_request_with_every_field() {
     }
     drop(echo);
 }
+
+#[test]
+fn requests_refused_before_parsing_are_counted_and_logged() {
+    let dir = TempDir::new("refused-log");
+    let path = dir.0.join("access.log");
+    let origin = TestOrigin::fixed(OriginResponse::ok("x"));
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!(
+            "{}[log]\naccess_log = \"{}\"\n",
+            admin_section(),
+            path.display()
+        ),
+    ));
+    let mut c = RawClient::connect(echo.addr);
+    c.send(
+        b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    assert_eq!(c.read_response(false).unwrap().status, 400);
+    let mut text = String::new();
+    wait_until("the refusal is counted", Duration::from_secs(5), || {
+        text = metrics(&echo);
+        sample(
+            &text,
+            "echo_requests_total{cache_status=\"none\",method=\"other\",code=\"400\"}",
+        ) == Some(1.0)
+    });
+    assert_eq!(origin.total_hits(), 0);
+    let mut log = String::new();
+    wait_until("the refusal is logged", Duration::from_secs(5), || {
+        echo.echo.flush_logs(Duration::from_secs(1));
+        log = std::fs::read_to_string(&path).unwrap_or_default();
+        !log.is_empty()
+    });
+    assert!(log.contains(" 127.0.0.1 \"- - -\" 400 0 "), "{log}");
+    assert!(log.trim_end().ends_with(" none -"), "{log}");
+}
