@@ -125,6 +125,25 @@ impl Echo {
         };
         if let Some(u) = upstreams {
             self.upstreams.set(Arc::new(u));
+            // Servers no longer configured leave the metrics (their old series would
+            // report a state nobody updates).
+            let servers = |c: &Config| -> Vec<String> {
+                std::iter::once(&c.origin)
+                    .chain(c.routes.iter().map(|r| &r.origin))
+                    .flat_map(|o| o.servers.iter().map(|s| s.base_url()))
+                    .collect()
+            };
+            let kept = servers(new);
+            for gone in servers(old).into_iter().filter(|s| !kept.contains(s)) {
+                for kind in ["connect", "timeout", "protocol"] {
+                    self.metrics
+                        .origin_errors
+                        .remove(&vec![("server", gone.clone()), ("kind", kind.to_string())]);
+                }
+                let labels = vec![("server", gone)];
+                self.metrics.origin_server_up.remove(&labels);
+                self.metrics.origin_duration.remove(&labels);
+            }
             done.applied.push("origin and routes".into());
         }
         if let Some(log) = access_log {

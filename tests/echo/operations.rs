@@ -367,3 +367,30 @@ fn requests_refused_before_parsing_are_counted_and_logged() {
     assert!(log.contains(" 127.0.0.1 \"- - -\" 400 0 "), "{log}");
     assert!(log.trim_end().ends_with(" none -"), "{log}");
 }
+
+#[test]
+fn a_reload_moves_traffic_and_metrics_to_the_new_servers() {
+    let old = TestOrigin::fixed(OriginResponse::ok("old").header("Cache-Control", "no-store"));
+    let new = TestOrigin::fixed(OriginResponse::ok("new").header("Cache-Control", "no-store"));
+    let mut echo = EchoUnderTest::with_config(config(&old.url(), &admin_section()));
+    assert_eq!(client::get(echo.addr, "/r", &[]).body_str(), "old");
+    let done = echo
+        .echo
+        .reload(&config(&new.url(), &admin_section()))
+        .unwrap();
+    assert_eq!(done.applied, vec!["origin and routes".to_string()]);
+    assert!(done.need_restart.is_empty(), "{:?}", done.need_restart);
+    assert_eq!(client::get(echo.addr, "/r", &[]).body_str(), "new");
+    let text = metrics(&echo);
+    let up = |url: &str| sample(&text, &format!("echo_origin_server_up{{server=\"{url}\"}}"));
+    assert_eq!(up(&new.url()), Some(1.0), "{text}");
+    assert_eq!(up(&old.url()), None, "{text}");
+    // A restart-only change is reported, not applied.
+    let bigger = config(
+        &new.url(),
+        &format!("{}[cache]\nmemory_max_bytes = 999999999\n", admin_section()),
+    );
+    let done = echo.echo.reload(&bigger).unwrap();
+    assert_eq!(done.need_restart, vec!["cache".to_string()]);
+    assert!(done.applied.is_empty(), "{:?}", done.applied);
+}
