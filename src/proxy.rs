@@ -12,7 +12,7 @@
 use std::any::Any;
 use std::collections::HashSet;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -176,6 +176,9 @@ pub struct Proxy {
     metrics: Option<Arc<Metrics>>,
     /// `log.access_log`, replaced by a reload that changes it.
     access_log: Live<Option<AccessLog>>,
+    /// Whether there is one: lets every request without an access log skip the lock
+    /// and the shared reference count of `access_log`.
+    access_log_on: AtomicBool,
     /// Request fields never sent on fills (`cache.strip_request_headers`).
     strip: Vec<String>,
     last_warning: AtomicU64,
@@ -212,6 +215,7 @@ impl Proxy {
             fetches: AtomicU64::new(0),
             metrics: None,
             access_log: Live::new(Arc::new(None)),
+            access_log_on: AtomicBool::new(false),
             strip: crate::config::DEFAULT_STRIPPED
                 .iter()
                 .map(|h| h.to_string())
@@ -730,7 +734,15 @@ impl Proxy {
     }
 
     pub fn set_access_log(&self, log: Option<AccessLog>) {
+        self.access_log_on.store(log.is_some(), Ordering::Relaxed);
         self.access_log.set(Arc::new(log));
+    }
+
+    /// The access log, if there is one, without touching it when there is none.
+    fn access_log_if_on(&self) -> Option<Arc<Option<AccessLog>>> {
+        self.access_log_on
+            .load(Ordering::Relaxed)
+            .then(|| self.access_log.get())
     }
 
     /// Turns refresh-ahead on: entries read within `window` of their expiry are
@@ -1009,7 +1021,7 @@ impl Handler for Proxy {
         if let Some(m) = &self.metrics {
             m.request("none", method, status, took);
         }
-        if let Some(log) = self.access_log.get().as_ref() {
+        if let Some(log) = self.access_log_if_on().as_deref().and_then(Option::as_ref) {
             log.log(&Record {
                 received: SystemTime::now() - took,
                 client: peer.ip(),
@@ -1032,7 +1044,7 @@ impl Handler for Proxy {
         if let Some(m) = &self.metrics {
             m.request(ex.cache_status(), &ex.req.method, ex.status(), took);
         }
-        if let Some(log) = self.access_log.get().as_ref() {
+        if let Some(log) = self.access_log_if_on().as_deref().and_then(Option::as_ref) {
             log.log(&Record {
                 received: SystemTime::now() - took,
                 client: ex.req.peer.ip(),
