@@ -410,8 +410,11 @@ impl Proxy {
                 // Registered before the lock is tried, so no release can be missed.
                 let waiter = self.store.fill_waiter(key);
                 let owner = self.next_owner();
-                let outcome = match self.store.lock_fill(key, &owner, self.coalesce_lock_ttl) {
-                    Ok(false) => {
+                let locked = self
+                    .store
+                    .lock_fill_and_look(key, &owner, self.coalesce_lock_ttl);
+                let outcome = match locked {
+                    Ok((false, _)) => {
                         let started = Instant::now();
                         waiter.wait(self.coalesce_wait);
                         if self.serve_collapsed(ex, key, started.elapsed()) {
@@ -422,18 +425,18 @@ impl Proxy {
                     }
                     locked => {
                         drop(waiter);
+                        let taken = matches!(locked, Ok((true, _)));
                         // Released on every path (drop), after the fill has stored.
-                        let _lock = matches!(locked, Ok(true)).then(|| FillLock {
+                        let _lock = taken.then(|| FillLock {
                             store: self.store.as_ref(),
                             key,
                             owner,
                         });
                         // A fill that finished between this request's lookup and its lock
-                        // (here or on another node) has left what it fetched: look again
-                        // where writes land before fetching it once more.
-                        if matches!(locked, Ok(true))
-                            && self.serve_collapsed(ex, key, Duration::ZERO)
-                        {
+                        // (here or on another node) has left what it fetched: the look
+                        // taken with the lock, where writes land, before fetching again.
+                        let look = locked.ok().and_then(|(_, look)| look);
+                        if look.is_some_and(|l| self.serve_lookup(ex, key, &l, Duration::ZERO)) {
                             Outcome::Stored
                         } else {
                             self.fill(ex, key, forward, since, stale)
@@ -463,6 +466,18 @@ impl Proxy {
         let Ok(lookup) = self.store.get_latest(key) else {
             return false;
         };
+        self.serve_lookup(ex, key, &lookup, waited)
+    }
+
+    /// Answers from `lookup` (read where writes land) if it holds a fresh response this
+    /// request selects.
+    fn serve_lookup(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        lookup: &Lookup,
+        waited: Duration,
+    ) -> bool {
         let Some(entry) = lookup
             .variants
             .iter()

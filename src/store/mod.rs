@@ -141,6 +141,20 @@ pub trait Store: Send + Sync {
         Ok(true)
     }
 
+    /// `lock_fill`, and when it is taken, `get_latest` after it: the look for a fill
+    /// that finished between a request's lookup and its lock. Stores where these are
+    /// round trips send them together.
+    fn lock_fill_and_look(
+        &self,
+        key: &CacheKey,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<(bool, Option<Lookup>), StoreError> {
+        if !self.lock_fill(key, owner, ttl)? {
+            return Ok((false, None));
+        }
+        Ok((true, self.get_latest(key).ok()))
+    }
     /// Releases the fill lock if `owner` still holds it, and wakes the nodes waiting for
     /// it. The lock holder calls this on every path, whether or not the fill stored
     /// anything.
@@ -282,6 +296,16 @@ impl Store for Instrumented {
     }
     fn lock_fill(&self, key: &CacheKey, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
         self.timed("lock_fill", || self.inner.lock_fill(key, owner, ttl))
+    }
+    fn lock_fill_and_look(
+        &self,
+        key: &CacheKey,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<(bool, Option<Lookup>), StoreError> {
+        self.timed("lock_fill", || {
+            self.inner.lock_fill_and_look(key, owner, ttl)
+        })
     }
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
         self.timed("unlock_fill", || self.inner.unlock_fill(key, owner))

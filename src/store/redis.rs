@@ -936,6 +936,40 @@ impl Store for RedisStore {
         Ok(self.master.run::<Option<String>>(&set)?.is_some())
     }
 
+    /// One round trip: SET NX and, after it on the same connection, the MGET of the
+    /// entry and the generation (its answer is used only when the lock was taken).
+    fn lock_fill_and_look(
+        &self,
+        key: &CacheKey,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<(bool, Option<Lookup>), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(fill_lock_key(key))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl).max(1))
+            .cmd("MGET")
+            .arg(redis_key(key))
+            .arg(GENERATION_KEY);
+        type Answer = (Option<String>, (Option<Vec<u8>>, Option<u64>));
+        let (locked, (value, generation)): Answer = self.master.with_conn(|c| pipe.query(c))?;
+        if locked.is_none() {
+            return Ok((false, None));
+        }
+        Ok((
+            true,
+            Some(Lookup {
+                variants: value
+                    .and_then(|v| codec::decode(&v).ok())
+                    .unwrap_or_default(),
+                generation: generation.unwrap_or(0),
+            }),
+        ))
+    }
+
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
         let released: i64 = self.master.with_conn(|c| {
             self.unlock_script
