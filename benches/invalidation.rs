@@ -78,6 +78,7 @@ fn entry() -> Arc<Entry> {
             ("etag".into(), b"\"0123456789abcdef\"".to_vec()),
         ],
         body: vec![b'x'; 100],
+        file: None,
         response_time: SystemTime::now(),
         initial_age: Duration::ZERO,
         freshness: Duration::from_secs(3600),

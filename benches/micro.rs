@@ -90,6 +90,7 @@ fn main() {
         status: 200,
         headers: resp.clone(),
         body: vec![b'e'; 1024],
+        file: None,
         response_time: now,
         initial_age: Duration::ZERO,
         freshness: Duration::from_secs(60),

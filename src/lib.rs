@@ -220,7 +220,8 @@ pub fn start(cfg: &Config) -> io::Result<Echo> {
 
 /// Descriptors kept for everything but client connections: an origin or Redis
 /// connection per worker thread, plus logs, listeners, pools' idle connections and the
-/// acceptor's spare.
+/// acceptor's spare. (The memory store's body files take at most a sixteenth of the
+/// limit: see `store::body_file::set_budget`.)
 fn reserved_fds(cfg: &config::ServerConfig) -> u64 {
     64 + (cfg.workers + cfg.fetch_workers) as u64
 }
@@ -238,6 +239,7 @@ fn connections_within_fd_limit(cfg: &config::ServerConfig) -> usize {
             return cfg.max_connections;
         }
     };
+    store::body_file::set_budget(usize::try_from(limit / 16).unwrap_or(usize::MAX));
     if limit >= wanted {
         return cfg.max_connections;
     }

@@ -149,6 +149,7 @@ fn new_entry(
         status,
         headers,
         body: Vec::new(),
+        file: None,
         response_time,
         initial_age,
         freshness,
@@ -694,6 +695,7 @@ impl Proxy {
             response_time,
         );
         entry.body = stored.body.clone();
+        entry.file = stored.file.clone();
         let entry = Arc::new(entry);
         // Stored through the same generation check as a fill, before the client is answered
         // (so its next request finds it): after an invalidation since the lookup, this
@@ -1206,6 +1208,7 @@ impl Proxy {
                 response_time,
             );
             entry.body = stored.body.clone();
+            entry.file = stored.file.clone();
             return self.store_entry(key, since, Arc::new(entry));
         }
         let Storability::Store { freshness, .. } = policy::storability(
@@ -1403,7 +1406,15 @@ fn serve_stored(
     let mut added = Vec::with_capacity(3);
     added.push(("age".into(), age.as_secs().to_string().into_bytes()));
     add_status(&mut added, status, cache_status);
-    let _ = ex.respond_fields(entry.status, &[&entry.headers, &added], &entry.body);
+    match &entry.file {
+        // A large body from the memory store: sent from its memfd (no copy).
+        Some(file) => {
+            let _ = ex.respond_file(entry.status, &[&entry.headers, &added], file);
+        }
+        None => {
+            let _ = ex.respond_fields(entry.status, &[&entry.headers, &added], &entry.body);
+        }
+    }
 }
 
 /// RFC 9110 §13.1.2 / §13.1.3 / §13.2.2: If-None-Match (weak comparison) takes

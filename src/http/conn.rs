@@ -129,4 +129,18 @@ impl Conn {
     pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         self.stream.write_all(data)
     }
+
+    /// Writes all of `data` with MSG_MORE: the kernel holds it to go out with what the
+    /// next write or sendfile sends. Only when more follows at once.
+    pub fn write_all_more(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match rustix::net::send(&self.stream, data, rustix::net::SendFlags::MORE) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
 }

@@ -16,6 +16,7 @@ use super::body::BodyState;
 use super::conn::Conn;
 use super::response::{self, BodyLength, Framing};
 use super::{Request, Version};
+use crate::store::body_file::BodyFile;
 
 /// Body bytes left over after a handler, read and discarded to keep the connection.
 const DRAIN_BUDGET: u64 = 64 * 1024;
@@ -26,6 +27,17 @@ enum ResponseState {
     /// Head written; body bytes still expected in this framing.
     Body(Framing, u64),
     Done,
+}
+
+/// How a response head is written.
+#[derive(Clone, Copy)]
+enum Head<'a> {
+    /// On its own (the body, if any, follows in later writes).
+    Alone,
+    /// Together with the first body bytes, in one vectored write.
+    With(&'a [u8]),
+    /// With MSG_MORE: a sendfile of the body follows at once.
+    BeforeMore,
 }
 
 /// The response's `X-Cache-Status` as a metric label: the header the client sees is
@@ -179,7 +191,7 @@ impl<'c> Exchange<'c> {
         length: BodyLength,
         head_length: Option<u64>,
     ) -> io::Result<()> {
-        self.start_with(status, &[headers], length, head_length, &[])
+        self.start_with(status, &[headers], length, head_length, Head::Alone)
     }
 
     /// Starts the response and writes `first` body bytes with the head in one write.
@@ -189,7 +201,7 @@ impl<'c> Exchange<'c> {
         fields: &[&[(String, Vec<u8>)]],
         length: BodyLength,
         head_length: Option<u64>,
-        first: &[u8],
+        how: Head<'_>,
     ) -> io::Result<()> {
         if self.response != ResponseState::NotStarted {
             return Err(io::Error::other("response already started"));
@@ -213,10 +225,10 @@ impl<'c> Exchange<'c> {
         }
         self.status = status;
         self.cache_status = cache_status_label(fields);
-        let mut head = std::mem::take(&mut self.head_buf);
-        head.clear();
+        let mut bytes = std::mem::take(&mut self.head_buf);
+        bytes.clear();
         response::write_head(
-            &mut head,
+            &mut bytes,
             self.req.version,
             status,
             fields,
@@ -229,12 +241,13 @@ impl<'c> Exchange<'c> {
             _ => 0,
         };
         self.response = ResponseState::Body(framing, remaining);
-        let result = if first.is_empty() {
-            self.conn.write_all(&head)
-        } else {
-            self.write_framed(Some(&head), first)
+        let result = match (how, framing) {
+            (Head::With(first), _) if !first.is_empty() => self.write_framed(Some(&bytes), first),
+            // MSG_MORE only when body bytes follow, or the head would wait for them.
+            (Head::BeforeMore, Framing::Length(n)) if n > 0 => self.conn.write_all_more(&bytes),
+            _ => self.conn.write_all(&bytes),
         };
-        self.head_buf = head;
+        self.head_buf = bytes;
         if result.is_err() {
             self.close = true;
         }
@@ -330,10 +343,35 @@ impl<'c> Exchange<'c> {
         let length = BodyLength::Known(body.len() as u64);
         if response::has_no_body(status, self.req.is_head()) {
             let head_length = (status != 204 && status != 304).then_some(body.len() as u64);
-            self.start_with(status, fields, length, head_length, &[])?;
+            self.start_with(status, fields, length, head_length, Head::Alone)?;
         } else {
-            self.start_with(status, fields, length, None, body)?;
+            self.start_with(status, fields, length, None, Head::With(body))?;
         }
+        self.finish()
+    }
+
+    /// [`Exchange::respond_fields`] with the body sent from `file` by sendfile (no copy
+    /// through Echo's memory). The head is sent with MSG_MORE, so it leaves in one
+    /// segment with the body's first bytes.
+    pub fn respond_file(
+        &mut self,
+        status: u16,
+        fields: &[&[(String, Vec<u8>)]],
+        file: &BodyFile,
+    ) -> io::Result<()> {
+        let length = BodyLength::Known(file.len());
+        if response::has_no_body(status, self.req.is_head()) || file.is_empty() {
+            let head_length = (status != 204 && status != 304).then_some(file.len());
+            self.start_with(status, fields, length, head_length, Head::Alone)?;
+            return self.finish();
+        }
+        self.start_with(status, fields, length, None, Head::BeforeMore)?;
+        if let Err(e) = file.send_to(self.conn.stream()) {
+            self.close = true;
+            return Err(e);
+        }
+        self.body_bytes += file.len();
+        self.response = ResponseState::Body(Framing::Length(0), 0);
         self.finish()
     }
 

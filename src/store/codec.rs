@@ -71,8 +71,12 @@ pub fn encode(variants: &[Arc<Entry>]) -> Vec<u8> {
             put_u16(&mut out, tag.len());
             out.extend_from_slice(tag.as_bytes());
         }
-        put_u32(&mut out, e.body.len());
-        out.extend_from_slice(&e.body);
+        // Only the memory store keeps bodies in files and it never encodes; should an
+        // entry with one get here, its bytes are read back rather than lost.
+        let from_file = e.file.as_ref().and_then(|f| f.read().ok());
+        let body = from_file.as_deref().unwrap_or(&e.body);
+        put_u32(&mut out, body.len());
+        out.extend_from_slice(body);
     }
     out
 }
@@ -122,6 +126,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Arc<Entry>>, DecodeError> {
             status,
             headers,
             body,
+            file: None,
             response_time,
             initial_age,
             freshness,
@@ -217,6 +222,7 @@ mod tests {
                 ("x-bin".into(), vec![0xff, 0x00, 0x80]),
             ],
             body: body.to_vec(),
+            file: None,
             response_time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             initial_age: Duration::from_millis(4_500),
             freshness: Duration::from_secs(60),

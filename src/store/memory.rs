@@ -82,6 +82,8 @@ impl Store for MemoryStore {
         if entry.size() + k.len() > self.max_bytes {
             return Ok(false);
         }
+        // Before the lock: a large body goes into a memfd, for sendfile on hits.
+        let entry = Entry::with_body_in_file(entry);
         let mut inner = self.lock();
         if !inner.bans.allows(since, k, &entry.tags) {
             return Ok(false);
@@ -175,6 +177,7 @@ mod tests {
             status: 200,
             headers: vec![("content-type".into(), b"text/plain".to_vec())],
             body: vec![b'x'; body],
+            file: None,
             response_time: SystemTime::now(),
             initial_age: Duration::ZERO,
             freshness: Duration::from_secs(60),

@@ -11,6 +11,7 @@
 //! Invariants: a store never fails a request: errors are returned for the caller to
 //! treat as a miss; entries are immutable once stored (shared as `Arc`).
 
+pub mod body_file;
 pub mod codec;
 pub mod memory;
 pub mod redis;
@@ -32,7 +33,11 @@ pub struct Entry {
     pub status: u16,
     /// End-to-end response fields as received (no hop-by-hop, no framing, no Age).
     pub headers: Headers,
+    /// The body, unless it is in `file`.
     pub body: Vec<u8>,
+    /// The body in a sealed memfd (the memory store's large bodies); `body` is then
+    /// empty. Sent with sendfile.
+    pub file: Option<Arc<body_file::BodyFile>>,
     /// When the response was received (RFC 9111 §4.2.3 `response_time`).
     pub response_time: SystemTime,
     /// RFC 9111 §4.2.3 `corrected_initial_age`.
@@ -59,7 +64,37 @@ impl Entry {
             .map(|(n, v)| n.len() + v.as_ref().map_or(0, |v| v.len()) + 48)
             .sum();
         let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
-        self.body.len() + headers + vary + tags + std::mem::size_of::<Entry>()
+        self.body_len() as usize + headers + vary + tags + std::mem::size_of::<Entry>()
+    }
+
+    /// The body's length, wherever it is.
+    pub fn body_len(&self) -> u64 {
+        match &self.file {
+            Some(f) => f.len(),
+            None => self.body.len() as u64,
+        }
+    }
+
+    /// The same entry with its body moved into a memfd when it is large enough and a
+    /// file can be had (else unchanged).
+    pub fn with_body_in_file(entry: Arc<Entry>) -> Arc<Entry> {
+        if entry.file.is_some() || entry.body.len() < body_file::MIN_BYTES {
+            return entry;
+        }
+        match body_file::BodyFile::create(&entry.body) {
+            Some(file) => Arc::new(Entry {
+                status: entry.status,
+                headers: entry.headers.clone(),
+                body: Vec::new(),
+                file: Some(Arc::new(file)),
+                response_time: entry.response_time,
+                initial_age: entry.initial_age,
+                freshness: entry.freshness,
+                vary: entry.vary.clone(),
+                tags: entry.tags.clone(),
+            }),
+            None => entry,
+        }
     }
 
     /// The variants under one key are told apart by the Vary field names and the

@@ -467,6 +467,72 @@ fn a_large_object_within_the_limit_is_stored_and_served_intact() {
     }
 }
 
+/// Bodies of 32 KiB and more live in a memfd in the memory store and go out with
+/// sendfile: every way a stored response is answered keeps them byte for byte.
+#[test]
+fn large_bodies_sent_from_files_arrive_intact_every_way() {
+    let version = Arc::new(AtomicU64::new(1));
+    let v = Arc::clone(&version);
+    let body_of = |v: u64| -> Vec<u8> {
+        (0..100_000u32)
+            .map(|i| ((i + v as u32) % 253) as u8)
+            .collect()
+    };
+    let origin = TestOrigin::start(move |req| {
+        let n = v.load(Ordering::SeqCst);
+        let etag = format!("\"big{n}\"");
+        if req.header("if-none-match") == Some(etag.as_str()) {
+            return OriginResponse::status(304)
+                .header("ETag", &etag)
+                .header("Cache-Control", "max-age=1");
+        }
+        OriginResponse::ok(body_of(n))
+            .header("ETag", &etag)
+            .header("Cache-Control", "max-age=1")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    let expected = body_of(1);
+    for want in ["MISS", "HIT", "HIT"] {
+        let resp = client::get(echo.addr, "/big", &[]);
+        assert_eq!(resp.header("x-cache-status"), Some(want));
+        assert_eq!(resp.header("content-length"), Some("100000"));
+        assert!(
+            resp.body == expected,
+            "{want}: body changed ({} bytes)",
+            resp.body.len()
+        );
+    }
+    // HEAD: the length, no body, and the connection still works afterwards.
+    let mut c = RawClient::connect(echo.addr);
+    let head = c.request("HEAD", "/big", &[], b"");
+    assert_eq!(head.header("content-length"), Some("100000"));
+    assert!(head.body.is_empty());
+    let after = c.get("/big", &[]);
+    assert!(after.body == expected, "keep-alive after HEAD");
+    // Pipelined: two hits back to back on one connection, each whole.
+    c.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\n");
+    for _ in 0..2 {
+        let r = c.read_response(false).unwrap();
+        assert!(r.body == expected, "pipelined hit");
+    }
+    // The client's own validator: a 304 from the store.
+    let nm = client::get(echo.addr, "/big", &[("If-None-Match", "\"big1\"")]);
+    assert_eq!((nm.status, nm.body.len()), (304, 0));
+    // Revalidated by the origin's 304: the stored body is kept.
+    let revalidated = first_after_stale("/big", || client::get(echo.addr, "/big", &[]));
+    assert_eq!(revalidated.header("x-cache-status"), Some("REVALIDATED"));
+    assert!(revalidated.body == expected, "revalidated body changed");
+    // A new version replaces it whole.
+    version.store(2, Ordering::SeqCst);
+    let changed = first_after_stale("/big", || client::get(echo.addr, "/big", &[]));
+    assert!(changed.body == body_of(2), "the new version");
+    // HTTP/1.0 clients get it too.
+    let mut old = RawClient::connect(echo.addr);
+    old.send(b"GET /big HTTP/1.0\r\nHost: x\r\n\r\n");
+    let r = old.read_response(false).unwrap();
+    assert!(r.body == body_of(2), "HTTP/1.0");
+}
+
 #[test]
 fn range_requests_bypass_the_cache() {
     let origin = TestOrigin::start(|req| match req.header("range") {

@@ -740,6 +740,7 @@ fn entry() -> impl Strategy<Value = Arc<Entry>> {
                 status,
                 headers,
                 body,
+                file: None,
                 response_time: UNIX_EPOCH + Duration::from_millis(time),
                 initial_age: Duration::from_millis(age),
                 freshness: Duration::from_millis(fresh),

@@ -1,0 +1,149 @@
+//! A stored body in a sealed memfd, so a hit sends it with `sendfile`: the kernel takes
+//! the pages as they are instead of copying the body from Echo's memory into the
+//! socket (nginx gets the same from its page cache). Used by the memory store for
+//! bodies of at least [`MIN_BYTES`], while fewer than the budget exist ([`MAX_FILES`],
+//! or a sixteenth of the open-files limit if that is less).
+//!
+//! Invariants: the file is written once and sealed (no write, grow or shrink) before
+//! anyone can read it; readers use offsets (`sendfile` with an offset, `pread`), never
+//! the shared file position, so any number of threads send one file at once. Each file
+//! is one descriptor, which is why they are capped: a full cap keeps bodies in memory
+//! (they are copied on the way out, as before), it never fails a store.
+
+use std::fs::File;
+use std::io;
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rustix::fs::{MemfdFlags, SealFlags};
+
+/// Bodies smaller than this are copied: a copy of a few KiB costs less than the
+/// extra system call and the descriptor.
+pub const MIN_BYTES: usize = 32 * 1024;
+/// Files open at once, in the whole process: descriptors are shared with client and
+/// origin connections.
+pub const MAX_FILES: usize = 1024;
+
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+static BUDGET: AtomicUsize = AtomicUsize::new(MAX_FILES);
+
+/// Caps the files at `n` (never above [`MAX_FILES`]): Echo gives them a sixteenth of
+/// its open-files limit, so they cannot starve client connections of descriptors.
+pub fn set_budget(n: usize) {
+    BUDGET.store(n.min(MAX_FILES), Ordering::SeqCst);
+}
+
+#[derive(Debug)]
+pub struct BodyFile {
+    file: File,
+    len: u64,
+}
+
+impl BodyFile {
+    /// A sealed copy of `body`, or None when the cap is reached or the kernel refuses
+    /// (the caller keeps the bytes in memory).
+    pub fn create(body: &[u8]) -> Option<BodyFile> {
+        if OPEN.fetch_add(1, Ordering::SeqCst) >= BUDGET.load(Ordering::SeqCst) {
+            OPEN.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        match Self::write_sealed(body) {
+            Ok(file) => Some(BodyFile {
+                file,
+                len: body.len() as u64,
+            }),
+            Err(e) => {
+                OPEN.fetch_sub(1, Ordering::SeqCst);
+                log::debug!("body kept in memory: memfd failed: {e}");
+                None
+            }
+        }
+    }
+
+    fn write_sealed(body: &[u8]) -> io::Result<File> {
+        let fd =
+            rustix::fs::memfd_create("echo-body", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        let file = File::from(fd);
+        file.write_all_at(body, 0)?;
+        rustix::fs::fcntl_add_seals(
+            &file,
+            SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+        )?;
+        Ok(file)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sends the whole body to `out` (a blocking socket: its write timeout bounds each
+    /// call).
+    pub fn send_to(&self, out: &TcpStream) -> io::Result<()> {
+        let mut offset = 0u64;
+        while offset < self.len {
+            let left = usize::try_from(self.len - offset).unwrap_or(usize::MAX);
+            match rustix::fs::sendfile(out, &self.file, Some(&mut offset), left) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The body as bytes (for the rare reader that needs them: encoding, tests).
+    pub fn read(&self) -> io::Result<Vec<u8>> {
+        let mut out = vec![0u8; usize::try_from(self.len).unwrap_or(0)];
+        self.file.read_exact_at(&mut out, 0)?;
+        Ok(out)
+    }
+}
+
+impl Drop for BodyFile {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Files open now (tests, metrics).
+pub fn open_files() -> usize {
+    OPEN.load(Ordering::SeqCst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_body_file_sends_exactly_its_bytes_and_is_sealed() {
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let f = BodyFile::create(&body).expect("memfd");
+        assert_eq!(f.len(), body.len() as u64);
+        assert_eq!(f.read().unwrap(), body);
+        // Sealed: no write can change what readers see.
+        assert!(f.file.write_all_at(b"x", 0).is_err());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut inbound, _) = listener.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            inbound.read_to_end(&mut got).unwrap();
+            got
+        });
+        f.send_to(&out).unwrap();
+        f.send_to(&out).unwrap();
+        drop(out);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), 2 * body.len());
+        assert_eq!(&got[..body.len()], &body[..]);
+        assert_eq!(&got[body.len()..], &body[..]);
+    }
+}
