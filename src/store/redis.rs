@@ -200,6 +200,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What an MGET of an entry and the generation read. A value Echo cannot decode
+/// (another version, a hand-made key) is a miss.
+fn lookup_of(value: Option<Vec<u8>>, generation: Option<u64>) -> Lookup {
+    Lookup {
+        variants: value
+            .and_then(|v| codec::decode(&v).ok())
+            .unwrap_or_default(),
+        generation: generation.unwrap_or(0),
+    }
+}
+
 /// One Redis server: its pool and its breaker.
 struct Endpoint {
     /// `host:port`, for logs (never the URL: it may carry a password).
@@ -761,25 +772,14 @@ impl Store for RedisStore {
         let mut mget = redis::cmd("MGET");
         mget.arg(redis_key(key)).arg(GENERATION_KEY);
         let (value, generation): (Option<Vec<u8>>, Option<u64>) = self.read(&mget)?;
-        Ok(Lookup {
-            // A value Echo cannot decode (another version, a hand-made key) is a miss.
-            variants: value
-                .and_then(|v| codec::decode(&v).ok())
-                .unwrap_or_default(),
-            generation: generation.unwrap_or(0),
-        })
+        Ok(lookup_of(value, generation))
     }
 
     fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         let mut mget = redis::cmd("MGET");
         mget.arg(redis_key(key)).arg(GENERATION_KEY);
         let (value, generation): (Option<Vec<u8>>, Option<u64>) = self.master.run(&mget)?;
-        Ok(Lookup {
-            variants: value
-                .and_then(|v| codec::decode(&v).ok())
-                .unwrap_or_default(),
-            generation: generation.unwrap_or(0),
-        })
+        Ok(lookup_of(value, generation))
     }
 
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
@@ -959,15 +959,7 @@ impl Store for RedisStore {
         if locked.is_none() {
             return Ok((false, None));
         }
-        Ok((
-            true,
-            Some(Lookup {
-                variants: value
-                    .and_then(|v| codec::decode(&v).ok())
-                    .unwrap_or_default(),
-                generation: generation.unwrap_or(0),
-            }),
-        ))
+        Ok((true, Some(lookup_of(value, generation))))
     }
 
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
