@@ -152,11 +152,22 @@ impl Admin {
         let Some(value) = ex.req.header("authorization") else {
             return false;
         };
-        let Some(given) = value.strip_prefix(b"Bearer ") else {
-            return false;
-        };
-        constant_time_eq(given.trim_ascii(), self.token.get().as_bytes())
+        bearer_token(value)
+            .is_some_and(|given| constant_time_eq(given, self.token.get().as_bytes()))
     }
+}
+
+/// The token of `Bearer <token>` credentials. RFC 9110 §11.1: "It uses a case-
+/// insensitive token as a means to identify the authentication scheme"; §11.4:
+/// `credentials = auth-scheme [ 1*SP ( token68 / ... ) ]`.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
 }
 
 /// Compares without an early exit, so the time taken says nothing about how much of a
@@ -295,21 +306,40 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `GET /health` and `GET /ready`, if that is what `ex` asks; false otherwise.
+    fn probe(&self, ex: &mut Exchange<'_>) -> bool {
+        let path = ex.req.target.split('?').next().unwrap_or("");
+        if !matches!(ex.req.method.as_str(), "GET" | "HEAD") {
+            return false;
+        }
+        match path {
+            "/health" => reply(ex, 200, &self.health()),
+            // Load balancers take a draining node out on this; it needs no token.
+            "/ready" if self.draining.load(Ordering::SeqCst) => {
+                reply(ex, 503, &json!({ "ready": false, "reason": "draining" }))
+            }
+            "/ready" => reply(ex, 200, &json!({ "ready": true })),
+            _ => return false,
+        }
+        true
+    }
+}
+
 impl Handler for Admin {
+    /// `/health` and `/ready` are answered on the connection's own thread: a balancer's
+    /// probe never waits behind other admin work (an invalidation waiting for its job, a
+    /// client that pipelines requests and reads none of the answers).
+    fn handle_inline(&self, ex: &mut Exchange<'_>) {
+        self.probe(ex);
+    }
+
     fn handle(&self, ex: &mut Exchange<'_>) {
+        if self.probe(ex) {
+            return;
+        }
         let path = ex.req.target.split('?').next().unwrap_or("").to_string();
         let method = ex.req.method.clone();
-        if path == "/health" && matches!(method.as_str(), "GET" | "HEAD") {
-            return reply(ex, 200, &self.health());
-        }
-        // Load balancers take a draining node out on this; it needs no token.
-        if path == "/ready" && matches!(method.as_str(), "GET" | "HEAD") {
-            return if self.draining.load(Ordering::SeqCst) {
-                reply(ex, 503, &json!({ "ready": false, "reason": "draining" }))
-            } else {
-                reply(ex, 200, &json!({ "ready": true }))
-            };
-        }
         if !self.authorized(ex) {
             return error(ex, 401, "missing or wrong bearer token");
         }
@@ -340,7 +370,17 @@ impl Handler for Admin {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, constant_time_eq};
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer t", "bearer t", "BEARER  t", "bEaReR t "] {
+            assert_eq!(bearer_token(value.as_bytes()), Some(&b"t"[..]), "{value}");
+        }
+        for value in ["Basic t", "Bearer", "Bearer ", "Bearert", ""] {
+            assert_eq!(bearer_token(value.as_bytes()), None, "{value}");
+        }
+    }
 
     #[test]
     fn tokens_compare_exactly() {

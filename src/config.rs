@@ -96,6 +96,8 @@ struct RawServer {
     max_headers: u64,
     max_target_bytes: u64,
     max_body_bytes: u64,
+    min_rate_bytes_per_sec: u64,
+    underscores_in_headers: bool,
 }
 
 impl Default for RawServer {
@@ -117,6 +119,8 @@ impl Default for RawServer {
             max_headers: 100,
             max_target_bytes: 8 * 1024,
             max_body_bytes: 64 * 1024 * 1024,
+            min_rate_bytes_per_sec: 4096,
+            underscores_in_headers: false,
         }
     }
 }
@@ -196,18 +200,35 @@ impl RawOrigin {
 /// Request fields that are not part of the cache key and that origins are known to act
 /// on or reflect (URL rewrites, method overrides, forwarding details): removed from every
 /// request that may fill the cache, so one client cannot store a response others get.
+/// Names are compared folded (`_` = `-`, any case: see `http::fold_name`), so one entry
+/// covers every spelling CGI, WSGI and Rack servers treat alike. The families: forwarded
+/// host / proto / scheme / ssl / port / prefix / uri / server, original and rewritten
+/// URLs, method overrides, and Front-End-Https. (Echo replaces `X-Forwarded-For`,
+/// `-Host` and `-Proto` with its own on every forwarded request.)
 pub const DEFAULT_STRIPPED: &[&str] = &[
     "forwarded",
-    "x-forwarded-port",
     "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-forwarded-ssl",
+    "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-forwarded-uri",
     "x-forwarded-server",
+    "x-forwarded-host-override",
     "x-original-url",
+    "x-original-uri",
+    "x-original-host",
+    "x-original-method",
     "x-rewrite-url",
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-http-destinationurl",
     "x-host",
+    "x-url-scheme",
+    "x-scheme",
+    "front-end-https",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -384,6 +405,13 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub max_target_bytes: usize,
     pub max_body_bytes: u64,
+    /// The slowest a client may send a request body or take a response: the absolute
+    /// deadline of a body in is `body_timeout` plus its bytes at this rate, of a
+    /// response out `write_timeout` plus its bytes at this rate (bytes per second).
+    pub min_rate_bytes_per_sec: u64,
+    /// Forward request fields whose names hold `_` (nginx's `underscores_in_headers`);
+    /// off: they are dropped from every forwarded request.
+    pub underscores_in_headers: bool,
 }
 
 impl Default for ServerConfig {
@@ -525,7 +553,8 @@ pub struct CacheConfig {
     pub coalesce_max_waiters: usize,
     /// Lifetime of the cross-node fill lock (Redis), in case its holder dies.
     pub coalesce_lock_ttl: Duration,
-    /// Request fields removed from requests that may fill the cache (lower case).
+    /// Request fields removed from requests that may fill the cache (folded: lower
+    /// case, `_` as `-`).
     pub strip_request_headers: Vec<String>,
 }
 
@@ -627,6 +656,13 @@ fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
         )?,
         max_target_bytes: ranged("server.max_target_bytes", s.max_target_bytes, 64, 1 << 20)?,
         max_body_bytes: s.max_body_bytes,
+        min_rate_bytes_per_sec: ranged(
+            "server.min_rate_bytes_per_sec",
+            s.min_rate_bytes_per_sec,
+            1,
+            u64::MAX,
+        )? as u64,
+        underscores_in_headers: s.underscores_in_headers,
     })
 }
 
@@ -762,7 +798,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         strip_request_headers: c
             .strip_request_headers
             .iter()
-            .map(|h| h.trim().to_ascii_lowercase())
+            .map(|h| crate::http::fold_name(h.trim()).into_owned())
             .collect(),
     };
 

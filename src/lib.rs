@@ -332,6 +332,7 @@ pub fn start_on(
             cfg.cache.coalesce_lock_ttl,
         )
         .with_stripped_request_headers(cfg.cache.strip_request_headers.clone())
+        .with_underscores_in_headers(cfg.server.underscores_in_headers)
         .with_metrics(Arc::clone(&metrics)),
     );
     proxy.set_access_log(access_log);

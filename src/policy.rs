@@ -119,7 +119,7 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
 /// quoted-string do not split.
 // RFC 9110 §5.6.1.2: "a recipient MUST parse and ignore a reasonable number of empty list
 // elements".
-fn split_list(s: &[u8]) -> Vec<&[u8]> {
+pub fn split_list(s: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut in_quote = false;
@@ -449,6 +449,9 @@ pub enum NoStoreReason {
     VaryStar,
     /// The response carries Set-Cookie (Echo's choice).
     SetCookie,
+    /// The request carries Cookie and the response neither has explicit freshness nor
+    /// says `public` (Echo's choice: no cache deception).
+    Cookie,
     /// The response carries `no-cache` (Echo's choice in this version).
     NoCache,
     /// No positive freshness lifetime applies.
@@ -469,6 +472,7 @@ impl NoStoreReason {
             NoStoreReason::Authorization => "authorization",
             NoStoreReason::VaryStar => "vary-star",
             NoStoreReason::SetCookie => "set-cookie",
+            NoStoreReason::Cookie => "cookie",
             NoStoreReason::NoCache => "no-cache",
             NoStoreReason::NotFresh => "not-fresh",
             NoStoreReason::Partial => "partial",
@@ -612,6 +616,16 @@ pub fn storability(
         && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate)
     {
         return Storability::DoNotStore(R::Authorization);
+    }
+    // Echo's choice, beside the Authorization rule above: a response to a request that
+    // carries Cookie may be personalised though nothing says so (`/account/profile.css`:
+    // the "web cache deception" class). It is stored only when the origin gave it an
+    // explicit lifetime (max-age, s-maxage, Expires) or marked it `public`, never on a
+    // heuristic lifetime or `cache.default_ttl_ms`, which guess for responses the origin
+    // said nothing about.
+    let explicit = cc.s_maxage.is_some() || cc.max_age.is_some() || has_header(resp, "expires");
+    if has_header(req, "cookie") && !(cc.public || explicit) {
+        return Storability::DoNotStore(R::Cookie);
     }
     // RFC 9111 §4.1: "A stored response with a Vary header field value containing a member
     // "*" always fails to match." Storing it would be useless.
@@ -1686,6 +1700,34 @@ mod tests {
                     &[("cache-control", "public")],
                     no(R::NotFresh),
                 ),
+                // Cookie (Echo's choice: no cache deception)
+                case(
+                    "cookie, heuristic only",
+                    "GET",
+                    &[("cookie", "session=1")],
+                    200,
+                    &[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")],
+                    no(R::Cookie),
+                ),
+                case(
+                    "cookie + max-age",
+                    "GET",
+                    &[("cookie", "session=1")],
+                    200,
+                    &[ma],
+                    store(60),
+                ),
+                case(
+                    "cookie + expires",
+                    "GET",
+                    &[("cookie", "session=1")],
+                    200,
+                    &[
+                        ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+                        ("expires", "Mon, 01 Jan 2024 00:01:00 GMT"),
+                    ],
+                    store(60),
+                ),
                 // Vary
                 case(
                     "vary star",
@@ -1986,6 +2028,7 @@ mod tests {
                 (R::Authorization, "authorization"),
                 (R::VaryStar, "vary-star"),
                 (R::SetCookie, "set-cookie"),
+                (R::Cookie, "cookie"),
                 (R::NoCache, "no-cache"),
                 (R::NotFresh, "not-fresh"),
                 (R::Partial, "partial"),

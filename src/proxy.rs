@@ -117,11 +117,11 @@ struct Since {
     started: Instant,
 }
 
-/// A stored entry for a response (its body still to come): the stored fields, the
-/// request's Vary values, the origin's Age folded into the initial age, and the
+/// A stored entry for a response (its body still to come): the stored fields, the Vary
+/// values of the request as it was sent to the origin (`sent`), the origin's Age folded into the initial age, and the
 /// `Surrogate-Key` tags.
 fn new_entry(
-    req_headers: &Headers,
+    sent: &Headers,
     base: &Headers,
     status: u16,
     freshness: Duration,
@@ -129,7 +129,7 @@ fn new_entry(
     response_time: SystemTime,
 ) -> Entry {
     let vary = match policy::vary(base) {
-        policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, req_headers),
+        policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, sent),
         _ => Vec::new(),
     };
     // The origin's Age goes into the initial age; hits send their own Age.
@@ -180,8 +180,10 @@ pub struct Proxy {
     /// Whether there is one: lets every request without an access log skip the lock
     /// and the shared reference count of `access_log`.
     access_log_on: AtomicBool,
-    /// Request fields never sent on fills (`cache.strip_request_headers`).
+    /// Request fields never sent on fills (`cache.strip_request_headers`, folded).
     strip: Vec<String>,
+    /// Forward fields whose names hold `_` (`server.underscores_in_headers`).
+    underscores: bool,
     last_warning: AtomicU64,
 }
 
@@ -221,6 +223,7 @@ impl Proxy {
                 .iter()
                 .map(|h| h.to_string())
                 .collect(),
+            underscores: false,
             last_warning: AtomicU64::new(0),
         }
     }
@@ -297,10 +300,7 @@ impl Proxy {
         variants: &[Arc<Entry>],
         since: Since,
     ) -> Answer {
-        let selected = variants
-            .iter()
-            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers));
-        let Some(entry) = selected else {
+        let Some(entry) = self.select(variants, &ex.req) else {
             let forward = if variants.is_empty() {
                 Forward::UriMiss
             } else {
@@ -355,15 +355,51 @@ impl Proxy {
     }
 
     /// The request as it goes to the origin to fill the cache: as forwarded, less the
-    /// client's validators (the stored response must be complete; they are answered from
-    /// the store) and the fields on `cache.strip_request_headers` (cache poisoning).
+    /// client's preconditions (the stored response must be complete and the same for
+    /// everyone) and the fields on `cache.strip_request_headers` (cache poisoning), names
+    /// compared folded.
     fn fill_headers(&self, req: &Request) -> Headers {
-        let mut headers = forward_headers(req);
+        let mut headers = forward_headers(req, self.underscores);
         headers.retain(|(n, _)| {
-            !matches!(n.as_str(), "if-none-match" | "if-modified-since")
-                && !self.strip.iter().any(|s| s == n)
+            !PRECONDITIONS.iter().any(|p| http::same_field(n, p))
+                && !self.strip.iter().any(|s| http::same_field(n, s))
         });
         headers
+    }
+
+    /// The stored variant this request selects. Vary is matched against the request as
+    /// a fill would send it (a field the client named in `Connection`, or one Echo
+    /// strips, is absent there), since that is what each variant was stored for.
+    fn select<'v>(&self, variants: &'v [Arc<Entry>], req: &Request) -> Option<&'v Arc<Entry>> {
+        let mut sent: Option<Headers> = None;
+        variants.iter().find(|e| {
+            if e.vary
+                .iter()
+                .all(|(field, _)| self.fill_sends_as_is(field, req))
+            {
+                // The usual case (Vary: Accept-Encoding): no need to build the request.
+                return policy::vary_matches(&e.vary, &req.headers);
+            }
+            policy::vary_matches(&e.vary, sent.get_or_insert_with(|| self.fill_headers(req)))
+        })
+    }
+
+    /// Does a fill send the client's lines of `field` unchanged? False for every name
+    /// `fill_headers` drops or replaces (hop-by-hop and `Connection`-named, with `_`,
+    /// set by Echo, preconditions, stripped): for those, the request is built whole.
+    fn fill_sends_as_is(&self, field: &str, req: &Request) -> bool {
+        let special = |list: &[&str]| list.iter().any(|f| http::same_field(field, f));
+        !field.contains('_')
+            && !special(http::HOP_BY_HOP)
+            && !special(SET_BY_ECHO)
+            && !special(PRECONDITIONS)
+            && !self.strip.iter().any(|s| http::same_field(field, s))
+            && !req
+                .headers
+                .iter()
+                .filter(|(n, _)| http::same_field(n, "connection"))
+                .flat_map(|(_, v)| v.split(|&b| b == b','))
+                .any(|t| http::same_field(&String::from_utf8_lossy(t.trim_ascii()), field))
     }
 
     /// Hands the exchange to the fetch stage (`Handler::fetch`), which may wait on the
@@ -479,11 +515,7 @@ impl Proxy {
         lookup: &Lookup,
         waited: Duration,
     ) -> bool {
-        let Some(entry) = lookup
-            .variants
-            .iter()
-            .find(|e| policy::vary_matches(&e.vary, &ex.req.headers))
-        else {
+        let Some(entry) = self.select(&lookup.variants, &ex.req) else {
             return false;
         };
         let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
@@ -541,7 +573,10 @@ impl Proxy {
     ) -> Outcome {
         let fallback = stale;
         let stale = stale.map(|(e, _)| e);
-        let mut headers = self.fill_headers(&ex.req);
+        // What the origin sees of the client's request: the stored entry's Vary values
+        // come from it (RFC 9111 §4.1 compares the request the response was for).
+        let sent = self.fill_headers(&ex.req);
+        let mut headers = sent.clone();
         // RFC 9111 §4.3: "When a cache has one or more stored responses for a requested URI,
         // but cannot serve any of them (e.g., because they are not fresh ...), it can use the
         // conditional request mechanism ... in the forwarded request to give the next inbound
@@ -563,7 +598,7 @@ impl Proxy {
             headers: &headers,
             body: None,
         });
-        let response = match result {
+        let response = match result.and_then(final_response) {
             Ok(r) => {
                 ex.set_origin(Arc::clone(&r.server));
                 r
@@ -610,7 +645,7 @@ impl Proxy {
             drop(response);
             if policy::freshens(&stored.headers, &base) {
                 let times = (request_time, response_time);
-                return self.freshen(ex, key, since, stored, &base, times);
+                return self.freshen(ex, key, since, (stored, &sent), &base, times);
             }
             // RFC 9111 §4.3.4: "If none of the initial set contains at least one of the same
             // strong validators, then the cache MUST NOT use the new response to update any
@@ -640,7 +675,7 @@ impl Proxy {
             key,
             since,
             entry: new_entry(
-                &ex.req.headers,
+                &sent,
                 &base,
                 response.status,
                 freshness,
@@ -662,7 +697,7 @@ impl Proxy {
         ex: &mut Exchange<'_>,
         key: &CacheKey,
         since: Since,
-        stored: &Entry,
+        (stored, sent): (&Entry, &Headers),
         not_modified: &Headers,
         (request_time, response_time): (SystemTime, SystemTime),
     ) -> Outcome {
@@ -687,7 +722,7 @@ impl Proxy {
             Storability::DoNotStore(why) => (Duration::ZERO, Some(why.as_str())),
         };
         let mut entry = new_entry(
-            &ex.req.headers,
+            sent,
             &headers,
             stored.status,
             freshness,
@@ -734,9 +769,15 @@ impl Proxy {
         self
     }
 
-    /// Request fields removed from requests that may fill the cache.
+    /// Request fields removed from requests that may fill the cache (folded names).
     pub fn with_stripped_request_headers(mut self, names: Vec<String>) -> Proxy {
         self.strip = names;
+        self
+    }
+
+    /// Whether fields whose names hold `_` are forwarded (`server.underscores_in_headers`).
+    pub fn with_underscores_in_headers(mut self, allowed: bool) -> Proxy {
+        self.underscores = allowed;
         self
     }
 
@@ -803,6 +844,13 @@ impl Proxy {
     /// the client gets its last bytes: a client holding a complete stored response can
     /// count on the next request finding it (the client may go away meanwhile; the
     /// body is still read to the end and stored).
+    ///
+    /// The head of a storable answer waits until its body has ended or passed one read
+    /// buffer (a HEAD's until it has ended: it answers once stored). Most bodies are
+    /// then stored before the head goes out, so `Cache-Status` says `stored` only when
+    /// it is true, and head and body leave in one write; a longer body streams, and its
+    /// head promises nothing. A body that breaks off is never stored, and a response
+    /// already started is cut, never completed.
     fn stream_body(
         &self,
         ex: &mut Exchange<'_>,
@@ -812,20 +860,23 @@ impl Proxy {
         not_stored: Option<&str>,
         mut fill: Option<Fill<'_>>,
     ) -> bool {
-        let mut headers = base.clone();
-        let stored = if fill.is_some() { "; stored" } else { "" };
-        let detail = not_stored
-            .map(|r| format!("; detail={r}"))
-            .unwrap_or_default();
-        add_status(
-            &mut headers,
-            forward.x_cache_status(),
-            format!(
-                "{CACHE_NAME}; {}; fwd-status={}{stored}{detail}",
-                forward.cache_status_params(),
-                response.status
-            ),
-        );
+        let status = response.status;
+        let answer_fields = |stored: bool| {
+            let mut headers = base.clone();
+            let detail = not_stored
+                .map(|r| format!("; detail={r}"))
+                .unwrap_or_default();
+            add_status(
+                &mut headers,
+                forward.x_cache_status(),
+                format!(
+                    "{CACHE_NAME}; {}; fwd-status={status}{}{detail}",
+                    forward.cache_status_params(),
+                    if stored { "; stored" } else { "" },
+                ),
+            );
+            headers
+        };
         let length = match response.content_length {
             Some(n) => BodyLength::Known(n),
             None => BodyLength::Unknown,
@@ -837,37 +888,64 @@ impl Proxy {
         });
         let head_request = ex.req.is_head();
         if head_request && fill.is_none() {
-            let _ = ex.start(response.status, &headers, length, head_length);
+            let _ = ex.start(status, &answer_fields(false), length, head_length);
             let _ = ex.finish();
             return false;
         }
-        // A HEAD that fills the cache answers once the entry is stored.
-        let mut client_gone = !head_request
-            && ex
-                .start(response.status, &headers, length, head_length)
-                .is_err();
         let mut body: Vec<u8> = Vec::new();
+        if fill.is_some() {
+            let hold = if head_request {
+                self.max_object_bytes + 1
+            } else {
+                CHUNK
+            };
+            let mut ended = false;
+            while body.len() < hold {
+                match read_more(&mut *response.body, &mut body, CHUNK) {
+                    Ok(0) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return self.origin_body_broke(ex, &e),
+                }
+            }
+            if body.len() > self.max_object_bytes {
+                fill = None;
+            }
+            if ended {
+                let Some(f) = fill.take() else {
+                    let _ = ex.respond(status, &answer_fields(false), &body);
+                    return false;
+                };
+                let entry = Arc::new(Entry { body, ..f.entry });
+                let stored = self.store_entry(f.key, f.since, Arc::clone(&entry));
+                let _ = ex.respond(status, &answer_fields(stored), &entry.body);
+                return stored;
+            }
+            if head_request {
+                // Too large to store: the head answers now.
+                let _ = ex.start(status, &answer_fields(false), length, head_length);
+                let _ = ex.finish();
+                return false;
+            }
+        }
+        let mut client_gone = ex
+            .start(status, &answer_fields(false), length, head_length)
+            .is_err();
+        // What was held back goes first; it is also the start of what a fill collects.
+        let mut held = std::mem::take(&mut body);
+        if fill.is_some() {
+            body.extend_from_slice(&held);
+        }
         // The last chunk read is held back until the next read shows whether it ends
         // the body (and so whether the entry is stored first).
         let mut current = vec![0u8; CHUNK];
-        let mut held = vec![0u8; CHUNK];
-        let mut held_len = 0;
         loop {
             let n = match response.body.read(&mut current) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) => {
-                    self.warn_limited(format_args!(
-                        "origin body for {} broke off: {e}",
-                        ex.req.target
-                    ));
-                    if ex.response_started() {
-                        ex.abort();
-                    } else {
-                        ex.respond_error(502, "the origin response broke off", true);
-                    }
-                    return false;
-                }
+                Err(e) => return self.origin_body_broke(ex, &e),
             };
             if fill.is_some() {
                 if body.len() + n > self.max_object_bytes {
@@ -877,27 +955,22 @@ impl Proxy {
                     body.extend_from_slice(&current[..n]);
                 }
             }
-            if head_request && fill.is_none() {
-                break;
-            }
-            if held_len > 0 && !client_gone && ex.write(&held[..held_len]).is_err() {
+            if !held.is_empty() && !client_gone && ex.write(&held).is_err() {
                 client_gone = true;
             }
             if client_gone && fill.is_none() {
                 // Nothing more can reach this client and nothing is being stored.
                 return false;
             }
-            std::mem::swap(&mut current, &mut held);
-            held_len = n;
+            held.clear();
+            held.extend_from_slice(&current[..n]);
         }
         let mut stored = false;
         if let Some(mut fill) = fill {
             fill.entry.body = body;
             stored = self.store(fill);
         }
-        if head_request {
-            let _ = ex.start(response.status, &headers, length, head_length);
-        } else if held_len > 0 && !client_gone && ex.write(&held[..held_len]).is_err() {
+        if !held.is_empty() && !client_gone && ex.write(&held).is_err() {
             client_gone = true;
         }
         if !client_gone {
@@ -906,10 +979,26 @@ impl Proxy {
         stored
     }
 
+    /// The origin's body broke off (a reset, a timeout, fewer bytes than announced): a
+    /// response already started is cut, so the client never takes it for whole; one not
+    /// started yet is a 502. Nothing is stored.
+    fn origin_body_broke(&self, ex: &mut Exchange<'_>, e: &std::io::Error) -> bool {
+        self.warn_limited(format_args!(
+            "origin body for {} broke off: {e}",
+            ex.req.target
+        ));
+        if ex.response_started() {
+            ex.abort();
+        } else {
+            ex.respond_error(502, "the origin response broke off", true);
+        }
+        false
+    }
+
     /// Passes a request through without the cache (other methods, ranges), streaming
     /// the body both ways; unsafe methods invalidate what they may have changed.
     fn forward(&self, ex: &mut Exchange<'_>, forward: Forward) {
-        let headers = forward_headers(&ex.req);
+        let headers = forward_headers(&ex.req, self.underscores);
         let method = ex.req.method.clone();
         let target = ex.req.target.clone();
         let host = ex.req.host.clone();
@@ -928,7 +1017,7 @@ impl Proxy {
                 body: length.map(|len| (&mut body as &mut dyn Read, len)),
             })
         };
-        let response = match result {
+        let response = match result.and_then(final_response) {
             Ok(r) => r,
             Err(e) => return self.origin_failed(ex, &e, forward),
         };
@@ -1008,7 +1097,11 @@ impl Handler for Proxy {
         if !cacheable_method {
             return self.defer(ex, Deferred::Forward(Forward::Method));
         }
-        if ex.req.header("range").is_some() {
+        // RFC 9110 §14.2: "A server MUST ignore a Range header field received with a
+        // request method that is unrecognized or for which range handling is not
+        // defined" — GET is the only one. A HEAD with a Range is a HEAD: filled with a
+        // GET like any other, never forwarded as a HEAD to be answered from the origin.
+        if ex.req.header("range").is_some() && !ex.req.is_head() {
             return self.defer(ex, Deferred::Forward(Forward::Range));
         }
         self.lookup(ex);
@@ -1162,17 +1255,24 @@ impl Proxy {
         validate: Option<&Entry>,
         since: Since,
     ) -> bool {
+        // The Vary values stored come from the request as sent, preconditions aside.
+        let sent = headers.clone();
         if let Some(stored) = validate {
             headers.extend(policy::validation_preconditions(&stored.headers));
         }
         let request_time = SystemTime::now();
-        let response = match self.origin.get().send(OriginRequest {
-            method: "GET",
-            target: key.target(),
-            host: key.host(),
-            headers: &headers,
-            body: None,
-        }) {
+        let response = match self
+            .origin
+            .get()
+            .send(OriginRequest {
+                method: "GET",
+                target: key.target(),
+                host: key.host(),
+                headers: &headers,
+                body: None,
+            })
+            .and_then(final_response)
+        {
             Ok(r) => r,
             Err(e) => {
                 self.warn_limited(format_args!("background fetch of {key} failed: {e}"));
@@ -1200,7 +1300,7 @@ impl Proxy {
                 return false;
             };
             let mut entry = new_entry(
-                req_headers,
+                &sent,
                 &updated,
                 stored.status,
                 freshness,
@@ -1223,7 +1323,7 @@ impl Proxy {
         };
         let base = response_headers(&response.headers, response_time);
         let mut entry = new_entry(
-            req_headers,
+            &sent,
             &base,
             response.status,
             freshness,
@@ -1444,24 +1544,41 @@ fn not_modified(req: &Request, stored: &Headers) -> bool {
     matches!((parse(ims), parse(lm)), (Some(ims), Some(lm)) if lm <= ims)
 }
 
-/// The request as it goes to the origin: hop-by-hop fields and Host removed (the
-/// server chosen for it sets Host), framing left to the client library, and `Via`, `X-Forwarded-For`,
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` added. A client's own X-Forwarded-Host
-/// and -Proto are replaced, never trusted, so they cannot steer what the origin builds.
-pub fn forward_headers(req: &Request) -> Headers {
+/// Fields Echo sets itself on every forwarded request (or leaves to the client library:
+/// Host is the chosen server's, framing is re-done); the client's own are removed,
+/// whatever their spelling, so they cannot steer what the origin builds.
+const SET_BY_ECHO: &[&str] = &[
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// The client's preconditions, and Range: a fill is unconditional and whole (the stored
+/// response must be the whole one, the same for everyone), so none of these go out on
+/// it; the client's own are answered from what is stored (If-None-Match,
+/// If-Modified-Since) or not at all. (A GET with a Range is passed through, not filled.)
+const PRECONDITIONS: &[&str] = &[
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+];
+
+/// The request as it goes to the origin: hop-by-hop fields and those Echo sets removed
+/// (names compared folded: `X_Forwarded_Host` is `X-Forwarded-Host`), fields whose name
+/// holds `_` dropped unless `underscores` allows them (nginx's `underscores_in_headers`),
+/// and `Via`, `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` added.
+pub fn forward_headers(req: &Request, underscores: bool) -> Headers {
     let mut headers = req.headers.clone();
     http::strip_hop_by_hop(&mut headers);
     let prior_xff = policy::header_joined(&headers, "x-forwarded-for");
     headers.retain(|(n, _)| {
-        !matches!(
-            n.as_str(),
-            "host"
-                | "content-length"
-                | "expect"
-                | "x-forwarded-for"
-                | "x-forwarded-host"
-                | "x-forwarded-proto"
-        )
+        (underscores || !n.contains('_')) && !SET_BY_ECHO.iter().any(|f| http::same_field(n, f))
     });
     headers.push(("via".into(), VIA.to_vec()));
     let peer = req.peer.ip().to_string();
@@ -1479,9 +1596,24 @@ pub fn forward_headers(req: &Request) -> Headers {
 
 /// The origin's response fields as Echo passes them on (and stores them): hop-by-hop
 /// removed, our `Via` added, and a `Date` when the origin sent none (RFC 9110 §6.6.1).
+/// What the origin says in Echo's own name is dropped: its `X-Cache-Status`, and the
+/// members of `Cache-Status` named `echo` (RFC 9211 §2: each cache adds its own member;
+/// an origin's claim to be Echo would mislead whoever reads them).
 fn response_headers(origin: &Headers, response_time: SystemTime) -> Headers {
     let mut headers = origin.clone();
     http::strip_hop_by_hop(&mut headers);
+    headers.retain_mut(|(n, v)| match n.as_str() {
+        "x-cache-status" => false,
+        "cache-status" => {
+            let kept: Vec<&[u8]> = policy::split_list(v)
+                .into_iter()
+                .filter(|m| cache_status_name(m) != CACHE_NAME.as_bytes())
+                .collect();
+            *v = kept.join(&b", "[..]);
+            !v.is_empty()
+        }
+        _ => true,
+    });
     if http::header(&headers, "date").is_none() {
         headers.push((
             "date".into(),
@@ -1490,6 +1622,41 @@ fn response_headers(origin: &Headers, response_time: SystemTime) -> Headers {
     }
     headers.push(("via".into(), VIA.to_vec()));
     headers
+}
+
+/// The cache a `Cache-Status` member names: its item, a token or a string (RFC 9211 §2).
+fn cache_status_name(member: &[u8]) -> &[u8] {
+    let item = member
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    item.strip_prefix(b"\"")
+        .and_then(|s| s.strip_suffix(b"\""))
+        .unwrap_or(item)
+}
+
+/// The origin's answer if it is a final one. Echo never asks for a protocol switch
+/// (Upgrade is hop-by-hop and not forwarded), so a `101 Switching Protocols` — the only
+/// interim answer the client library hands back — is a broken origin: 502, and the
+/// client's connection goes on speaking HTTP.
+fn final_response(response: OriginResponse) -> Result<OriginResponse, OriginError> {
+    if response.status < 200 {
+        return Err(OriginError::Protocol(format!(
+            "a {} answer to a request that asked for no protocol switch",
+            response.status
+        )));
+    }
+    Ok(response)
+}
+
+/// Reads once from `from`, appending up to `max` bytes to `into`; the count read.
+fn read_more(from: &mut dyn Read, into: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+    let start = into.len();
+    into.resize(start + max, 0);
+    let result = from.read(&mut into[start..]);
+    into.truncate(start + *result.as_ref().unwrap_or(&0));
+    result
 }
 
 fn add_status(headers: &mut Headers, status: CacheStatus, cache_status: String) {

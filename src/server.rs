@@ -30,6 +30,7 @@ use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use log::{debug, error, info, warn};
 
 use crate::config::ServerConfig;
+use crate::http::body::chunked_length;
 use crate::http::conn::Conn;
 use crate::http::exchange::{Exchange, ExchangeTimeouts};
 use crate::http::parse::{parse_head, HttpError, Limits, Parsed};
@@ -406,7 +407,12 @@ fn serve_connection(
     {
         return;
     }
-    let mut conn = Conn::new(stream, peer, cfg.max_header_bytes + BUFFER_SLACK);
+    let mut conn = Conn::new(
+        stream,
+        peer,
+        cfg.max_header_bytes + BUFFER_SLACK,
+        cfg.write_timeout,
+    );
     loop {
         let req = match read_head(shared, &mut conn, idle) {
             Ok(Some(req)) => req,
@@ -419,9 +425,15 @@ fn serve_connection(
                 return;
             }
         };
-        if let BodyFraming::Length(n) = req.framing {
-            if n <= PREREAD_BODY && !req.expect_continue && !preread(&mut conn, n, cfg.body_timeout)
-            {
+        // A small body is read here, before any worker is involved: a client that
+        // trickles it holds its own thread only, until the body deadline.
+        if !req.expect_continue {
+            let timeouts = exchange_timeouts(cfg);
+            if let Err(e) = preread(&mut conn, &req, &timeouts) {
+                debug!("{}: {peer}: refused: {e}", shared.name);
+                let _ = write_refusal(conn.stream(), &e);
+                handler.refused(peer, Some(&req), e.status);
+                linger_close(&mut conn);
                 return;
             }
         }
@@ -469,13 +481,22 @@ fn serve_connection(
             Err(SendTimeoutError::Disconnected(_)) => return,
         }
         conn = match back_rx.recv() {
-            Ok((conn, true)) => conn,
-            Ok((mut conn, false)) => {
-                // The exchange ended the connection, maybe while the client was still
-                // sending: read that off briefly so the answer is not lost to a reset.
-                let _ = conn.stream().shutdown(Shutdown::Write);
-                linger_close(&mut conn);
-                return;
+            Ok((mut conn, keep)) => {
+                // What the client did not take while a pool thread had the connection is
+                // written here, on the client's own thread, within the response deadline.
+                conn.set_offload(false);
+                let flushed = conn.flush_pending().is_ok();
+                if keep && flushed {
+                    conn
+                } else {
+                    // The exchange ended the connection, maybe while the client was still
+                    // sending: read that off briefly so the answer is not lost to a reset.
+                    let _ = conn.stream().shutdown(Shutdown::Write);
+                    if flushed {
+                        linger_close(&mut conn);
+                    }
+                    return;
+                }
             }
             Err(_) => return,
         };
@@ -497,9 +518,7 @@ enum Inline {
 
 /// Lets the handler answer on the connection thread (`Handler::handle_inline`).
 fn serve_inline(shared: &Shared, handler: &dyn Handler, conn: &mut Conn, req: Request) -> Inline {
-    let timeouts = ExchangeTimeouts {
-        body: shared.cfg.body_timeout,
-    };
+    let timeouts = exchange_timeouts(&shared.cfg);
     let mut ex = Exchange::new(req, conn, shared.cfg.max_body_bytes, timeouts);
     ex.watch_drain(Arc::clone(&shared.shutting_down));
     if catch_unwind(AssertUnwindSafe(|| handler.handle_inline(&mut ex))).is_err() {
@@ -586,16 +605,43 @@ fn read_head(
     }
 }
 
-/// Reads a small Content-Length body into the connection buffer before dispatch.
-fn preread(conn: &mut Conn, n: u64, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while (conn.buffered().len() as u64) < n {
-        match conn.fill(deadline) {
-            Ok(0) | Err(_) => return false,
+/// Reads a small body (at most [`PREREAD_BODY`] bytes on the wire, Content-Length or
+/// chunked) into the connection buffer before dispatch, within the body deadline. A
+/// larger one is left to the exchange; a malformed one too (its decoder refuses it).
+fn preread(conn: &mut Conn, req: &Request, timeouts: &ExchangeTimeouts) -> Result<(), HttpError> {
+    let late = || HttpError::new(408, "request body not received in time");
+    let closed = || HttpError::new(400, "connection closed inside the request body");
+    loop {
+        let have = conn.buffered().len();
+        let complete = match req.framing {
+            BodyFraming::None => return Ok(()),
+            BodyFraming::Length(n) if n > PREREAD_BODY => return Ok(()),
+            BodyFraming::Length(n) => have as u64 >= n,
+            BodyFraming::Chunked => match chunked_length(conn.buffered()) {
+                Ok(Some(_)) | Err(_) => true,
+                Ok(None) if have as u64 > PREREAD_BODY => return Ok(()),
+                Ok(None) => false,
+            },
+        };
+        if complete {
+            return Ok(());
+        }
+        match conn.fill(timeouts.body_deadline(req.received, have as u64)) {
+            Ok(0) => return Err(closed()),
             Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(late()),
+            Err(_) => return Err(closed()),
         }
     }
-    true
+}
+
+/// The deadlines every exchange of this server holds its client to.
+fn exchange_timeouts(cfg: &ServerConfig) -> ExchangeTimeouts {
+    ExchangeTimeouts {
+        body: cfg.body_timeout,
+        write: cfg.write_timeout,
+        min_rate: cfg.min_rate_bytes_per_sec,
+    }
 }
 
 /// After a refusal, read briefly what the client is still sending so the close does
@@ -621,9 +667,7 @@ fn worker(
     fetch: Option<&Sender<Job>>,
     handler: &dyn Handler,
 ) {
-    let timeouts = ExchangeTimeouts {
-        body: shared.cfg.body_timeout,
-    };
+    let timeouts = exchange_timeouts(&shared.cfg);
     for job in jobs.iter() {
         let Job {
             mut conn,
@@ -631,6 +675,9 @@ fn worker(
             deferred,
             back,
         } = job;
+        // Lent to this pool thread: what the client does not take at once is queued
+        // for its own thread, so a slow reader never holds this one.
+        conn.set_offload(true);
         let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
         // Draining (now or before the answer starts): that answer is the connection's last.
         ex.watch_drain(Arc::clone(&shared.shutting_down));

@@ -70,7 +70,7 @@ impl Upstreams {
         for r in routes {
             built.push((
                 Route {
-                    path_prefix: r.path_prefix.clone(),
+                    path_prefix: normalize_path(&r.path_prefix).into_owned(),
                     host: r.host.clone(),
                 },
                 Pool::new(&r.origin, metrics.clone(), &stopped)?,
@@ -90,8 +90,12 @@ impl Upstreams {
     }
 
     /// The service for a request to `host` (as the client gave it) and `target`.
+    /// Prefixes are matched against the normalised path (see [`normalize_path`]), so
+    /// `/%62ytes/` and `/x/../bytes/` take the `/bytes/` route and `/bytes/../x` does
+    /// not; the target sent upstream is the client's, unchanged.
     pub fn route(&self, host: &str, target: &str) -> &Pool {
-        let path = target.split('?').next().unwrap_or(target);
+        let raw = target.split('?').next().unwrap_or(target);
+        let path = normalize_path(raw);
         let host = host_without_port(host);
         self.routes
             .iter()
@@ -116,6 +120,57 @@ impl Upstreams {
             .map(Pool::health)
             .collect()
     }
+}
+
+/// A path as routing compares it (RFC 3986 §6.2.2): percent-escapes of unreserved
+/// characters decoded (`%62` is `b`), other escapes' hex upper-cased, then dot-segments
+/// removed (§5.2.4). An origin that decodes or resolves paths itself would otherwise be
+/// reached, through another route's service, at a path that route was meant to own.
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.starts_with('/') || !path.contains(['%', '.']) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(c);
+                } else {
+                    decoded.push(b'%');
+                    decoded.push(bytes[i + 1].to_ascii_uppercase());
+                    decoded.push(bytes[i + 2].to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    // Only ASCII was replaced, by ASCII: still the UTF-8 it was.
+    let decoded = String::from_utf8_lossy(&decoded);
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.iter().enumerate() {
+        match *segment {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+        // A path ending in a dot-segment names a directory: it keeps its final `/`.
+        if i == last && matches!(*segment, "." | "..") {
+            out.push("");
+        }
+    }
+    std::borrow::Cow::Owned(format!("/{}", out.join("/")))
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
@@ -576,6 +631,28 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalised_for_routing() {
+        let cases = [
+            ("/bytes/1", "/bytes/1"),
+            ("/%62ytes/1", "/bytes/1"),
+            ("/%7Euser/%2e%2E/x", "/x"),
+            ("/bytes/../x", "/x"),
+            ("/bytes/./2", "/bytes/2"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/../../a", "/a"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%2F..%2Fb", "/a%2F..%2Fb"),
+            ("/%zz/%4", "/%zz/%4"),
+            ("/caf\u{e9}", "/caf\u{e9}"),
+            ("*", "*"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalize_path(raw), want, "{raw}");
+        }
+    }
 
     #[test]
     fn ports_are_not_part_of_the_routed_host() {

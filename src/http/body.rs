@@ -3,10 +3,11 @@
 //!
 //! Invariants: never reads past the end of the body (pipelined bytes stay in the buffer);
 //! a malformed chunk, an oversized body or a client that stops sending is an error, never
-//! a silently short body; trailers are read and dropped (Echo forwards none).
+//! a silently short body; a body not in by its deadline is a 408; trailers are read and
+//! dropped (Echo forwards none).
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::conn::Conn;
 use super::parse::HttpError;
@@ -63,14 +64,9 @@ impl BodyState {
         self.received
     }
 
-    /// Reads decoded body bytes into `out`; 0 means the body has ended. Each wait for
-    /// the client is bounded by `timeout`.
-    pub fn read(
-        &mut self,
-        conn: &mut Conn,
-        out: &mut [u8],
-        timeout: Duration,
-    ) -> io::Result<usize> {
+    /// Reads decoded body bytes into `out`; 0 means the body has ended. Waits for the
+    /// client until `deadline` at the latest.
+    pub fn read(&mut self, conn: &mut Conn, out: &mut [u8], timeout: Instant) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -122,7 +118,7 @@ impl BodyState {
         conn: &mut Conn,
         out: &mut [u8],
         left: u64,
-        timeout: Duration,
+        timeout: Instant,
     ) -> io::Result<usize> {
         if conn.buffered().is_empty() {
             fill(conn, timeout)?;
@@ -142,7 +138,7 @@ impl BodyState {
     }
 
     /// RFC 9112 §7.1.2: trailer fields are read and discarded.
-    fn read_trailers(&mut self, conn: &mut Conn, timeout: Duration) -> io::Result<()> {
+    fn read_trailers(&mut self, conn: &mut Conn, timeout: Instant) -> io::Result<()> {
         loop {
             let line = read_line(conn, MAX_TRAILERS, timeout)?;
             if line.is_empty() {
@@ -166,7 +162,7 @@ impl BodyState {
 
     /// Reads and discards what is left of the body, up to `budget` bytes; true if the
     /// body ended (so the connection can carry another request).
-    pub fn drain(&mut self, conn: &mut Conn, budget: u64, timeout: Duration) -> bool {
+    pub fn drain(&mut self, conn: &mut Conn, budget: u64, timeout: Instant) -> bool {
         let mut scratch = [0u8; 8192];
         let start = self.received;
         while !self.is_done() {
@@ -183,18 +179,23 @@ impl BodyState {
     }
 }
 
-fn fill(conn: &mut Conn, timeout: Duration) -> io::Result<()> {
-    match conn.fill(Instant::now() + timeout)? {
-        0 => Err(io::Error::new(
+fn fill(conn: &mut Conn, deadline: Instant) -> io::Result<()> {
+    match conn.fill(deadline) {
+        Ok(0) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "client closed the connection inside the request body",
         )),
-        _ => Ok(()),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            HttpError::new(408, "request body not received in time"),
+        )),
+        Err(e) => Err(e),
     }
 }
 
 /// One CRLF-terminated line without its CRLF; a bare LF or CR is an error.
-fn read_line(conn: &mut Conn, max: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+fn read_line(conn: &mut Conn, max: usize, timeout: Instant) -> io::Result<Vec<u8>> {
     loop {
         let buf = conn.buffered();
         if let Some(lf) = buf.iter().position(|&b| b == b'\n') {
@@ -215,6 +216,50 @@ fn read_line(conn: &mut Conn, max: usize, timeout: Duration) -> io::Result<Vec<u
             return Err(bad("chunk line too long"));
         }
         fill(conn, timeout)?;
+    }
+}
+
+/// How many bytes of `buf` a chunked body takes (its last chunk and trailer section
+/// included), when all of it is there: `Ok(None)` while more is needed, an error when
+/// what is there is not chunked framing. Reads nothing and consumes nothing: it lets
+/// the server read a small chunked body before a worker decodes it.
+pub fn chunked_length(buf: &[u8]) -> Result<Option<usize>, HttpError> {
+    let line = |at: usize| -> Option<(&[u8], usize)> {
+        let rest = buf.get(at..)?;
+        let lf = rest.iter().position(|&b| b == b'\n')?;
+        Some((
+            rest[..lf].strip_suffix(b"\r").unwrap_or(&rest[..lf]),
+            at + lf + 1,
+        ))
+    };
+    let mut at = 0;
+    loop {
+        let Some((size_line, next)) = line(at) else {
+            return Ok(None);
+        };
+        let size =
+            parse_chunk_size(size_line).map_err(|_| HttpError::new(400, "malformed chunk size"))?;
+        at = next;
+        if size == 0 {
+            // Trailer fields, up to the empty line.
+            loop {
+                let Some((trailer, next)) = line(at) else {
+                    return Ok(None);
+                };
+                at = next;
+                if trailer.is_empty() {
+                    return Ok(Some(at));
+                }
+            }
+        }
+        let end = usize::try_from(size)
+            .ok()
+            .and_then(|n| at.checked_add(n)?.checked_add(2))
+            .ok_or(HttpError::new(413, "request body too large"))?;
+        if end > buf.len() {
+            return Ok(None);
+        }
+        at = end;
     }
 }
 
@@ -265,6 +310,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
 
     /// A real socket pair: the client side writes `bytes` then closes its write half.
     fn conn_with(bytes: &[u8]) -> Conn {
@@ -275,7 +321,7 @@ mod tests {
         client.shutdown(std::net::Shutdown::Write).unwrap();
         // Keep the client alive until the server side is done with it.
         std::mem::forget(client);
-        Conn::new(server, peer, 64 * 1024)
+        Conn::new(server, peer, 64 * 1024, Duration::from_secs(5))
     }
 
     fn decode(framing: BodyFraming, max: u64, wire: &[u8]) -> (io::Result<Vec<u8>>, Vec<u8>) {
@@ -284,7 +330,7 @@ mod tests {
         let mut out = Vec::new();
         let mut buf = [0u8; 7];
         let result = loop {
-            match state.read(&mut conn, &mut buf, Duration::from_secs(5)) {
+            match state.read(&mut conn, &mut buf, Instant::now() + Duration::from_secs(5)) {
                 Ok(0) => break Ok(out),
                 Ok(n) => out.extend_from_slice(&buf[..n]),
                 Err(e) => break Err(e),
@@ -338,6 +384,16 @@ mod tests {
         let long_ext = [b"5;".as_slice(), &[b'a'; 5000], b"\r\nhello\r\n0\r\n\r\n"].concat();
         let (body, _) = decode(BodyFraming::Chunked, 100, &long_ext);
         assert_eq!(status(&body), Some(400));
+    }
+
+    #[test]
+    fn a_whole_chunked_body_is_measured_in_the_buffer() {
+        let wire = b"5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\nNEXT";
+        assert_eq!(chunked_length(wire), Ok(Some(wire.len() - 4)));
+        for cut in [1, 8, 15, 30, wire.len() - 5] {
+            assert_eq!(chunked_length(&wire[..cut]), Ok(None), "{cut}");
+        }
+        assert!(chunked_length(b"zz\r\n").is_err());
     }
 
     #[test]

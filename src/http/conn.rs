@@ -1,15 +1,55 @@
-//! One client connection: the socket and its read buffer, shared by head parsing and
-//! body decoding so bytes a client pipelines behind a request are never lost.
+//! One client connection: the socket, its read buffer (shared by head parsing and body
+//! decoding so bytes a client pipelines behind a request are never lost), and the
+//! response bytes the client has not taken yet.
 //!
-//! Invariants: the buffer never grows past the limit it was created with; every read
-//! waits at most until a deadline the caller passes; nothing here interprets HTTP.
+//! Writes run against an absolute deadline for the response being written (set by the
+//! exchange: `server.write_timeout_ms` plus its size at `server.min_rate_bytes_per_sec`),
+//! never a timeout that restarts with every partial write: a client that takes one byte
+//! a second is cut off at the deadline like one that takes none.
+//!
+//! A pool thread (worker or fetch worker) must not be held by a slow reader, so while
+//! the connection is lent to one ([`Conn::set_offload`]) a write first tries without
+//! blocking and queues what the socket does not take; the connection's own thread
+//! writes the queue out when the connection comes back ([`Conn::flush_pending`]), under
+//! the same deadline. The queue is bounded, per connection and in all
+//! ([`PENDING_PER_CONNECTION`], [`PENDING_TOTAL`]); past either bound a write blocks
+//! (back-pressure) until it is under again or the deadline passes.
+//!
+//! Invariants: the read buffer never grows past the limit it was created with; every read
+//! waits at most until a deadline the caller passes, every write at most until the
+//! response's deadline; bytes leave in the order they were written; nothing here
+//! interprets HTTP.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustix::net::{SendAncillaryBuffer, SendFlags};
+
+use crate::store::body_file::BodyFile;
 
 /// Reads start with this much buffer; it grows on demand up to the connection's limit.
 const INITIAL_BUFFER: usize = 4096;
+/// Response bytes queued for one slow client before the pool thread writing them waits
+/// for it: a large stored object (`cache.max_object_bytes`' default), so the answer to a
+/// miss is usually queued whole and its fetch worker goes back to the pool at once.
+pub const PENDING_PER_CONNECTION: usize = 8 << 20;
+/// Response bytes queued for all clients together: the memory slow readers can hold.
+pub const PENDING_TOTAL: usize = 256 << 20;
+
+/// Bytes queued in every connection of the process (bounded by [`PENDING_TOTAL`]).
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+/// Response output not written yet, oldest first.
+enum Pending {
+    /// Bytes, and how many of them are already written.
+    Bytes(Vec<u8>, usize),
+    /// A stored body, and how much of it is already written (sent with sendfile).
+    File(Arc<BodyFile>, u64),
+}
 
 pub struct Conn {
     stream: TcpStream,
@@ -19,11 +59,24 @@ pub struct Conn {
     limit: usize,
     read_timeout: Option<Duration>,
     pub peer: SocketAddr,
+    pending: VecDeque<Pending>,
+    /// Bytes in `pending` (files not counted: they take no memory of their own).
+    pending_bytes: usize,
+    /// The socket's send timeout as last set.
+    write_timeout: Option<Duration>,
+    /// When the response being written must be out.
+    write_deadline: Option<Instant>,
+    /// For writes outside a response (an interim `100 Continue`).
+    default_write: Duration,
+    /// Queue what the socket does not take at once (the connection is lent to a pool
+    /// thread) instead of waiting for it.
+    offload: bool,
 }
 
 impl Conn {
-    /// `limit` bounds the buffer (the largest head plus room for pipelined bytes).
-    pub fn new(stream: TcpStream, peer: SocketAddr, limit: usize) -> Conn {
+    /// `limit` bounds the buffer (the largest head plus room for pipelined bytes);
+    /// `default_write` bounds writes made outside a response.
+    pub fn new(stream: TcpStream, peer: SocketAddr, limit: usize, default_write: Duration) -> Conn {
         Conn {
             stream,
             buf: Vec::with_capacity(INITIAL_BUFFER.min(limit)),
@@ -31,6 +84,12 @@ impl Conn {
             limit,
             read_timeout: None,
             peer,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            write_timeout: None,
+            write_deadline: None,
+            default_write,
+            offload: false,
         }
     }
 
@@ -102,45 +161,288 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes all of `parts` in as few system calls as the kernel allows.
-    pub fn write_all_vectored(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-        while !parts.is_empty() {
-            let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-            let mut n = match self.stream.write_vectored(&slices) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            while let Some(first) = parts.first_mut() {
-                if n >= first.len() {
-                    n -= first.len();
-                    parts.remove(0);
-                } else {
-                    *first = &first[n..];
-                    break;
-                }
-            }
+    /// The deadline of the response about to be written.
+    pub fn set_write_deadline(&mut self, deadline: Instant) {
+        self.write_deadline = Some(deadline);
+    }
+
+    /// Moves the response's deadline later by `by` (a body of unknown length grows it
+    /// as its bytes are written).
+    pub fn extend_write_deadline(&mut self, by: Duration) {
+        if let Some(d) = self.write_deadline.as_mut() {
+            *d += by;
+        }
+    }
+
+    /// Lend the connection to a pool thread (`true`: writes queue rather than wait) or
+    /// take it back (`false`).
+    pub fn set_offload(&mut self, offload: bool) {
+        self.offload = offload;
+    }
+
+    /// Is response output still queued?
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes out everything queued, waiting at most until the response's deadline.
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            self.write_front()?;
         }
         Ok(())
     }
 
+    /// Drops what is queued (the response is being cut).
+    pub fn discard_pending(&mut self) {
+        self.pending.clear();
+        let n = self.pending_bytes;
+        self.release(n);
+    }
+
+    /// Writes all of `parts`, in as few system calls as the kernel allows.
+    pub fn write_all_vectored(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        self.write_parts(parts, SendFlags::empty())
+    }
+
     pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.stream.write_all(data)
+        self.write_parts(&[data], SendFlags::empty())
     }
 
     /// Writes all of `data` with MSG_MORE: the kernel holds it to go out with what the
     /// next write or sendfile sends. Only when more follows at once.
-    pub fn write_all_more(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            match rustix::net::send(&self.stream, data, rustix::net::SendFlags::MORE) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => data = &data[n..],
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
+    pub fn write_all_more(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_parts(&[data], SendFlags::MORE)
+    }
+
+    /// Sends a stored body with sendfile (queued, not copied, when the connection is
+    /// lent to a pool thread or output is already queued).
+    pub fn send_file(&mut self, file: &Arc<BodyFile>) -> io::Result<()> {
+        if file.is_empty() {
+            return Ok(());
+        }
+        if self.offload || !self.pending.is_empty() {
+            self.pending.push_back(Pending::File(Arc::clone(file), 0));
+            return Ok(());
+        }
+        let mut offset = 0;
+        while offset < file.len() {
+            self.wait_to_write()?;
+            retry_interrupted(|| file.send_part(&self.stream, &mut offset))?;
         }
         Ok(())
+    }
+
+    fn write_parts(&mut self, parts: &[&[u8]], flags: SendFlags) -> io::Result<()> {
+        let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        if self.pending.is_empty() {
+            // Whatever the socket takes now, without waiting: most answers leave here
+            // in one system call.
+            let n = match self.send(&parts, flags | SendFlags::DONTWAIT) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            advance(&mut parts, n);
+            if parts.is_empty() {
+                return Ok(());
+            }
+            if !self.offload {
+                while !parts.is_empty() {
+                    self.wait_to_write()?;
+                    let n = retry_interrupted(|| self.send(&parts, flags))?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    advance(&mut parts, n);
+                }
+                return Ok(());
+            }
+        }
+        let bytes: Vec<u8> = parts.concat();
+        self.queue(bytes);
+        // Back-pressure: past the bounds, this thread waits for the client after all.
+        while self.pending_bytes > PENDING_PER_CONNECTION
+            || (self.pending_bytes > 0 && QUEUED.load(Ordering::Relaxed) > PENDING_TOTAL)
+        {
+            self.write_front()?;
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, bytes: Vec<u8>) {
+        self.pending_bytes += bytes.len();
+        QUEUED.fetch_add(bytes.len(), Ordering::Relaxed);
+        self.pending.push_back(Pending::Bytes(bytes, 0));
+    }
+
+    fn release(&mut self, n: usize) {
+        self.pending_bytes -= n;
+        QUEUED.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// One blocking write of the oldest queued output.
+    fn write_front(&mut self) -> io::Result<()> {
+        self.wait_to_write()?;
+        let done = match self.pending.front_mut() {
+            None => return Ok(()),
+            Some(Pending::Bytes(bytes, written)) => {
+                let n = retry_interrupted(|| {
+                    send(
+                        &self.stream,
+                        &[IoSlice::new(&bytes[*written..])],
+                        SendFlags::empty(),
+                    )
+                })?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                *written += n;
+                let done = *written == bytes.len();
+                self.pending_bytes -= n;
+                QUEUED.fetch_sub(n, Ordering::Relaxed);
+                done
+            }
+            Some(Pending::File(file, offset)) => {
+                retry_interrupted(|| file.send_part(&self.stream, offset))?;
+                *offset == file.len()
+            }
+        };
+        if done {
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Sets the socket's send timeout to what is left until the response's deadline;
+    /// `TimedOut` once it has passed.
+    fn wait_to_write(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        let deadline = self.write_deadline.unwrap_or(now + self.default_write);
+        if now >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not take the response in time",
+            ));
+        }
+        let left = Duration::from_millis((deadline - now).as_millis().max(1) as u64);
+        if self.write_timeout != Some(left) {
+            self.stream.set_write_timeout(Some(left))?;
+            self.write_timeout = Some(left);
+        }
+        Ok(())
+    }
+
+    fn send(&self, parts: &[&[u8]], flags: SendFlags) -> io::Result<usize> {
+        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        send(&self.stream, &slices, flags)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        QUEUED.fetch_sub(self.pending_bytes, Ordering::Relaxed);
+    }
+}
+
+/// One `sendmsg`; never raises SIGPIPE. A send timeout that passes is `TimedOut`.
+fn send(stream: &TcpStream, slices: &[IoSlice<'_>], flags: SendFlags) -> io::Result<usize> {
+    let mut control = SendAncillaryBuffer::default();
+    rustix::net::sendmsg(stream, slices, &mut control, flags | SendFlags::NOSIGNAL).map_err(|e| {
+        let e = io::Error::from(e);
+        // A blocking send whose SO_SNDTIMEO passed reports EAGAIN.
+        if e.kind() == io::ErrorKind::WouldBlock && !flags.contains(SendFlags::DONTWAIT) {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not take the response in time",
+            )
+        } else {
+            e
+        }
+    })
+}
+
+fn retry_interrupted(mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Drops the first `n` bytes of `parts`.
+fn advance(parts: &mut Vec<&[u8]>, mut n: usize) {
+    while let Some(first) = parts.first_mut() {
+        if n >= first.len() {
+            n -= first.len();
+            parts.remove(0);
+        } else {
+            *first = &first[n..];
+            break;
+        }
+    }
+}
+
+/// Bytes queued in every connection now (tests, metrics).
+pub fn queued_bytes() -> usize {
+    QUEUED.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair() -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&server, 4096);
+        (
+            Conn::new(server, peer, 64 * 1024, Duration::from_secs(5)),
+            client,
+        )
+    }
+
+    #[test]
+    fn an_offloaded_write_queues_what_the_client_does_not_take_and_keeps_the_order() {
+        let (mut conn, mut client) = pair();
+        conn.set_write_deadline(Instant::now() + Duration::from_secs(5));
+        conn.set_offload(true);
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        // Returns at once although nobody reads: the rest is queued.
+        conn.write_all_vectored(&[b"head", &body]).unwrap();
+        conn.write_all(b"tail").unwrap();
+        assert!(conn.has_pending());
+        assert!(queued_bytes() > 0);
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap();
+            got
+        });
+        conn.set_offload(false);
+        conn.flush_pending().unwrap();
+        assert!(!conn.has_pending());
+        drop(conn);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), 4 + body.len() + 4);
+        assert_eq!(&got[..4], b"head");
+        assert_eq!(&got[4..4 + body.len()], &body[..]);
+        assert_eq!(&got[4 + body.len()..], b"tail");
+    }
+
+    #[test]
+    fn a_write_the_client_does_not_take_fails_at_the_deadline() {
+        let (mut conn, _client) = pair();
+        conn.set_write_deadline(Instant::now() + Duration::from_millis(300));
+        let started = Instant::now();
+        let body = vec![0u8; 16 << 20];
+        let err = conn.write_all(&body).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 }

@@ -1,6 +1,10 @@
 //! One request/response exchange on a connection, as a handler sees it: the parsed
 //! request, its body as a stream, and a response writer that frames what it is given.
 //!
+//! Every exchange has absolute deadlines: its request body must be in by
+//! `body_timeout` after the head plus the body's bytes at `min_rate`, its response out
+//! by `write_timeout` after it starts plus the response's bytes at `min_rate`.
+//!
 //! Invariants: the response is written once, in order, with the framing Echo chose;
 //! an exchange whose response did not complete, or whose request body was not read to
 //! its end, closes the connection (the next bytes on it cannot be trusted); the
@@ -10,7 +14,7 @@ use std::any::Any;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::body::BodyState;
 use super::conn::Conn;
@@ -59,10 +63,37 @@ fn cache_status_label(fields: &[&[(String, Vec<u8>)]]) -> &'static str {
     }
 }
 
-/// Timeouts an exchange applies to the client.
+/// Deadlines an exchange holds the client to.
 #[derive(Debug, Clone, Copy)]
 pub struct ExchangeTimeouts {
+    /// The request body must be in this long after the head, plus its bytes at
+    /// `min_rate`.
     pub body: Duration,
+    /// The response must be out this long after it starts, plus its bytes at
+    /// `min_rate`.
+    pub write: Duration,
+    /// Bytes per second (at least 1).
+    pub min_rate: u64,
+}
+
+impl ExchangeTimeouts {
+    /// How long `bytes` take at the minimum rate.
+    pub fn at_min_rate(&self, bytes: u64) -> Duration {
+        Duration::try_from_secs_f64(bytes as f64 / self.min_rate.max(1) as f64)
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// When a body that has `received` bytes so far must be in, for a request whose head
+    /// arrived at `since`.
+    pub fn body_deadline(&self, since: Instant, received: u64) -> Instant {
+        later(since, self.body.saturating_add(self.at_min_rate(received)))
+    }
+}
+
+/// `t + d`, or far in the future when that does not fit.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(100 * 365 * 86_400))
 }
 
 pub struct Exchange<'c> {
@@ -225,6 +256,15 @@ impl<'c> Exchange<'c> {
         }
         self.status = status;
         self.cache_status = cache_status_label(fields);
+        let bytes = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let budget = self
+            .timeouts
+            .write
+            .saturating_add(self.timeouts.at_min_rate(bytes));
+        self.conn.set_write_deadline(later(Instant::now(), budget));
         let mut bytes = std::mem::take(&mut self.head_buf);
         bytes.clear();
         response::write_head(
@@ -289,11 +329,17 @@ impl<'c> Exchange<'c> {
                 Ok(())
             }
             ResponseState::Body(Framing::Chunked, _) => {
+                let grow = self.timeouts.at_min_rate(data.len() as u64);
+                self.conn.extend_write_deadline(grow);
                 let size = format!("{:x}\r\n", data.len());
                 self.conn
                     .write_all_vectored(&[head, size.as_bytes(), data, b"\r\n"])
             }
-            ResponseState::Body(Framing::Close, _) => self.conn.write_all_vectored(&[head, data]),
+            ResponseState::Body(Framing::Close, _) => {
+                let grow = self.timeouts.at_min_rate(data.len() as u64);
+                self.conn.extend_write_deadline(grow);
+                self.conn.write_all_vectored(&[head, data])
+            }
             ResponseState::NotStarted | ResponseState::Done => {
                 Err(io::Error::other("no response in progress"))
             }
@@ -357,7 +403,7 @@ impl<'c> Exchange<'c> {
         &mut self,
         status: u16,
         fields: &[&[(String, Vec<u8>)]],
-        file: &BodyFile,
+        file: &Arc<BodyFile>,
     ) -> io::Result<()> {
         let length = BodyLength::Known(file.len());
         if response::has_no_body(status, self.req.is_head()) || file.is_empty() {
@@ -366,7 +412,7 @@ impl<'c> Exchange<'c> {
             return self.finish();
         }
         self.start_with(status, fields, length, None, Head::BeforeMore)?;
-        if let Err(e) = file.send_to(self.conn.stream()) {
+        if let Err(e) = self.conn.send_file(file) {
             self.close = true;
             return Err(e);
         }
@@ -406,6 +452,7 @@ impl<'c> Exchange<'c> {
         if self.response != ResponseState::Done {
             self.response = ResponseState::Body(Framing::Close, 0);
         }
+        self.conn.discard_pending();
         let _ = self.conn.stream().shutdown(std::net::Shutdown::Write);
     }
 
@@ -418,8 +465,10 @@ impl<'c> Exchange<'c> {
             return false;
         }
         if !self.body.is_done() {
-            let timeout = self.timeouts.body;
-            return self.body.drain(self.conn, DRAIN_BUDGET, timeout);
+            let deadline = self
+                .timeouts
+                .body_deadline(self.req.received, self.body.received());
+            return self.body.drain(self.conn, DRAIN_BUDGET, deadline);
         }
         true
     }
@@ -446,8 +495,12 @@ impl Read for BodyReader<'_, '_> {
             return Ok(0);
         }
         self.ex.send_continue()?;
-        let timeout = self.ex.timeouts.body;
-        let result = self.ex.body.read(self.ex.conn, out, timeout);
+        let received = self.ex.body.received();
+        let deadline = self
+            .ex
+            .timeouts
+            .body_deadline(self.ex.req.received, received);
+        let result = self.ex.body.read(self.ex.conn, out, deadline);
         if result.is_err() {
             self.ex.close = true;
         }

@@ -101,18 +101,49 @@ pub const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// A field name as CGI, WSGI and Rack servers read it: `_` and `-` are the same (names
+/// are already lower case past the parser). Every comparison of a request field name
+/// against a list Echo acts on (hop-by-hop, its own forwarding fields, the strip list)
+/// goes through this, so `X_Forwarded_Host` is `x-forwarded-host` (the Puma
+/// CVE-2024-45614 class of cache poisoning).
+pub fn fold_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains('_') || name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase().replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// Do two field names name the same field once folded (`_` = `-`, any case)?
+pub fn same_field(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes().zip(b.bytes()).all(|(x, y)| {
+            let fold = |c: u8| {
+                if c == b'_' {
+                    b'-'
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            };
+            fold(x) == fold(y)
+        })
+}
+
 /// Removes the hop-by-hop fields and every field named in `Connection`
 /// (RFC 9110 §7.6.1: "a proxy or gateway MUST ... remove any header or trailer field
-/// ... identified in the Connection header field").
+/// ... identified in the Connection header field"), names compared folded.
 pub fn strip_hop_by_hop(headers: &mut Headers) {
     let named: Vec<String> = headers
         .iter()
-        .filter(|(n, _)| n == "connection")
+        .filter(|(n, _)| same_field(n, "connection"))
         .flat_map(|(_, v)| v.split(|&b| b == b','))
-        .map(|item| String::from_utf8_lossy(item.trim_ascii()).to_ascii_lowercase())
+        .map(|item| fold_name(&String::from_utf8_lossy(item.trim_ascii())).into_owned())
         .filter(|s| !s.is_empty())
         .collect();
-    headers.retain(|(n, _)| !HOP_BY_HOP.contains(&n.as_str()) && !named.iter().any(|c| c == n));
+    headers.retain(|(n, _)| {
+        let n = fold_name(n);
+        !HOP_BY_HOP.contains(&n.as_ref()) && !named.iter().any(|c| *c == n)
+    });
 }
 
 /// The canonical reason phrase for a status code (RFC 9110 §15); empty when unknown,
@@ -190,6 +221,22 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers, h(&[("set-cookie", "a=1"), ("set-cookie", "b=2")]));
+    }
+
+    #[test]
+    fn names_fold_underscores_and_case() {
+        assert_eq!(fold_name("x-forwarded-host"), "x-forwarded-host");
+        assert_eq!(fold_name("X_Forwarded_Host"), "x-forwarded-host");
+        assert!(same_field("x_original_url", "X-Original-URL"));
+        assert!(!same_field("x-original-url", "x-original-uri"));
+        let mut headers = h(&[
+            ("connection", "X_Secret"),
+            ("x-secret", "1"),
+            ("transfer_encoding", "chunked"),
+            ("keep", "1"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, h(&[("keep", "1")]));
     }
 
     #[test]

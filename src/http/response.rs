@@ -80,6 +80,9 @@ pub fn write_head(
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // RFC 9110 §8.6: "A server MUST NOT send a Content-Length header field in any
+        // response with a status code of 1xx (Informational) or 204 (No Content)."
+        Framing::NoBody if status < 200 || status == 204 => {}
         Framing::NoBody => {
             if let Some(n) = head_length {
                 out.extend_from_slice(b"content-length: ");
@@ -144,6 +147,37 @@ mod tests {
             Framing::Chunked
         );
         assert_eq!(choose(200, false, Unknown, Version::Http10), Framing::Close);
+    }
+
+    #[test]
+    fn no_content_length_on_1xx_or_204_even_for_head() {
+        for status in [103, 204] {
+            let mut out = Vec::new();
+            write_head(
+                &mut out,
+                Version::Http11,
+                status,
+                &[],
+                Framing::NoBody,
+                Some(0),
+                true,
+            );
+            let head = String::from_utf8(out).unwrap();
+            assert!(!head.contains("content-length"), "{head}");
+        }
+        let mut out = Vec::new();
+        write_head(
+            &mut out,
+            Version::Http11,
+            200,
+            &[],
+            Framing::NoBody,
+            Some(7),
+            true,
+        );
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("content-length: 7"));
     }
 
     #[test]

@@ -81,20 +81,20 @@ impl BodyFile {
         self.len == 0
     }
 
-    /// Sends the whole body to `out` (a blocking socket: its write timeout bounds each
-    /// call).
-    pub fn send_to(&self, out: &TcpStream) -> io::Result<()> {
-        let mut offset = 0u64;
-        while offset < self.len {
-            let left = usize::try_from(self.len - offset).unwrap_or(usize::MAX);
-            match rustix::fs::sendfile(out, &self.file, Some(&mut offset), left) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
+    /// One `sendfile` of the body from `offset` (moved on by what was sent) to `out`, a
+    /// blocking socket whose send timeout bounds the call: `TimedOut` when it passes
+    /// with nothing sent.
+    pub fn send_part(&self, out: &TcpStream, offset: &mut u64) -> io::Result<usize> {
+        let left = usize::try_from(self.len.saturating_sub(*offset)).unwrap_or(usize::MAX);
+        match rustix::fs::sendfile(out, &self.file, Some(offset), left) {
+            Ok(0) if left > 0 => Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => Ok(n),
+            Err(rustix::io::Errno::AGAIN) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not take the response in time",
+            )),
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 
     /// The body as bytes (for the rare reader that needs them: encoding, tests).
@@ -138,8 +138,12 @@ mod tests {
             inbound.read_to_end(&mut got).unwrap();
             got
         });
-        f.send_to(&out).unwrap();
-        f.send_to(&out).unwrap();
+        for _ in 0..2 {
+            let mut offset = 0;
+            while offset < f.len() {
+                f.send_part(&out, &mut offset).unwrap();
+            }
+        }
         drop(out);
         let got = reader.join().unwrap();
         assert_eq!(got.len(), 2 * body.len());

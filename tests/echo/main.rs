@@ -16,4 +16,5 @@ mod props;
 mod proxy;
 mod redis;
 mod redis_lock;
+mod security;
 mod stale;

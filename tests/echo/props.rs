@@ -381,7 +381,10 @@ fn conn_with(bytes: &[u8]) -> (Conn, TcpStream) {
     let (server, peer) = listener.accept().unwrap();
     client.write_all(bytes).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
-    (Conn::new(server, peer, 64 * 1024), client)
+    (
+        Conn::new(server, peer, 64 * 1024, Duration::from_secs(5)),
+        client,
+    )
 }
 
 /// Decodes a body from `wire` with reads of at most `step` bytes, then returns what is
@@ -399,7 +402,7 @@ fn decode_body(
     let mut buf = vec![0u8; step];
     let result = loop {
         assert!(Instant::now() < deadline, "body decoding did not end");
-        match state.read(&mut conn, &mut buf, Duration::from_secs(5)) {
+        match state.read(&mut conn, &mut buf, Instant::now() + Duration::from_secs(5)) {
             Ok(0) => break Ok(out),
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) => break Err(e),

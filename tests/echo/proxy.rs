@@ -196,9 +196,11 @@ fn an_origin_body_cut_short_reaches_the_client_cut_short_and_is_not_stored() {
     for _ in 0..2 {
         let mut c = RawClient::connect(echo.addr);
         c.send(b"GET /cut HTTP/1.1\r\nHost: test.local\r\n\r\n");
+        // Cut short, or (the head was held back until the body ended) a 502: never a
+        // complete 200.
         let result = c.read_response(false);
         assert!(
-            result.is_err(),
+            result.as_ref().map_or(true, |r| r.status == 502),
             "a truncated body was completed: {result:?}"
         );
     }
@@ -225,19 +227,19 @@ fn an_origin_closing_idle_connections_costs_no_client_an_error() {
 }
 
 #[test]
-fn a_forwarded_head_keeps_the_origin_length() {
+fn a_head_with_a_range_is_filled_with_a_get_and_keeps_the_length() {
     let origin = TestOrigin::start(|_| OriginResponse::ok("twelve bytes"));
     let echo = EchoUnderTest::start(&origin.url());
     let mut c = RawClient::connect(echo.addr);
-    // Range makes Echo pass the HEAD through instead of filling the cache.
+    // RFC 9110 §14.2: Range means nothing on a HEAD, so this is a HEAD like any other:
+    // filled with a GET (never forwarded as a HEAD, issue 13), the length announced.
     c.send(b"HEAD /len HTTP/1.1\r\nHost: test.local\r\nRange: bytes=0-1\r\n\r\n");
     let head = c.read_response(true).expect("HEAD response");
-    assert_eq!(head.header("x-cache-status"), Some("BYPASS"));
+    assert_eq!(head.status, 200);
     assert_eq!(head.header("content-length"), Some("12"));
-    assert_eq!(
-        origin.last_request().map(|r| r.method),
-        Some("HEAD".to_string())
-    );
+    let seen = origin.last_request().expect("the fill");
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.header("range"), None);
     assert_eq!(
         c.get("/len", &[]).body_str(),
         "twelve bytes",

@@ -300,6 +300,14 @@ impl RawClient {
             .unwrap_or_else(|e| panic!("RawClient: {method} {target} to {} failed: {e}", self.peer))
     }
 
+    /// Sends `bytes` and reads one response (not to a HEAD), returning what went wrong
+    /// instead of panicking.
+    pub fn read_response_after(&mut self, bytes: &[u8]) -> Result<RawResponse, String> {
+        self.try_send(bytes)
+            .map_err(|e| format!("send failed: {e}"))?;
+        self.read_response(false)
+    }
+
     /// True if the peer closed the connection (EOF or reset) within `within`, with no
     /// further bytes; false if bytes arrive (they stay buffered) or the time passes.
     pub fn closed_within(&mut self, within: Duration) -> bool {

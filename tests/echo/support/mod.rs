@@ -11,6 +11,7 @@
 pub mod client;
 pub mod echo;
 pub mod origin;
+pub mod raw_origin;
 pub mod redis;
 
 // Re-exports for convenience; a test binary that does not use some of them is fine.
