@@ -893,6 +893,8 @@ impl Proxy {
             return false;
         }
         let mut body: Vec<u8> = Vec::new();
+        // One read buffer for the whole response.
+        let mut current = vec![0u8; CHUNK];
         if fill.is_some() {
             let hold = if head_request {
                 self.max_object_bytes + 1
@@ -901,12 +903,12 @@ impl Proxy {
             };
             let mut ended = false;
             while body.len() < hold {
-                match read_more(&mut *response.body, &mut body, CHUNK) {
+                match response.body.read(&mut current) {
                     Ok(0) => {
                         ended = true;
                         break;
                     }
-                    Ok(_) => {}
+                    Ok(n) => body.extend_from_slice(&current[..n]),
                     Err(e) => return self.origin_body_broke(ex, &e),
                 }
             }
@@ -918,6 +920,7 @@ impl Proxy {
                     let _ = ex.respond(status, &answer_fields(false), &body);
                     return false;
                 };
+                body.shrink_to_fit();
                 let entry = Arc::new(Entry { body, ..f.entry });
                 let stored = self.store_entry(f.key, f.since, Arc::clone(&entry));
                 let _ = ex.respond(status, &answer_fields(stored), &entry.body);
@@ -940,7 +943,6 @@ impl Proxy {
         }
         // The last chunk read is held back until the next read shows whether it ends
         // the body (and so whether the entry is stored first).
-        let mut current = vec![0u8; CHUNK];
         loop {
             let n = match response.body.read(&mut current) {
                 Ok(0) => break,
@@ -967,6 +969,7 @@ impl Proxy {
         }
         let mut stored = false;
         if let Some(mut fill) = fill {
+            body.shrink_to_fit();
             fill.entry.body = body;
             stored = self.store(fill);
         }
@@ -1333,6 +1336,7 @@ impl Proxy {
         let limit = self.max_object_bytes as u64;
         let mut body = Vec::new();
         let read = response.body.take(limit + 1).read_to_end(&mut body);
+        body.shrink_to_fit();
         if read.is_err() || body.len() as u64 > limit {
             return false;
         }
@@ -1648,15 +1652,6 @@ fn final_response(response: OriginResponse) -> Result<OriginResponse, OriginErro
         )));
     }
     Ok(response)
-}
-
-/// Reads once from `from`, appending up to `max` bytes to `into`; the count read.
-fn read_more(from: &mut dyn Read, into: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
-    let start = into.len();
-    into.resize(start + max, 0);
-    let result = from.read(&mut into[start..]);
-    into.truncate(start + *result.as_ref().unwrap_or(&0));
-    result
 }
 
 fn add_status(headers: &mut Headers, status: CacheStatus, cache_status: String) {

@@ -51,7 +51,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Approximate bytes this entry occupies, for the memory bound.
+    /// Approximate bytes this entry occupies, for the memory bound: what its body holds
+    /// allocated, not only what it uses, so slack in a buffer cannot escape the bound.
     pub fn size(&self) -> usize {
         let headers: usize = self
             .headers
@@ -64,7 +65,11 @@ impl Entry {
             .map(|(n, v)| n.len() + v.as_ref().map_or(0, |v| v.len()) + 48)
             .sum();
         let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
-        self.body_len() as usize + headers + vary + tags + std::mem::size_of::<Entry>()
+        let body = match &self.file {
+            Some(f) => f.len() as usize,
+            None => self.body.capacity(),
+        };
+        body + headers + vary + tags + std::mem::size_of::<Entry>()
     }
 
     /// The body's length, wherever it is.

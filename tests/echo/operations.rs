@@ -47,6 +47,33 @@ fn admin_json(echo: &EchoUnderTest, path: &str) -> (u16, Value) {
     (resp.status, json)
 }
 
+/// The memory bound counts what entries hold allocated, and a fill stores a tight body:
+/// an early version of the held-back head (issue 13) stored each small body in a 64 KiB
+/// read buffer, so 256 MiB of counted entries could be 16 GiB of memory.
+#[test]
+fn a_stored_small_response_costs_about_its_size() {
+    let origin = TestOrigin::start(|req| {
+        let resp = OriginResponse::ok(vec![b'x'; 1024]).header("Cache-Control", "max-age=600");
+        if req.path().starts_with("/chunked") {
+            resp.chunked()
+        } else {
+            resp
+        }
+    });
+    let echo = EchoUnderTest::with_config(config(&origin.url(), &admin_section()));
+    for i in 0..20 {
+        for kind in ["length", "chunked"] {
+            let resp = client::get(echo.addr, &format!("/{kind}/{i}"), &[]);
+            assert_eq!(resp.body.len(), 1024);
+        }
+    }
+    let stored = sample(&metrics(&echo), "echo_stored_bytes").expect("echo_stored_bytes");
+    assert!(
+        stored < 40.0 * 4096.0,
+        "40 entries of 1 KiB are accounted as {stored} bytes"
+    );
+}
+
 #[test]
 fn metrics_count_known_traffic() {
     let origin = TestOrigin::start(|req| match req.path() {
