@@ -2,6 +2,7 @@
 #   make run      demo origin on 127.0.0.1:9000 + echod on 127.0.0.1:8080 (memory store)
 #   make test     every test (unit + integration, real sockets)
 #   make bench    micro, invalidation and load benchmarks (load: Echo vs nginx vs Varnish)
+#   make bench-baseline BASE=<git ref>   the load bench with that ref's echod beside this one
 #   make install  PREFIX=/opt/echo (default), DESTDIR honoured
 
 PREFIX ?= /opt/echo
@@ -13,7 +14,7 @@ RELEASE := target/release
 ECHOD ?= $(RELEASE)/echod
 NOBUILD ?=
 
-.PHONY: all build run test lint bench install uninstall clean redis-server
+.PHONY: all build run test lint bench bench-baseline install uninstall clean redis-server
 
 all: build
 
@@ -60,6 +61,39 @@ lint:
 bench: redis-server
 	$(CARGO) build --release --locked --bins
 	$(CARGO) bench --locked
+
+# The same load comparison with an older Echo beside this one ("same-run ratio against
+# the previous build"): BASE's release echod is built in a temporary git worktree under
+# target/bench-baseline/ (removed once built, also when the build fails or is
+# interrupted; a leftover from a killed run goes at the next), then the load bench runs
+# with ECHO_BENCH_BASELINE pointing at it. The binary (echod-<commit>) and the build cache
+# stay in target/bench-baseline/ for the next run: remove it to rebuild. ECHO_BENCH_SECONDS and ECHO_BENCH_SCENARIOS pass
+# through, e.g. a quick look at hits only:
+#   make bench-baseline BASE=927cdf0 ECHO_BENCH_SCENARIOS=hit ECHO_BENCH_SECONDS=3
+# By hand, with any echod: ECHO_BENCH_BASELINE=/path/to/echod cargo bench --bench load
+BASE ?= HEAD~1
+BASELINE_DIR := $(CURDIR)/target/bench-baseline
+
+bench-baseline: redis-server
+	$(CARGO) build --release --locked --bins
+	@set -e; \
+	rev=$$(git rev-parse --verify --short=12 '$(BASE)^{commit}'); \
+	bin='$(BASELINE_DIR)'/echod-$$rev; \
+	if [ -x "$$bin" ]; then \
+		echo "baseline: $$bin (built before)"; \
+	else \
+		src='$(BASELINE_DIR)'/src-$$rev; \
+		cleanup='git worktree remove --force "$$src" 2>/dev/null || rm -rf "$$src"; git worktree prune'; \
+		trap "$$cleanup" EXIT; trap 'exit 130' INT TERM; \
+		rm -rf "$$src"; git worktree prune; \
+		git worktree add --detach "$$src" $$rev; \
+		(cd "$$src" && CARGO_TARGET_DIR='$(BASELINE_DIR)'/target $(CARGO) build --release --locked --bin echod); \
+		cp '$(BASELINE_DIR)'/target/release/echod "$$bin.tmp"; \
+		mv "$$bin.tmp" "$$bin"; \
+		eval "$$cleanup"; trap - EXIT INT TERM; \
+		echo "baseline: $$bin (built from $(BASE))"; \
+	fi; \
+	ECHO_BENCH_BASELINE="$$bin" $(CARGO) bench --locked --bench load
 
 install: $(if $(NOBUILD),,build)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/etc $(DESTDIR)$(PREFIX)/log

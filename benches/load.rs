@@ -8,29 +8,42 @@
 //! message without it); nginx, varnishd and redis-server are each skipped, with the
 //! command that installs them, when missing or when they fail to start.
 //!
+//! Against a previous build: `ECHO_BENCH_BASELINE=<path to an echod>` (`make
+//! bench-baseline BASE=<git ref>` builds one) adds that binary as the proxy "echo
+//! (baseline)", with the memory store and the same generated config as Echo memory (only
+//! long-standing config keys, so an older echod accepts it), in every scenario and in the
+//! same rotation as the others. The report then adds a "vs baseline" column and Echo
+//! memory's ratios to it (req/s and p99), also written above the chart's bars. A baseline
+//! named but missing, or that does not start, ends the bench with an error.
+//!
 //! Every process is started here, on free ports, with its files in one temp dir: the
-//! origin, Echo twice (memory; Redis with its own master and one replica), nginx and
-//! varnishd, each in the foreground as a child. All are stopped (SIGTERM, then SIGKILL)
-//! and the temp dir removed when the bench ends, fails, panics or gets SIGINT/SIGTERM
-//! (after the wrk run under way). The temp dir is under `TMPDIR` (default /tmp), and
-//! nginx's cache files are in it: `TMPDIR=/dev/shm` puts them on tmpfs.
+//! origin, Echo twice (memory; Redis with its own master and one replica), the baseline
+//! when asked for, nginx and varnishd, each in the foreground as a child. All are stopped
+//! (SIGTERM, then SIGKILL) and the temp dir removed when the bench ends, fails, panics or
+//! gets SIGINT/SIGTERM (after the wrk run under way). The temp dir is under `TMPDIR`
+//! (default /tmp), and nginx's cache files are in it: `TMPDIR=/dev/shm` puts them on tmpfs.
 //!
-//! Scenarios, every run `wrk -t1 --latency` for `ECHO_BENCH_SECONDS` (default 5) seconds.
-//! For each scenario the proxies run back to back (the starting one rotates), so they
-//! share the machine's conditions. Before each hit run the object is fetched through that
-//! proxy until the proxy says it is a hit.
-//! - hits on `/bytes/1024` with 16, 64 and 256 connections, on `/bytes/65536` with 64;
-//! - misses: a wrk script puts a counter in the query (`?r=<run>&n=<counter>`), so every
-//!   request is a new URL; with 1 connection (pure per-request overhead) and with 16.
-//!   The origin is run directly with the same script, which gives Echo's miss overhead:
-//!   its p50 minus the origin's;
-//! - coalesced misses: 64 connections, and the script changes the URL every 50 requests,
-//!   so a new URL's first request is a miss and most of the rest of its batch arrive while
-//!   that fetch is in flight (they wait on it: coalesced) or just after (hits).
+//! Scenarios, every run `wrk -t1 --latency` for `ECHO_BENCH_SECONDS` (default 5) seconds;
+//! `ECHO_BENCH_SCENARIOS` (a comma list of the ids in brackets, or of their prefixes up to
+//! a `-`: `hit` is the four hit scenarios) runs only those, all by default. For each
+//! scenario the proxies run back to back (the starting one rotates), so they share the
+//! machine's conditions. Before each hit run the object is fetched through that proxy
+//! until the proxy says it is a hit.
+//! - hits on `/bytes/1024` with 16, 64 and 256 connections, on `/bytes/65536` with 64
+//!   [`hit-1k-16`, `hit-1k-64`, `hit-1k-256`, `hit-64k-64`];
+//! - misses [`miss-1`, `miss-16`]: a wrk script puts a counter in the query
+//!   (`?r=<run>&n=<counter>`), so every request is a new URL; with 1 connection (pure
+//!   per-request overhead) and with 16. The origin is run directly with the same script,
+//!   which gives Echo's miss overhead: its p50 minus the origin's;
+//! - coalesced misses [`coalesced-64`]: 64 connections, and the script changes the URL
+//!   every 50 requests, so a new URL's first request is a miss and most of the rest of its
+//!   batch arrive while that fetch is in flight (they wait on it: coalesced) or just after
+//!   (hits).
 //!
-//! Output: a table (req/s, p50, p99, wrk's errors, req/s relative to nginx and to
-//! Varnish), Echo's RSS (idle after start, and the peak of the run, VmHWM), and the same
-//! as `target/bench/load.md` and an SVG chart `target/bench/load.svg`.
+//! Output: a table (req/s, p50, p99, wrk's errors, req/s relative to nginx, to Varnish and
+//! to the baseline when there is one), Echo's RSS (idle after start, and the peak of the
+//! run, VmHWM), and the same as `target/bench/load.md` and an SVG chart
+//! `target/bench/load.svg`.
 //!
 //! The machine this was written for has 2 cores: wrk takes about one, and the proxy under
 //! test shares the other with the origin (and Redis). The numbers compare the proxies
@@ -62,15 +75,18 @@ const MISS_PATH: &str = "/bytes/1024";
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     EchoMemory,
+    /// `ECHO_BENCH_BASELINE`: another echod (an older build), memory store.
+    EchoBaseline,
     EchoRedis,
     Nginx,
     Varnish,
     Origin,
 }
 
-/// Table and chart order.
-const KINDS: [Kind; 5] = [
+/// Table and chart order: the baseline next to the build it is compared with.
+const KINDS: [Kind; 6] = [
     Kind::EchoMemory,
+    Kind::EchoBaseline,
     Kind::EchoRedis,
     Kind::Nginx,
     Kind::Varnish,
@@ -81,6 +97,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::EchoMemory => "echo (memory)",
+            Kind::EchoBaseline => "echo (baseline)",
             Kind::EchoRedis => "echo (redis)",
             Kind::Nginx => "nginx",
             Kind::Varnish => "varnish",
@@ -89,13 +106,25 @@ impl Kind {
     }
 
     fn is_echo(self) -> bool {
-        matches!(self, Kind::EchoMemory | Kind::EchoRedis)
+        matches!(
+            self,
+            Kind::EchoMemory | Kind::EchoBaseline | Kind::EchoRedis
+        )
+    }
+
+    /// Echo's config and log file names: `echo-<tag>.toml`, `echo-<tag>.log`.
+    fn file_tag(self) -> &'static str {
+        match self {
+            Kind::EchoBaseline => "baseline",
+            Kind::EchoRedis => "redis",
+            _ => "memory",
+        }
     }
 
     /// Whether a response says it came from the cache.
     fn is_hit(self, resp: &Response) -> bool {
         match self {
-            Kind::EchoMemory | Kind::EchoRedis | Kind::Nginx => {
+            Kind::EchoMemory | Kind::EchoBaseline | Kind::EchoRedis | Kind::Nginx => {
                 resp.header("x-cache-status") == Some("HIT")
             }
             // Varnish puts the hit's own XID and the one that stored the object.
@@ -109,6 +138,7 @@ impl Kind {
     fn color(self) -> (u8, u8, u8) {
         match self {
             Kind::EchoMemory => (31, 119, 180),
+            Kind::EchoBaseline => (255, 127, 14),
             Kind::EchoRedis => (107, 174, 214),
             Kind::Nginx => (44, 160, 44),
             Kind::Varnish => (148, 103, 189),
@@ -128,6 +158,8 @@ enum Load {
 }
 
 struct Scenario {
+    /// What `ECHO_BENCH_SCENARIOS` names it by (the name has commas).
+    id: &'static str,
     name: &'static str,
     connections: u32,
     load: Load,
@@ -137,48 +169,87 @@ struct Scenario {
 
 const SCENARIOS: [Scenario; 7] = [
     Scenario {
+        id: "hit-1k-16",
         name: "hit 1 KiB, 16 conns",
         connections: 16,
         load: Load::Hit("/bytes/1024"),
         with_origin: false,
     },
     Scenario {
+        id: "hit-1k-64",
         name: "hit 1 KiB, 64 conns",
         connections: 64,
         load: Load::Hit("/bytes/1024"),
         with_origin: false,
     },
     Scenario {
+        id: "hit-1k-256",
         name: "hit 1 KiB, 256 conns",
         connections: 256,
         load: Load::Hit("/bytes/1024"),
         with_origin: false,
     },
     Scenario {
+        id: "hit-64k-64",
         name: "hit 64 KiB, 64 conns",
         connections: 64,
         load: Load::Hit("/bytes/65536"),
         with_origin: false,
     },
     Scenario {
+        id: "miss-1",
         name: "miss 1 KiB, 1 conn",
         connections: 1,
         load: Load::Miss,
         with_origin: true,
     },
     Scenario {
+        id: "miss-16",
         name: "miss 1 KiB, 16 conns",
         connections: 16,
         load: Load::Miss,
         with_origin: true,
     },
     Scenario {
+        id: "coalesced-64",
         name: "coalesced miss, 64 conns",
         connections: 64,
         load: Load::Coalesced,
         with_origin: false,
     },
 ];
+
+/// The scenarios to run, as indices into `SCENARIOS`: `ECHO_BENCH_SCENARIOS` is a comma
+/// list of ids, each matching the scenario of that id and those it is a `-`-ended prefix
+/// of (`hit` is every hit scenario, `hit-1k` the 1 KiB ones). Unset or empty: all.
+fn selected_scenarios() -> Res<Vec<usize>> {
+    let list = std::env::var("ECHO_BENCH_SCENARIOS").unwrap_or_default();
+    if list.trim().is_empty() {
+        return Ok((0..SCENARIOS.len()).collect());
+    }
+    let mut chosen = [false; SCENARIOS.len()];
+    for want in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let mut found = false;
+        for (i, s) in SCENARIOS.iter().enumerate() {
+            let by_prefix =
+                s.id.strip_prefix(want)
+                    .is_some_and(|rest| rest.starts_with('-'));
+            if s.id == want || by_prefix {
+                chosen[i] = true;
+                found = true;
+            }
+        }
+        if !found {
+            let ids: Vec<&str> = SCENARIOS.iter().map(|s| s.id).collect();
+            return Err(format!(
+                "ECHO_BENCH_SCENARIOS: no scenario {want:?} (ids: {}; a prefix such as \
+                 `hit` names several)",
+                ids.join(", ")
+            ));
+        }
+    }
+    Ok((0..SCENARIOS.len()).filter(|&i| chosen[i]).collect())
+}
 
 // -----------------------------------------------------------------------------------------
 // Processes and the temp dir.
@@ -479,6 +550,8 @@ fn start_origin(lab: &mut Lab, bin: &Path) -> Res<Target> {
     Ok(Target::new(Kind::Origin, port, pid))
 }
 
+/// Echo (`bin`) with a generated config: the Redis store when `redis` names a master and
+/// a replica, else the memory store.
 fn start_echo(
     lab: &mut Lab,
     bin: &Path,
@@ -486,7 +559,7 @@ fn start_echo(
     origin: u16,
     redis: Option<(u16, u16)>,
 ) -> Res<Target> {
-    let tag = if redis.is_some() { "redis" } else { "memory" };
+    let tag = kind.file_tag();
     let mut admin = 0;
     let (port, pid) = lab.start_http(kind.name(), Duration::from_secs(15), |lab, port| {
         admin = free_port()?;
@@ -498,6 +571,12 @@ fn start_echo(
             None => "store = \"memory\"\n".to_string(),
         };
         // Defaults everywhere else (etc/echo.toml): workers, pools, store size.
+        //
+        // The baseline (ECHO_BENCH_BASELINE, maybe an older build) gets this same file, and
+        // echod rejects keys it does not know (deny_unknown_fields). So only long-standing
+        // keys are written: DESIGN.md's contract keys, plus server.drain_timeout_ms and
+        // log.file, which every echod since this bench was added (9bd8324) accepts. A key
+        // added later must be left out when `kind` is `Kind::EchoBaseline`.
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_ms = 1000\n\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{TOKEN}\"\n\n\
@@ -882,79 +961,131 @@ fn fmt_rps(rps: f64) -> String {
     }
 }
 
-fn rps_of(rows: &[Row], scenario: usize, kind: Kind) -> Option<f64> {
+fn result_of(rows: &[Row], scenario: usize, kind: Kind) -> Option<&WrkResult> {
     rows.iter()
         .find(|r| r.scenario == scenario && r.kind == kind)
         .and_then(|r| r.result.as_ref().ok())
-        .map(|w| w.rps)
+}
+
+fn rps_of(rows: &[Row], scenario: usize, kind: Kind) -> Option<f64> {
+    result_of(rows, scenario, kind).map(|w| w.rps)
 }
 
 fn p50_of(rows: &[Row], scenario: usize, kind: Kind) -> Option<f64> {
-    rows.iter()
-        .find(|r| r.scenario == scenario && r.kind == kind)
-        .and_then(|r| r.result.as_ref().ok())
-        .map(|w| w.p50_us)
+    result_of(rows, scenario, kind).map(|w| w.p50_us)
 }
 
-/// The table's cells, one Vec per row, in table order.
-fn table_cells(rows: &[Row]) -> Vec<[String; 8]> {
+/// Whether the baseline ran: its column and its comparison are shown only then.
+fn has_baseline(rows: &[Row]) -> bool {
+    rows.iter().any(|r| r.kind == Kind::EchoBaseline)
+}
+
+/// The table's column titles; "vs baseline" only when the baseline ran.
+fn header(rows: &[Row]) -> Vec<&'static str> {
+    let mut h = vec![
+        "scenario",
+        "proxy",
+        "req/s",
+        "p50",
+        "p99",
+        "errors",
+        "vs nginx",
+        "vs Varnish",
+    ];
+    if has_baseline(rows) {
+        h.push("vs baseline");
+    }
+    h
+}
+
+/// The table's cells, one Vec per row, in table order, as many as `header`.
+fn table_cells(rows: &[Row]) -> Vec<Vec<String>> {
     let ratio =
         |rps: f64, base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.2}x", rps / b));
+    let baseline = has_baseline(rows);
     let mut out = Vec::new();
     for (i, s) in SCENARIOS.iter().enumerate() {
         for kind in KINDS {
             let Some(row) = rows.iter().find(|r| r.scenario == i && r.kind == kind) else {
                 continue;
             };
-            let nginx = rps_of(rows, i, Kind::Nginx);
-            let varnish = rps_of(rows, i, Kind::Varnish);
-            out.push(match &row.result {
-                Ok(w) => [
-                    s.name.to_string(),
-                    kind.name().to_string(),
-                    fmt_rps(w.rps),
-                    fmt_us(w.p50_us),
-                    fmt_us(w.p99_us),
-                    w.errors.to_string(),
-                    ratio(w.rps, nginx),
-                    ratio(w.rps, varnish),
-                ],
-                Err(_) => [
-                    s.name.to_string(),
-                    kind.name().to_string(),
-                    "failed".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                ],
-            });
+            let mut bases = vec![rps_of(rows, i, Kind::Nginx), rps_of(rows, i, Kind::Varnish)];
+            if baseline {
+                bases.push(rps_of(rows, i, Kind::EchoBaseline));
+            }
+            let mut cells = vec![s.name.to_string(), kind.name().to_string()];
+            match &row.result {
+                Ok(w) => {
+                    cells.extend([
+                        fmt_rps(w.rps),
+                        fmt_us(w.p50_us),
+                        fmt_us(w.p99_us),
+                        w.errors.to_string(),
+                    ]);
+                    cells.extend(bases.into_iter().map(|b| ratio(w.rps, b)));
+                }
+                Err(_) => {
+                    cells.push("failed".into());
+                    cells.extend((0..3 + bases.len()).map(|_| "-".to_string()));
+                }
+            }
+            out.push(cells);
         }
     }
     out
 }
 
-const HEADER: [&str; 8] = [
-    "scenario",
-    "proxy",
-    "req/s",
-    "p50",
-    "p99",
-    "errors",
-    "vs nginx",
-    "vs Varnish",
-];
+/// Echo memory against the baseline, one line per scenario run (no ratio when either run
+/// failed): current / baseline of req/s (above 1: the current build serves more) and of
+/// p99 (below 1: the current build's tail is shorter). Empty without a baseline.
+fn baseline_lines(rows: &[Row]) -> Vec<String> {
+    let mut out = Vec::new();
+    if !has_baseline(rows) {
+        return out;
+    }
+    for (i, s) in SCENARIOS.iter().enumerate() {
+        let mem = result_of(rows, i, Kind::EchoMemory);
+        let base = result_of(rows, i, Kind::EchoBaseline);
+        match (mem, base) {
+            (Some(m), Some(b)) => out.push(format!(
+                "{}: req/s {:.2}x ({} vs {}), p99 {:.2}x ({} vs {})",
+                s.name,
+                m.rps / b.rps,
+                fmt_rps(m.rps),
+                fmt_rps(b.rps),
+                m.p99_us / b.p99_us,
+                fmt_us(m.p99_us),
+                fmt_us(b.p99_us),
+            )),
+            (None, None) => {}
+            _ => out.push(format!("{}: no ratio (a run failed)", s.name)),
+        }
+    }
+    out
+}
 
 fn print_table(rows: &[Row]) {
     let cells = table_cells(rows);
+    // scenario, proxy, req/s, p50, p99, errors, vs nginx, vs Varnish, vs baseline.
+    const WIDTHS: [usize; 9] = [26, 16, 9, 10, 10, 7, 9, 10, 11];
     let line = |c: &[String]| {
-        println!(
-            "{:<26} {:<16} {:>9} {:>10} {:>10} {:>7} {:>9} {:>10}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
-        );
+        let mut text = String::new();
+        for (j, (cell, width)) in c.iter().zip(WIDTHS).enumerate() {
+            let sep = if j == 0 { "" } else { " " };
+            if j < 2 {
+                let _ = write!(text, "{sep}{cell:<width$}");
+            } else {
+                let _ = write!(text, "{sep}{cell:>width$}");
+            }
+        }
+        println!("{}", text.trim_end());
     };
-    line(&HEADER.map(String::from));
+    line(
+        &header(rows)
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+    );
     let mut last = String::new();
     for c in cells {
         if c[0] != last && !last.is_empty() {
@@ -966,8 +1097,10 @@ fn print_table(rows: &[Row]) {
 }
 
 fn markdown_table(rows: &[Row]) -> String {
-    let mut md = format!("| {} |\n", HEADER.join(" | "));
-    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let header = header(rows);
+    let mut md = format!("| {} |\n|---|---|", header.join(" | "));
+    md.push_str(&"---:|".repeat(header.len() - 2));
+    md.push('\n');
     for c in table_cells(rows) {
         let _ = writeln!(md, "| {} |", c.join(" | "));
     }
@@ -975,7 +1108,8 @@ fn markdown_table(rows: &[Row]) -> String {
 }
 
 // -----------------------------------------------------------------------------------------
-// The SVG chart: one panel per measure, scenarios along x, one bar per proxy.
+// The SVG chart: one panel per measure, scenarios along x, one bar per proxy. With a
+// baseline, the req/s and p99 panels carry Echo memory's ratio to it above each scenario.
 
 fn nice_log_bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
@@ -994,8 +1128,10 @@ fn nice_log_bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-    type Measure = (&'static str, fn(&WrkResult) -> f64, fn(f64) -> String);
+    // Title, value, axis labels, and whether Echo memory / baseline is written above.
+    type Measure = (&'static str, fn(&WrkResult) -> f64, fn(f64) -> String, bool);
     let measures: [Measure; 3] = [
         (
             "requests per second (log scale; higher is better)",
@@ -1009,23 +1145,32 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
                     format!("{v:.0}")
                 }
             },
+            true,
         ),
         (
             "p50 latency (log scale; lower is better)",
             |w| w.p50_us,
             fmt_axis_us,
+            false,
         ),
         (
             "p99 latency (log scale; lower is better)",
             |w| w.p99_us,
             fmt_axis_us,
+            true,
         ),
     ];
     let ok: Vec<(usize, Kind, &WrkResult)> = rows
         .iter()
         .filter_map(|r| r.result.as_ref().ok().map(|w| (r.scenario, r.kind, w)))
         .collect();
-    let n = SCENARIOS.len();
+    // One slot per scenario that ran (ECHO_BENCH_SCENARIOS may leave some out).
+    let slots: Vec<usize> = (0..SCENARIOS.len())
+        .filter(|i| ok.iter().any(|(s, _, _)| s == i))
+        .collect();
+    let slot_of = |s: usize| slots.iter().position(|&i| i == s).unwrap_or(0) as f64;
+    let n = slots.len().max(1);
+    let baseline = ok.iter().any(|(_, k, _)| *k == Kind::EchoBaseline);
     let root = SVGBackend::new(path, (1280, 1150)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
@@ -1044,9 +1189,23 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
         ))?;
         legend.draw(&Text::new(kind.name(), (24, y), ("sans-serif", 13)))?;
     }
+    if baseline {
+        let y = 60 + 22 * KINDS.len() as i32;
+        for (i, line) in ["above req/s and p99:", "echo (memory) /", "echo (baseline)"]
+            .into_iter()
+            .enumerate()
+        {
+            legend.draw(&Text::new(line, (4, y + 16 * i as i32), ("sans-serif", 12)))?;
+        }
+    }
     let panels = plots.split_evenly((measures.len(), 1));
-    for (panel, (label, value, fmt)) in panels.iter().zip(measures) {
-        let (lo, hi) = nice_log_bounds(ok.iter().map(|(_, _, w)| value(w)));
+    for (panel, (label, value, fmt, compared)) in panels.iter().zip(measures) {
+        let annotate = baseline && compared;
+        let (lo, mut hi) = nice_log_bounds(ok.iter().map(|(_, _, w)| value(w)));
+        if annotate {
+            // Headroom for the ratios, above the tallest bar.
+            hi *= (hi / lo).powf(0.12);
+        }
         let mut chart = ChartBuilder::on(panel)
             .caption(label, ("sans-serif", 15))
             .margin(8)
@@ -1059,8 +1218,8 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
             .x_labels(n)
             .x_label_formatter(&|x| {
                 let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
-                    SCENARIOS[i as usize].name.to_string()
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < slots.len() {
+                    SCENARIOS[slots[i as usize]].name.to_string()
                 } else {
                     String::new()
                 }
@@ -1079,10 +1238,21 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
                     .collect();
                 let j = present.iter().position(|k| *k == kind).unwrap_or(0);
                 let width = 0.8 / present.len() as f64;
-                let x0 = *s as f64 - 0.4 + j as f64 * width;
+                let x0 = slot_of(*s) - 0.4 + j as f64 * width;
                 Rectangle::new([(x0, lo), (x0 + width * 0.92, value(w))], color.filled())
             });
             chart.draw_series(bars)?;
+        }
+        if annotate {
+            let style = TextStyle::from(("sans-serif", 13).into_font())
+                .pos(Pos::new(HPos::Center, VPos::Top));
+            let ratios = slots.iter().filter_map(|&s| {
+                let m = result_of(rows, s, Kind::EchoMemory)?;
+                let b = result_of(rows, s, Kind::EchoBaseline)?;
+                let text = format!("{:.2}x", value(m) / value(b));
+                Some(Text::new(text, (slot_of(s), hi), style.clone()))
+            });
+            chart.draw_series(ratios)?;
         }
     }
     root.present()?;
@@ -1133,6 +1303,21 @@ fn run() -> Res<()> {
             })?,
             Err(_) => 5,
         };
+    let selected = selected_scenarios()?;
+    // An echod to compare with (an older build), run like Echo memory; empty is unset.
+    let baseline = match std::env::var_os("ECHO_BENCH_BASELINE") {
+        Some(p) if !p.is_empty() => {
+            let path = PathBuf::from(&p);
+            let path = fs::canonicalize(&path)
+                .ok()
+                .filter(|p| p.is_file())
+                .ok_or_else(|| {
+                    format!("ECHO_BENCH_BASELINE={p:?}: no such file (an echod binary)")
+                })?;
+            Some(path)
+        }
+        _ => None,
+    };
     match Command::new("wrk").arg("-v").output() {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -1178,6 +1363,19 @@ fn run() -> Res<()> {
         version_of(&echod, &["--version"]),
         version_of(Path::new("wrk"), &["-v"]),
     ];
+    if let Some(bin) = &baseline {
+        versions.push(format!(
+            "baseline {} ({})",
+            bin.display(),
+            version_of(bin, &["--version"])
+        ));
+        if fs::canonicalize(&echod).is_ok_and(|e| &e == bin) {
+            notes.push(format!(
+                "ECHO_BENCH_BASELINE is {} itself: the baseline ratios compare a build with itself",
+                echod.display()
+            ));
+        }
+    }
 
     let mut lab = Lab {
         procs: Vec::new(),
@@ -1193,6 +1391,12 @@ fn run() -> Res<()> {
         origin_port,
         None,
     )?);
+    if let Some(bin) = &baseline {
+        // Asked for by name: a baseline that does not start ends the bench.
+        let t = start_echo(&mut lab, bin, Kind::EchoBaseline, origin_port, None)
+            .map_err(|e| format!("the baseline did not start: {e}"))?;
+        targets.push(t);
+    }
     match &redis_server {
         Some(bin) => {
             let master = start_redis(&mut lab, bin, None)?;
@@ -1263,14 +1467,16 @@ fn run() -> Res<()> {
     }
 
     let proxies = targets.iter().filter(|t| t.kind != Kind::Origin).count();
-    let runs: usize = SCENARIOS
+    let runs: usize = selected
         .iter()
-        .map(|s| proxies + usize::from(s.with_origin))
+        .map(|&i| proxies + usize::from(SCENARIOS[i].with_origin))
         .sum();
     println!(
-        "load bench: {} proxies in front of one demo origin, {runs} wrk runs of {seconds} s \
-         (wrk -t1), {} cores",
+        "load bench: {} proxies in front of one demo origin, {} of {} scenarios, {runs} wrk \
+         runs of {seconds} s (wrk -t1), {} cores",
         proxies,
+        selected.len(),
+        SCENARIOS.len(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     for v in &versions {
@@ -1286,14 +1492,15 @@ fn run() -> Res<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut run_id = 0u32;
     let mut coalescing: Vec<String> = Vec::new();
-    for (i, s) in SCENARIOS.iter().enumerate() {
+    for (nth, &i) in selected.iter().enumerate() {
+        let s = &SCENARIOS[i];
         let mut order: Vec<usize> = (0..targets.len())
             .filter(|&k| s.with_origin || targets[k].kind != Kind::Origin)
             .collect();
         // Rotate who goes first, so no proxy always runs right after the same one.
         let len = order.len();
-        order.rotate_left(i % len);
-        println!("\n{} ({} connections)", s.name, s.connections);
+        order.rotate_left(nth % len);
+        println!("\n{} ({} connections) [{}]", s.name, s.connections, s.id);
         for k in order {
             if stop.load(Ordering::Relaxed) {
                 return Err("interrupted".into());
@@ -1432,6 +1639,7 @@ fn run() -> Res<()> {
     for p in &lab.procs {
         let extra = match p.name.as_str() {
             n if n == Kind::EchoMemory.name() => Some("echo-memory.log"),
+            n if n == Kind::EchoBaseline.name() => Some("echo-baseline.log"),
             n if n == Kind::EchoRedis.name() => Some("echo-redis.log"),
             "nginx" => Some("nginx/error.log"),
             "varnish" => None,
@@ -1464,22 +1672,37 @@ fn run() -> Res<()> {
         }
     }
 
+    // Each section with its lines: printed and written only when it has some (a run of
+    // the hit scenarios alone has no miss overhead).
+    let against_baseline = baseline_lines(&rows);
+    let sections: [(String, &[String]); 4] = [
+        (
+            "Miss overhead (p50 through the proxy minus p50 of the same misses sent to the \
+             origin):"
+                .into(),
+            &overhead,
+        ),
+        (
+            format!("Coalesced misses ({BATCH} requests in a row share a URL):"),
+            &coalescing,
+        ),
+        (
+            "Echo memory against the baseline (current / baseline: req/s above 1 and p99 \
+             below 1 favour the current build; compare within one run):"
+                .into(),
+            &against_baseline,
+        ),
+        ("Echo memory:".into(), &rss),
+    ];
+
     println!("\n");
     print_table(&rows);
     println!();
-    println!(
-        "Miss overhead (p50 through the proxy minus p50 of the same misses sent to the origin):"
-    );
-    for l in &overhead {
-        println!("  {l}");
-    }
-    println!("Coalesced misses ({BATCH} requests in a row share a URL):");
-    for l in &coalescing {
-        println!("  {l}");
-    }
-    println!("Echo memory:");
-    for l in &rss {
-        println!("  {l}");
+    for (title, lines) in sections.iter().filter(|(_, l)| !l.is_empty()) {
+        println!("{title}");
+        for l in *lines {
+            println!("  {l}");
+        }
     }
     for n in &notes {
         println!("note: {n}");
@@ -1492,7 +1715,12 @@ fn run() -> Res<()> {
         .ok_or("no target dir")?;
     fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mut md = String::from("# Load comparison: Echo, nginx and Varnish\n\n");
+    let with_baseline = if baseline.is_some() {
+        ", with a baseline Echo"
+    } else {
+        ""
+    };
+    let mut md = format!("# Load comparison: Echo, nginx and Varnish{with_baseline}\n\n");
     let _ = writeln!(
         md,
         "{}. {cores} cores; one demo origin behind every proxy; wrk with 1 thread for {seconds} s \
@@ -1502,20 +1730,11 @@ fn run() -> Res<()> {
         versions.join("; ")
     );
     md.push_str(&markdown_table(&rows));
-    md.push_str("\nMiss overhead (p50 through the proxy minus p50 of the same misses sent to the origin):\n\n");
-    for l in &overhead {
-        let _ = writeln!(md, "- {l}");
-    }
-    let _ = writeln!(
-        md,
-        "\nCoalesced misses ({BATCH} requests in a row share a URL):\n"
-    );
-    for l in &coalescing {
-        let _ = writeln!(md, "- {l}");
-    }
-    md.push_str("\nEcho memory:\n\n");
-    for l in &rss {
-        let _ = writeln!(md, "- {l}");
+    for (title, lines) in sections.iter().filter(|(_, l)| !l.is_empty()) {
+        let _ = writeln!(md, "\n{title}\n");
+        for l in *lines {
+            let _ = writeln!(md, "- {l}");
+        }
     }
     if !notes.is_empty() {
         md.push_str("\nNotes:\n\n");
@@ -1526,7 +1745,9 @@ fn run() -> Res<()> {
     let md_path = out_dir.join("load.md");
     fs::write(&md_path, md).map_err(|e| format!("{}: {e}", md_path.display()))?;
     let svg_path = out_dir.join("load.svg");
-    let title = format!("Echo vs nginx vs Varnish, wrk -t1, {seconds} s per run, {cores} cores");
+    let title = format!(
+        "Echo vs nginx vs Varnish{with_baseline}, wrk -t1, {seconds} s per run, {cores} cores"
+    );
     draw_chart(&rows, &title, &svg_path).map_err(|e| format!("{}: {e}", svg_path.display()))?;
     println!("\nwrote {} and {}", md_path.display(), svg_path.display());
     Ok(())
