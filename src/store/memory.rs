@@ -16,8 +16,11 @@ use std::time::Duration;
 use lru::LruCache;
 
 use super::{Entry, Lookup, Store, StoreError};
-use crate::invalidate::{Bans, Job, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidate::{BanCheck, Bans, Job, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
+
+/// Rounds of ban checks a `put` makes before giving up on storing (see `put`).
+const CHECK_ROUNDS: usize = 3;
 
 struct Inner {
     lru: LruCache<String, Vec<Arc<Entry>>>,
@@ -84,10 +87,29 @@ impl Store for MemoryStore {
         }
         // Before the lock: a large body goes into a memfd, for sendfile on hits.
         let entry = Entry::with_body_in_file(entry);
-        let mut inner = self.lock();
-        if !inner.bans.allows(since, k, &entry.tags) {
-            return Ok(false);
-        }
+        let mut since = since;
+        let mut rounds = 0;
+        let mut inner = loop {
+            let mut inner = self.lock();
+            match inner.bans.since(since) {
+                BanCheck::Clear => break inner,
+                BanCheck::Forgotten => return Ok(false),
+                BanCheck::Check { bans, up_to } => {
+                    // Checking may compile regexes: never under the lock, where hits wait.
+                    drop(inner);
+                    if bans.iter().any(|b| b.names(k, &entry.tags)) {
+                        return Ok(false);
+                    }
+                    // Invalidations may have come meanwhile: those are checked next round,
+                    // a few rounds at most (under an invalidation storm, not storing is safe).
+                    rounds += 1;
+                    if rounds >= CHECK_ROUNDS {
+                        return Ok(false);
+                    }
+                    since = up_to;
+                }
+            }
+        };
         let mut variants = match inner.lru.pop(k) {
             Some(old) => {
                 inner.bytes -= variants_size(k, &old);
@@ -122,7 +144,7 @@ impl Store for MemoryStore {
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
         let mut inner = self.lock();
         if !job.dry_run {
-            inner.bans.add(Arc::clone(&job.matcher));
+            inner.bans.add(&job.matcher);
         }
         let matching: Vec<String> = inner
             .lru

@@ -39,7 +39,7 @@ use log::{debug, info, warn};
 
 use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
 use crate::config::RedisConfig;
-use crate::invalidate::{Job, Matcher, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidate::{ban_names, Job, Matcher, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
 use crate::policy;
 
@@ -602,14 +602,15 @@ impl RedisStore {
             if ban.generation <= since {
                 continue;
             }
-            let matcher = Matcher::new(
+            // Host and tag first; the pattern is compiled only when they pass, and one
+            // Echo cannot compile is taken to name everything: refuse.
+            if ban_names(
                 ban.pattern.as_deref(),
                 ban.host.as_deref(),
                 ban.tag.as_deref(),
-            );
-            // A ban Echo cannot read back is taken to name everything: refuse.
-            if matcher.is_err() || matcher.is_ok_and(|m| m.matches_key(key) && m.matches_tags(tags))
-            {
+                key,
+                tags,
+            ) {
                 return Ok(true);
             }
         }
