@@ -2,12 +2,17 @@
 //! least recently used key evicted first, with at most `cache.max_variants` Vary
 //! variants per key.
 //!
-//! Invalidation scans every key under the lock (in-process, a regex per key), and bans
-//! what it names so an older fill cannot store it again (see `invalidate::Bans`).
+//! Invalidation bans what it names (so an older fill cannot store it again, see
+//! `invalidate::Bans`) and takes a snapshot of the keys under the lock (reference-count
+//! bumps: keys are `Arc<str>`), then runs the regex over the snapshot with no lock held,
+//! and applies its mode to the matching keys in small batches, each under the lock
+//! briefly (tags are checked there: they live on the entries). An entry stored after
+//! the snapshot is covered by the ban, recorded before it.
 //!
-//! Invariants: the accounted size never exceeds the bound after a `put` returns; a lock
-//! poisoned by a panic elsewhere is recovered (the map holds no partial updates: each
-//! operation leaves it consistent before anything can panic).
+//! Invariants: the accounted size never exceeds the bound after a `put` returns; no
+//! regex runs and no ban is compiled under the lock (hits never wait on a pattern); a
+//! lock poisoned by a panic elsewhere is recovered (the map holds no partial updates:
+//! each operation leaves it consistent before anything can panic).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,9 +26,13 @@ use crate::key::CacheKey;
 
 /// Rounds of ban checks a `put` makes before giving up on storing (see `put`).
 const CHECK_ROUNDS: usize = 3;
+/// Matching keys handled per taking of the lock by an invalidation: small, so a hit
+/// waits at most for this many deletes (or stale copies) to be made.
+const BATCH: usize = 128;
 
 struct Inner {
-    lru: LruCache<String, Vec<Arc<Entry>>>,
+    /// Keys are shared so an invalidation's snapshot of them costs no copies.
+    lru: LruCache<Arc<str>, Vec<Arc<Entry>>>,
     bytes: usize,
     bans: Bans,
 }
@@ -120,7 +129,7 @@ impl Store for MemoryStore {
         super::merge_variant(&mut variants, self.max_variants, &entry);
         variants.push(entry);
         inner.bytes += variants_size(k, &variants);
-        inner.lru.put(k.to_string(), variants);
+        inner.lru.put(Arc::from(k), variants);
         while inner.bytes > self.max_bytes {
             match inner.lru.pop_lru() {
                 Some((old_key, old)) => inner.bytes -= variants_size(&old_key, &old),
@@ -142,50 +151,74 @@ impl Store for MemoryStore {
     }
 
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
-        let mut inner = self.lock();
-        if !job.dry_run {
-            inner.bans.add(&job.matcher);
-        }
-        let matching: Vec<String> = inner
-            .lru
-            .iter()
-            .filter(|(k, variants)| {
-                progress.scanned.fetch_add(1, Ordering::Relaxed);
-                job.matcher.matches_key(k)
-                    && variants.iter().any(|e| job.matcher.matches_tags(&e.tags))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut outcome = Outcome {
-            matched: matching.len() as u64,
-            sample: matching.iter().take(SAMPLE).cloned().collect(),
-            ..Outcome::default()
+        // Under the lock: the ban first, then the snapshot, so every entry is either in
+        // the snapshot or stored after the ban (and checked against it).
+        let keys: Vec<Arc<str>> = {
+            let mut inner = self.lock();
+            if !job.dry_run {
+                inner.bans.add(&job.matcher);
+            }
+            inner.lru.iter().map(|(k, _)| Arc::clone(k)).collect()
         };
-        progress.matched.store(outcome.matched, Ordering::Relaxed);
-        if job.dry_run {
-            return Ok(outcome);
-        }
-        match job.mode {
-            Mode::Delete => {
-                for k in &matching {
-                    if let Some(old) = inner.lru.pop(k) {
-                        inner.bytes -= variants_size(k, &old);
-                        outcome.changed += 1;
-                    }
-                }
+        let mut outcome = Outcome::default();
+        let mut batch: Vec<Arc<str>> = Vec::with_capacity(BATCH);
+        for key in keys {
+            progress.scanned.fetch_add(1, Ordering::Relaxed);
+            // No lock held: the regex may take its time.
+            if !job.matcher.matches_key(&key) {
+                continue;
             }
-            Mode::Stale => {
-                for k in &matching {
-                    if let Some(variants) = inner.lru.peek_mut(k) {
-                        *variants = super::mark_stale(variants);
-                        outcome.changed += 1;
-                    }
-                }
+            batch.push(key);
+            if batch.len() >= BATCH {
+                self.apply(job, &batch, &mut outcome, progress);
+                batch.clear();
             }
-            Mode::Refresh => outcome.to_refresh = matching,
         }
-        progress.changed.store(outcome.changed, Ordering::Relaxed);
+        self.apply(job, &batch, &mut outcome, progress);
         Ok(outcome)
+    }
+}
+
+impl MemoryStore {
+    /// Applies a job to keys whose pattern and host matched, under the lock: those still
+    /// stored whose tags match too are counted, sampled, and deleted, marked stale or
+    /// listed for refresh. A key gone meanwhile (evicted, deleted) is skipped.
+    fn apply(&self, job: &Job, keys: &[Arc<str>], outcome: &mut Outcome, progress: &Progress) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for key in keys {
+            let Some(variants) = inner.lru.peek_mut(&**key) else {
+                continue;
+            };
+            if !variants.iter().any(|e| job.matcher.matches_tags(&e.tags)) {
+                continue;
+            }
+            outcome.matched += 1;
+            progress.matched.fetch_add(1, Ordering::Relaxed);
+            if outcome.sample.len() < SAMPLE {
+                outcome.sample.push(key.to_string());
+            }
+            if job.dry_run {
+                continue;
+            }
+            match job.mode {
+                Mode::Delete => {
+                    if let Some(old) = inner.lru.pop(&**key) {
+                        inner.bytes -= variants_size(key, &old);
+                    }
+                }
+                Mode::Stale => *variants = super::mark_stale(variants),
+                Mode::Refresh => {
+                    outcome.to_refresh.push(key.to_string());
+                    continue;
+                }
+            }
+            outcome.changed += 1;
+            progress.changed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -270,5 +303,73 @@ mod tests {
         assert_eq!(store.get(&k).unwrap().variants.len(), 1);
         assert_eq!(store.remove(&k).unwrap(), 1);
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    fn job(pattern: &str, mode: Mode, dry_run: bool) -> Job {
+        Job {
+            matcher: Arc::new(crate::invalidate::Matcher::new(Some(pattern), None, None).unwrap()),
+            mode,
+            dry_run,
+        }
+    }
+
+    #[test]
+    fn a_fill_that_straddles_an_invalidation_is_checked_against_it() {
+        let store = MemoryStore::new(1 << 20, 4, Duration::from_secs(60));
+        let since = store.get(&key("/x")).unwrap().generation;
+        let outcome = store
+            .invalidate(
+                &job("^/orgs/42/", Mode::Delete, false),
+                &Progress::default(),
+            )
+            .unwrap();
+        assert_eq!(outcome.matched, 0);
+        assert!(!store
+            .put(&key("/orgs/42/a"), entry(10, &[]), since)
+            .unwrap());
+        assert!(store
+            .put(&key("/orgs/43/a"), entry(10, &[]), since)
+            .unwrap());
+        let now = store.get(&key("/x")).unwrap().generation;
+        assert!(store.put(&key("/orgs/42/a"), entry(10, &[]), now).unwrap());
+    }
+
+    #[test]
+    fn invalidation_applies_its_mode_to_what_it_matches() {
+        let store = MemoryStore::new(1 << 22, 4, Duration::from_secs(60));
+        // More than one batch of matches.
+        for i in 0..300 {
+            store
+                .put(&key(&format!("/a/{i}")), entry(10, &[]), 0)
+                .unwrap();
+            store
+                .put(&key(&format!("/b/{i}")), entry(10, &[]), 0)
+                .unwrap();
+        }
+        let progress = Progress::default();
+        let dry = store
+            .invalidate(&job("^/a/", Mode::Delete, true), &progress)
+            .unwrap();
+        assert_eq!(
+            (dry.matched, dry.changed, dry.sample.len()),
+            (300, 0, SAMPLE)
+        );
+        assert_eq!(progress.scanned.load(Ordering::Relaxed), 600);
+        assert_eq!(store.usage().1, 600);
+        let stale = store
+            .invalidate(&job("^/b/1", Mode::Stale, false), &Progress::default())
+            .unwrap();
+        assert_eq!(stale.changed, 111);
+        let marked = store.get(&key("/b/10")).unwrap().variants;
+        assert_eq!(marked[0].freshness, Duration::ZERO);
+        let deleted = store
+            .invalidate(&job("^/a/", Mode::Delete, false), &Progress::default())
+            .unwrap();
+        assert_eq!((deleted.matched, deleted.changed), (300, 300));
+        assert_eq!(store.usage().1, 300);
+        let refresh = store
+            .invalidate(&job("^/b/2", Mode::Refresh, false), &Progress::default())
+            .unwrap();
+        assert_eq!(refresh.to_refresh.len(), 111);
     }
 }
