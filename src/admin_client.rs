@@ -1,5 +1,6 @@
 //! The client side of the admin API, for `echod invalidate`: builds the `POST
-//! /invalidate` body or the `GET /invalidate/<id>` call, sends it to `admin.listen` with
+//! /invalidate` body, or the `GET` / `DELETE /invalidate/<id>` call of a job, sends it
+//! to `admin.listen` with
 //! the bearer token from the config, and returns the status and body of the answer.
 //!
 //! Hand-written on a plain `TcpStream` rather than with ureq: it is a dozen lines of
@@ -79,6 +80,8 @@ pub enum AdminCall {
     Invalidate(InvalidateRequest),
     /// `GET /invalidate/<id>`: a job's report.
     Status(u64),
+    /// `DELETE /invalidate/<id>`: cancels a job.
+    Cancel(u64),
 }
 
 impl AdminCall {
@@ -86,20 +89,21 @@ impl AdminCall {
         match self {
             AdminCall::Invalidate(_) => "POST",
             AdminCall::Status(_) => "GET",
+            AdminCall::Cancel(_) => "DELETE",
         }
     }
 
     fn path(&self) -> String {
         match self {
             AdminCall::Invalidate(_) => "/invalidate".to_string(),
-            AdminCall::Status(id) => format!("/invalidate/{id}"),
+            AdminCall::Status(id) | AdminCall::Cancel(id) => format!("/invalidate/{id}"),
         }
     }
 
     fn body(&self) -> Option<Vec<u8>> {
         match self {
             AdminCall::Invalidate(r) => Some(r.to_json().to_string().into_bytes()),
-            AdminCall::Status(_) => None,
+            AdminCall::Status(_) | AdminCall::Cancel(_) => None,
         }
     }
 
@@ -455,6 +459,8 @@ mod tests {
         );
         assert_eq!(AdminCall::Status(7).describe(), "GET /invalidate/7");
         assert_eq!(AdminCall::Status(7).body(), None);
+        assert_eq!(AdminCall::Cancel(7).describe(), "DELETE /invalidate/7");
+        assert_eq!(AdminCall::Cancel(7).body(), None);
     }
 
     #[test]

@@ -6,13 +6,16 @@
 //! Invariants: a pattern is a linear-time `regex` with a size limit, searched in the
 //! stored request target (path and query); a job is banned (its generation recorded)
 //! before any entry is touched, so an entry written after the ban is checked against it;
-//! the admin call returns only when the work is done (or, for `async`, at once with an
-//! id); the queue is bounded and a full queue is refused, never waited on.
+//! a ban keeps its source, never a compiled regex, and the bans are bounded; the admin
+//! call returns only when the work is done (or, for `async`, at once with an id); the
+//! queue is bounded and a full queue is refused, never waited on; every job has a time
+//! budget and can be cancelled, and a store's scan checks both every few hundred keys
+//! ([`Checkpoint`]), so a job stops soon after either, reporting what it did.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -220,12 +223,108 @@ pub struct Job {
     pub dry_run: bool,
 }
 
-/// Live counters of a running job.
+/// Live counters of a running job, and what tells it to stop: a cancel flag and the
+/// deadline of its time budget (set when it starts). Stores check it every few hundred
+/// keys (see [`Checkpoint`]) and stop at the first check that fails.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub scanned: AtomicU64,
     pub matched: AtomicU64,
     pub changed: AtomicU64,
+    cancelled: AtomicBool,
+    /// When the budget runs out, and the budget (for the report). Unset: no budget.
+    deadline: OnceLock<(Instant, Duration)>,
+}
+
+impl Progress {
+    /// The job starts now, with `budget` to finish in.
+    pub fn start(&self, budget: Duration) {
+        if let Some(deadline) = Instant::now().checked_add(budget) {
+            let _ = self.deadline.set((deadline, budget));
+        }
+    }
+
+    /// Asks the job to stop at its next check.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Ok while the job may go on; why it must stop otherwise.
+    pub fn check(&self) -> Result<(), Stop> {
+        if self.is_cancelled() {
+            return Err(Stop::Cancelled);
+        }
+        match self.deadline.get() {
+            Some((deadline, budget)) if Instant::now() >= *deadline => {
+                Err(Stop::OutOfTime(*budget))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a job stopped before it was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `DELETE /invalidate/<id>`.
+    Cancelled,
+    /// Its time budget (`invalidation.job_timeout_ms`) ran out.
+    OutOfTime(Duration),
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stop::Cancelled => f.write_str("cancelled (DELETE /invalidate/<id>)"),
+            Stop::OutOfTime(budget) => write!(
+                f,
+                "stopped: ran out of its time budget of {} ms (invalidation.job_timeout_ms)",
+                budget.as_millis()
+            ),
+        }
+    }
+}
+
+/// Keys between two checks of a job, at most.
+const CHECK_EVERY_KEYS: u32 = 256;
+/// Key bytes between two checks, at most: a regex's cost grows with the text it reads
+/// (a pathological pattern can take tens of ms per KiB), so long keys are checked
+/// more often. Typical keys (tens of bytes) are checked every few dozen.
+const CHECK_EVERY_BYTES: usize = 4096;
+
+/// A scan's check of its job: [`Checkpoint::key`] before each key, which consults the
+/// [`Progress`] every [`CHECK_EVERY_KEYS`] keys or [`CHECK_EVERY_BYTES`] bytes of keys,
+/// whichever comes first (a clock read per key would cost more than most matches).
+pub struct Checkpoint<'a> {
+    progress: &'a Progress,
+    keys: u32,
+    bytes: usize,
+}
+
+impl<'a> Checkpoint<'a> {
+    pub fn new(progress: &'a Progress) -> Checkpoint<'a> {
+        Checkpoint {
+            progress,
+            keys: 0,
+            bytes: 0,
+        }
+    }
+
+    /// A key of `len` bytes is next: Err when the job must stop before it.
+    pub fn key(&mut self, len: usize) -> Result<(), Stop> {
+        self.keys += 1;
+        self.bytes += len;
+        if self.keys < CHECK_EVERY_KEYS && self.bytes < CHECK_EVERY_BYTES {
+            return Ok(());
+        }
+        self.keys = 0;
+        self.bytes = 0;
+        self.progress.check()
+    }
 }
 
 /// What a store did for a job.
@@ -240,6 +339,8 @@ pub struct Outcome {
     pub to_refresh: Vec<String>,
     /// Replicas that acknowledged the changes (Redis), and how many were asked for.
     pub replicas: Option<(u64, u64)>,
+    /// Why the job stopped before it was done; the counts are what it did until then.
+    pub stopped: Option<Stop>,
 }
 
 /// Sample size returned by dry runs.
@@ -430,7 +531,10 @@ pub enum State {
     Queued,
     Running,
     Done,
+    /// Stopped by an error, or by its time budget; the report's `error` says which.
     Failed,
+    /// Stopped by `DELETE /invalidate/<id>`, before it ran or at its next check.
+    Cancelled,
 }
 
 impl State {
@@ -440,7 +544,13 @@ impl State {
             State::Running => "running",
             State::Done => "done",
             State::Failed => "failed",
+            State::Cancelled => "cancelled",
         }
+    }
+
+    /// Done, failed or cancelled: the report will not change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Done | State::Failed | State::Cancelled)
     }
 }
 
@@ -460,12 +570,17 @@ pub struct Report {
     pub replicas: Option<(u64, u64)>,
     pub elapsed: Duration,
     pub error: Option<String>,
+    /// A running job was asked to stop and has not reached its next check yet.
+    pub cancel_requested: bool,
 }
 
 struct Tracked {
     report: Report,
     progress: Arc<Progress>,
     started: Option<Instant>,
+    /// Where the final report goes (a `POST /invalidate` waiting for it); taken by
+    /// whoever finishes the job: the thread, or a cancel while it is queued.
+    done: Option<Sender<Report>>,
 }
 
 struct Queued {
@@ -473,7 +588,6 @@ struct Queued {
     job: Job,
     who: String,
     progress: Arc<Progress>,
-    done: Sender<Report>,
 }
 
 /// Why a job was not taken.
@@ -483,34 +597,84 @@ pub enum Refused {
     Stopped,
 }
 
+/// Why a job could not be cancelled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelRefused {
+    /// No such job, or its report was forgotten.
+    Unknown,
+    /// It already ended, in this state.
+    Finished(State),
+}
+
 /// Keeps the reports of this many finished jobs for `GET /invalidate/<id>`.
 const KEEP_REPORTS: usize = 1000;
+
+/// Every job's report, by id (so by age), with its live counters and its waiter.
+#[derive(Default)]
+struct Jobs {
+    by_id: BTreeMap<u64, Tracked>,
+}
+
+impl Jobs {
+    /// Forgets the oldest finished reports beyond the bounds; jobs not finished are
+    /// kept (the queue bounds them).
+    fn prune(&mut self) {
+        while self.by_id.len() > KEEP_REPORTS {
+            let oldest = self
+                .by_id
+                .iter()
+                .find(|(_, t)| t.report.state.is_final())
+                .map(|(id, _)| *id);
+            match oldest {
+                Some(id) => {
+                    self.by_id.remove(&id);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Records a job's final report and hands it to whoever waits for it.
+    fn finish(&mut self, report: Report) {
+        let Some(t) = self.by_id.get_mut(&report.id) else {
+            return;
+        };
+        if let Some(done) = t.done.take() {
+            // The waiter may have given up (answered 202): nobody to tell.
+            let _ = done.try_send(report.clone());
+        }
+        t.report = report;
+        self.prune();
+    }
+}
 
 /// The queue, the thread that drains it, and the job reports.
 pub struct Invalidator {
     queue: Sender<Queued>,
     next_id: AtomicU64,
-    jobs: Arc<Mutex<HashMap<u64, Tracked>>>,
+    jobs: Arc<Mutex<Jobs>>,
+    metrics: Arc<Metrics>,
     thread: thread::JoinHandle<()>,
 }
 
-fn lock<'a>(jobs: &'a Mutex<HashMap<u64, Tracked>>) -> MutexGuard<'a, HashMap<u64, Tracked>> {
+fn lock(jobs: &Mutex<Jobs>) -> MutexGuard<'_, Jobs> {
     jobs.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Invalidator {
-    /// Starts the invalidation thread.
+    /// Starts the invalidation thread; each job gets `job_timeout` to finish.
     pub fn start(
         store: Arc<dyn Store>,
         refresher: Arc<dyn Refresher>,
         queue_depth: usize,
+        job_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Invalidator> {
         let (tx, rx) = bounded::<Queued>(queue_depth);
         // Every series exists from the start (at 0), so alerts on rates see it.
         for mode in [Mode::Delete, Mode::Refresh, Mode::Stale] {
             let mode = mode.as_str().to_string();
-            for outcome in ["done", "failed", "dry_run"] {
+            for outcome in ["done", "failed", "cancelled", "dry_run"] {
                 let _ = metrics
                     .invalidations
                     .get_or_create(&vec![("mode", mode.clone()), ("outcome", outcome.into())]);
@@ -519,8 +683,9 @@ impl Invalidator {
                 .invalidated_entries
                 .get_or_create(&vec![("mode", mode)]);
         }
-        let jobs: Arc<Mutex<HashMap<u64, Tracked>>> = Arc::new(Mutex::new(HashMap::new()));
+        let jobs: Arc<Mutex<Jobs>> = Arc::new(Mutex::new(Jobs::default()));
         let thread_jobs = Arc::clone(&jobs);
+        let thread_metrics = Arc::clone(&metrics);
         let thread = thread::Builder::new()
             .name("echo-invalidate".into())
             .spawn(move || {
@@ -529,13 +694,15 @@ impl Invalidator {
                     store.as_ref(),
                     refresher.as_ref(),
                     &thread_jobs,
-                    &metrics,
+                    job_timeout,
+                    &thread_metrics,
                 )
             })?;
         Ok(Invalidator {
             queue: tx,
             next_id: AtomicU64::new(1),
             jobs,
+            metrics,
             thread,
         })
     }
@@ -578,40 +745,31 @@ impl Invalidator {
             replicas: None,
             elapsed: Duration::ZERO,
             error: None,
+            cancel_requested: false,
         };
         {
             let mut jobs = lock(&self.jobs);
-            if jobs.len() >= KEEP_REPORTS {
-                let mut finished: Vec<u64> = jobs
-                    .iter()
-                    .filter(|(_, t)| matches!(t.report.state, State::Done | State::Failed))
-                    .map(|(id, _)| *id)
-                    .collect();
-                finished.sort_unstable();
-                for old in finished.iter().take(jobs.len() + 1 - KEEP_REPORTS) {
-                    jobs.remove(old);
-                }
-            }
-            jobs.insert(
+            jobs.by_id.insert(
                 id,
                 Tracked {
                     report,
                     progress: Arc::clone(&progress),
                     started: None,
+                    done: Some(done_tx),
                 },
             );
+            jobs.prune();
         }
         let queued = Queued {
             id,
             job,
             who: who.to_string(),
             progress,
-            done: done_tx,
         };
         match self.queue.try_send(queued) {
             Ok(()) => Ok((id, done_rx)),
             Err(e) => {
-                lock(&self.jobs).remove(&id);
+                lock(&self.jobs).by_id.remove(&id);
                 Err(match e {
                     TrySendError::Full(_) => Refused::QueueFull,
                     TrySendError::Disconnected(_) => Refused::Stopped,
@@ -623,15 +781,68 @@ impl Invalidator {
     /// A job's report, with live counters while it runs.
     pub fn report(&self, id: u64) -> Option<Report> {
         let jobs = lock(&self.jobs);
-        let t = jobs.get(&id)?;
-        let mut report = t.report.clone();
-        if report.state == State::Running {
-            report.scanned = t.progress.scanned.load(Ordering::Relaxed);
-            report.matched = t.progress.matched.load(Ordering::Relaxed);
-            report.changed = t.progress.changed.load(Ordering::Relaxed);
-            report.elapsed = t.started.map_or(Duration::ZERO, |s| s.elapsed());
+        let t = jobs.by_id.get(&id)?;
+        Some(live_report(t))
+    }
+
+    /// Cancels a job: a queued one ends now (it will not run: the report says
+    /// `cancelled`); a running one is asked to stop at its next check (the report says
+    /// `running` with `cancel_requested` until it does).
+    pub fn cancel(&self, id: u64) -> Result<Report, CancelRefused> {
+        let mut jobs = lock(&self.jobs);
+        let t = jobs.by_id.get_mut(&id).ok_or(CancelRefused::Unknown)?;
+        match t.report.state {
+            State::Queued => {
+                t.progress.cancel();
+                let mut report = t.report.clone();
+                report.state = State::Cancelled;
+                report.error = Some(Stop::Cancelled.to_string());
+                jobs.finish(report.clone());
+                drop(jobs);
+                info!("invalidation {id}: {} cancelled before it ran", report.what);
+                count(&self.metrics, &report);
+                Ok(report)
+            }
+            State::Running => {
+                t.progress.cancel();
+                Ok(live_report(t))
+            }
+            state => Err(CancelRefused::Finished(state)),
         }
-        Some(report)
+    }
+}
+
+/// A tracked job's report, with the live counters of a running one.
+fn live_report(t: &Tracked) -> Report {
+    let mut report = t.report.clone();
+    if report.state == State::Running {
+        report.scanned = t.progress.scanned.load(Ordering::Relaxed);
+        report.matched = t.progress.matched.load(Ordering::Relaxed);
+        report.changed = t.progress.changed.load(Ordering::Relaxed);
+        report.elapsed = t.started.map_or(Duration::ZERO, |s| s.elapsed());
+        report.cancel_requested = t.progress.is_cancelled();
+    }
+    report
+}
+
+/// Counts a finished job in the metrics.
+fn count(metrics: &Metrics, report: &Report) {
+    let outcome = match (report.state, report.dry_run) {
+        (State::Failed, _) => "failed",
+        (State::Cancelled, _) => "cancelled",
+        (_, true) => "dry_run",
+        _ => "done",
+    };
+    let mode = report.mode.as_str().to_string();
+    metrics
+        .invalidations
+        .get_or_create(&vec![("mode", mode.clone()), ("outcome", outcome.into())])
+        .inc();
+    if !report.dry_run {
+        let _ = metrics
+            .invalidated_entries
+            .get_or_create(&vec![("mode", mode)])
+            .inc_by(report.changed);
     }
 }
 
@@ -639,33 +850,44 @@ fn run(
     rx: &Receiver<Queued>,
     store: &dyn Store,
     refresher: &dyn Refresher,
-    jobs: &Mutex<HashMap<u64, Tracked>>,
+    jobs: &Mutex<Jobs>,
+    job_timeout: Duration,
     metrics: &Metrics,
 ) {
     for q in rx.iter() {
         let started = Instant::now();
-        if let Some(t) = lock(jobs).get_mut(&q.id) {
-            t.report.state = State::Running;
-            t.started = Some(started);
-        }
-        let result = store.invalidate(&q.job, &q.progress);
-        let mut report = match lock(jobs).get(&q.id) {
-            Some(t) => t.report.clone(),
-            None => continue,
+        let mut report = {
+            let mut jobs = lock(jobs);
+            match jobs.by_id.get_mut(&q.id) {
+                // Under the jobs lock, so a cancel sees it either queued or running.
+                Some(t) if t.report.state == State::Queued => {
+                    t.report.state = State::Running;
+                    t.started = Some(started);
+                    q.progress.start(job_timeout);
+                    t.report.clone()
+                }
+                // Cancelled while queued (its report is final), or forgotten.
+                _ => continue,
+            }
         };
+        let result = store.invalidate(&q.job, &q.progress);
         report.scanned = q.progress.scanned.load(Ordering::Relaxed);
         report.matched = q.progress.matched.load(Ordering::Relaxed);
         report.changed = q.progress.changed.load(Ordering::Relaxed);
-        match result {
+        let stopped = match result {
             Ok(outcome) => {
-                report.state = State::Done;
                 report.matched = outcome.matched;
                 report.changed = outcome.changed;
                 report.sample = outcome.sample;
                 report.replicas = outcome.replicas;
-                if q.job.mode == Mode::Refresh && !q.job.dry_run {
+                let mut stopped = outcome.stopped;
+                if stopped.is_none() && q.job.mode == Mode::Refresh && !q.job.dry_run {
                     // One fetch at a time: a refresh never floods the origin.
                     for key in &outcome.to_refresh {
+                        if let Err(stop) = q.progress.check() {
+                            stopped = Some(stop);
+                            break;
+                        }
                         if let Some(key) = CacheKey::parse(key) {
                             if refresher.refresh(&key) {
                                 report.changed += 1;
@@ -674,11 +896,22 @@ fn run(
                         }
                     }
                 }
+                stopped
             }
             Err(e) => {
                 report.state = State::Failed;
                 report.error = Some(e.to_string());
+                None
             }
+        };
+        match stopped {
+            Some(Stop::Cancelled) => report.state = State::Cancelled,
+            Some(Stop::OutOfTime(_)) => report.state = State::Failed,
+            None if report.state == State::Running => report.state = State::Done,
+            None => {}
+        }
+        if let Some(stop) = stopped {
+            report.error = Some(stop.to_string());
         }
         report.elapsed = started.elapsed();
         let replicas = match report.replicas {
@@ -693,7 +926,7 @@ fn run(
             None => String::new(),
         };
         info!(
-            "invalidation {} by {}: {} mode={}{} matched={} changed={} scanned={} {} in {} ms{}",
+            "invalidation {} by {}: {} mode={}{} matched={} changed={} scanned={} {} in {} ms{}{}",
             report.id,
             q.who,
             report.what,
@@ -704,28 +937,14 @@ fn run(
             report.scanned,
             report.state.as_str(),
             report.elapsed.as_millis(),
-            replicas
+            replicas,
+            report
+                .error
+                .as_ref()
+                .map_or(String::new(), |e| format!(": {e}")),
         );
-        let outcome = match (report.state, report.dry_run) {
-            (State::Failed, _) => "failed",
-            (_, true) => "dry_run",
-            _ => "done",
-        };
-        let mode = report.mode.as_str().to_string();
-        metrics
-            .invalidations
-            .get_or_create(&vec![("mode", mode.clone()), ("outcome", outcome.into())])
-            .inc();
-        if !report.dry_run {
-            let _ = metrics
-                .invalidated_entries
-                .get_or_create(&vec![("mode", mode)])
-                .inc_by(report.changed);
-        }
-        if let Some(t) = lock(jobs).get_mut(&q.id) {
-            t.report = report.clone();
-        }
-        let _ = q.done.send(report);
+        count(metrics, &report);
+        lock(jobs).finish(report);
     }
 }
 
@@ -899,5 +1118,161 @@ mod tests {
             "http://a/x",
             &["u".into()]
         ));
+    }
+
+    #[test]
+    fn checkpoints_look_every_few_hundred_keys_or_few_kib() {
+        let progress = Progress::default();
+        progress.cancel();
+        let mut short = Checkpoint::new(&progress);
+        for _ in 1..CHECK_EVERY_KEYS {
+            assert_eq!(short.key(10), Ok(()));
+        }
+        assert_eq!(short.key(10), Err(Stop::Cancelled));
+        let mut long = Checkpoint::new(&progress);
+        assert_eq!(long.key(CHECK_EVERY_BYTES), Err(Stop::Cancelled));
+        let budget = Progress::default();
+        assert_eq!(budget.check(), Ok(()), "no budget before the job starts");
+        budget.start(Duration::ZERO);
+        assert_eq!(budget.check(), Err(Stop::OutOfTime(Duration::ZERO)));
+        assert!(Stop::OutOfTime(Duration::from_millis(300))
+            .to_string()
+            .contains("time budget of 300 ms (invalidation.job_timeout_ms)"));
+    }
+
+    /// A store whose jobs scan until they are stopped (or 10 s pass), and report
+    /// `sample` as their matches.
+    struct EndlessStore {
+        sample: Vec<String>,
+    }
+
+    impl Store for EndlessStore {
+        fn name(&self) -> &'static str {
+            "endless"
+        }
+        fn get(&self, _: &CacheKey) -> Result<crate::store::Lookup, crate::store::StoreError> {
+            Ok(crate::store::Lookup::default())
+        }
+        fn put(
+            &self,
+            _: &CacheKey,
+            _: Arc<crate::store::Entry>,
+            _: u64,
+        ) -> Result<bool, crate::store::StoreError> {
+            Ok(false)
+        }
+        fn remove(&self, _: &CacheKey) -> Result<usize, crate::store::StoreError> {
+            Ok(0)
+        }
+        fn invalidate(
+            &self,
+            job: &Job,
+            progress: &Progress,
+        ) -> Result<Outcome, crate::store::StoreError> {
+            let mut outcome = Outcome {
+                sample: self.sample.clone(),
+                matched: self.sample.len() as u64,
+                ..Outcome::default()
+            };
+            if job.dry_run {
+                return Ok(outcome);
+            }
+            let give_up = Instant::now() + Duration::from_secs(10);
+            let mut checkpoint = Checkpoint::new(progress);
+            while Instant::now() < give_up {
+                progress.scanned.fetch_add(1, Ordering::Relaxed);
+                if let Err(stop) = checkpoint.key(100) {
+                    outcome.stopped = Some(stop);
+                    break;
+                }
+                thread::yield_now();
+            }
+            Ok(outcome)
+        }
+    }
+
+    struct NoRefresh;
+
+    impl Refresher for NoRefresh {
+        fn refresh(&self, _: &CacheKey) -> bool {
+            false
+        }
+    }
+
+    fn invalidator(sample: Vec<String>, job_timeout: Duration) -> Invalidator {
+        Invalidator::start(
+            Arc::new(EndlessStore { sample }),
+            Arc::new(NoRefresh),
+            8,
+            job_timeout,
+            Metrics::new(),
+        )
+        .unwrap()
+    }
+
+    fn job(pattern: &str, dry_run: bool) -> Job {
+        Job {
+            matcher: Arc::new(matcher(pattern)),
+            mode: Mode::Delete,
+            dry_run,
+        }
+    }
+
+    fn wait_for(inv: &Invalidator, id: u64, state: State) -> Report {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            let report = inv.report(id).unwrap();
+            if report.state == state {
+                return report;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "job {id} never {state:?}: {report:?}"
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn cancels_end_queued_jobs_at_once_and_running_ones_at_their_next_check() {
+        let inv = invalidator(Vec::new(), Duration::from_secs(3600));
+        let (running, running_done) = inv.submit(job("^/a", false), "test").unwrap();
+        wait_for(&inv, running, State::Running);
+        let (queued, queued_done) = inv.submit(job("^/b", false), "test").unwrap();
+        let report = inv.cancel(queued).unwrap();
+        assert_eq!(report.state, State::Cancelled);
+        // Its waiter hears at once, though the thread is busy with the other job.
+        let told = queued_done.recv_timeout(Duration::from_secs(1)).unwrap();
+        assert_eq!(told.state, State::Cancelled);
+        let report = inv.cancel(running).unwrap();
+        assert_eq!(
+            (report.state, report.cancel_requested),
+            (State::Running, true)
+        );
+        let told = running_done.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(told.state, State::Cancelled);
+        assert!(told.scanned > 0);
+        assert_eq!(
+            told.error.as_deref(),
+            Some("cancelled (DELETE /invalidate/<id>)")
+        );
+        assert_eq!(
+            inv.cancel(running).unwrap_err(),
+            CancelRefused::Finished(State::Cancelled)
+        );
+        assert_eq!(inv.cancel(999).unwrap_err(), CancelRefused::Unknown);
+        // The cancelled queued job never ran.
+        assert_eq!(inv.report(queued).unwrap().scanned, 0);
+    }
+
+    #[test]
+    fn a_job_out_of_its_budget_fails_naming_it() {
+        let inv = invalidator(Vec::new(), Duration::from_millis(50));
+        let (_, done) = inv.submit(job("^/a", false), "test").unwrap();
+        let report = done.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(report.state, State::Failed);
+        assert!(report.scanned > 0);
+        assert!(report.elapsed >= Duration::from_millis(50));
+        assert!(report.error.unwrap().contains("time budget of 50 ms"));
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use lru::LruCache;
 
 use super::{Entry, Lookup, Store, StoreError};
-use crate::invalidate::{BanCheck, Bans, Job, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidate::{BanCheck, Bans, Checkpoint, Job, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
 
 /// Rounds of ban checks a `put` makes before giving up on storing (see `put`).
@@ -162,7 +162,14 @@ impl Store for MemoryStore {
         };
         let mut outcome = Outcome::default();
         let mut batch: Vec<Arc<str>> = Vec::with_capacity(BATCH);
+        let mut checkpoint = Checkpoint::new(progress);
         for key in keys {
+            // A cancel or the end of the budget stops the job here, with what it did so
+            // far applied and reported (the matches not yet applied are left alone).
+            if let Err(stop) = checkpoint.key(key.len()) {
+                outcome.stopped = Some(stop);
+                return Ok(outcome);
+            }
             progress.scanned.fetch_add(1, Ordering::Relaxed);
             // No lock held: the regex may take its time.
             if !job.matcher.matches_key(&key) {

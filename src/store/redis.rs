@@ -39,7 +39,7 @@ use log::{debug, info, warn};
 
 use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
 use crate::config::RedisConfig;
-use crate::invalidate::{ban_names, Job, Matcher, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidate::{ban_names, Checkpoint, Job, Matcher, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
 use crate::policy;
 
@@ -847,7 +847,16 @@ impl Store for RedisStore {
             let mut cursor: u64 = 0;
             let mut batch: Vec<String> = Vec::with_capacity(BATCH);
             let mut seen: HashSet<u64> = HashSet::new();
-            loop {
+            let mut checkpoint = Checkpoint::new(progress);
+            // A cancel or the end of the budget stops the job at its next check: before
+            // each SCAN (one may walk many keys and return none) and every few hundred
+            // keys. What it did is reported; the matches not yet applied are left alone,
+            // and there is no WAIT (the job is not done).
+            'scan: loop {
+                if let Err(stop) = progress.check() {
+                    outcome.stopped = Some(stop);
+                    break 'scan;
+                }
                 let (next, keys): (u64, Vec<String>) = match matcher.tag() {
                     Some(tag) => redis::cmd("SSCAN")
                         .arg(format!("{TAG_PREFIX}{tag}"))
@@ -867,6 +876,10 @@ impl Store for RedisStore {
                     .scanned
                     .fetch_add(keys.len() as u64, Ordering::Relaxed);
                 for rkey in keys {
+                    if let Err(stop) = checkpoint.key(rkey.len()) {
+                        outcome.stopped = Some(stop);
+                        break 'scan;
+                    }
                     let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
                         continue;
                     };
@@ -903,6 +916,9 @@ impl Store for RedisStore {
                 if cursor == 0 {
                     break;
                 }
+            }
+            if outcome.stopped.is_some() {
+                return Ok(());
             }
             if !batch.is_empty() {
                 let n = self.apply(conn, job, &batch)?;

@@ -155,6 +155,7 @@ fn help_prints_usage_and_exits_0() {
         "--pattern",
         "--tag",
         "--status",
+        "--cancel",
     ] {
         assert!(
             out.stdout.contains(flag),
@@ -526,6 +527,21 @@ fn invalidate_drives_the_admin_api_of_a_running_echod() {
     assert_eq!(report["deleted"], 1, "{report}");
     assert_eq!(echo.cache_status("/bytes/10"), "MISS");
 
+    // --cancel sends DELETE /invalidate/<id>: a job already done cannot be cancelled.
+    let out = echod(&["invalidate", "--config", config, "--cancel", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("DELETE /invalidate/"), "{}", out.stderr);
+    assert!(out.stderr.contains("409"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("already ended (done)"),
+        "{}",
+        out.stderr
+    );
+    assert_no_token(&out, ADMIN_TOKEN);
+    let out = echod(&["invalidate", "--config", config, "--cancel", "999999"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("404"), "{}", out.stderr);
+
     // The API's refusals exit 1 with its answer on stderr and nothing on stdout.
     let out = echod(&["invalidate", "--config", config, "--pattern", "("]);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
@@ -593,14 +609,14 @@ fn invalidate_with_no_echod_listening_exits_2() {
 fn invalidate_usage_errors_exit_2_before_reading_the_config() {
     // The config does not exist: a usage error is reported before it is read.
     let cases: &[(&[&str], &str)] = &[
-        (&["invalidate"], "--pattern, --tag or --status"),
+        (&["invalidate"], "--pattern, --tag, --status or --cancel"),
         (
             &["invalidate", "--dry-run", "--async"],
-            "--pattern, --tag or --status",
+            "--pattern, --tag, --status or --cancel",
         ),
         (
             &["invalidate", "--host", "a.example"],
-            "--pattern, --tag or --status",
+            "--pattern, --tag, --status or --cancel",
         ),
         (&["invalidate", "--pattern"], "--pattern needs a value"),
         (
@@ -622,6 +638,13 @@ fn invalidate_usage_errors_exit_2_before_reading_the_config() {
             "--frobnicate",
         ),
         (&["--check-config", "invalidate"], "invalidate"),
+        (&["invalidate", "--cancel", "seven"], "seven"),
+        (&["invalidate", "--cancel", "1", "--cancel", "2"], "twice"),
+        (
+            &["invalidate", "--cancel", "1", "--status", "1"],
+            "cannot be combined",
+        ),
+        (&["invalidate", "--cancel", "1", "--dry-run"], "--cancel"),
     ];
     for (args, names) in cases {
         // `--config F` also goes before the subcommand.
