@@ -606,31 +606,47 @@ pub enum CancelRefused {
     Finished(State),
 }
 
-/// Keeps the reports of this many finished jobs for `GET /invalidate/<id>`.
+/// Keeps the reports of at most this many jobs for `GET /invalidate/<id>`...
 const KEEP_REPORTS: usize = 1000;
+/// ... and at most this many bytes of finished reports: one can carry a 4 KiB pattern
+/// and 10 sample keys of up to 8 KiB each, so 1000 of those would be 85 MB.
+const KEEP_REPORT_BYTES: usize = 4 << 20;
+
+/// What keeping a report costs, roughly: its strings and the bookkeeping around it.
+fn report_bytes(report: &Report) -> usize {
+    std::mem::size_of::<Tracked>()
+        + std::mem::size_of::<Progress>()
+        + report.what.len()
+        + report.error.as_ref().map_or(0, String::len)
+        + report
+            .sample
+            .iter()
+            .map(|k| k.len() + std::mem::size_of::<String>())
+            .sum::<usize>()
+}
 
 /// Every job's report, by id (so by age), with its live counters and its waiter.
 #[derive(Default)]
 struct Jobs {
     by_id: BTreeMap<u64, Tracked>,
+    /// The [`report_bytes`] of the finished reports kept.
+    finished_bytes: usize,
 }
 
 impl Jobs {
     /// Forgets the oldest finished reports beyond the bounds; jobs not finished are
     /// kept (the queue bounds them).
     fn prune(&mut self) {
-        while self.by_id.len() > KEEP_REPORTS {
+        while self.by_id.len() > KEEP_REPORTS || self.finished_bytes > KEEP_REPORT_BYTES {
             let oldest = self
                 .by_id
                 .iter()
                 .find(|(_, t)| t.report.state.is_final())
                 .map(|(id, _)| *id);
-            match oldest {
-                Some(id) => {
-                    self.by_id.remove(&id);
-                }
-                None => break,
-            }
+            let Some(forgotten) = oldest.and_then(|id| self.by_id.remove(&id)) else {
+                break;
+            };
+            self.finished_bytes -= report_bytes(&forgotten.report);
         }
     }
 
@@ -643,7 +659,10 @@ impl Jobs {
             // The waiter may have given up (answered 202): nobody to tell.
             let _ = done.try_send(report.clone());
         }
-        t.report = report;
+        if !t.report.state.is_final() {
+            self.finished_bytes += report_bytes(&report);
+            t.report = report;
+        }
         self.prune();
     }
 }
@@ -776,6 +795,13 @@ impl Invalidator {
                 })
             }
         }
+    }
+
+    /// How many reports are kept, and the bytes of the finished ones.
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize) {
+        let jobs = lock(&self.jobs);
+        (jobs.by_id.len(), jobs.finished_bytes)
     }
 
     /// A job's report, with live counters while it runs.
@@ -1274,5 +1300,30 @@ mod tests {
         assert!(report.scanned > 0);
         assert!(report.elapsed >= Duration::from_millis(50));
         assert!(report.error.unwrap().contains("time budget of 50 ms"));
+    }
+
+    #[test]
+    fn finished_reports_are_bounded_in_bytes_oldest_forgotten_first() {
+        // Issue 13 finding 7: the Invalidator kept 1000 reports whatever their size,
+        // each with up to a 4 KiB pattern and 10 sample keys of up to 8 KiB (85 MB).
+        let sample: Vec<String> = (0..SAMPLE)
+            .map(|i| format!("http://a/{i}/{}", "k".repeat(8 * 1024)))
+            .collect();
+        let inv = invalidator(sample, Duration::from_secs(3600));
+        let mut last = 0;
+        for i in 0..200 {
+            let pattern = format!("^/{i}/{}", "p".repeat(MAX_PATTERN_BYTES - 16));
+            let (id, done) = inv.submit(job(&pattern, true), "test").unwrap();
+            let report = done.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(report.state, State::Done);
+            let (count, bytes) = inv.kept();
+            assert!(bytes <= KEEP_REPORT_BYTES, "{count} reports, {bytes} bytes");
+            last = id;
+        }
+        let (count, _) = inv.kept();
+        assert!((20..200).contains(&count), "{count} reports kept");
+        assert!(inv.report(1).is_none(), "the oldest is forgotten first");
+        let newest = inv.report(last).unwrap();
+        assert_eq!(newest.sample.len(), SAMPLE, "the newest is kept whole");
     }
 }
