@@ -29,8 +29,20 @@ use crate::store::Store;
 
 /// Longest pattern accepted, in bytes.
 pub const MAX_PATTERN_BYTES: usize = 4096;
-/// Compiled-regex size limit: a pattern over it is refused with the regex error.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Compiled-regex size limit (the regex's NFA): a pattern over it is refused. At 256 KiB
+/// a pattern compiles in about 2 ms at most (1 MiB allowed 11 ms, and patterns like
+/// `(?:.{0,30}a){0,30}Q`), and ordinary ones stay far below it (`^/orgs/\d+/` fits in
+/// 16 KiB); the Unicode classes are what grow it, each copy tens of KiB (`\w{5}` fits,
+/// `\w{10}` does not; `(?-u:\w){10}` or `[a-zA-Z0-9_]{10}` does).
+///
+/// A size limit does not bound the time a match takes (a small NFA can make the lazy DFA
+/// thrash: `(?:a{0,30}a){0,30}[^a]` costs ~50 ms per 4 KB key). That is what a job's
+/// time budget and cancel are for, and why no store matches under a lock.
+const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+/// The lazy DFA's cache of a job's regex. A smaller cache is not safer, only slower:
+/// it thrashes sooner (measured: 4x to 40x slower per key at 256 KiB on such patterns).
+/// It lives as long as the job: bans and reports keep no compiled regex.
+const REGEX_DFA_LIMIT: usize = 1 << 20;
 
 /// What happens to matching entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,9 +119,17 @@ impl Matcher {
             Some(p) => {
                 let regex = regex::RegexBuilder::new(p)
                     .size_limit(REGEX_SIZE_LIMIT)
-                    .dfa_size_limit(REGEX_SIZE_LIMIT)
+                    .dfa_size_limit(REGEX_DFA_LIMIT)
                     .build()
-                    .map_err(|e| BadRequest(format!("invalid pattern: {e}")))?;
+                    .map_err(|e| match e {
+                        regex::Error::CompiledTooBig(_) => BadRequest(format!(
+                            "invalid pattern: it compiles to more than {} KiB; use fewer or \
+                             shorter repetitions, and ASCII classes ((?-u:\\w), [0-9]) \
+                             rather than Unicode ones (\\w, \\d, .) inside them",
+                            REGEX_SIZE_LIMIT / 1024
+                        )),
+                        e => BadRequest(format!("invalid pattern: {e}")),
+                    })?;
                 (Some(regex), literal_prefix(p))
             }
         };
@@ -1021,6 +1041,7 @@ mod tests {
         assert!(e(Some(&"a".repeat(5000)), None).contains("longer than"));
         // A pattern that compiles to more than the size limit: the regex error says so.
         assert!(e(Some("\\w{1000}\\w{1000}\\w{1000}"), None).contains("invalid pattern"));
+        assert!(e(Some("\\w{10}"), None).contains("more than 256 KiB"));
         assert!(e(None, Some("two tags")).contains("invalid tag"));
     }
 
@@ -1325,5 +1346,33 @@ mod tests {
         assert!(inv.report(1).is_none(), "the oldest is forgotten first");
         let newest = inv.report(last).unwrap();
         assert_eq!(newest.sample.len(), SAMPLE, "the newest is kept whole");
+    }
+
+    #[test]
+    fn patterns_are_bounded_in_size_and_ordinary_ones_fit() {
+        // Issue 13 finding 7: with a 1 MiB limit, `(?:.{0,30}a){0,30}Q` compiled (11 ms)
+        // and cost ~90 ms per 4 KB key, under the memory store's lock.
+        for pattern in [r"(?:.{0,30}a){0,30}Q", r".{300}", r"\d{64}", r"\w{10}"] {
+            let err = Matcher::new(Some(pattern), None, None).unwrap_err().0;
+            assert!(
+                err.contains("compiles to more than 256 KiB"),
+                "{pattern}: {err}"
+            );
+        }
+        for pattern in [
+            r"^/orgs/42/",
+            r"^/orgs/1\d\d/",
+            r"user=7(&|$)",
+            r"(?i)^/api/v[0-9]+/(users|orgs|teams)/[0-9]+(/.*)?$",
+            r"(?i)^/(?:api|v1|v2)/users/\w+/(?:posts|comments)/\d+",
+            r"^/(?:[a-z0-9-]+/){3}\d+$",
+            r"[^/]+/[^/]+/[^/]+\?.*page=\d+",
+            r"^/assets/(?-u:\w){32}\.js$",
+            r"^/assets/[a-f0-9]{64}\.",
+            r"\w{5}",
+            r".{100}",
+        ] {
+            assert!(Matcher::new(Some(pattern), None, None).is_ok(), "{pattern}");
+        }
     }
 }

@@ -800,3 +800,20 @@ fn a_job_over_its_time_budget_stops_and_says_so_in_redis() {
     let left: u64 = redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE");
     assert!(left >= 500, "{left}");
 }
+
+#[test]
+fn a_pattern_that_compiles_too_large_is_refused() {
+    // Issue 13 finding 7: patterns compiled up to 1 MiB; this one (accepted then) held
+    // the memory store's lock for about 275 s over 3,000 keys of 4 KB.
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "(?:.{0,30}a){0,30}Q"}"#);
+    assert_eq!(status, 400, "{answer}");
+    let error = answer["error"].as_str().unwrap_or("");
+    assert!(error.contains("compiles to more than 256 KiB"), "{answer}");
+    assert!(error.contains(r"(?-u:\w)"), "{answer}");
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+}
