@@ -5,9 +5,10 @@
 //! - `GET /health`: 200 while Echo serves, JSON naming what is degraded (store, origins,
 //!   invalidation thread). `GET /ready`: 200, or 503 once a drain has begun.
 //! - `POST /invalidate` `{"pattern": "^/orgs/42/", "host": ..., "tag": ..., "mode":
-//!   "delete"|"refresh"|"stale", "dry_run": bool, "async": bool}`: validates, queues the
-//!   job for the invalidation thread, and answers when it is done (200), or at once with
-//!   a job id (202) for `async` or a job still running after `invalidation.wait_timeout`.
+//!   "delete"|"refresh"|"stale", "dry_run": bool, "async": bool, "all": bool}`:
+//!   validates (a pattern that matches every entry needs `"all": true`), queues the job
+//!   for the invalidation thread, and answers when it is done (200), or at once with a
+//!   job id (202) for `async` or a job still running after `invalidation.wait_timeout`.
 //! - `GET /invalidate/<id>`: a job's report, with live counters while it runs.
 //! - `DELETE /invalidate/<id>`: cancels a job: a queued one at once (200, `cancelled`),
 //!   a running one at its next check (202, `running` with `cancel_requested`); 409 for a
@@ -73,6 +74,9 @@ struct InvalidateRequest {
     dry_run: bool,
     #[serde(default, rename = "async")]
     asynchronous: bool,
+    /// Required when the pattern matches every entry: says that was meant.
+    #[serde(default)]
+    all: bool,
 }
 
 impl Admin {
@@ -269,6 +273,20 @@ impl Admin {
             Ok(m) => m,
             Err(e) => return error(ex, 400, &e.0),
         };
+        if matcher.matches_every_target() && !request.all {
+            let whose = match matcher.host() {
+                Some(host) => format!("every entry of {host}"),
+                None => "every entry".to_string(),
+            };
+            return error(
+                ex,
+                400,
+                &format!(
+                    "the pattern matches {whose}: add \"all\": true to the request if that \
+                     is what you mean"
+                ),
+            );
+        }
         let job = Job {
             matcher: Arc::new(matcher),
             mode,

@@ -42,6 +42,8 @@ pub struct InvalidateRequest {
     pub mode: Option<Mode>,
     pub dry_run: bool,
     pub asynchronous: bool,
+    /// Says a pattern that matches every entry is meant (`"all": true`).
+    pub all: bool,
 }
 
 impl InvalidateRequest {
@@ -68,6 +70,9 @@ impl InvalidateRequest {
         }
         if self.asynchronous {
             put("async", json!(true));
+        }
+        if self.all {
+            put("all", json!(true));
         }
         Value::Object(body)
     }
@@ -438,6 +443,7 @@ mod tests {
             mode: Some(Mode::Stale),
             dry_run: true,
             asynchronous: true,
+            all: true,
         };
         assert_eq!(
             request.to_json(),
@@ -447,6 +453,7 @@ mod tests {
                 "mode": "stale",
                 "dry_run": true,
                 "async": true,
+                "all": true,
             })
         );
     }

@@ -194,6 +194,32 @@ impl Matcher {
             .is_none_or(|t| tags.iter().any(|x| x == t))
     }
 
+    /// Does the pattern name every stored entry (of its host, if one is given)? Then the
+    /// request must say `"all": true`. A tag narrows it: such a matcher never does.
+    ///
+    /// Sound for the patterns people type by mistake: one that can match the empty
+    /// string with no assertion around it (`(?:)`, `.*`, `x?`) matches at the start of
+    /// every target; otherwise it is tried on probes that share nothing but the leading
+    /// `/` every target has: the shortest target, and a long one made of characters no
+    /// ordinary pattern asks for. `^`, `.`, `/`, `^/`, `a|.` match both; `^/orgs/` and
+    /// `^/$` do not. A pattern that matches both probes without matching everything
+    /// (`^/(?:$|~)`) also needs `all`: refusing is the safe side.
+    pub fn matches_every_target(&self) -> bool {
+        if self.tag.is_some() {
+            return false;
+        }
+        let Some(regex) = &self.regex else {
+            return false;
+        };
+        let empty_anywhere = regex_syntax::Parser::new()
+            .parse(regex.as_str())
+            .is_ok_and(|hir| {
+                let props = hir.properties();
+                props.minimum_len() == Some(0) && props.look_set().is_empty()
+            });
+        empty_anywhere || MATCH_ALL_PROBES.iter().all(|p| regex.is_match(p))
+    }
+
     /// A description for logs and job reports.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
@@ -209,6 +235,10 @@ impl Matcher {
         parts.join(" ")
     }
 }
+
+/// Request targets with nothing in common but their leading `/`: a pattern that matches
+/// all of them is taken to match every target (see [`Matcher::matches_every_target`]).
+const MATCH_ALL_PROBES: [&str; 2] = ["/", "/~%7E~.-_!$&'()*+,;=:@%25/~~~?~=~&~~=~~~~~~~~~~~~~~~~"];
 
 /// `http://host/target` → (host, target).
 pub fn split_key(key: &str) -> Option<(&str, &str)> {
@@ -1374,5 +1404,38 @@ mod tests {
         ] {
             assert!(Matcher::new(Some(pattern), None, None).is_ok(), "{pattern}");
         }
+    }
+
+    #[test]
+    fn patterns_that_match_everything_are_recognised() {
+        // Issue 13 finding 10: `(?:)`, `.` or `^` invalidated the whole cache without
+        // anything in the request saying that was meant.
+        for pattern in [
+            "(?:)", "^", ".", "/", "^/", ".*", "a|.", "$", "x?", "^.", "(?i)/", "[^a-z]", r"\A/",
+            r"(?m)^", ".+", "^/.*$", "(?s).",
+        ] {
+            assert!(matcher(pattern).matches_every_target(), "{pattern}");
+            let on_one_host = Matcher::new(Some(pattern), Some("a.example"), None).unwrap();
+            assert!(on_one_host.matches_every_target(), "{pattern} on a host");
+        }
+        for pattern in [
+            "^/orgs/",
+            "^/$",
+            "^$",
+            "/orgs/42/",
+            r"user=7(&|$)",
+            "a",
+            r"\?",
+            r"^/\d",
+            "^/orgs/42/|^/users/7$",
+            r"\bfoo\b",
+        ] {
+            assert!(!matcher(pattern).matches_every_target(), "{pattern}");
+        }
+        // A tag narrows it; a tag alone is never "everything".
+        let tagged = Matcher::new(Some("."), None, Some("org-42")).unwrap();
+        assert!(!tagged.matches_every_target());
+        let tag_only = Matcher::new(None, None, Some("org-42")).unwrap();
+        assert!(!tag_only.matches_every_target());
     }
 }

@@ -20,9 +20,11 @@ usage:
   echod --check-config [FILE]         validate FILE (or --config FILE) and exit
                                       (0 ok, 2 error)
   echod invalidate [--config FILE] (--pattern REGEX | --tag TAG) [--host HOST]
-        [--mode delete|refresh|stale] [--dry-run] [--async]
+        [--mode delete|refresh|stale] [--dry-run] [--async] [--all]
                                       invalidate cached entries through the admin
-                                      API named in FILE (admin.listen, admin.token)
+                                      API named in FILE (admin.listen, admin.token);
+                                      a pattern that matches every entry (^/, .)
+                                      needs --all
   echod invalidate [--config FILE] --status ID
                                       the report of invalidation job ID
   echod invalidate [--config FILE] --cancel ID
@@ -123,6 +125,7 @@ fn parse_invalidate(
             }
             "--dry-run" => request.dry_run = true,
             "--async" => request.asynchronous = true,
+            "--all" => request.all = true,
             "--status" | "--cancel" => {
                 let flag = if arg == "--status" {
                     "--status"

@@ -156,6 +156,7 @@ fn help_prints_usage_and_exits_0() {
         "--tag",
         "--status",
         "--cancel",
+        "--all",
     ] {
         assert!(
             out.stdout.contains(flag),
@@ -576,6 +577,17 @@ fn invalidate_drives_the_admin_api_of_a_running_echod() {
     assert_no_token(&out, wrong_token);
     // Nothing was done for it.
     assert_eq!(echo.cache_status("/data"), "HIT");
+
+    // A pattern that matches everything needs --all (issue 13 finding 10).
+    let out = echod(&["invalidate", "--config", config, "--pattern", "^/"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("400"), "{}", out.stderr);
+    assert!(out.stderr.contains("all"), "{}", out.stderr);
+    assert_eq!(echo.cache_status("/data"), "HIT");
+    let out = echod(&["invalidate", "--config", config, "--pattern", "^/", "--all"]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_eq!(stdout_json(&out)["deleted"], 2, "{}", out.stdout);
+    assert_eq!(echo.cache_status("/data"), "MISS");
 }
 
 #[test]
@@ -644,7 +656,7 @@ fn invalidate_usage_errors_exit_2_before_reading_the_config() {
             &["invalidate", "--cancel", "1", "--status", "1"],
             "cannot be combined",
         ),
-        (&["invalidate", "--cancel", "1", "--dry-run"], "--cancel"),
+        (&["invalidate", "--cancel", "1", "--all"], "--cancel"),
     ];
     for (args, names) in cases {
         // `--config F` also goes before the subcommand.

@@ -573,7 +573,7 @@ fn every_job_is_counted_in_the_metrics() {
     let echo = memory_echo(&o.origin, "");
     warm(&echo, TARGETS, "a.example");
     invalidate(&echo, r#"{"pattern": "^/orgs/42/"}"#);
-    invalidate(&echo, r#"{"pattern": "^/", "dry_run": true}"#);
+    invalidate(&echo, r#"{"pattern": "^/", "dry_run": true, "all": true}"#);
     invalidate(&echo, r#"{"pattern": "^/users/", "mode": "stale"}"#);
     let metrics = admin_call(&echo, "GET", "/metrics", Some(TOKEN), "");
     assert_eq!(metrics.status, 200);
@@ -815,5 +815,42 @@ fn a_pattern_that_compiles_too_large_is_refused() {
     assert!(error.contains(r"(?-u:\w)"), "{answer}");
     for t in TARGETS {
         assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+}
+
+#[test]
+fn a_pattern_that_matches_everything_needs_all_true() {
+    // Issue 13 finding 10: `(?:)`, `.` or `^` emptied the whole cache with nothing in
+    // the request saying that was meant.
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    for pattern in ["(?:)", "^", ".", "/", "^/", ".*", "a|."] {
+        for extra in ["", r#", "dry_run": true"#, r#", "host": "a.example""#] {
+            let body = format!(r#"{{"pattern": "{pattern}"{extra}}}"#);
+            let (status, answer) = invalidate(&echo, &body);
+            assert_eq!(status, 400, "{body}: {answer}");
+            let error = answer["error"].as_str().unwrap_or("");
+            assert!(error.contains(r#"add "all": true"#), "{body}: {answer}");
+        }
+    }
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+    // Narrower patterns, and tags, need nothing more.
+    for body in [
+        r#"{"pattern": "^/orgs/", "dry_run": true}"#,
+        r#"{"pattern": "^/$"}"#,
+        r#"{"tag": "no-such-tag"}"#,
+        r#"{"pattern": ".", "tag": "no-such-tag"}"#,
+    ] {
+        let (status, answer) = invalidate(&echo, body);
+        assert_eq!(status, 200, "{body}: {answer}");
+    }
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "(?:)", "all": true}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["deleted"], TARGETS.len(), "{answer}");
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "MISS", "{t}");
     }
 }
