@@ -3,17 +3,23 @@
 //! variants per key.
 //!
 //! Invalidation bans what it names (so an older fill cannot store it again, see
-//! `invalidate::Bans`) and takes a snapshot of the keys under the lock (reference-count
-//! bumps: keys are `Arc<str>`), then runs the regex over the snapshot with no lock held,
-//! and applies its mode to the matching keys in small batches, each under the lock
-//! briefly (tags are checked there: they live on the entries). An entry stored after
-//! the snapshot is covered by the ban, recorded before it.
+//! `invalidate::Bans`), then walks an ordered index of the keys a chunk at a time: it
+//! takes the lock to copy the next chunk of keys (reference-count bumps: keys are
+//! `Arc<str>`), matches them with no lock held, and applies its mode to the matches in
+//! small batches, each under the lock briefly (tags are checked there: they live on the
+//! entries). Each chunk resumes after the last key seen, so every key present from the
+//! ban to the walk's end is visited; one stored after the ban is covered by it. A job
+//! that names a host walks only that host's keys (and its pattern's literal prefix).
 //!
-//! Invariants: the accounted size never exceeds the bound after a `put` returns; no
-//! regex runs and no ban is compiled under the lock (hits never wait on a pattern); a
-//! lock poisoned by a panic elsewhere is recovered (the map holds no partial updates:
-//! each operation leaves it consistent before anything can panic).
+//! Invariants: the accounted size never exceeds the bound after a `put` returns; the
+//! index holds exactly the map's keys; no regex runs and no ban is compiled under the
+//! lock, which an invalidation holds for one chunk or one batch at a time (hits never
+//! wait on a pattern, nor on the size of the store); a lock poisoned by a panic
+//! elsewhere is recovered (the map holds no partial updates: each operation leaves it
+//! consistent before anything can panic).
 
+use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,12 +35,71 @@ const CHECK_ROUNDS: usize = 3;
 /// Matching keys handled per taking of the lock by an invalidation: small, so a hit
 /// waits at most for this many deletes (or stale copies) to be made.
 const BATCH: usize = 128;
+/// Keys an invalidation copies out of the index per taking of the lock (tens of µs).
+const CHUNK: usize = 1024;
 
 struct Inner {
-    /// Keys are shared so an invalidation's snapshot of them costs no copies.
     lru: LruCache<Arc<str>, Vec<Arc<Entry>>>,
+    /// The keys of `lru`, in order (shared with it: an invalidation's copy of a chunk
+    /// costs no string copies).
+    keys: BTreeSet<Arc<str>>,
     bytes: usize,
     bans: Bans,
+}
+
+impl Inner {
+    /// Removes `key` and everything it holds.
+    fn take(&mut self, key: &str) -> Option<Vec<Arc<Entry>>> {
+        let old = self.lru.pop(key)?;
+        self.keys.remove(key);
+        self.bytes -= variants_size(key, &old);
+        Some(old)
+    }
+
+    /// Evicts the least recently used key; false when there is none.
+    fn evict_lru(&mut self) -> bool {
+        match self.lru.pop_lru() {
+            Some((key, old)) => {
+                self.keys.remove(&*key);
+                self.bytes -= variants_size(&key, &old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The next `CHUNK` keys that start with `prefix`, after `after` (from the start of
+    /// the range when None).
+    fn chunk(&self, prefix: &str, after: Option<&str>) -> Vec<Arc<str>> {
+        let start = match after {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Included(prefix),
+        };
+        self.keys
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|k| k.starts_with(prefix))
+            .take(CHUNK)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The ranges of keys (by prefix) a job can match: those of its host, and of its
+/// pattern's literal prefix, when it names a host; else every key. Sound because
+/// `Matcher::matches_key` takes only `http://` and `https://` keys and compares their
+/// host exactly (a range may hold other hosts that share the prefix: the matcher drops
+/// them).
+fn key_ranges(matcher: &crate::invalidate::Matcher) -> Vec<String> {
+    match matcher.host() {
+        Some(host) => {
+            let target = matcher.prefix().unwrap_or("");
+            vec![
+                format!("http://{host}{target}"),
+                format!("https://{host}{target}"),
+            ]
+        }
+        None => vec![String::new()],
+    }
 }
 
 pub struct MemoryStore {
@@ -53,6 +118,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
+                keys: BTreeSet::new(),
                 bytes: 0,
                 bans: Bans::new(ban_ttl),
             }),
@@ -119,66 +185,65 @@ impl Store for MemoryStore {
                 }
             }
         };
-        let mut variants = match inner.lru.pop(k) {
-            Some(old) => {
+        // A key already stored keeps its place in the index (and its shared string).
+        let (shared, mut variants) = match inner.lru.pop_entry(k) {
+            Some((shared, old)) => {
                 inner.bytes -= variants_size(k, &old);
-                old
+                (shared, old)
             }
-            None => Vec::new(),
+            None => {
+                let shared: Arc<str> = Arc::from(k);
+                inner.keys.insert(Arc::clone(&shared));
+                (shared, Vec::new())
+            }
         };
         super::merge_variant(&mut variants, self.max_variants, &entry);
         variants.push(entry);
         inner.bytes += variants_size(k, &variants);
-        inner.lru.put(Arc::from(k), variants);
-        while inner.bytes > self.max_bytes {
-            match inner.lru.pop_lru() {
-                Some((old_key, old)) => inner.bytes -= variants_size(&old_key, &old),
-                None => break,
-            }
-        }
+        inner.lru.put(shared, variants);
+        while inner.bytes > self.max_bytes && inner.evict_lru() {}
         Ok(true)
     }
 
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
-        let mut inner = self.lock();
-        match inner.lru.pop(key.as_str()) {
-            Some(old) => {
-                inner.bytes -= variants_size(key.as_str(), &old);
-                Ok(old.len())
-            }
-            None => Ok(0),
-        }
+        Ok(self.lock().take(key.as_str()).map_or(0, |old| old.len()))
     }
 
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
-        // Under the lock: the ban first, then the snapshot, so every entry is either in
-        // the snapshot or stored after the ban (and checked against it).
-        let keys: Vec<Arc<str>> = {
-            let mut inner = self.lock();
-            if !job.dry_run {
-                inner.bans.add(&job.matcher);
-            }
-            inner.lru.iter().map(|(k, _)| Arc::clone(k)).collect()
-        };
+        // The ban first: every entry is either present when the walk passes its key, or
+        // stored after the ban (and checked against it).
+        if !job.dry_run {
+            self.lock().bans.add(&job.matcher);
+        }
         let mut outcome = Outcome::default();
         let mut batch: Vec<Arc<str>> = Vec::with_capacity(BATCH);
         let mut checkpoint = Checkpoint::new(progress);
-        for key in keys {
-            // A cancel or the end of the budget stops the job here, with what it did so
-            // far applied and reported (the matches not yet applied are left alone).
-            if let Err(stop) = checkpoint.key(key.len()) {
-                outcome.stopped = Some(stop);
-                return Ok(outcome);
-            }
-            progress.scanned.fetch_add(1, Ordering::Relaxed);
-            // No lock held: the regex may take its time.
-            if !job.matcher.matches_key(&key) {
-                continue;
-            }
-            batch.push(key);
-            if batch.len() >= BATCH {
-                self.apply(job, &batch, &mut outcome, progress);
-                batch.clear();
+        for prefix in key_ranges(&job.matcher) {
+            let mut after: Option<Arc<str>> = None;
+            loop {
+                let chunk = self.lock().chunk(&prefix, after.as_deref());
+                let Some(last) = chunk.last() else {
+                    break;
+                };
+                after = Some(Arc::clone(last));
+                for key in chunk {
+                    // A cancel or the end of the budget stops the job here, with what it
+                    // did so far applied and reported (matches not yet applied are left).
+                    if let Err(stop) = checkpoint.key(key.len()) {
+                        outcome.stopped = Some(stop);
+                        return Ok(outcome);
+                    }
+                    progress.scanned.fetch_add(1, Ordering::Relaxed);
+                    // No lock held: the regex may take its time.
+                    if !job.matcher.matches_key(&key) {
+                        continue;
+                    }
+                    batch.push(key);
+                    if batch.len() >= BATCH {
+                        self.apply(job, &batch, &mut outcome, progress);
+                        batch.clear();
+                    }
+                }
             }
         }
         self.apply(job, &batch, &mut outcome, progress);
@@ -194,8 +259,9 @@ impl MemoryStore {
         if keys.is_empty() {
             return;
         }
+        // What is deleted or replaced is freed after the lock is released (bodies, memfds).
+        let mut released: Vec<Vec<Arc<Entry>>> = Vec::new();
         let mut inner = self.lock();
-        let inner = &mut *inner;
         for key in keys {
             let Some(variants) = inner.lru.peek_mut(&**key) else {
                 continue;
@@ -212,12 +278,11 @@ impl MemoryStore {
                 continue;
             }
             match job.mode {
-                Mode::Delete => {
-                    if let Some(old) = inner.lru.pop(&**key) {
-                        inner.bytes -= variants_size(key, &old);
-                    }
+                Mode::Delete => released.extend(inner.take(key)),
+                Mode::Stale => {
+                    let stale = super::mark_stale(variants);
+                    released.push(std::mem::replace(variants, stale));
                 }
-                Mode::Stale => *variants = super::mark_stale(variants),
                 Mode::Refresh => {
                     outcome.to_refresh.push(key.to_string());
                     continue;
@@ -226,6 +291,8 @@ impl MemoryStore {
             outcome.changed += 1;
             progress.changed.fetch_add(1, Ordering::Relaxed);
         }
+        drop(inner);
+        drop(released);
     }
 }
 
@@ -378,5 +445,112 @@ mod tests {
             .invalidate(&job("^/b/2", Mode::Refresh, false), &Progress::default())
             .unwrap();
         assert_eq!(refresh.to_refresh.len(), 111);
+    }
+
+    /// The index holds exactly the map's keys.
+    fn assert_index_agrees(store: &MemoryStore) {
+        let inner = store.lock();
+        let mut in_map: Vec<&str> = inner.lru.iter().map(|(k, _)| &**k).collect();
+        in_map.sort_unstable();
+        let indexed: Vec<&str> = inner.keys.iter().map(|k| &**k).collect();
+        assert_eq!(in_map, indexed);
+    }
+
+    #[test]
+    fn the_key_index_follows_puts_evictions_removes_and_deletes() {
+        let one = entry(1000, &[]).size() + key("/0").as_str().len();
+        let store = MemoryStore::new(one * 50, 4, Duration::from_secs(60));
+        for i in 0..80 {
+            store
+                .put(&key(&format!("/{i}")), entry(1000, &[]), 0)
+                .unwrap();
+        }
+        store.put(&key("/79"), entry(1000, &[]), 0).unwrap();
+        let kept = store.usage().1;
+        assert!(
+            (40..=50).contains(&kept),
+            "evicted down to the bound: {kept}"
+        );
+        assert_index_agrees(&store);
+        store.remove(&key("/79")).unwrap();
+        // The oldest were evicted: /40 to /49 are all still there.
+        store
+            .invalidate(&job("^/4", Mode::Delete, false), &Progress::default())
+            .unwrap();
+        assert_index_agrees(&store);
+        assert_eq!(store.usage().1, kept - 1 - 10);
+    }
+
+    #[test]
+    fn a_job_walks_every_chunk_and_only_its_host_when_it_names_one() {
+        let store = MemoryStore::new(1 << 26, 4, Duration::from_secs(60));
+        // More than two chunks on host a, a few keys on hosts sharing its prefix.
+        let n = 2 * CHUNK + 10;
+        for i in 0..n {
+            store
+                .put(&key(&format!("/k/{i}")), entry(1, &[]), 0)
+                .unwrap();
+        }
+        for host in ["b", "ab", "a.b"] {
+            let k = CacheKey::new("https", host, "/k/0");
+            store.put(&k, entry(1, &[]), 0).unwrap();
+        }
+        let progress = Progress::default();
+        let all = store
+            .invalidate(&job("^/k/", Mode::Delete, true), &progress)
+            .unwrap();
+        assert_eq!(all.matched, n as u64 + 3);
+        assert_eq!(progress.scanned.load(Ordering::Relaxed), n as u64 + 3);
+        let on_a = Job {
+            matcher: Arc::new(
+                crate::invalidate::Matcher::new(Some("^/k/1"), Some("a"), None).unwrap(),
+            ),
+            mode: Mode::Delete,
+            dry_run: false,
+        };
+        let progress = Progress::default();
+        let deleted = store.invalidate(&on_a, &progress).unwrap();
+        let ones = (0..n).filter(|i| i.to_string().starts_with('1')).count() as u64;
+        assert_eq!(deleted.changed, ones);
+        // Only the range http://a/k/1... (and https://a/k/1...) was walked.
+        assert_eq!(progress.scanned.load(Ordering::Relaxed), ones);
+        assert!(!store
+            .get(&CacheKey::new("https", "ab", "/k/0"))
+            .unwrap()
+            .variants
+            .is_empty());
+        assert_index_agrees(&store);
+    }
+
+    #[test]
+    fn keys_present_throughout_a_walk_are_all_visited_whatever_changes_meanwhile() {
+        let store = Arc::new(MemoryStore::new(1 << 26, 4, Duration::from_secs(60)));
+        let n = 4 * CHUNK;
+        for i in 0..n {
+            store
+                .put(&key(&format!("/s/{i:05}")), entry(1, &[]), 0)
+                .unwrap();
+        }
+        let churn = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                // Other keys come and go, before and after the walk's position.
+                for round in 0..50 {
+                    for i in 0..200 {
+                        let k = key(&format!("/c/{round}/{i}"));
+                        store.put(&k, entry(1, &[]), u64::MAX).unwrap();
+                        store
+                            .remove(&key(&format!("/c/{round}/{}", i / 2)))
+                            .unwrap();
+                    }
+                }
+            })
+        };
+        let outcome = store
+            .invalidate(&job("^/s/", Mode::Delete, false), &Progress::default())
+            .unwrap();
+        churn.join().unwrap();
+        assert_eq!(outcome.changed, n as u64);
+        assert_index_agrees(&store);
     }
 }
