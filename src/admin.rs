@@ -7,8 +7,9 @@
 //! - `POST /invalidate` `{"pattern": "^/orgs/42/", "host": ..., "tag": ..., "mode":
 //!   "delete"|"refresh"|"stale", "dry_run": bool, "async": bool, "all": bool}`:
 //!   validates (a pattern that matches every entry needs `"all": true`), queues the job
-//!   for the invalidation thread, and answers when it is done (200), or at once with a
-//!   job id (202) for `async` or a job still running after `invalidation.wait_timeout`.
+//!   for the invalidation thread, and answers when it is done (200; 503 if it failed,
+//!   409 if it was cancelled), or at once with a job id (202) for `async` or a job still
+//!   running after `invalidation.wait_timeout`.
 //! - `GET /invalidate/<id>`: a job's report, with live counters while it runs.
 //! - `DELETE /invalidate/<id>`: cancels a job: a queued one at once (200, `cancelled`),
 //!   a running one at its next check (202, `running` with `cancel_requested`); 409 for a
