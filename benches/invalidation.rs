@@ -4,7 +4,8 @@
 //!
 //! `ECHO_BENCH_KEYS` (default 1,000,000, a multiple of 1,000) is the number of cached keys;
 //! `ECHO_BENCH_KEYS=20000` is a quick smoke run. `ECHO_BENCH_REPLICA=0` drops the replica;
-//! `ECHO_BENCH_SCAN_COUNT` sets `redis.scan_count` (default: the config's default).
+//! `ECHO_BENCH_SCAN_COUNT` sets `redis.scan_count` (default: the config's default);
+//! `ECHO_BENCH_REDIS=0` runs the memory store only.
 //!
 //! The key space is 1,000 organisations with N / 1,000 keys each:
 //! `http://api.example.com/orgs/{org}/users/{j / 10}?page={j % 10 + 1}`, org 0..999 and j
@@ -21,12 +22,17 @@
 //! server-side, after the walk); "SCANs" is the SCAN calls Redis counted, i.e. round trips.
 //! Every count is asserted, and so are the keys left behind (DBSIZE on the master and on
 //! the replica). Numbers are for comparing builds on the same, otherwise idle, machine.
+//!
+//! On the memory store a prober thread meanwhile looks up a key no job names, every
+//! 100 µs, and the longest of those lookups is printed under each row: how long a hit
+//! can wait for the store's lock while a job runs.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use echo::config::{Config, RedisConfig};
@@ -487,7 +493,7 @@ fn memory_bench(n: u64, per_org: u64) {
     // Every key shares one entry: the bench measures the scan, not the allocator.
     let e = entry();
     let store = MemoryStore::new(usize::MAX / 2, 4, Duration::from_secs(60));
-    header("Memory store: one lock held for the whole scan, a regex per key");
+    header("Memory store: keys copied 1024 per lock, matched without it, deleted 128 per lock");
     let start = Instant::now();
     for k in keys_of(0..ORGS, per_org) {
         assert!(store.put(&k, Arc::clone(&e), 0).expect("put"));
@@ -523,6 +529,7 @@ fn memory_bench(n: u64, per_org: u64) {
             scanned: 0,
             scans: None,
         };
+        let mut longest_gets = Vec::new();
         for run in 0..RUNS {
             if run > 0 && !dry_run {
                 // Put back what the last run deleted (a fill from the current generation).
@@ -531,7 +538,14 @@ fn memory_bench(n: u64, per_org: u64) {
                     assert!(store.put(&k, Arc::clone(&e), since).expect("put"));
                 }
             }
-            let (took, _, scanned) = run_job(&store, &job(pattern, dry_run), want);
+            let stop = AtomicBool::new(false);
+            let ((took, _, scanned), longest) = thread::scope(|s| {
+                let prober = s.spawn(|| longest_lookup(&store, &stop));
+                let result = run_job(&store, &job(pattern, dry_run), want);
+                stop.store(true, Ordering::Relaxed);
+                (result, prober.join().expect("prober"))
+            });
+            longest_gets.push(longest.as_secs_f64() * 1000.0);
             row.ms.push(took.as_secs_f64() * 1000.0);
             row.scanned = scanned;
             let want_left = if dry_run { left } else { left - want };
@@ -541,7 +555,27 @@ fn memory_bench(n: u64, per_org: u64) {
             left -= want;
         }
         row.print();
+        longest_gets.sort_by(f64::total_cmp);
+        println!(
+            "{:<44} longest lookup during the job: {:.2} ms (median of runs), {:.2} ms (max)",
+            "",
+            longest_gets[longest_gets.len() / 2],
+            longest_gets[longest_gets.len() - 1],
+        );
     }
+}
+
+/// Looks up a key no job names every 100 µs until `stop`; returns the longest lookup.
+fn longest_lookup(store: &MemoryStore, stop: &AtomicBool) -> Duration {
+    let probe = key(ORGS - 1, 0);
+    let mut longest = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        let _ = store.get(&probe).expect("get");
+        longest = longest.max(start.elapsed());
+        thread::sleep(Duration::from_micros(100));
+    }
+    longest
 }
 
 fn main() {
@@ -563,6 +597,8 @@ fn main() {
         "invalidation bench: {n} keys, {ORGS} orgs x {per_org} keys \
          (http://{HOST}/orgs/{{org}}/users/{{u}}?page={{p}}), {RUNS} runs per deletion"
     );
-    redis_bench(n, per_org, with_replica, scan_count);
+    if std::env::var("ECHO_BENCH_REDIS").map_or(true, |v| v.trim() != "0") {
+        redis_bench(n, per_org, with_replica, scan_count);
+    }
     memory_bench(n, per_org);
 }

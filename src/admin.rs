@@ -5,10 +5,15 @@
 //! - `GET /health`: 200 while Echo serves, JSON naming what is degraded (store, origins,
 //!   invalidation thread). `GET /ready`: 200, or 503 once a drain has begun.
 //! - `POST /invalidate` `{"pattern": "^/orgs/42/", "host": ..., "tag": ..., "mode":
-//!   "delete"|"refresh"|"stale", "dry_run": bool, "async": bool}`: validates, queues the
-//!   job for the invalidation thread, and answers when it is done (200), or at once with
-//!   a job id (202) for `async` or a job still running after `invalidation.wait_timeout`.
+//!   "delete"|"refresh"|"stale", "dry_run": bool, "async": bool, "all": bool}`:
+//!   validates (a pattern that matches every entry needs `"all": true`), queues the job
+//!   for the invalidation thread, and answers when it is done (200; 503 if it failed,
+//!   409 if it was cancelled), or at once with a job id (202) for `async` or a job still
+//!   running after `invalidation.wait_timeout`.
 //! - `GET /invalidate/<id>`: a job's report, with live counters while it runs.
+//! - `DELETE /invalidate/<id>`: cancels a job: a queued one at once (200, `cancelled`),
+//!   a running one at its next check (202, `running` with `cancel_requested`); 409 for a
+//!   job already finished, 404 for an unknown one.
 //! - `GET /metrics`: Prometheus / OpenMetrics text.
 //!
 //! Invariants: the token is compared in constant time and never logged; nothing is done
@@ -25,7 +30,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::http::exchange::Exchange;
-use crate::invalidate::{Invalidator, Job, Matcher, Mode, Refused, Report, State};
+use crate::invalidate::{CancelRefused, Invalidator, Job, Matcher, Mode, Refused, Report, State};
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::server::Handler;
@@ -70,6 +75,9 @@ struct InvalidateRequest {
     dry_run: bool,
     #[serde(default, rename = "async")]
     asynchronous: bool,
+    /// Required when the pattern matches every entry: says that was meant.
+    #[serde(default)]
+    all: bool,
 }
 
 impl Admin {
@@ -236,6 +244,9 @@ fn report_json(r: &Report) -> Value {
     if let Some(e) = &r.error {
         v["error"] = json!(e);
     }
+    if r.cancel_requested {
+        v["cancel_requested"] = json!(true);
+    }
     v
 }
 
@@ -274,6 +285,20 @@ impl Admin {
             Ok(m) => m,
             Err(e) => return error(ex, 400, &e.0),
         };
+        if matcher.matches_every_target() && !request.all {
+            let whose = match matcher.host() {
+                Some(host) => format!("every entry of {host}"),
+                None => "every entry".to_string(),
+            };
+            return error(
+                ex,
+                400,
+                &format!(
+                    "the pattern matches {whose}: add \"all\": true to the request if that \
+                     is what you mean"
+                ),
+            );
+        }
         let job = Job {
             matcher: Arc::new(matcher),
             mode,
@@ -299,6 +324,8 @@ impl Admin {
         }
         match done.recv_timeout(self.wait) {
             Ok(report) if report.state == State::Failed => reply(ex, 503, &report_json(&report)),
+            // Cancelled by another call while this one waited for it.
+            Ok(report) if report.state == State::Cancelled => reply(ex, 409, &report_json(&report)),
             Ok(report) => reply(ex, 200, &report_json(&report)),
             Err(RecvTimeoutError::Timeout) => accepted(ex, "running"),
             Err(RecvTimeoutError::Disconnected) => error(ex, 503, "invalidation is stopped"),
@@ -306,7 +333,34 @@ impl Admin {
     }
 }
 
+/// The job id of `/invalidate/<id>`.
+fn job_id(path: &str) -> Option<u64> {
+    path.strip_prefix("/invalidate/")?.parse().ok()
+}
+
 impl Admin {
+    /// `DELETE /invalidate/<id>`.
+    fn cancel(&self, ex: &mut Exchange<'_>, id: Option<u64>) {
+        let Some(id) = id else {
+            return error(ex, 404, "no such invalidation job");
+        };
+        match self.invalidator.cancel(id) {
+            Ok(report) if report.state == State::Cancelled => reply(ex, 200, &report_json(&report)),
+            // Running: it stops at its next check; GET /invalidate/<id> says when.
+            Ok(report) => reply(ex, 202, &report_json(&report)),
+            Err(CancelRefused::Unknown) => error(ex, 404, "no such invalidation job"),
+            Err(CancelRefused::Finished(state)) => reply(
+                ex,
+                409,
+                &json!({
+                    "error": format!("invalidation job {id} already ended ({})", state.as_str()),
+                    "id": id,
+                    "state": state.as_str(),
+                }),
+            ),
+        }
+    }
+
     /// `GET /health` and `GET /ready`, if that is what `ex` asks; false otherwise.
     fn probe(&self, ex: &mut Exchange<'_>) -> bool {
         let path = ex.req.target.split('?').next().unwrap_or("");
@@ -353,16 +407,17 @@ impl Handler for Admin {
                 let _ = ex.respond(200, &headers, self.metrics.encode().as_bytes());
             }
             ("GET", p) if p.starts_with("/invalidate/") => {
-                let report = p["/invalidate/".len()..]
-                    .parse::<u64>()
-                    .ok()
-                    .and_then(|id| self.invalidator.report(id));
+                let report = job_id(p).and_then(|id| self.invalidator.report(id));
                 match report {
                     Some(r) => reply(ex, 200, &report_json(&r)),
                     None => error(ex, 404, "no such invalidation job"),
                 }
             }
+            ("DELETE", p) if p.starts_with("/invalidate/") => self.cancel(ex, job_id(p)),
             (_, "/invalidate") => error(ex, 405, "use POST /invalidate"),
+            (_, p) if p.starts_with("/invalidate/") => {
+                error(ex, 405, "use GET or DELETE /invalidate/<id>")
+            }
             _ => error(ex, 404, "no such admin endpoint"),
         }
     }

@@ -1,5 +1,6 @@
 //! The client side of the admin API, for `echod invalidate`: builds the `POST
-//! /invalidate` body or the `GET /invalidate/<id>` call, sends it to `admin.listen` with
+//! /invalidate` body, or the `GET` / `DELETE /invalidate/<id>` call of a job, sends it
+//! to `admin.listen` with
 //! the bearer token from the config, and returns the status and body of the answer.
 //!
 //! Hand-written on a plain `TcpStream` rather than with ureq: it is a dozen lines of
@@ -41,6 +42,8 @@ pub struct InvalidateRequest {
     pub mode: Option<Mode>,
     pub dry_run: bool,
     pub asynchronous: bool,
+    /// Says a pattern that matches every entry is meant (`"all": true`).
+    pub all: bool,
 }
 
 impl InvalidateRequest {
@@ -68,6 +71,9 @@ impl InvalidateRequest {
         if self.asynchronous {
             put("async", json!(true));
         }
+        if self.all {
+            put("all", json!(true));
+        }
         Value::Object(body)
     }
 }
@@ -79,6 +85,8 @@ pub enum AdminCall {
     Invalidate(InvalidateRequest),
     /// `GET /invalidate/<id>`: a job's report.
     Status(u64),
+    /// `DELETE /invalidate/<id>`: cancels a job.
+    Cancel(u64),
 }
 
 impl AdminCall {
@@ -86,20 +94,21 @@ impl AdminCall {
         match self {
             AdminCall::Invalidate(_) => "POST",
             AdminCall::Status(_) => "GET",
+            AdminCall::Cancel(_) => "DELETE",
         }
     }
 
     fn path(&self) -> String {
         match self {
             AdminCall::Invalidate(_) => "/invalidate".to_string(),
-            AdminCall::Status(id) => format!("/invalidate/{id}"),
+            AdminCall::Status(id) | AdminCall::Cancel(id) => format!("/invalidate/{id}"),
         }
     }
 
     fn body(&self) -> Option<Vec<u8>> {
         match self {
             AdminCall::Invalidate(r) => Some(r.to_json().to_string().into_bytes()),
-            AdminCall::Status(_) => None,
+            AdminCall::Status(_) | AdminCall::Cancel(_) => None,
         }
     }
 
@@ -434,6 +443,7 @@ mod tests {
             mode: Some(Mode::Stale),
             dry_run: true,
             asynchronous: true,
+            all: true,
         };
         assert_eq!(
             request.to_json(),
@@ -443,6 +453,7 @@ mod tests {
                 "mode": "stale",
                 "dry_run": true,
                 "async": true,
+                "all": true,
             })
         );
     }
@@ -455,6 +466,8 @@ mod tests {
         );
         assert_eq!(AdminCall::Status(7).describe(), "GET /invalidate/7");
         assert_eq!(AdminCall::Status(7).body(), None);
+        assert_eq!(AdminCall::Cancel(7).describe(), "DELETE /invalidate/7");
+        assert_eq!(AdminCall::Cancel(7).body(), None);
     }
 
     #[test]

@@ -65,6 +65,7 @@ struct RawInvalidation {
     queue_depth: u64,
     wait_timeout_ms: u64,
     ban_ttl_ms: u64,
+    job_timeout_ms: u64,
 }
 
 impl Default for RawInvalidation {
@@ -73,6 +74,7 @@ impl Default for RawInvalidation {
             queue_depth: 64,
             wait_timeout_ms: 60_000,
             ban_ttl_ms: 300_000,
+            job_timeout_ms: 300_000,
         }
     }
 }
@@ -354,6 +356,8 @@ pub struct InvalidationConfig {
     pub wait_timeout: Duration,
     /// How long an invalidation is held against fills that began before it.
     pub ban_ttl: Duration,
+    /// A job's time budget: a job still running after it stops and is reported failed.
+    pub job_timeout: Duration,
 }
 
 /// The Redis store: where it is and how long Echo waits for it.
@@ -807,6 +811,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         queue_depth: ranged("invalidation.queue_depth", inv.queue_depth, 1, 100_000)?,
         wait_timeout: ms("invalidation.wait_timeout_ms", inv.wait_timeout_ms)?,
         ban_ttl: ms("invalidation.ban_ttl_ms", inv.ban_ttl_ms)?,
+        job_timeout: ms("invalidation.job_timeout_ms", inv.job_timeout_ms)?,
     };
 
     let level = match raw.log.level.to_ascii_lowercase().as_str() {
@@ -1181,6 +1186,7 @@ mod tests {
         assert!(c.routes.is_empty());
         assert_eq!(c.origin.max_idle_connections, 64);
         assert!(c.admin.is_none());
+        assert_eq!(c.invalidation.job_timeout, Duration::from_secs(300));
         let _ = ServerConfig::default();
     }
 
@@ -1206,6 +1212,11 @@ mod tests {
             ),
             ("[origin]\nurl = \"http://a\"\n[admin]\ntoken = \" \"\n", "admin.token", 4),
             ("[origin]\nurl = \"http://a\"\n[cache]\nstore = \"disk\"\n", "cache.store", 4),
+            (
+                "[origin]\nurl = \"http://a\"\n[invalidation]\njob_timeout_ms = 0\n",
+                "invalidation.job_timeout_ms",
+                4,
+            ),
             ("[origin]\nurl = \"http://a\"\n[cache]\nstore = \"redis\"\n", "cache.store", 4),
             ("[origin]\nurl = \"http://a\"\n[redis]\nmaster = \"http://r\"\n", "redis.master", 4),
             (

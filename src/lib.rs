@@ -341,6 +341,7 @@ pub fn start_on(
         Arc::clone(&store),
         Arc::clone(&proxy) as Arc<dyn invalidate::Refresher>,
         cfg.invalidation.queue_depth,
+        cfg.invalidation.job_timeout,
         Arc::clone(&metrics),
     )?);
     let handler = Arc::clone(&proxy);

@@ -20,11 +20,16 @@ usage:
   echod --check-config [FILE]         validate FILE (or --config FILE) and exit
                                       (0 ok, 2 error)
   echod invalidate [--config FILE] (--pattern REGEX | --tag TAG) [--host HOST]
-        [--mode delete|refresh|stale] [--dry-run] [--async]
+        [--mode delete|refresh|stale] [--dry-run] [--async] [--all]
                                       invalidate cached entries through the admin
-                                      API named in FILE (admin.listen, admin.token)
+                                      API named in FILE (admin.listen, admin.token);
+                                      a pattern that matches every entry (^/, .)
+                                      needs --all
   echod invalidate [--config FILE] --status ID
                                       the report of invalidation job ID
+  echod invalidate [--config FILE] --cancel ID
+                                      cancel job ID (a running one stops at its
+                                      next check: follow it with --status ID)
   echod --version
   echod --help
 
@@ -95,7 +100,8 @@ fn parse_invalidate(
     mut args: impl Iterator<Item = String>,
 ) -> Result<Command, String> {
     let mut request = InvalidateRequest::default();
-    let mut status: Option<u64> = None;
+    // --status ID or --cancel ID: a call on one job, which takes no other option.
+    let mut on_job: Option<(&'static str, u64)> = None;
     // A flag given twice is refused: silently keeping one of two patterns could
     // invalidate something the operator did not mean.
     let once = |slot: &mut Option<String>, flag: &str, value: String| match slot {
@@ -119,12 +125,25 @@ fn parse_invalidate(
             }
             "--dry-run" => request.dry_run = true,
             "--async" => request.asynchronous = true,
-            "--status" if status.is_some() => return Err("invalidate: --status given twice".into()),
-            "--status" => {
-                let id = value_of(&mut args, "--status")?;
-                status = Some(id.parse().map_err(|_| {
-                    format!("invalidate: --status needs a job id (a number), got {id:?}")
-                })?);
+            "--all" => request.all = true,
+            "--status" | "--cancel" => {
+                let flag = if arg == "--status" {
+                    "--status"
+                } else {
+                    "--cancel"
+                };
+                if let Some((given, _)) = on_job {
+                    return Err(if given == flag {
+                        format!("invalidate: {flag} given twice")
+                    } else {
+                        "invalidate: --status and --cancel cannot be combined".into()
+                    });
+                }
+                let id = value_of(&mut args, flag)?;
+                let id = id.parse().map_err(|_| {
+                    format!("invalidate: {flag} needs a job id (a number), got {id:?}")
+                })?;
+                on_job = Some((flag, id));
             }
             "--help" | "-h" => return Ok(Command::Help),
             other => {
@@ -134,13 +153,18 @@ fn parse_invalidate(
             }
         }
     }
-    let call = match status {
-        Some(_) if request != InvalidateRequest::default() => {
-            return Err("invalidate: --status takes no other option but --config".into())
+    let call = match on_job {
+        Some((flag, _)) if request != InvalidateRequest::default() => {
+            return Err(format!(
+                "invalidate: {flag} takes no other option but --config"
+            ))
         }
-        Some(id) => AdminCall::Status(id),
+        Some(("--status", id)) => AdminCall::Status(id),
+        Some((_, id)) => AdminCall::Cancel(id),
         None if request.pattern.is_none() && request.tag.is_none() => {
-            return Err("invalidate needs --pattern, --tag or --status (see --help)".into())
+            return Err(
+                "invalidate needs --pattern, --tag, --status or --cancel (see --help)".into(),
+            )
         }
         None => AdminCall::Invalidate(request),
     };

@@ -2,13 +2,24 @@
 //! least recently used key evicted first, with at most `cache.max_variants` Vary
 //! variants per key.
 //!
-//! Invalidation scans every key under the lock (in-process, a regex per key), and bans
-//! what it names so an older fill cannot store it again (see `invalidate::Bans`).
+//! Invalidation bans what it names (so an older fill cannot store it again, see
+//! `invalidate::Bans`), then walks an ordered index of the keys a chunk at a time: it
+//! takes the lock to copy the next chunk of keys (reference-count bumps: keys are
+//! `Arc<str>`), matches them with no lock held, and applies its mode to the matches in
+//! small batches, each under the lock briefly (tags are checked there: they live on the
+//! entries). Each chunk resumes after the last key seen, so every key present from the
+//! ban to the walk's end is visited; one stored after the ban is covered by it. A job
+//! that names a host walks only that host's keys (and its pattern's literal prefix).
 //!
-//! Invariants: the accounted size never exceeds the bound after a `put` returns; a lock
-//! poisoned by a panic elsewhere is recovered (the map holds no partial updates: each
-//! operation leaves it consistent before anything can panic).
+//! Invariants: the accounted size never exceeds the bound after a `put` returns; the
+//! index holds exactly the map's keys; no regex runs and no ban is compiled under the
+//! lock, which an invalidation holds for one chunk or one batch at a time (hits never
+//! wait on a pattern, nor on the size of the store); a lock poisoned by a panic
+//! elsewhere is recovered (the map holds no partial updates: each operation leaves it
+//! consistent before anything can panic).
 
+use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -16,13 +27,79 @@ use std::time::Duration;
 use lru::LruCache;
 
 use super::{Entry, Lookup, Store, StoreError};
-use crate::invalidate::{Bans, Job, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidate::{BanCheck, Bans, Checkpoint, Job, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
 
+/// Rounds of ban checks a `put` makes before giving up on storing (see `put`).
+const CHECK_ROUNDS: usize = 3;
+/// Matching keys handled per taking of the lock by an invalidation: small, so a hit
+/// waits at most for this many deletes (or stale copies) to be made.
+const BATCH: usize = 128;
+/// Keys an invalidation copies out of the index per taking of the lock (tens of µs).
+const CHUNK: usize = 1024;
+
 struct Inner {
-    lru: LruCache<String, Vec<Arc<Entry>>>,
+    lru: LruCache<Arc<str>, Vec<Arc<Entry>>>,
+    /// The keys of `lru`, in order (shared with it: an invalidation's copy of a chunk
+    /// costs no string copies).
+    keys: BTreeSet<Arc<str>>,
     bytes: usize,
     bans: Bans,
+}
+
+impl Inner {
+    /// Removes `key` and everything it holds.
+    fn take(&mut self, key: &str) -> Option<Vec<Arc<Entry>>> {
+        let old = self.lru.pop(key)?;
+        self.keys.remove(key);
+        self.bytes -= variants_size(key, &old);
+        Some(old)
+    }
+
+    /// Evicts the least recently used key; false when there is none.
+    fn evict_lru(&mut self) -> bool {
+        match self.lru.pop_lru() {
+            Some((key, old)) => {
+                self.keys.remove(&*key);
+                self.bytes -= variants_size(&key, &old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The next `CHUNK` keys that start with `prefix`, after `after` (from the start of
+    /// the range when None).
+    fn chunk(&self, prefix: &str, after: Option<&str>) -> Vec<Arc<str>> {
+        let start = match after {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Included(prefix),
+        };
+        self.keys
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|k| k.starts_with(prefix))
+            .take(CHUNK)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The ranges of keys (by prefix) a job can match: those of its host, and of its
+/// pattern's literal prefix, when it names a host; else every key. Sound because
+/// `Matcher::matches_key` takes only `http://` and `https://` keys and compares their
+/// host exactly (a range may hold other hosts that share the prefix: the matcher drops
+/// them).
+fn key_ranges(matcher: &crate::invalidate::Matcher) -> Vec<String> {
+    match matcher.host() {
+        Some(host) => {
+            let target = matcher.prefix().unwrap_or("");
+            vec![
+                format!("http://{host}{target}"),
+                format!("https://{host}{target}"),
+            ]
+        }
+        None => vec![String::new()],
+    }
 }
 
 pub struct MemoryStore {
@@ -41,6 +118,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
+                keys: BTreeSet::new(),
                 bytes: 0,
                 bans: Bans::new(ban_ttl),
             }),
@@ -84,86 +162,137 @@ impl Store for MemoryStore {
         }
         // Before the lock: a large body goes into a memfd, for sendfile on hits.
         let entry = Entry::with_body_in_file(entry);
-        let mut inner = self.lock();
-        if !inner.bans.allows(since, k, &entry.tags) {
-            return Ok(false);
-        }
-        let mut variants = match inner.lru.pop(k) {
-            Some(old) => {
-                inner.bytes -= variants_size(k, &old);
-                old
+        let mut since = since;
+        let mut rounds = 0;
+        let mut inner = loop {
+            let mut inner = self.lock();
+            match inner.bans.since(since) {
+                BanCheck::Clear => break inner,
+                BanCheck::Forgotten => return Ok(false),
+                BanCheck::Check { bans, up_to } => {
+                    // Checking may compile regexes: never under the lock, where hits wait.
+                    drop(inner);
+                    if bans.iter().any(|b| b.names(k, &entry.tags)) {
+                        return Ok(false);
+                    }
+                    // Invalidations may have come meanwhile: those are checked next round,
+                    // a few rounds at most (under an invalidation storm, not storing is safe).
+                    rounds += 1;
+                    if rounds >= CHECK_ROUNDS {
+                        return Ok(false);
+                    }
+                    since = up_to;
+                }
             }
-            None => Vec::new(),
+        };
+        // A key already stored keeps its place in the index (and its shared string).
+        let (shared, mut variants) = match inner.lru.pop_entry(k) {
+            Some((shared, old)) => {
+                inner.bytes -= variants_size(k, &old);
+                (shared, old)
+            }
+            None => {
+                let shared: Arc<str> = Arc::from(k);
+                inner.keys.insert(Arc::clone(&shared));
+                (shared, Vec::new())
+            }
         };
         super::merge_variant(&mut variants, self.max_variants, &entry);
         variants.push(entry);
         inner.bytes += variants_size(k, &variants);
-        inner.lru.put(k.to_string(), variants);
-        while inner.bytes > self.max_bytes {
-            match inner.lru.pop_lru() {
-                Some((old_key, old)) => inner.bytes -= variants_size(&old_key, &old),
-                None => break,
-            }
-        }
+        inner.lru.put(shared, variants);
+        while inner.bytes > self.max_bytes && inner.evict_lru() {}
         Ok(true)
     }
 
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
-        let mut inner = self.lock();
-        match inner.lru.pop(key.as_str()) {
-            Some(old) => {
-                inner.bytes -= variants_size(key.as_str(), &old);
-                Ok(old.len())
-            }
-            None => Ok(0),
-        }
+        Ok(self.lock().take(key.as_str()).map_or(0, |old| old.len()))
     }
 
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
-        let mut inner = self.lock();
+        // The ban first: every entry is either present when the walk passes its key, or
+        // stored after the ban (and checked against it).
         if !job.dry_run {
-            inner.bans.add(Arc::clone(&job.matcher));
+            self.lock().bans.add(&job.matcher);
         }
-        let matching: Vec<String> = inner
-            .lru
-            .iter()
-            .filter(|(k, variants)| {
-                progress.scanned.fetch_add(1, Ordering::Relaxed);
-                job.matcher.matches_key(k)
-                    && variants.iter().any(|e| job.matcher.matches_tags(&e.tags))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut outcome = Outcome {
-            matched: matching.len() as u64,
-            sample: matching.iter().take(SAMPLE).cloned().collect(),
-            ..Outcome::default()
-        };
-        progress.matched.store(outcome.matched, Ordering::Relaxed);
-        if job.dry_run {
-            return Ok(outcome);
-        }
-        match job.mode {
-            Mode::Delete => {
-                for k in &matching {
-                    if let Some(old) = inner.lru.pop(k) {
-                        inner.bytes -= variants_size(k, &old);
-                        outcome.changed += 1;
+        let mut outcome = Outcome::default();
+        let mut batch: Vec<Arc<str>> = Vec::with_capacity(BATCH);
+        let mut checkpoint = Checkpoint::new(progress);
+        for prefix in key_ranges(&job.matcher) {
+            let mut after: Option<Arc<str>> = None;
+            loop {
+                let chunk = self.lock().chunk(&prefix, after.as_deref());
+                let Some(last) = chunk.last() else {
+                    break;
+                };
+                after = Some(Arc::clone(last));
+                for key in chunk {
+                    // A cancel or the end of the budget stops the job here, with what it
+                    // did so far applied and reported (matches not yet applied are left).
+                    if let Err(stop) = checkpoint.key(key.len()) {
+                        outcome.stopped = Some(stop);
+                        return Ok(outcome);
+                    }
+                    progress.scanned.fetch_add(1, Ordering::Relaxed);
+                    // No lock held: the regex may take its time.
+                    if !job.matcher.matches_key(&key) {
+                        continue;
+                    }
+                    batch.push(key);
+                    if batch.len() >= BATCH {
+                        self.apply(job, &batch, &mut outcome, progress);
+                        batch.clear();
                     }
                 }
             }
-            Mode::Stale => {
-                for k in &matching {
-                    if let Some(variants) = inner.lru.peek_mut(k) {
-                        *variants = super::mark_stale(variants);
-                        outcome.changed += 1;
-                    }
-                }
-            }
-            Mode::Refresh => outcome.to_refresh = matching,
         }
-        progress.changed.store(outcome.changed, Ordering::Relaxed);
+        self.apply(job, &batch, &mut outcome, progress);
         Ok(outcome)
+    }
+}
+
+impl MemoryStore {
+    /// Applies a job to keys whose pattern and host matched, under the lock: those still
+    /// stored whose tags match too are counted, sampled, and deleted, marked stale or
+    /// listed for refresh. A key gone meanwhile (evicted, deleted) is skipped.
+    fn apply(&self, job: &Job, keys: &[Arc<str>], outcome: &mut Outcome, progress: &Progress) {
+        if keys.is_empty() {
+            return;
+        }
+        // What is deleted or replaced is freed after the lock is released (bodies, memfds).
+        let mut released: Vec<Vec<Arc<Entry>>> = Vec::new();
+        let mut inner = self.lock();
+        for key in keys {
+            let Some(variants) = inner.lru.peek_mut(&**key) else {
+                continue;
+            };
+            if !variants.iter().any(|e| job.matcher.matches_tags(&e.tags)) {
+                continue;
+            }
+            outcome.matched += 1;
+            progress.matched.fetch_add(1, Ordering::Relaxed);
+            if outcome.sample.len() < SAMPLE {
+                outcome.sample.push(key.to_string());
+            }
+            if job.dry_run {
+                continue;
+            }
+            match job.mode {
+                Mode::Delete => released.extend(inner.take(key)),
+                Mode::Stale => {
+                    let stale = super::mark_stale(variants);
+                    released.push(std::mem::replace(variants, stale));
+                }
+                Mode::Refresh => {
+                    outcome.to_refresh.push(key.to_string());
+                    continue;
+                }
+            }
+            outcome.changed += 1;
+            progress.changed.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(inner);
+        drop(released);
     }
 }
 
@@ -248,5 +377,180 @@ mod tests {
         assert_eq!(store.get(&k).unwrap().variants.len(), 1);
         assert_eq!(store.remove(&k).unwrap(), 1);
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    fn job(pattern: &str, mode: Mode, dry_run: bool) -> Job {
+        Job {
+            matcher: Arc::new(crate::invalidate::Matcher::new(Some(pattern), None, None).unwrap()),
+            mode,
+            dry_run,
+        }
+    }
+
+    #[test]
+    fn a_fill_that_straddles_an_invalidation_is_checked_against_it() {
+        let store = MemoryStore::new(1 << 20, 4, Duration::from_secs(60));
+        let since = store.get(&key("/x")).unwrap().generation;
+        let outcome = store
+            .invalidate(
+                &job("^/orgs/42/", Mode::Delete, false),
+                &Progress::default(),
+            )
+            .unwrap();
+        assert_eq!(outcome.matched, 0);
+        assert!(!store
+            .put(&key("/orgs/42/a"), entry(10, &[]), since)
+            .unwrap());
+        assert!(store
+            .put(&key("/orgs/43/a"), entry(10, &[]), since)
+            .unwrap());
+        let now = store.get(&key("/x")).unwrap().generation;
+        assert!(store.put(&key("/orgs/42/a"), entry(10, &[]), now).unwrap());
+    }
+
+    #[test]
+    fn invalidation_applies_its_mode_to_what_it_matches() {
+        let store = MemoryStore::new(1 << 22, 4, Duration::from_secs(60));
+        // More than one batch of matches.
+        for i in 0..300 {
+            store
+                .put(&key(&format!("/a/{i}")), entry(10, &[]), 0)
+                .unwrap();
+            store
+                .put(&key(&format!("/b/{i}")), entry(10, &[]), 0)
+                .unwrap();
+        }
+        let progress = Progress::default();
+        let dry = store
+            .invalidate(&job("^/a/", Mode::Delete, true), &progress)
+            .unwrap();
+        assert_eq!(
+            (dry.matched, dry.changed, dry.sample.len()),
+            (300, 0, SAMPLE)
+        );
+        assert_eq!(progress.scanned.load(Ordering::Relaxed), 600);
+        assert_eq!(store.usage().1, 600);
+        let stale = store
+            .invalidate(&job("^/b/1", Mode::Stale, false), &Progress::default())
+            .unwrap();
+        assert_eq!(stale.changed, 111);
+        let marked = store.get(&key("/b/10")).unwrap().variants;
+        assert_eq!(marked[0].freshness, Duration::ZERO);
+        let deleted = store
+            .invalidate(&job("^/a/", Mode::Delete, false), &Progress::default())
+            .unwrap();
+        assert_eq!((deleted.matched, deleted.changed), (300, 300));
+        assert_eq!(store.usage().1, 300);
+        let refresh = store
+            .invalidate(&job("^/b/2", Mode::Refresh, false), &Progress::default())
+            .unwrap();
+        assert_eq!(refresh.to_refresh.len(), 111);
+    }
+
+    /// The index holds exactly the map's keys.
+    fn assert_index_agrees(store: &MemoryStore) {
+        let inner = store.lock();
+        let mut in_map: Vec<&str> = inner.lru.iter().map(|(k, _)| &**k).collect();
+        in_map.sort_unstable();
+        let indexed: Vec<&str> = inner.keys.iter().map(|k| &**k).collect();
+        assert_eq!(in_map, indexed);
+    }
+
+    #[test]
+    fn the_key_index_follows_puts_evictions_removes_and_deletes() {
+        let one = entry(1000, &[]).size() + key("/0").as_str().len();
+        let store = MemoryStore::new(one * 50, 4, Duration::from_secs(60));
+        for i in 0..80 {
+            store
+                .put(&key(&format!("/{i}")), entry(1000, &[]), 0)
+                .unwrap();
+        }
+        store.put(&key("/79"), entry(1000, &[]), 0).unwrap();
+        let kept = store.usage().1;
+        assert!(
+            (40..=50).contains(&kept),
+            "evicted down to the bound: {kept}"
+        );
+        assert_index_agrees(&store);
+        store.remove(&key("/79")).unwrap();
+        // The oldest were evicted: /40 to /49 are all still there.
+        store
+            .invalidate(&job("^/4", Mode::Delete, false), &Progress::default())
+            .unwrap();
+        assert_index_agrees(&store);
+        assert_eq!(store.usage().1, kept - 1 - 10);
+    }
+
+    #[test]
+    fn a_job_walks_every_chunk_and_only_its_host_when_it_names_one() {
+        let store = MemoryStore::new(1 << 26, 4, Duration::from_secs(60));
+        // More than two chunks on host a, a few keys on hosts sharing its prefix.
+        let n = 2 * CHUNK + 10;
+        for i in 0..n {
+            store
+                .put(&key(&format!("/k/{i}")), entry(1, &[]), 0)
+                .unwrap();
+        }
+        for host in ["b", "ab", "a.b"] {
+            let k = CacheKey::new("https", host, "/k/0");
+            store.put(&k, entry(1, &[]), 0).unwrap();
+        }
+        let progress = Progress::default();
+        let all = store
+            .invalidate(&job("^/k/", Mode::Delete, true), &progress)
+            .unwrap();
+        assert_eq!(all.matched, n as u64 + 3);
+        assert_eq!(progress.scanned.load(Ordering::Relaxed), n as u64 + 3);
+        let on_a = Job {
+            matcher: Arc::new(
+                crate::invalidate::Matcher::new(Some("^/k/1"), Some("a"), None).unwrap(),
+            ),
+            mode: Mode::Delete,
+            dry_run: false,
+        };
+        let progress = Progress::default();
+        let deleted = store.invalidate(&on_a, &progress).unwrap();
+        let ones = (0..n).filter(|i| i.to_string().starts_with('1')).count() as u64;
+        assert_eq!(deleted.changed, ones);
+        // Only the range http://a/k/1... (and https://a/k/1...) was walked.
+        assert_eq!(progress.scanned.load(Ordering::Relaxed), ones);
+        assert!(!store
+            .get(&CacheKey::new("https", "ab", "/k/0"))
+            .unwrap()
+            .variants
+            .is_empty());
+        assert_index_agrees(&store);
+    }
+
+    #[test]
+    fn keys_present_throughout_a_walk_are_all_visited_whatever_changes_meanwhile() {
+        let store = Arc::new(MemoryStore::new(1 << 26, 4, Duration::from_secs(60)));
+        let n = 4 * CHUNK;
+        for i in 0..n {
+            store
+                .put(&key(&format!("/s/{i:05}")), entry(1, &[]), 0)
+                .unwrap();
+        }
+        let churn = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                // Other keys come and go, before and after the walk's position.
+                for round in 0..50 {
+                    for i in 0..200 {
+                        let k = key(&format!("/c/{round}/{i}"));
+                        store.put(&k, entry(1, &[]), u64::MAX).unwrap();
+                        store
+                            .remove(&key(&format!("/c/{round}/{}", i / 2)))
+                            .unwrap();
+                    }
+                }
+            })
+        };
+        let outcome = store
+            .invalidate(&job("^/s/", Mode::Delete, false), &Progress::default())
+            .unwrap();
+        churn.join().unwrap();
+        assert_eq!(outcome.changed, n as u64);
+        assert_index_agrees(&store);
     }
 }

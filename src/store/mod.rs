@@ -173,6 +173,9 @@ pub trait Store: Send + Sync {
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError>;
     /// Runs one invalidation job: bans what it names (unless a dry run), then finds the
     /// matching entries and deletes them, marks them stale, or lists them for refresh.
+    /// Checks `progress` as it goes (a `Checkpoint`, every few hundred keys) and stops at
+    /// the first check that fails, with `Outcome::stopped` saying why and the counts of
+    /// what it did. Never runs a pattern while holding a lock that lookups need.
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError>;
 
     /// Tries to take the cluster-wide fill lock of `key` for `ttl` as `owner` (a unique id

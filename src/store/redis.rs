@@ -39,7 +39,7 @@ use log::{debug, info, warn};
 
 use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
 use crate::config::RedisConfig;
-use crate::invalidate::{Job, Matcher, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidate::{ban_names, Checkpoint, Job, Matcher, Mode, Outcome, Progress, SAMPLE};
 use crate::key::CacheKey;
 use crate::policy;
 
@@ -602,14 +602,15 @@ impl RedisStore {
             if ban.generation <= since {
                 continue;
             }
-            let matcher = Matcher::new(
+            // Host and tag first; the pattern is compiled only when they pass, and one
+            // Echo cannot compile is taken to name everything: refuse.
+            if ban_names(
                 ban.pattern.as_deref(),
                 ban.host.as_deref(),
                 ban.tag.as_deref(),
-            );
-            // A ban Echo cannot read back is taken to name everything: refuse.
-            if matcher.is_err() || matcher.is_ok_and(|m| m.matches_key(key) && m.matches_tags(tags))
-            {
+                key,
+                tags,
+            ) {
                 return Ok(true);
             }
         }
@@ -846,7 +847,16 @@ impl Store for RedisStore {
             let mut cursor: u64 = 0;
             let mut batch: Vec<String> = Vec::with_capacity(BATCH);
             let mut seen: HashSet<u64> = HashSet::new();
-            loop {
+            let mut checkpoint = Checkpoint::new(progress);
+            // A cancel or the end of the budget stops the job at its next check: before
+            // each SCAN (one may walk many keys and return none) and every few hundred
+            // keys. What it did is reported; the matches not yet applied are left alone,
+            // and there is no WAIT (the job is not done).
+            'scan: loop {
+                if let Err(stop) = progress.check() {
+                    outcome.stopped = Some(stop);
+                    break 'scan;
+                }
                 let (next, keys): (u64, Vec<String>) = match matcher.tag() {
                     Some(tag) => redis::cmd("SSCAN")
                         .arg(format!("{TAG_PREFIX}{tag}"))
@@ -866,6 +876,10 @@ impl Store for RedisStore {
                     .scanned
                     .fetch_add(keys.len() as u64, Ordering::Relaxed);
                 for rkey in keys {
+                    if let Err(stop) = checkpoint.key(rkey.len()) {
+                        outcome.stopped = Some(stop);
+                        break 'scan;
+                    }
                     let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
                         continue;
                     };
@@ -902,6 +916,9 @@ impl Store for RedisStore {
                 if cursor == 0 {
                     break;
                 }
+            }
+            if outcome.stopped.is_some() {
+                return Ok(());
             }
             if !batch.is_empty() {
                 let n = self.apply(conn, job, &batch)?;

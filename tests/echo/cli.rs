@@ -155,6 +155,8 @@ fn help_prints_usage_and_exits_0() {
         "--pattern",
         "--tag",
         "--status",
+        "--cancel",
+        "--all",
     ] {
         assert!(
             out.stdout.contains(flag),
@@ -316,6 +318,7 @@ struct Binaries {
     origin: ChildGuard,
     origin_addr: SocketAddr,
     echo_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     /// The config echod runs with.
     config: PathBuf,
     dir: TempDir,
@@ -357,14 +360,16 @@ impl Binaries {
         );
         let mut echod = spawn_echod(&dir, &config);
         echod.wait_listening(echo_addr);
-        if let Some((admin_addr, _)) = admin {
-            echod.wait_listening(admin_addr);
+        let admin_addr = admin.map(|(addr, _)| addr);
+        if let Some(addr) = admin_addr {
+            echod.wait_listening(addr);
         }
         Binaries {
             echod,
             origin,
             origin_addr,
             echo_addr,
+            admin_addr,
             config,
             dir,
         }
@@ -526,6 +531,21 @@ fn invalidate_drives_the_admin_api_of_a_running_echod() {
     assert_eq!(report["deleted"], 1, "{report}");
     assert_eq!(echo.cache_status("/bytes/10"), "MISS");
 
+    // --cancel sends DELETE /invalidate/<id>: a job already done cannot be cancelled.
+    let out = echod(&["invalidate", "--config", config, "--cancel", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("DELETE /invalidate/"), "{}", out.stderr);
+    assert!(out.stderr.contains("409"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("already ended (done)"),
+        "{}",
+        out.stderr
+    );
+    assert_no_token(&out, ADMIN_TOKEN);
+    let out = echod(&["invalidate", "--config", config, "--cancel", "999999"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("404"), "{}", out.stderr);
+
     // The API's refusals exit 1 with its answer on stderr and nothing on stdout.
     let out = echod(&["invalidate", "--config", config, "--pattern", "("]);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
@@ -560,6 +580,66 @@ fn invalidate_drives_the_admin_api_of_a_running_echod() {
     assert_no_token(&out, wrong_token);
     // Nothing was done for it.
     assert_eq!(echo.cache_status("/data"), "HIT");
+
+    // A pattern that matches everything needs --all (issue 13 finding 10).
+    let out = echod(&["invalidate", "--config", config, "--pattern", "^/"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("400"), "{}", out.stderr);
+    assert!(out.stderr.contains("all"), "{}", out.stderr);
+    assert_eq!(echo.cache_status("/data"), "HIT");
+    let out = echod(&["invalidate", "--config", config, "--pattern", "^/", "--all"]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_eq!(stdout_json(&out)["deleted"], 2, "{}", out.stdout);
+    assert_eq!(echo.cache_status("/data"), "MISS");
+}
+
+/// echod's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+#[test]
+fn finished_invalidation_jobs_do_not_pin_memory() {
+    // Issue 13 finding 7: each finished job's ban kept its compiled regex, with the
+    // lazy-DFA cache its scan had filled, for ban_ttl (300 s): 600 jobs grew echod's
+    // RSS from 29 MiB to 641 MiB. Measured on echod itself, a process of its own.
+    let echo = Binaries::start("rss", Some(ADMIN_TOKEN));
+    let admin = echo.admin_addr.expect("admin listener");
+    let tail = "a".repeat(2000);
+    let mut client = RawClient::connect(echo.echo_addr);
+    for i in 0..100 {
+        let resp = client.get(&format!("/data?k={i}&{tail}"), &[]);
+        assert_eq!(resp.status, 200, "{}", echo.echod.log_text());
+    }
+    assert_eq!(echo.cache_status(&format!("/data?k=0&{tail}")), "HIT");
+    let pid = echo.echod.child.id();
+    let before = rss_kib(pid);
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    for i in 0..200 {
+        // Each pattern different, each scanning the 100 long keys.
+        let body = format!(r#"{{"pattern": "(?:.{{0,12}}a){{0,12}}Q{i}"}}"#);
+        let resp = RawClient::connect(admin).request(
+            "POST",
+            "/invalidate",
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{}", resp.body_str());
+    }
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "echod's RSS grew by {} MiB over 200 jobs",
+        grown / 1024
+    );
 }
 
 #[test]
@@ -593,14 +673,14 @@ fn invalidate_with_no_echod_listening_exits_2() {
 fn invalidate_usage_errors_exit_2_before_reading_the_config() {
     // The config does not exist: a usage error is reported before it is read.
     let cases: &[(&[&str], &str)] = &[
-        (&["invalidate"], "--pattern, --tag or --status"),
+        (&["invalidate"], "--pattern, --tag, --status or --cancel"),
         (
             &["invalidate", "--dry-run", "--async"],
-            "--pattern, --tag or --status",
+            "--pattern, --tag, --status or --cancel",
         ),
         (
             &["invalidate", "--host", "a.example"],
-            "--pattern, --tag or --status",
+            "--pattern, --tag, --status or --cancel",
         ),
         (&["invalidate", "--pattern"], "--pattern needs a value"),
         (
@@ -622,6 +702,13 @@ fn invalidate_usage_errors_exit_2_before_reading_the_config() {
             "--frobnicate",
         ),
         (&["--check-config", "invalidate"], "invalidate"),
+        (&["invalidate", "--cancel", "seven"], "seven"),
+        (&["invalidate", "--cancel", "1", "--cancel", "2"], "twice"),
+        (
+            &["invalidate", "--cancel", "1", "--status", "1"],
+            "cannot be combined",
+        ),
+        (&["invalidate", "--cancel", "1", "--all"], "--cancel"),
     ];
     for (args, names) in cases {
         // `--config F` also goes before the subcommand.

@@ -573,7 +573,7 @@ fn every_job_is_counted_in_the_metrics() {
     let echo = memory_echo(&o.origin, "");
     warm(&echo, TARGETS, "a.example");
     invalidate(&echo, r#"{"pattern": "^/orgs/42/"}"#);
-    invalidate(&echo, r#"{"pattern": "^/", "dry_run": true}"#);
+    invalidate(&echo, r#"{"pattern": "^/", "dry_run": true, "all": true}"#);
     invalidate(&echo, r#"{"pattern": "^/users/", "mode": "stale"}"#);
     let metrics = admin_call(&echo, "GET", "/metrics", Some(TOKEN), "");
     assert_eq!(metrics.status, 200);
@@ -591,4 +591,266 @@ fn every_job_is_counted_in_the_metrics() {
         );
     }
     assert_eq!(admin_call(&echo, "GET", "/metrics", None, "").status, 401);
+}
+
+// -----------------------------------------------------------------------------------------
+// Issue 13 finding 7: invalidation could stall the cache.
+
+/// A pattern within the size limits that costs tens of milliseconds per 4 KB target of
+/// `a`s (its lazy DFA cannot hold the states it needs and thrashes) and matches none.
+const SLOW_PATTERN: &str = r"(?:a{0,30}a){0,30}[^a/0-9]";
+
+/// The long target of key `i`: `/<i>/` and 4,000 `a`s.
+fn long_target(i: usize) -> String {
+    format!("/{i}/{}", "a".repeat(4000))
+}
+
+/// An origin whose answers are small and fresh for 10 minutes.
+fn small_origin() -> TestOrigin {
+    TestOrigin::start(|_| OriginResponse::ok("x").header("Cache-Control", "max-age=600"))
+}
+
+/// Stores `n` entries under long targets, on one keep-alive connection.
+fn fill_long_keys(echo: &EchoUnderTest, n: usize) {
+    let mut c = RawClient::connect(echo.addr);
+    for i in 0..n {
+        let resp = c.get(&long_target(i), &[("Host", "a.example")]);
+        assert_eq!(resp.status, 200, "{}", resp.body_str());
+    }
+    assert_eq!(status_of(echo, &long_target(0), "a.example"), "HIT");
+}
+
+/// Starts `body` as an async job; returns its id.
+fn start_job(echo: &EchoUnderTest, body: &str) -> u64 {
+    let (status, answer) = invalidate(echo, body);
+    assert_eq!(status, 202, "{answer}");
+    answer["id"].as_u64().expect("a job id")
+}
+
+/// GET /invalidate/<id>: the job's report.
+fn job_report(echo: &EchoUnderTest, id: u64) -> Value {
+    let resp = admin_call(echo, "GET", &format!("/invalidate/{id}"), Some(TOKEN), "");
+    assert_eq!(resp.status, 200, "{}", resp.body_str());
+    serde_json::from_slice(&resp.body).expect("a JSON report")
+}
+
+/// Waits until job `id`'s report is in `state`; returns it.
+fn wait_for_state(echo: &EchoUnderTest, id: u64, state: &str, within: Duration) -> Value {
+    let mut report = Value::Null;
+    wait_until(&format!("job {id} is {state}"), within, || {
+        report = job_report(echo, id);
+        report["state"] == state
+    });
+    report
+}
+
+/// The slow job's body, asynchronous.
+fn slow_job() -> String {
+    format!(
+        r#"{{"pattern": "{}", "async": true}}"#,
+        SLOW_PATTERN.replace('\\', "\\\\")
+    )
+}
+
+#[test]
+fn a_slow_pattern_never_stalls_hits_on_the_memory_store() {
+    // Issue 13 finding 7: the memory store ran the regex on every key under its lock,
+    // so a slow pattern over a few thousand long keys stalled every hit for minutes.
+    let origin = small_origin();
+    let echo = memory_echo(&origin, "");
+    fill_long_keys(&echo, 2000);
+    warm(&echo, &["/hot"], "a.example");
+    let id = start_job(&echo, &slow_job());
+    wait_until("the job scans", Duration::from_secs(10), || {
+        let report = job_report(&echo, id);
+        report["state"] == "running" && report["scanned"].as_u64() > Some(0)
+    });
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let mut c = RawClient::connect(echo.addr);
+        c.set_read_timeout(Duration::from_secs(5));
+        let resp = c.get("/hot", &[("Host", "a.example")]);
+        let took = started.elapsed();
+        assert_eq!(resp.header("x-cache-status"), Some("HIT"));
+        assert!(took < Duration::from_millis(500), "a hit took {took:?}");
+    }
+    // The hits overlapped the job: it is still at work.
+    let report = job_report(&echo, id);
+    assert_eq!(report["state"], "running", "{report}");
+    let resp = admin_call(
+        &echo,
+        "DELETE",
+        &format!("/invalidate/{id}"),
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(resp.status, 202, "{}", resp.body_str());
+    wait_for_state(&echo, id, "cancelled", Duration::from_secs(10));
+}
+
+#[test]
+fn a_running_job_is_cancelled_by_delete_and_a_queued_one_never_runs() {
+    // Issue 13 finding 7: a running job could not be stopped (no DELETE /invalidate/<id>).
+    let origin = small_origin();
+    let echo = memory_echo(&origin, "");
+    fill_long_keys(&echo, 500);
+    let running = start_job(&echo, &slow_job());
+    wait_for_state(&echo, running, "running", Duration::from_secs(10));
+    // Queued behind it: would delete the first long key.
+    let queued = start_job(&echo, r#"{"pattern": "^/0/", "async": true}"#);
+    let delete = |id: u64, token: Option<&str>| {
+        admin_call(&echo, "DELETE", &format!("/invalidate/{id}"), token, "")
+    };
+    assert_eq!(delete(queued, None).status, 401, "a cancel needs the token");
+    let resp = delete(queued, Some(TOKEN));
+    assert_eq!(resp.status, 200, "{}", resp.body_str());
+    assert!(
+        resp.body_str().contains(r#""state":"cancelled""#),
+        "{}",
+        resp.body_str()
+    );
+    let resp = delete(running, Some(TOKEN));
+    assert_eq!(resp.status, 202, "{}", resp.body_str());
+    assert!(
+        resp.body_str().contains(r#""cancel_requested":true"#),
+        "{}",
+        resp.body_str()
+    );
+    let report = wait_for_state(&echo, running, "cancelled", Duration::from_secs(10));
+    let scanned = report["scanned"].as_u64().expect("scanned");
+    assert!(scanned < 500, "it stopped before the end: {report}");
+    assert_eq!(report["deleted"], 0, "{report}");
+    assert!(
+        report["error"].as_str().unwrap_or("").contains("cancelled"),
+        "{report}"
+    );
+    // The queued job never ran, and stays cancelled.
+    let report = job_report(&echo, queued);
+    assert_eq!(report["state"], "cancelled", "{report}");
+    assert_eq!(report["scanned"], 0, "{report}");
+    assert_eq!(status_of(&echo, &long_target(0), "a.example"), "HIT");
+    // Finished jobs cannot be cancelled again; unknown ones are not found.
+    let resp = delete(running, Some(TOKEN));
+    assert_eq!(resp.status, 409, "{}", resp.body_str());
+    assert!(
+        resp.body_str().contains("already ended"),
+        "{}",
+        resp.body_str()
+    );
+    assert_eq!(delete(999_999, Some(TOKEN)).status, 404);
+    let metrics = admin_call(&echo, "GET", "/metrics", Some(TOKEN), "").body_str();
+    let line = r#"echo_invalidations_total{mode="delete",outcome="cancelled"} 2"#;
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "missing {line:?} in\n{metrics}"
+    );
+}
+
+/// POSTs the slow job and waits for its answer: a budget of `job_timeout_ms = 300`
+/// must stop it long before it is done.
+fn check_the_budget_stops_a_job(echo: &EchoUnderTest, keys: u64) {
+    let body = format!(r#"{{"pattern": "{}"}}"#, SLOW_PATTERN.replace('\\', "\\\\"));
+    let started = std::time::Instant::now();
+    let (status, report) = invalidate(echo, &body);
+    assert!(started.elapsed() < Duration::from_secs(10), "{report}");
+    assert_eq!(status, 503, "{report}");
+    assert_eq!(report["state"], "failed", "{report}");
+    let error = report["error"].as_str().unwrap_or("");
+    assert!(error.contains("time budget of 300 ms"), "{report}");
+    assert!(error.contains("invalidation.job_timeout_ms"), "{report}");
+    assert_eq!(report["matched"], 0, "{report}");
+    let elapsed = report["elapsed_ms"].as_u64().expect("elapsed_ms");
+    assert!((300..5000).contains(&elapsed), "{report}");
+    assert!(report["scanned"].as_u64() <= Some(keys), "{report}");
+}
+
+#[test]
+fn a_job_over_its_time_budget_stops_and_says_so_in_memory() {
+    // Issue 13 finding 7: a job had no time budget; a slow pattern ran for minutes.
+    let origin = small_origin();
+    let echo = memory_echo(&origin, "[invalidation]\njob_timeout_ms = 300\n");
+    fill_long_keys(&echo, 500);
+    check_the_budget_stops_a_job(&echo, 500);
+    let resp = job_report(&echo, 1);
+    assert!(resp["scanned"].as_u64() < Some(500), "{resp}");
+}
+
+#[test]
+fn a_job_over_its_time_budget_stops_and_says_so_in_redis() {
+    // Issue 13 finding 7: the Redis store's scan loop had no budget either.
+    let master = RedisServer::master();
+    let mut conn = master.connection();
+    let mut pipe = redis::pipe();
+    for i in 0..500 {
+        pipe.cmd("SET")
+            .arg(format!("echo:v1:http://a.example{}", long_target(i)))
+            .arg("x")
+            .ignore();
+    }
+    pipe.query::<()>(&mut conn).expect("populate redis");
+    let origin = small_origin();
+    let text = format!(
+        "{}{}[invalidation]\njob_timeout_ms = 300\n",
+        admin_section(),
+        redis_sections(&master, &[], "", "")
+    );
+    let echo = EchoUnderTest::with_config(config(&origin.url(), &text));
+    check_the_budget_stops_a_job(&echo, 500);
+    // Nothing matched, nothing was deleted.
+    let left: u64 = redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE");
+    assert!(left >= 500, "{left}");
+}
+
+#[test]
+fn a_pattern_that_compiles_too_large_is_refused() {
+    // Issue 13 finding 7: patterns compiled up to 1 MiB; this one (accepted then) held
+    // the memory store's lock for about 275 s over 3,000 keys of 4 KB.
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "(?:.{0,30}a){0,30}Q"}"#);
+    assert_eq!(status, 400, "{answer}");
+    let error = answer["error"].as_str().unwrap_or("");
+    assert!(error.contains("compiles to more than 256 KiB"), "{answer}");
+    assert!(error.contains(r"(?-u:\w)"), "{answer}");
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+}
+
+#[test]
+fn a_pattern_that_matches_everything_needs_all_true() {
+    // Issue 13 finding 10: `(?:)`, `.` or `^` emptied the whole cache with nothing in
+    // the request saying that was meant.
+    let o = versioned_origin("");
+    let echo = memory_echo(&o.origin, "");
+    warm(&echo, TARGETS, "a.example");
+    for pattern in ["(?:)", "^", ".", "/", "^/", ".*", "a|."] {
+        for extra in ["", r#", "dry_run": true"#, r#", "host": "a.example""#] {
+            let body = format!(r#"{{"pattern": "{pattern}"{extra}}}"#);
+            let (status, answer) = invalidate(&echo, &body);
+            assert_eq!(status, 400, "{body}: {answer}");
+            let error = answer["error"].as_str().unwrap_or("");
+            assert!(error.contains(r#"add "all": true"#), "{body}: {answer}");
+        }
+    }
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "HIT", "{t}");
+    }
+    // Narrower patterns, and tags, need nothing more.
+    for body in [
+        r#"{"pattern": "^/orgs/", "dry_run": true}"#,
+        r#"{"pattern": "^/$"}"#,
+        r#"{"tag": "no-such-tag"}"#,
+        r#"{"pattern": ".", "tag": "no-such-tag"}"#,
+    ] {
+        let (status, answer) = invalidate(&echo, body);
+        assert_eq!(status, 200, "{body}: {answer}");
+    }
+    let (status, answer) = invalidate(&echo, r#"{"pattern": "(?:)", "all": true}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["deleted"], TARGETS.len(), "{answer}");
+    for t in TARGETS {
+        assert_eq!(status_of(&echo, t, "a.example"), "MISS", "{t}");
+    }
 }
