@@ -30,10 +30,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::http::exchange::Exchange;
+use crate::http::handler::{Handler, Step};
 use crate::invalidate::{CancelRefused, Invalidator, Job, Matcher, Mode, Refused, Report, State};
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::server::Handler;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 
@@ -381,14 +381,32 @@ impl Admin {
 }
 
 impl Handler for Admin {
+    /// The admin API never waits on another service for an answer.
+    type Job = std::convert::Infallible;
+
     /// `/health` and `/ready` are answered on the connection's own thread: a balancer's
     /// probe never waits behind other admin work (an invalidation waiting for its job, a
     /// client that pipelines requests and reads none of the answers).
-    fn handle_inline(&self, ex: &mut Exchange<'_>) {
-        self.probe(ex);
+    fn inline(&self, ex: &mut Exchange<'_>) -> Step<Self::Job> {
+        if self.probe(ex) {
+            Step::Answered
+        } else {
+            Step::Decline
+        }
     }
 
-    fn handle(&self, ex: &mut Exchange<'_>) {
+    fn handle(&self, ex: &mut Exchange<'_>) -> Step<Self::Job> {
+        self.answer(ex);
+        Step::Answered
+    }
+
+    fn fetch(&self, _: &mut Exchange<'_>, job: Self::Job) {
+        match job {}
+    }
+}
+
+impl Admin {
+    fn answer(&self, ex: &mut Exchange<'_>) {
         if self.probe(ex) {
             return;
         }

@@ -8,7 +8,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admin_client;
-pub mod coalesce;
+pub mod cache;
 pub mod config;
 pub mod http;
 pub mod invalidate;
@@ -17,7 +17,6 @@ pub mod live;
 pub mod metrics;
 pub mod origin;
 pub mod policy;
-pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod upstream;
@@ -37,7 +36,7 @@ use store::Store;
 pub struct Echo {
     pub proxy: ServerHandle,
     pub admin: Option<ServerHandle>,
-    handler: Arc<proxy::Proxy>,
+    handler: Arc<cache::Cache>,
     admin_handler: Option<Arc<admin::Admin>>,
     upstreams: Arc<live::Live<upstream::Upstreams>>,
     metrics: Arc<metrics::Metrics>,
@@ -298,13 +297,6 @@ pub fn start_on(
             }
         });
     }
-    let policy = policy::PolicyOptions {
-        heuristic_max: cfg.cache.heuristic_max,
-        default_ttl: cfg.cache.default_ttl,
-        max_stale: cfg.cache.max_stale,
-        honor_request: cfg.cache.honor_request_cache_control,
-        ..policy::PolicyOptions::default()
-    };
     let upstreams = Arc::new(live::Live::new(Arc::new(
         upstream::Upstreams::new(&cfg.origin, &cfg.routes, Some(Arc::clone(&metrics)))
             .map_err(io::Error::other)?,
@@ -317,24 +309,12 @@ pub fn start_on(
         ),
         None => None,
     };
-    let proxy = Arc::new(
-        proxy::Proxy::new(
-            Arc::clone(&store),
-            Arc::clone(&upstreams),
-            policy,
-            cfg.cache.max_object_bytes,
-            cfg.invalidation.ban_ttl,
-        )
-        .with_refresh_ahead(cfg.cache.refresh_ahead)
-        .with_coalescing(
-            cfg.cache.coalesce_max_waiters,
-            cfg.cache.coalesce_wait,
-            cfg.cache.coalesce_lock_ttl,
-        )
-        .with_stripped_request_headers(cfg.cache.strip_request_headers.clone())
-        .with_underscores_in_headers(cfg.server.underscores_in_headers)
-        .with_metrics(Arc::clone(&metrics)),
-    );
+    let proxy = Arc::new(cache::Cache::new(
+        cfg,
+        Arc::clone(&store),
+        Arc::clone(&upstreams),
+        Arc::clone(&metrics),
+    ));
     proxy.set_access_log(access_log);
     proxy.start_background(cfg.cache.background_workers, cfg.cache.background_queue)?;
     let invalidator = Arc::new(invalidate::Invalidator::start(
@@ -382,7 +362,7 @@ pub fn start_on(
                     "echo-admin",
                     listener,
                     admin_cfg,
-                    Arc::clone(&handler) as Arc<dyn server::Handler>,
+                    Arc::clone(&handler),
                 )?),
                 Some(handler),
             )

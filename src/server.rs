@@ -3,10 +3,10 @@
 //!
 //! A connection thread reads and validates request heads (a slow or half-sent head holds
 //! only its own thread), then offers each request to the handler inline
-//! (`Handler::handle_inline`): what it answers at once (a cache hit) costs no hand-off.
-//! What the handler defers (`Exchange::defer`: it would wait on the origin) goes straight
-//! to the fetch workers; the rest (requests with a body, handlers without an inline path)
-//! to the workers, whose `handle` may defer to the fetch workers in turn. A connection is
+//! (`Handler::inline`): what it answers at once (a cache hit) costs no hand-off. What the
+//! handler defers (`Step::Defer`: its own typed job, which would wait on the origin) goes
+//! straight to the fetch workers; the rest (requests with a body, what the handler
+//! declines) to the workers, whose `handle` may defer to the fetch workers in turn. A connection is
 //! lent to one thread at a time and comes back when the response is written, so responses
 //! on a connection leave in request order (pipelined requests wait in its buffer). A full
 //! queue is a 503, never an unbounded wait: `workers + fetch_workers` bounds the requests
@@ -16,7 +16,6 @@
 //! cuts an unfinished response) and the thread lives on; every read waits at most until
 //! a deadline from config; at most `max_connections` connections are served at once.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -33,6 +32,7 @@ use crate::config::ServerConfig;
 use crate::http::body::chunked_length;
 use crate::http::conn::Conn;
 use crate::http::exchange::{Exchange, ExchangeTimeouts};
+use crate::http::handler::{Handler, Step};
 use crate::http::parse::{parse_head, HttpError, Limits, Parsed};
 use crate::http::{BodyFraming, Request};
 
@@ -47,45 +47,17 @@ const PREREAD_BODY: u64 = 64 * 1024;
 /// Extra buffer beyond the largest head, for pipelined requests and pre-read bodies.
 const BUFFER_SLACK: usize = PREREAD_BODY as usize + 16 * 1024;
 
-/// What runs one exchange. Implementations answer every request (the server answers
-/// 500 for them if they return without starting a response).
-pub trait Handler: Send + Sync + 'static {
-    /// Runs on a worker: answers, or defers the exchange (`Exchange::defer`) to `fetch`.
-    fn handle(&self, ex: &mut Exchange<'_>);
-
-    /// Runs on the connection thread before the exchange is queued for a worker: answers
-    /// at once what needs no blocking call (a hit in an in-process store), saving the
-    /// hand-off to a worker and back. It must not block, and must leave the exchange
-    /// untouched (no response started, no body read) when it does not answer.
-    fn handle_inline(&self, ex: &mut Exchange<'_>) {
-        let _ = ex;
-    }
-
-    /// Runs a deferred exchange on a fetch worker, with the state `handle` deferred it
-    /// with. Only handlers that defer need it.
-    fn fetch(&self, ex: &mut Exchange<'_>, state: Box<dyn Any + Send>) {
-        let _ = state;
-        ex.respond_error(500, "internal error", true);
-    }
-
-    /// Called once per answered exchange, after its response (access log, metrics).
-    fn finished(&self, ex: &Exchange<'_>) {
-        let _ = ex;
-    }
-
-    /// Called when the server itself refused a request (`status`): a malformed or
-    /// oversized head, a head not received in time, a full queue. `request` is the
-    /// request when it was parsed.
-    fn refused(&self, peer: SocketAddr, request: Option<&Request>, status: u16) {
-        let _ = (peer, request, status);
-    }
+/// Where a connection thread sends exchanges: the worker pool and the fetch pool.
+struct Queues<J> {
+    jobs: Sender<Job<J>>,
+    fetch: Sender<Job<J>>,
 }
 
-struct Job {
+/// An exchange on its way to a pool: for the fetch pool with the handler's job.
+struct Job<J> {
     conn: Conn,
     req: Request,
-    /// For the fetch stage: what `Handler::handle` deferred the exchange with.
-    deferred: Option<Box<dyn Any + Send>>,
+    deferred: Option<J>,
     /// Where the connection goes back after the exchange, with whether it may carry
     /// another request.
     back: Sender<(Conn, bool)>,
@@ -101,8 +73,8 @@ struct Shared {
     /// Every open client socket (a clone), and whether it is idle between requests, so
     /// shutdown can close the idle ones at once and let the busy ones finish.
     conns: Mutex<HashMap<u64, (TcpStream, Arc<AtomicBool>)>>,
-    /// The worker and fetch queues, to report their depth.
-    queues: (Receiver<Job>, Receiver<Job>),
+    /// The depths of the worker and fetch queues.
+    queued: Box<dyn Fn() -> (usize, usize) + Send + Sync>,
 }
 
 impl Shared {
@@ -124,7 +96,7 @@ impl ServerStats {
 
     /// Requests waiting for a worker, and for a fetch worker.
     pub fn queued(&self) -> (usize, usize) {
-        (self.0.queues.0.len(), self.0.queues.1.len())
+        (self.0.queued)()
     }
 
     /// Set once a drain has begun.
@@ -210,11 +182,11 @@ impl Drop for ServerHandle {
 }
 
 /// Starts serving `listener` with `handler`; `name` labels threads and logs.
-pub fn start(
+pub fn start<H: Handler>(
     name: &str,
     listener: TcpListener,
     cfg: ServerConfig,
-    handler: Arc<dyn Handler>,
+    handler: Arc<H>,
 ) -> io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let limits = Limits {
@@ -223,8 +195,12 @@ pub fn start(
         max_target_bytes: cfg.max_target_bytes,
         max_body_bytes: cfg.max_body_bytes,
     };
-    let (jobs_tx, jobs_rx) = bounded::<Job>(cfg.queue_depth);
-    let (fetch_tx, fetch_rx) = bounded::<Job>(cfg.fetch_queue);
+    let (jobs_tx, jobs_rx) = bounded::<Job<H::Job>>(cfg.queue_depth);
+    let (fetch_tx, fetch_rx) = bounded::<Job<H::Job>>(cfg.fetch_queue);
+    let queued = {
+        let (jobs, fetch) = (jobs_rx.clone(), fetch_rx.clone());
+        Box::new(move || (jobs.len(), fetch.len()))
+    };
     let shared = Arc::new(Shared {
         name: name.to_string(),
         cfg,
@@ -233,7 +209,7 @@ pub fn start(
         open: AtomicUsize::new(0),
         next_id: AtomicU64::new(0),
         conns: Mutex::new(HashMap::new()),
-        queues: (jobs_rx.clone(), fetch_rx.clone()),
+        queued,
     });
     for i in 0..shared.cfg.workers {
         let rx = jobs_rx.clone();
@@ -256,17 +232,13 @@ pub fn start(
     let acceptor = {
         let shared = Arc::clone(&shared);
         let acceptor_handler = Arc::clone(&handler);
-        let acceptor_fetch = fetch_tx.clone();
+        let queues = Queues {
+            jobs: jobs_tx,
+            fetch: fetch_tx.clone(),
+        };
         thread::Builder::new()
             .name(format!("{name}-acceptor"))
-            .spawn(move || {
-                accept_loop(
-                    &shared,
-                    &acceptor_handler,
-                    &listener,
-                    (&jobs_tx, &acceptor_fetch),
-                )
-            })?
+            .spawn(move || accept_loop(&shared, &acceptor_handler, &listener, &queues))?
     };
     info!(
         "{name}: listening on {addr} with {} workers",
@@ -279,11 +251,11 @@ pub fn start(
     })
 }
 
-fn accept_loop(
+fn accept_loop<H: Handler>(
     shared: &Arc<Shared>,
-    handler: &Arc<dyn Handler>,
+    handler: &Arc<H>,
     listener: &TcpListener,
-    (jobs, fetch): (&Sender<Job>, &Sender<Job>),
+    queues: &Queues<H::Job>,
 ) {
     let mut last_warning: Option<Instant> = None;
     // A descriptor kept in reserve: out of descriptors, it is given up for a moment so a
@@ -328,8 +300,10 @@ fn accept_loop(
         }
         let thread_shared = Arc::clone(shared);
         let handler = Arc::clone(handler);
-        let jobs = jobs.clone();
-        let fetch = fetch.clone();
+        let queues = Queues {
+            jobs: queues.jobs.clone(),
+            fetch: queues.fetch.clone(),
+        };
         let spawned = thread::Builder::new()
             .name(format!("{}-conn", shared.name))
             .stack_size(CONNECTION_STACK)
@@ -343,7 +317,7 @@ fn accept_loop(
                     handler.as_ref(),
                     stream,
                     peer,
-                    (&jobs, &fetch),
+                    &queues,
                     &idle,
                 );
             });
@@ -393,12 +367,12 @@ fn write_refusal(mut stream: &TcpStream, e: &HttpError) -> io::Result<()> {
 }
 
 /// Reads requests from one client and hands each to the worker pool, in order.
-fn serve_connection(
+fn serve_connection<H: Handler>(
     shared: &Shared,
-    handler: &dyn Handler,
+    handler: &H,
     stream: TcpStream,
     peer: SocketAddr,
-    (jobs, fetch): (&Sender<Job>, &Sender<Job>),
+    queues: &Queues<H::Job>,
     idle: &AtomicBool,
 ) {
     let cfg = &shared.cfg;
@@ -445,7 +419,7 @@ fn serve_connection(
                     linger_close(&mut conn);
                     return;
                 }
-                Inline::Deferred(req, state) => (req, Some(state)),
+                Inline::Deferred(req, job) => (req, Some(job)),
                 Inline::Declined(req) => (req, None),
             }
         } else {
@@ -463,7 +437,11 @@ fn serve_connection(
         };
         // A request deferred here goes straight to the fetch stage; a full fetch queue is
         // answered 503 at once, as the workers do.
-        let queue = if to_fetch { fetch } else { jobs };
+        let queue = if to_fetch {
+            &queues.fetch
+        } else {
+            &queues.jobs
+        };
         let wait = if to_fetch {
             Duration::ZERO
         } else {
@@ -507,35 +485,48 @@ fn serve_connection(
 }
 
 /// What the connection thread's own attempt at a request came to.
-enum Inline {
+enum Inline<J> {
     /// Answered here; true if the connection may carry another request.
     Answered(bool),
-    /// Deferred by the handler: straight to the fetch stage, with its state.
-    Deferred(Request, Box<dyn Any + Send>),
+    /// Deferred by the handler: straight to the fetch stage, with its job.
+    Deferred(Request, J),
     /// Left to the workers.
     Declined(Request),
 }
 
-/// Lets the handler answer on the connection thread (`Handler::handle_inline`).
-fn serve_inline(shared: &Shared, handler: &dyn Handler, conn: &mut Conn, req: Request) -> Inline {
+/// Lets the handler answer on the connection thread (`Handler::inline`).
+fn serve_inline<H: Handler>(
+    shared: &Shared,
+    handler: &H,
+    conn: &mut Conn,
+    req: Request,
+) -> Inline<H::Job> {
     let timeouts = exchange_timeouts(&shared.cfg);
     let mut ex = Exchange::new(req, conn, shared.cfg.max_body_bytes, timeouts);
     ex.watch_drain(Arc::clone(&shared.shutting_down));
-    if catch_unwind(AssertUnwindSafe(|| handler.handle_inline(&mut ex))).is_err() {
-        error!(
-            "{}: inline handler panicked on {} {}",
-            shared.name, ex.req.method, ex.req.target
-        );
+    let step = match catch_unwind(AssertUnwindSafe(|| handler.inline(&mut ex))) {
+        Ok(step) => step,
+        Err(_) => {
+            error!(
+                "{}: inline handler panicked on {} {}",
+                shared.name, ex.req.method, ex.req.target
+            );
+            ex.respond_error(500, "internal error", true);
+            Step::Answered
+        }
+    };
+    match step {
+        Step::Defer(job) if ex.can_defer() => return Inline::Deferred(ex.into_request(), job),
+        // Too late to hand it on (a handler bug): it runs here rather than be lost.
+        Step::Defer(job) => handler.fetch(&mut ex, job),
+        Step::Decline if !ex.response_started() => return Inline::Declined(ex.into_request()),
+        Step::Decline | Step::Answered => {}
+    }
+    if !ex.response_started() {
         ex.respond_error(500, "internal error", true);
     }
-    if let Some(state) = ex.take_deferred() {
-        return Inline::Deferred(ex.into_request(), state);
-    }
-    if ex.response_started() {
-        handler.finished(&ex);
-        return Inline::Answered(ex.complete());
-    }
-    Inline::Declined(ex.into_request())
+    handler.finished(&ex);
+    Inline::Answered(ex.complete())
 }
 
 /// Waits for and parses the next request head. `Ok(None)`: the client closed, or stayed
@@ -661,11 +652,11 @@ fn linger_close(conn: &mut Conn) {
 /// Runs exchanges: on a worker (`fetch` is the fetch stage's queue) the handler's
 /// `handle`, handing deferred exchanges on; on a fetch worker (`fetch` is None) the
 /// handler's `fetch` for them.
-fn worker(
+fn worker<H: Handler>(
     shared: &Shared,
-    jobs: &Receiver<Job>,
-    fetch: Option<&Sender<Job>>,
-    handler: &dyn Handler,
+    jobs: &Receiver<Job<H::Job>>,
+    fetch: Option<&Sender<Job<H::Job>>>,
+    handler: &H,
 ) {
     let timeouts = exchange_timeouts(&shared.cfg);
     for job in jobs.iter() {
@@ -681,51 +672,56 @@ fn worker(
         let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
         // Draining (now or before the answer starts): that answer is the connection's last.
         ex.watch_drain(Arc::clone(&shared.shutting_down));
-        let outcome = catch_unwind(AssertUnwindSafe(|| match deferred {
-            Some(state) => handler.fetch(&mut ex, state),
+        let step = catch_unwind(AssertUnwindSafe(|| match deferred {
+            Some(job) => {
+                handler.fetch(&mut ex, job);
+                Step::Answered
+            }
             None => handler.handle(&mut ex),
         }));
-        if outcome.is_err() {
+        let step = step.unwrap_or_else(|_| {
             error!(
                 "{}: handler panicked on {} {}",
                 shared.name, ex.req.method, ex.req.target
             );
             ex.respond_error(500, "internal error", true);
-        }
-        if let Some(state) = ex.take_deferred() {
-            let req = ex.into_request();
-            let job = Job {
-                conn,
-                req,
-                deferred: Some(state),
-                back,
-            };
-            let refused = match fetch {
-                Some(fetch) => match fetch.try_send(job) {
-                    Ok(()) => continue,
-                    // Every fetch worker busy and the queue full: a quick 503 keeps this
-                    // worker for the requests that need none.
-                    Err(e) => (e.into_inner(), HttpError::new(503, "server busy")),
-                },
-                // Deferred from the fetch stage itself: a handler bug.
-                None => (job, HttpError::new(500, "internal error")),
-            };
-            let (
-                Job {
+            Step::Answered
+        });
+        match (step, fetch) {
+            (Step::Defer(job), Some(fetch)) if ex.can_defer() => {
+                let req = ex.into_request();
+                let job = Job {
+                    conn,
+                    req,
+                    deferred: Some(job),
+                    back,
+                };
+                let Err(full) = fetch.try_send(job) else {
+                    continue;
+                };
+                // Every fetch worker busy and the queue full: a quick 503 keeps this
+                // worker for the requests that need none.
+                let Job {
                     mut conn,
                     req,
                     back,
                     ..
-                },
-                why,
-            ) = refused;
-            warn!("{}: {} {}: {why}", shared.name, req.method, req.target);
-            let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
-            ex.respond_error(why.status, why.reason, true);
-            handler.finished(&ex);
-            let keep = ex.complete();
-            let _ = back.send((conn, keep));
-            continue;
+                } = full.into_inner();
+                warn!(
+                    "{}: {} {}: fetch queue full",
+                    shared.name, req.method, req.target
+                );
+                let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
+                ex.respond_error(503, "server busy", true);
+                handler.finished(&ex);
+                let keep = ex.complete();
+                let _ = back.send((conn, keep));
+                continue;
+            }
+            // Deferred where it cannot be (from the fetch stage, or after the exchange
+            // started): it runs here rather than be lost.
+            (Step::Defer(job), _) => handler.fetch(&mut ex, job),
+            (Step::Answered | Step::Decline, _) => {}
         }
         if !ex.response_started() {
             error!(

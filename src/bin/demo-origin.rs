@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use echo::config::ServerConfig;
 use echo::http::exchange::Exchange;
-use echo::server::{self, Handler};
+use echo::http::handler::{Handler, Step};
+use echo::server;
 
 struct Demo {
     data: Mutex<(u64, String)>,
@@ -32,7 +33,21 @@ fn field(name: &str, value: &str) -> (String, Vec<u8>) {
 }
 
 impl Handler for Demo {
-    fn handle(&self, ex: &mut Exchange<'_>) {
+    /// The demo origin answers everything at once.
+    type Job = std::convert::Infallible;
+
+    fn handle(&self, ex: &mut Exchange<'_>) -> Step<Self::Job> {
+        self.answer(ex);
+        Step::Answered
+    }
+
+    fn fetch(&self, _: &mut Exchange<'_>, job: Self::Job) {
+        match job {}
+    }
+}
+
+impl Demo {
+    fn answer(&self, ex: &mut Exchange<'_>) {
         let path = ex.req.target.split('?').next().unwrap_or("/").to_string();
         let method = ex.req.method.clone();
         match (method.as_str(), path.as_str()) {

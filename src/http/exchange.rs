@@ -10,7 +10,6 @@
 //! its end, closes the connection (the next bytes on it cannot be trusted); the
 //! `100 Continue` interim response is sent only when the body is actually wanted.
 
-use std::any::Any;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -42,25 +41,6 @@ enum Head<'a> {
     With(&'a [u8]),
     /// With MSG_MORE: a sendfile of the body follows at once.
     BeforeMore,
-}
-
-/// The response's `X-Cache-Status` as a metric label: the header the client sees is
-/// what is logged and counted.
-fn cache_status_label(fields: &[&[(String, Vec<u8>)]]) -> &'static str {
-    let value = fields
-        .iter()
-        .flat_map(|f| f.iter())
-        .find(|(n, _)| n == "x-cache-status")
-        .map(|(_, v)| v.as_slice());
-    match value {
-        None => "none",
-        Some(b"HIT") => "hit",
-        Some(b"MISS") => "miss",
-        Some(b"STALE") => "stale",
-        Some(b"REVALIDATED") => "revalidated",
-        Some(b"BYPASS") => "bypass",
-        Some(_) => "other",
-    }
 }
 
 /// Deadlines an exchange holds the client to.
@@ -109,12 +89,10 @@ pub struct Exchange<'c> {
     status: u16,
     /// Body bytes written (framing excluded), for logs.
     body_bytes: u64,
-    /// The response's `X-Cache-Status`, lower case, for logs and metrics.
-    cache_status: &'static str,
+    /// What the handler says it did, for logs and metrics (`none` unless it says).
+    label: &'static str,
     /// The origin server that answered, when one did.
     origin: Option<Arc<str>>,
-    /// Set by a handler that hands the exchange to the fetch stage.
-    deferred: Option<Box<dyn Any + Send>>,
     /// The server is draining: the response says it is the connection's last.
     draining: Option<Arc<AtomicBool>>,
 }
@@ -139,9 +117,8 @@ impl<'c> Exchange<'c> {
             head_buf: Vec::with_capacity(512),
             status: 0,
             body_bytes: 0,
-            cache_status: "none",
+            label: "none",
             origin: None,
-            deferred: None,
             draining: None,
         }
     }
@@ -151,21 +128,10 @@ impl<'c> Exchange<'c> {
         self.draining = Some(draining);
     }
 
-    /// Hands this exchange to the fetch stage, with the handler's `state`: the server
-    /// runs `Handler::fetch` for it on a fetch worker. Only before the response has
-    /// started and before any of the body was read (the fetch stage starts afresh).
-    /// The state comes back when the exchange cannot be deferred any more.
-    pub fn defer(&mut self, state: Box<dyn Any + Send>) -> Result<(), Box<dyn Any + Send>> {
-        if self.response_started() || self.continue_sent || self.body.received() > 0 {
-            return Err(state);
-        }
-        self.deferred = Some(state);
-        Ok(())
-    }
-
-    /// The state a handler deferred this exchange with, if it did.
-    pub fn take_deferred(&mut self) -> Option<Box<dyn Any + Send>> {
-        self.deferred.take()
+    /// Can the exchange still be run afresh elsewhere (handed to the fetch pool)? Only
+    /// before its response has started and before any of its body was read.
+    pub fn can_defer(&self) -> bool {
+        !self.response_started() && !self.continue_sent && self.body.received() == 0
     }
 
     /// The request back, to run a deferred exchange elsewhere.
@@ -176,10 +142,6 @@ impl<'c> Exchange<'c> {
     /// The request body as a stream (empty when the request has none).
     pub fn body(&mut self) -> BodyReader<'_, 'c> {
         BodyReader { ex: self }
-    }
-
-    pub fn has_body(&self) -> bool {
-        !self.body.is_done() || self.body.received() > 0
     }
 
     pub fn response_started(&self) -> bool {
@@ -195,9 +157,14 @@ impl<'c> Exchange<'c> {
         self.body_bytes
     }
 
-    /// The `X-Cache-Status` the response carried, lower case (`none` without one).
-    pub fn cache_status(&self) -> &'static str {
-        self.cache_status
+    /// What the handler says it did (a metric label and access-log field; opaque here).
+    pub fn label(&self) -> &'static str {
+        self.label
+    }
+
+    /// Notes what the handler did, for `label`.
+    pub fn set_label(&mut self, label: &'static str) {
+        self.label = label;
     }
 
     /// Notes the origin server whose answer this exchange passes on.
@@ -207,11 +174,6 @@ impl<'c> Exchange<'c> {
 
     pub fn origin(&self) -> Option<&str> {
         self.origin.as_deref()
-    }
-
-    /// Close the connection after this exchange.
-    pub fn set_close(&mut self) {
-        self.close = true;
     }
 
     /// Starts the response. `head_length` is the length to announce for a HEAD response.
@@ -255,7 +217,6 @@ impl<'c> Exchange<'c> {
             self.close = true;
         }
         self.status = status;
-        self.cache_status = cache_status_label(fields);
         let bytes = match framing {
             Framing::Length(n) => n,
             _ => 0,

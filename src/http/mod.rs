@@ -9,6 +9,7 @@
 pub mod body;
 pub mod conn;
 pub mod exchange;
+pub mod handler;
 pub mod parse;
 pub mod response;
 

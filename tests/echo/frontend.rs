@@ -990,7 +990,8 @@ mod any_handler {
 
     use echo::config::ServerConfig;
     use echo::http::exchange::Exchange;
-    use echo::server::{self, Handler, ServerHandle};
+    use echo::http::handler::{Handler, Step};
+    use echo::server::{self, ServerHandle};
 
     use crate::support::client::build_request;
     use crate::support::RawClient;
@@ -1000,19 +1001,27 @@ mod any_handler {
     struct Quirky;
 
     impl Handler for Quirky {
-        fn handle(&self, ex: &mut Exchange<'_>) {
+        type Job = std::convert::Infallible;
+
+        fn handle(&self, ex: &mut Exchange<'_>) -> Step<Self::Job> {
             let target = ex.req.target.clone();
             let mut body = Vec::new();
             match target.as_str() {
                 "/panic" => panic!("the test handler panics on purpose"),
-                "/silent" => return,
+                "/silent" => return Step::Answered,
                 "/read" if ex.body().read_to_end(&mut body).is_err() => {
-                    return ex.respond_error(400, "bad body", true)
+                    ex.respond_error(400, "bad body", true);
+                    return Step::Answered;
                 }
                 _ => {}
             }
             let text = format!("{} {} {}", ex.req.method, target, body.len());
             let _ = ex.respond(200, &[], text.as_bytes());
+            Step::Answered
+        }
+
+        fn fetch(&self, _: &mut Exchange<'_>, job: Self::Job) {
+            match job {}
         }
     }
 

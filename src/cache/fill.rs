@@ -1,0 +1,396 @@
+//! One origin fetch per key: the leader of a key's flight (and, on a shared store,
+//! the holder of its cluster-wide fill lock) fetches; the others wait and answer from
+//! what it stored, or fetch themselves when its answer may not be shared. A fill is a
+//! conditional GET when a stale copy with validators exists (RFC 9111 §4.3): a 304
+//! freshens that copy, a full answer replaces it.
+//!
+//! Invariants: a fill lock is released on every path (its guard's drop), after the fill
+//! has stored; nothing is stored that an invalidation since the lookup names (the
+//! store checks the generation the fill began at), nor after `invalidation.ban_ttl`;
+//! a fill request carries none of the client's preconditions (see `forward`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::debug;
+
+use super::coalesce::{Join, Outcome as FlightOutcome};
+use super::forward::{final_response, response_headers};
+use super::hit::{serve_stale_on_error, serve_stored};
+use super::outcome::{Fwd, OriginTrouble, Outcome};
+use super::{Cache, Since};
+use crate::http::exchange::Exchange;
+use crate::http::Headers;
+use crate::key::CacheKey;
+use crate::origin::{OriginError, OriginRequest};
+use crate::policy::{self, Storability};
+use crate::store::{Entry, Store};
+
+/// What may answer if revalidation fails (RFC 5861 stale-if-error; RFC 9111 §5.2.2.2).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fallback {
+    /// The stale copy may answer when the origin fails.
+    pub(super) if_error: bool,
+    /// It may never answer stale: an unreachable origin is a 504.
+    pub(super) never_stale: bool,
+}
+
+/// A response on its way into the store: everything but the body, which is collected
+/// as it streams to the client.
+pub(super) struct Fill<'k> {
+    pub(super) key: &'k CacheKey,
+    pub(super) since: Since,
+    pub(super) entry: Entry,
+}
+
+/// A stored entry for a response (its body still to come): the stored fields, the Vary
+/// values of the request as it was sent to the origin (`sent`), the origin's Age folded into the initial age, and the
+/// `Surrogate-Key` tags.
+pub(super) fn new_entry(
+    sent: &Headers,
+    base: &Headers,
+    status: u16,
+    freshness: Duration,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Entry {
+    let vary = match policy::vary(base) {
+        policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, sent),
+        _ => Vec::new(),
+    };
+    // The origin's Age goes into the initial age; hits send their own Age.
+    let initial_age = policy::corrected_initial_age(base, request_time, response_time);
+    let mut headers = base.clone();
+    headers.retain(|(n, _)| n != "age");
+    // Surrogate-Key: space-separated tags an invalidation can name.
+    let tags = policy::header_joined(&headers, "surrogate-key")
+        .map(|v| {
+            v.split([' ', ','])
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Entry {
+        status,
+        headers,
+        body: Vec::new(),
+        file: None,
+        response_time,
+        initial_age,
+        freshness,
+        vary,
+        tags,
+    }
+}
+
+impl Cache {
+    /// One origin fetch per key at a time. The first request leads: with a shared store
+    /// it also takes the cluster-wide fill lock, or, when another node holds it, waits
+    /// for that node's fill. The others wait for the leader and answer from the store
+    /// (`collapsed`), or fetch themselves when its answer may not be shared (private,
+    /// Set-Cookie, uncacheable), it failed, or they waited too long.
+    pub(super) fn fetch_once(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        fwd: Fwd,
+        since: Since,
+        stale: Option<(&Entry, Fallback)>,
+    ) {
+        match self.coalescer.join(key.as_str()) {
+            Join::Leader(permit) => {
+                // Registered before the lock is tried, so no release can be missed.
+                let waiter = self.store.fill_waiter(key);
+                let owner = self.next_owner();
+                let locked = self
+                    .store
+                    .lock_fill_and_look(key, &owner, self.coalesce_lock_ttl);
+                let outcome = match locked {
+                    Ok((false, _)) => {
+                        let started = Instant::now();
+                        waiter.wait(self.coalesce_wait);
+                        if self.serve_collapsed(ex, key, started.elapsed()) {
+                            FlightOutcome::Stored
+                        } else {
+                            self.fill(ex, key, fwd, since, stale)
+                        }
+                    }
+                    locked => {
+                        drop(waiter);
+                        let taken = matches!(locked, Ok((true, _)));
+                        // Released on every path (drop), after the fill has stored.
+                        let _lock = taken.then(|| FillLock {
+                            store: self.store.as_ref(),
+                            key,
+                            owner,
+                        });
+                        // A fill that finished between this request's lookup and its lock
+                        // (here or on another node) has left what it fetched: the look
+                        // taken with the lock, where writes land, before fetching again.
+                        let look = locked.ok().and_then(|(_, look)| look);
+                        if look.is_some_and(|l| self.serve_lookup(ex, key, &l, Duration::ZERO)) {
+                            FlightOutcome::Stored
+                        } else {
+                            self.fill(ex, key, fwd, since, stale)
+                        }
+                    }
+                };
+                permit.finish(outcome);
+            }
+            Join::Followed {
+                outcome: FlightOutcome::Stored,
+                waited,
+            } => {
+                if !self.serve_collapsed(ex, key, waited) {
+                    self.fill(ex, key, fwd, since, stale);
+                }
+            }
+            Join::Followed { .. } | Join::TimedOut | Join::Overflow => {
+                self.fill(ex, key, fwd, since, stale);
+            }
+        }
+    }
+
+    /// A unique id for one fetch, naming the holder of a fill lock.
+    fn next_owner(&self) -> String {
+        let n = self.fetches.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.node_id)
+    }
+
+    /// Fetches a GET (HEAD is converted: one stored GET answers both) and stores it
+    /// when the policy allows, while streaming it to the client. With the `stale`
+    /// response the request selected, the fetch is conditional on its validators and a
+    /// 304 freshens it (RFC 9111 §4.3).
+    fn fill(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        fwd: Fwd,
+        since: Since,
+        stale: Option<(&Entry, Fallback)>,
+    ) -> FlightOutcome {
+        let fallback = stale;
+        let stale = stale.map(|(e, _)| e);
+        // What the origin sees of the client's request: the stored entry's Vary values
+        // come from it (RFC 9111 §4.1 compares the request the response was for).
+        let sent = self.fill_headers(&ex.req);
+        let mut headers = sent.clone();
+        // RFC 9111 §4.3: "When a cache has one or more stored responses for a requested URI,
+        // but cannot serve any of them (e.g., because they are not fresh ...), it can use the
+        // conditional request mechanism ... in the forwarded request to give the next inbound
+        // server an opportunity to choose a valid stored response to use, updating the stored
+        // metadata in the process, or to replace the stored response(s) with a new response."
+        // Echo does whenever the stale response has a validator (an operator's "stale" mark
+        // included). The request keeps the client's fields, Vary's among them: RFC 9111
+        // §4.3.1: the cache "starts with a request it is attempting to satisfy".
+        let preconditions = stale
+            .map(|e| policy::validation_preconditions(&e.headers))
+            .unwrap_or_default();
+        let validating = stale.filter(|_| !preconditions.is_empty());
+        headers.extend(preconditions);
+        let request_time = SystemTime::now();
+        let result = self.origin.get().send(OriginRequest {
+            method: "GET",
+            target: &ex.req.target,
+            host: &ex.req.host,
+            headers: &headers,
+            body: None,
+        });
+        let response = match result.and_then(final_response) {
+            Ok(r) => {
+                ex.set_origin(Arc::clone(&r.server));
+                r
+            }
+            Err(e) => {
+                if let Some((stored, f)) = fallback {
+                    if f.if_error {
+                        serve_stale_on_error(ex, stored, OriginTrouble::Error(e.kind()));
+                        return FlightOutcome::Failed;
+                    }
+                    // RFC 9111 §5.2.2.2: "if a cache is disconnected, the cache MUST
+                    // generate an error response rather than reuse the stale response. The
+                    // generated status code SHOULD be 504 (Gateway Timeout)".
+                    if f.never_stale && !matches!(e, OriginError::ClientBody(_)) {
+                        self.origin_failed(ex, &OriginError::Timeout("revalidation"), fwd);
+                        return FlightOutcome::Failed;
+                    }
+                }
+                self.origin_failed(ex, &e, fwd);
+                return FlightOutcome::Failed;
+            }
+        };
+        let response_time = SystemTime::now();
+        // RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or
+        // 504 HTTP response status code being returned."
+        if let Some((stored, f)) = fallback {
+            if f.if_error && matches!(response.status, 500 | 502 | 503 | 504) {
+                let trouble = OriginTrouble::Status(response.status);
+                drop(response);
+                serve_stale_on_error(ex, stored, trouble);
+                return FlightOutcome::Failed;
+            }
+        }
+        if let Some(stored) = validating.filter(|_| response.status == 304) {
+            // RFC 9111 §4.3.3: "A 304 (Not Modified) response status code indicates that
+            // the stored response can be updated and reused; see Section 4.3.4." Any other
+            // status goes on below like any fill: "A full response (i.e., one containing
+            // content) indicates that none of the stored responses nominated in the
+            // conditional request are suitable. Instead, the cache MUST use the full response
+            // to satisfy the request. The cache MAY store such a full response"; and of a 5xx,
+            // the cache "can either forward this response to the requesting client or act as
+            // if the server failed to respond" (Echo forwards it).
+            let base = response_headers(&response.headers, response_time);
+            drop(response);
+            if policy::freshens(&stored.headers, &base) {
+                let times = (request_time, response_time);
+                return self.freshen(ex, key, since, (stored, &sent), &base, times);
+            }
+            // RFC 9111 §4.3.4: "If none of the initial set contains at least one of the same
+            // strong validators, then the cache MUST NOT use the new response to update any
+            // stored responses." Nor can it answer a client that asked unconditionally:
+            // fetch the whole response instead.
+            debug!("304 for {key} names another representation; fetching it whole");
+            return self.fill(ex, key, fwd, since, None);
+        }
+        let storability = policy::storability(
+            "GET",
+            &ex.req.headers,
+            response.status,
+            &response.headers,
+            response_time,
+            &self.policy,
+        );
+        let fits = response
+            .content_length
+            .is_none_or(|n| n <= self.max_object_bytes as u64);
+        let (freshness, reason) = match storability {
+            Storability::Store { freshness, .. } if fits => (Some(freshness), None),
+            Storability::Store { .. } => (None, Some("too-large")),
+            Storability::DoNotStore(why) => (None, Some(why.as_str())),
+        };
+        let base = response_headers(&response.headers, response_time);
+        let fill = freshness.map(|freshness| Fill {
+            key,
+            since,
+            entry: new_entry(
+                &sent,
+                &base,
+                response.status,
+                freshness,
+                request_time,
+                response_time,
+            ),
+        });
+        if self.stream_body(ex, response, &base, fwd, reason, fill) {
+            FlightOutcome::Stored
+        } else {
+            FlightOutcome::NotShared
+        }
+    }
+
+    /// Answers from the `stored` response freshened by a 304 (`not_modified`, its fields as
+    /// Echo keeps them), and stores the freshened entry when it may still be stored.
+    fn freshen(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        since: Since,
+        (stored, sent): (&Entry, &Headers),
+        not_modified: &Headers,
+        (request_time, response_time): (SystemTime, SystemTime),
+    ) -> FlightOutcome {
+        // RFC 9111 §4.3.4: "For each stored response identified, the cache MUST update its
+        // header fields with the header fields provided in the 304 (Not Modified) response,
+        // as per Section 3.2." The content stays the stored one.
+        let headers = policy::update_stored_headers(&stored.headers, not_modified);
+        // The freshened response's lifetime and storability follow its updated fields (a
+        // 304 can bring a new Cache-Control or Expires); its age starts again from the
+        // 304's Age and Date and this exchange's request and response times (RFC 9111
+        // §4.2.3, in `new_entry`).
+        let storability = policy::storability(
+            "GET",
+            &ex.req.headers,
+            stored.status,
+            &headers,
+            response_time,
+            &self.policy,
+        );
+        let (freshness, not_stored) = match storability {
+            Storability::Store { freshness, .. } => (freshness, None),
+            Storability::DoNotStore(why) => (Duration::ZERO, Some(why.as_str())),
+        };
+        let mut entry = new_entry(
+            sent,
+            &headers,
+            stored.status,
+            freshness,
+            request_time,
+            response_time,
+        );
+        entry.body = stored.body.clone();
+        entry.file = stored.file.clone();
+        let entry = Arc::new(entry);
+        // Stored through the same generation check as a fill, before the client is answered
+        // (so its next request finds it): after an invalidation since the lookup, this
+        // client still gets the freshened response, but it is not stored.
+        let stored_now = not_stored.is_none() && self.store_entry(key, since, Arc::clone(&entry));
+        let outcome = Outcome::Revalidated {
+            stored: stored_now,
+            not_stored,
+        };
+        debug!("REVALIDATED {key} ({})", outcome.cache_status());
+        let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
+        serve_stored(ex, &entry, age, outcome);
+        if stored_now {
+            FlightOutcome::Stored
+        } else {
+            FlightOutcome::NotShared
+        }
+    }
+
+    /// Stores a filled entry; a store error is logged and costs only a later miss.
+    /// Returns whether it was stored.
+    pub(super) fn store(&self, fill: Fill<'_>) -> bool {
+        self.store_entry(fill.key, fill.since, Arc::new(fill.entry))
+    }
+
+    /// [`Proxy::store`] for an entry already shared (a freshened one, also being served).
+    pub(super) fn store_entry(&self, key: &CacheKey, since: Since, entry: Arc<Entry>) -> bool {
+        if since.started.elapsed() > self.ban_ttl {
+            debug!("not storing {key}: the fill outlasted invalidation.ban_ttl");
+            return false;
+        }
+        match self.store.put(key, entry, since.generation) {
+            Ok(stored) => {
+                if !stored {
+                    debug!("not storing {key}: invalidated while it was fetched");
+                }
+                stored
+            }
+            Err(e) => {
+                self.warn_limited(format_args!(
+                    "{} store write failed: {e}",
+                    self.store.name()
+                ));
+                false
+            }
+        }
+    }
+}
+
+/// The cluster-wide fill lock of one key while this node fetches it; released (and the
+/// waiting nodes woken) when dropped, on every path.
+struct FillLock<'a> {
+    store: &'a dyn Store,
+    key: &'a CacheKey,
+    owner: String,
+}
+
+impl Drop for FillLock<'_> {
+    fn drop(&mut self) {
+        // A lock that cannot be released expires after coalesce_lock_ttl.
+        let _ = self.store.unlock_fill(self.key, &self.owner);
+    }
+}

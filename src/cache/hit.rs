@@ -1,0 +1,265 @@
+//! Answering from the store: which stored variant a request selects (Vary, as the
+//! request would be sent), whether RFC 9111 lets it answer (fresh, or stale within a
+//! window the origin or the client allows), and the answer itself (a 304 when the
+//! client's validators match, the whole stored response otherwise).
+//!
+//! Invariants: nothing here blocks on the origin (a refresh is queued, never run);
+//! every answer carries `Age` and its [`Outcome`]; a variant is selected only by the
+//! field values the request would be sent with, since those are what it was stored for.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use log::debug;
+
+use super::fill::Fallback;
+use super::forward::{PRECONDITIONS, SET_BY_ECHO};
+use super::outcome::{Fwd, OriginTrouble, Outcome, StaleReason};
+use super::{Cache, Since, StaleCopy};
+use crate::http::exchange::Exchange;
+use crate::http::{self, Headers, Request};
+use crate::key::CacheKey;
+use crate::policy::{self, CacheControl, Reuse};
+use crate::store::{Entry, Lookup};
+
+impl Cache {
+    /// Answers from the stored `variants` when RFC 9111 allows (fresh; stale within
+    /// stale-while-revalidate, refreshing in the background; stale as the client's
+    /// max-stale accepts). None: answered. Otherwise why the origin must be asked, with
+    /// the stale copy the request selected (to revalidate, and what may answer if that
+    /// fails). Never blocks.
+    pub(super) fn answer_from_store(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        variants: &[Arc<Entry>],
+        since: Since,
+    ) -> Option<(Fwd, Option<StaleCopy>)> {
+        let Some(entry) = self.select(variants, &ex.req) else {
+            let fwd = if variants.is_empty() {
+                Fwd::UriMiss
+            } else {
+                Fwd::VaryMiss
+            };
+            return Some((fwd, None));
+        };
+        let req_cc = CacheControl::parse_request(&ex.req.headers);
+        let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
+        let ttl = ttl(entry, age);
+        match policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy) {
+            Reuse::Fresh => {
+                debug!("HIT {key}");
+                // Refresh-ahead: a hot entry close to expiry is revalidated in the
+                // background, so the next requests never find it stale.
+                let left = entry.freshness.saturating_sub(age);
+                if !self.refresh_ahead.is_zero() && left <= self.refresh_ahead {
+                    self.refresh_later(key, &ex.req, entry, since);
+                }
+                let outcome = Outcome::Hit {
+                    ttl,
+                    collapsed: false,
+                };
+                serve_stored(ex, entry, age, outcome);
+                None
+            }
+            Reuse::StaleWhileRevalidate => {
+                debug!("STALE {key} (stale-while-revalidate)");
+                self.refresh_later(key, &ex.req, entry, since);
+                let why = StaleReason::WhileRevalidate;
+                serve_stored(ex, entry, age, Outcome::Stale { ttl, why });
+                None
+            }
+            Reuse::StaleAccepted => {
+                debug!("STALE {key} (the client's max-stale)");
+                let why = StaleReason::MaxStale;
+                serve_stored(ex, entry, age, Outcome::Stale { ttl, why });
+                None
+            }
+            Reuse::Revalidate {
+                if_error,
+                never_stale,
+            } => Some((
+                Fwd::Stale,
+                Some((
+                    Arc::clone(entry),
+                    Fallback {
+                        if_error,
+                        never_stale,
+                    },
+                )),
+            )),
+        }
+    }
+
+    /// The stored variant this request selects. Vary is matched against the request as
+    /// a fill would send it (a field the client named in `Connection`, or one Echo
+    /// strips, is absent there), since that is what each variant was stored for.
+    pub(super) fn select<'v>(
+        &self,
+        variants: &'v [Arc<Entry>],
+        req: &Request,
+    ) -> Option<&'v Arc<Entry>> {
+        let mut sent: Option<Headers> = None;
+        variants.iter().find(|e| {
+            if e.vary
+                .iter()
+                .all(|(field, _)| self.fill_sends_as_is(field, req))
+            {
+                // The usual case (Vary: Accept-Encoding): no need to build the request.
+                return policy::vary_matches(&e.vary, &req.headers);
+            }
+            policy::vary_matches(&e.vary, sent.get_or_insert_with(|| self.fill_headers(req)))
+        })
+    }
+
+    /// Does a fill send the client's lines of `field` unchanged? False for every name
+    /// `fill_headers` drops or replaces (hop-by-hop and `Connection`-named, with `_`,
+    /// set by Echo, preconditions, stripped): for those, the request is built whole.
+    fn fill_sends_as_is(&self, field: &str, req: &Request) -> bool {
+        let special = |list: &[&str]| list.iter().any(|f| http::same_field(field, f));
+        !field.contains('_')
+            && !special(http::HOP_BY_HOP)
+            && !special(SET_BY_ECHO)
+            && !special(PRECONDITIONS)
+            && !self.strip.iter().any(|s| http::same_field(field, s))
+            && !req
+                .headers
+                .iter()
+                .filter(|(n, _)| http::same_field(n, "connection"))
+                .flat_map(|(_, v)| v.split(|&b| b == b','))
+                .any(|t| http::same_field(&String::from_utf8_lossy(t.trim_ascii()), field))
+    }
+
+    /// Answers a request that waited for another's fetch from what that fetch stored, if
+    /// it stored a fresh response this request selects.
+    pub(super) fn serve_collapsed(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        waited: Duration,
+    ) -> bool {
+        // From where the fill was written: a lagging replica would turn this into a miss.
+        let Ok(lookup) = self.store.get_latest(key) else {
+            return false;
+        };
+        self.serve_lookup(ex, key, &lookup, waited)
+    }
+
+    /// Answers from `lookup` (read where writes land) if it holds a fresh response this
+    /// request selects.
+    pub(super) fn serve_lookup(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        lookup: &Lookup,
+        waited: Duration,
+    ) -> bool {
+        let Some(entry) = self.select(&lookup.variants, &ex.req) else {
+            return false;
+        };
+        let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
+        // Only as the request's own directives allow (a client's no-cache wants its own
+        // validation, not a copy another request fetched).
+        let req_cc = CacheControl::parse_request(&ex.req.headers);
+        if policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy)
+            != Reuse::Fresh
+        {
+            return false;
+        }
+        self.metrics.coalesced.inc();
+        debug!("HIT {key} (collapsed, waited {waited:?})");
+        let outcome = Outcome::Hit {
+            ttl: ttl(entry, age),
+            collapsed: true,
+        };
+        serve_stored(ex, entry, age, outcome);
+        true
+    }
+}
+
+/// Seconds of freshness left (negative once stale).
+fn ttl(entry: &Entry, age: Duration) -> i64 {
+    entry.freshness.as_secs() as i64 - age.as_secs() as i64
+}
+
+/// The stale copy answers because the origin failed and stale-if-error allows it.
+pub(super) fn serve_stale_on_error(ex: &mut Exchange<'_>, stored: &Entry, why: OriginTrouble) {
+    let age = policy::current_age(stored.initial_age, stored.response_time, SystemTime::now());
+    debug!("STALE {} (stale-if-error: {why:?})", ex.req.target);
+    let outcome = Outcome::Stale {
+        ttl: ttl(stored, age),
+        why: StaleReason::IfError(why),
+    };
+    serve_stored(ex, stored, age, outcome);
+}
+
+/// Answers from a stored entry: 304 when the client's validators match (RFC 9111
+/// §4.3.2), the whole response otherwise.
+pub(super) fn serve_stored(ex: &mut Exchange<'_>, entry: &Entry, age: Duration, outcome: Outcome) {
+    ex.set_label(outcome.label());
+    if entry.status == 200 && not_modified(&ex.req, &entry.headers) {
+        // RFC 9110 §15.4.5: a 304 carries the fields a 200 would have that describe
+        // the representation's caching and validation, and no content.
+        let mut headers: Headers = entry
+            .headers
+            .iter()
+            .filter(|(n, _)| {
+                matches!(
+                    n.as_str(),
+                    "cache-control"
+                        | "content-location"
+                        | "date"
+                        | "etag"
+                        | "expires"
+                        | "vary"
+                        | "last-modified"
+                        | "via"
+                )
+            })
+            .cloned()
+            .collect();
+        headers.push(("age".into(), age.as_secs().to_string().into_bytes()));
+        outcome.add_to(&mut headers);
+        let _ = ex.respond(304, &headers, b"");
+        return;
+    }
+    let mut added = Vec::with_capacity(3);
+    added.push(("age".into(), age.as_secs().to_string().into_bytes()));
+    outcome.add_to(&mut added);
+    match &entry.file {
+        // A large body from the memory store: sent from its memfd (no copy).
+        Some(file) => {
+            let _ = ex.respond_file(entry.status, &[&entry.headers, &added], file);
+        }
+        None => {
+            let _ = ex.respond_fields(entry.status, &[&entry.headers, &added], &entry.body);
+        }
+    }
+}
+
+/// RFC 9110 §13.1.2 / §13.1.3 / §13.2.2: If-None-Match (weak comparison) takes
+/// precedence; If-Modified-Since is evaluated only without it.
+fn not_modified(req: &Request, stored: &Headers) -> bool {
+    if let Some(inm) = policy::header_joined(&req.headers, "if-none-match") {
+        let Some(etag) = http::header(stored, "etag") else {
+            return false;
+        };
+        let etag = String::from_utf8_lossy(etag);
+        let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        return inm
+            .split(',')
+            .any(|t| t.trim() == "*" || opaque(t) == opaque(&etag));
+    }
+    let (Some(ims), Some(lm)) = (
+        req.header("if-modified-since"),
+        http::header(stored, "last-modified"),
+    ) else {
+        return false;
+    };
+    let parse = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| httpdate::parse_http_date(s).ok())
+    };
+    matches!((parse(ims), parse(lm)), (Some(ims), Some(lm)) if lm <= ims)
+}

@@ -1,0 +1,345 @@
+//! The caching proxy's request path, by stage: for each request, look the key up
+//! (here), answer from the store when RFC 9111 allows (`hit`), otherwise fetch once
+//! per key (`fill`) while streaming the answer and storing it when allowed (`stream`),
+//! refresh in the background what may be served stale (`refresh`), and pass through
+//! what the cache does not serve (`forward`). What was done is one [`Outcome`]
+//! (`outcome`), rendered into headers, metrics and logs.
+//!
+//! A request arrives on its connection's thread (`Handler::inline`): a hit is answered
+//! there; anything that waits on the origin goes to the fetch pool as a typed [`Job`].
+//!
+//! Invariants: a store error is a miss, never a failed request; a response is stored
+//! only when the policy allows it, it is complete, and it fits `cache.max_object_bytes`;
+//! an origin body that breaks mid-way cuts the client's response (never a fabricated
+//! complete one) and stores nothing; every proxied response says what happened in
+//! `X-Cache-Status` and in an RFC 9211 `Cache-Status` member.
+
+mod coalesce;
+mod fill;
+mod forward;
+mod hit;
+mod outcome;
+mod refresh;
+mod stream;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, warn};
+
+use crate::access_log::{AccessLog, Record};
+use crate::config::Config;
+use crate::http::exchange::Exchange;
+use crate::http::handler::{Handler, Step};
+use crate::http::Request;
+use crate::key::CacheKey;
+use crate::live::Live;
+use crate::metrics::Metrics;
+use crate::policy::{CacheControl, PolicyOptions};
+use crate::store::{Entry, Lookup, Store};
+use crate::upstream::Upstreams;
+
+pub use coalesce::{Coalescer, Join, Outcome as FlightOutcome, Permit};
+pub use forward::forward_headers;
+pub use outcome::{Bypass, Fwd, Outcome, OwnAnswer, StaleReason};
+
+use fill::Fallback;
+use forward::VIA;
+use refresh::Background;
+
+/// When a fill began: the store's invalidation generation then, and the time.
+#[derive(Debug, Clone, Copy)]
+pub struct Since {
+    generation: u64,
+    started: Instant,
+}
+
+/// The stale copy a request selected: what a fill revalidates, and what may answer
+/// if that fails.
+pub(crate) type StaleCopy = (Arc<Entry>, Fallback);
+
+/// What the fetch pool does for a request the cache handed it (it may wait on the
+/// origin there without holding a thread that answers hits).
+pub enum Job {
+    /// Pass it through (other methods, ranges, an unreadable store).
+    Forward(Bypass),
+    /// Fetch it once for everyone waiting on it, and store it when allowed; with the
+    /// stale copy the request selected (to revalidate, and what may answer if that
+    /// fails).
+    Fill {
+        key: CacheKey,
+        fwd: Fwd,
+        since: Since,
+        stale: Option<StaleCopy>,
+    },
+}
+
+/// The caching proxy: the [`Handler`] of the proxy listener.
+pub struct Cache {
+    store: Arc<dyn Store>,
+    /// Replaced whole by a config reload.
+    origin: Arc<Live<Upstreams>>,
+    policy: PolicyOptions,
+    max_object_bytes: usize,
+    /// A fill that takes longer than this is not stored (older invalidations are no
+    /// longer remembered to check it against).
+    ban_ttl: Duration,
+    /// Refresh-ahead window; zero: off.
+    refresh_ahead: Duration,
+    background: OnceLock<Background>,
+    coalescer: Coalescer,
+    coalesce_wait: Duration,
+    coalesce_lock_ttl: Duration,
+    /// Identifies this Echo process in fill-lock owner ids.
+    node_id: String,
+    fetches: AtomicU64,
+    metrics: Arc<Metrics>,
+    /// `log.access_log`, replaced by a reload that changes it.
+    access_log: Live<Option<AccessLog>>,
+    /// Whether there is one: lets every request without an access log skip the lock
+    /// and the shared reference count of `access_log`.
+    access_log_on: AtomicBool,
+    /// Request fields never sent on fills (`cache.strip_request_headers`, folded).
+    strip: Vec<String>,
+    /// Forward fields whose names hold `_` (`server.underscores_in_headers`).
+    underscores: bool,
+    last_warning: AtomicU64,
+}
+
+impl Cache {
+    /// The request path as `cfg` sets it up, on `store` and the origin services.
+    pub fn new(
+        cfg: &Config,
+        store: Arc<dyn Store>,
+        origin: Arc<Live<Upstreams>>,
+        metrics: Arc<Metrics>,
+    ) -> Cache {
+        let c = &cfg.cache;
+        Cache {
+            store,
+            origin,
+            policy: PolicyOptions {
+                heuristic_max: c.heuristic_max,
+                default_ttl: c.default_ttl,
+                max_stale: c.max_stale,
+                honor_request: c.honor_request_cache_control,
+                ..PolicyOptions::default()
+            },
+            max_object_bytes: c.max_object_bytes,
+            ban_ttl: cfg.invalidation.ban_ttl,
+            refresh_ahead: c.refresh_ahead,
+            background: OnceLock::new(),
+            coalescer: Coalescer::new(c.coalesce_max_waiters, c.coalesce_wait),
+            coalesce_wait: c.coalesce_wait,
+            coalesce_lock_ttl: c.coalesce_lock_ttl,
+            node_id: format!(
+                "{}-{}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
+            fetches: AtomicU64::new(0),
+            metrics,
+            access_log: Live::new(Arc::new(None)),
+            access_log_on: AtomicBool::new(false),
+            strip: c.strip_request_headers.clone(),
+            underscores: cfg.server.underscores_in_headers,
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// `warn` level is for degraded service; at most one such line every few seconds.
+    fn warn_limited(&self, message: std::fmt::Arguments<'_>) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + 5
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!("{message}");
+        } else {
+            debug!("{message}");
+        }
+    }
+
+    /// The access log requests are written to (None: none).
+    pub fn access_log(&self) -> Arc<Option<AccessLog>> {
+        self.access_log.get()
+    }
+
+    pub fn set_access_log(&self, log: Option<AccessLog>) {
+        self.access_log_on.store(log.is_some(), Ordering::Relaxed);
+        self.access_log.set(Arc::new(log));
+    }
+
+    /// The access log, if there is one, without touching it when there is none.
+    fn access_log_if_on(&self) -> Option<Arc<Option<AccessLog>>> {
+        self.access_log_on
+            .load(Ordering::Relaxed)
+            .then(|| self.access_log.get())
+    }
+
+    /// Where a request goes: Echo's own answer (`OPTIONS *`), through without the cache
+    /// (methods other than GET and HEAD, ranges), or a lookup.
+    fn route(&self, ex: &mut Exchange<'_>) -> Step<Job> {
+        if ex.req.target == "*" {
+            // `OPTIONS *` asks about this server, not a resource; Echo answers it (as
+            // most servers do) rather than invent a resource on the origin.
+            let headers = [("via".to_string(), VIA.to_vec())];
+            let _ = ex.respond(200, &headers, b"");
+            return Step::Answered;
+        }
+        let cacheable_method = matches!(ex.req.method.as_str(), "GET" | "HEAD");
+        if !cacheable_method {
+            return Step::Defer(Job::Forward(Bypass::Method));
+        }
+        // RFC 9110 §14.2: "A server MUST ignore a Range header field received with a
+        // request method that is unrecognized or for which range handling is not
+        // defined" — GET is the only one. A HEAD with a Range is a HEAD: filled with a
+        // GET like any other, never forwarded as a HEAD to be answered from the origin.
+        if ex.req.header("range").is_some() && !ex.req.is_head() {
+            return Step::Defer(Job::Forward(Bypass::Range));
+        }
+        self.lookup(ex)
+    }
+
+    /// Looks the request up: a hit is answered; a miss (or a stale entry to revalidate)
+    /// becomes a fill job; an unreadable store a pass-through.
+    fn lookup(&self, ex: &mut Exchange<'_>) -> Step<Job> {
+        let key = CacheKey::new("http", &ex.req.host, &ex.req.target);
+        let started = Instant::now();
+        let Lookup {
+            variants,
+            generation,
+        } = match self.store.get(&key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.warn_limited(format_args!(
+                    "{} store lookup failed: {e}",
+                    self.store.name()
+                ));
+                return Step::Defer(Job::Forward(Bypass::StoreError));
+            }
+        };
+        let since = Since {
+            generation,
+            started,
+        };
+        let Some((fwd, stale)) = self.answer_from_store(ex, &key, &variants, since) else {
+            return Step::Answered;
+        };
+        let req_cc = CacheControl::parse_request(&ex.req.headers);
+        // RFC 9111 §5.2.1.7: "The only-if-cached request directive indicates that the client
+        // only wishes to obtain a stored response. Caches that honor this request directive
+        // SHOULD, upon receiving it, respond with either a stored response consistent with
+        // the other constraints of the request or a 504 (Gateway Timeout) status code."
+        if req_cc.only_if_cached && self.policy.honor_request {
+            forward::own_error(
+                ex,
+                504,
+                Outcome::Own {
+                    fwd,
+                    why: OwnAnswer::OnlyIfCached,
+                },
+                "only-if-cached and nothing stored may answer",
+            );
+            return Step::Answered;
+        }
+        debug!("{} {key}", fwd.params());
+        Step::Defer(Job::Fill {
+            key,
+            fwd,
+            since,
+            stale,
+        })
+    }
+
+    /// Counts the request and writes its access log line; `label` is what was done
+    /// (`none` when nothing of the cache was).
+    fn record(&self, label: &'static str, r: Record<'_>) {
+        self.metrics.request(label, r.method, r.status, r.took);
+        if let Some(log) = self.access_log_if_on().as_deref().and_then(Option::as_ref) {
+            log.log(&r);
+        }
+    }
+}
+
+impl Handler for Cache {
+    type Job = Job;
+
+    /// Lookups on the connection thread: a hit is answered at once (no hand-off to a
+    /// worker and back), anything that waits on the origin goes straight to the fetch
+    /// stage with what the lookup found. A lookup in Redis blocks this thread only, within
+    /// the Redis timeouts, and the Redis pool bounds how many run at once.
+    fn inline(&self, ex: &mut Exchange<'_>) -> Step<Job> {
+        self.route(ex)
+    }
+
+    fn handle(&self, ex: &mut Exchange<'_>) -> Step<Job> {
+        self.route(ex)
+    }
+
+    /// The fetch stage: whatever waits on the origin.
+    fn fetch(&self, ex: &mut Exchange<'_>, job: Job) {
+        match job {
+            Job::Forward(why) => self.forward(ex, Fwd::Bypass(why)),
+            Job::Fill {
+                key,
+                fwd,
+                since,
+                stale,
+            } => {
+                let stale = stale.as_ref().map(|(e, f)| (&**e, *f));
+                self.fetch_once(ex, &key, fwd, since, stale);
+            }
+        }
+    }
+
+    /// Counts a request the server refused before any handler saw it (cache status
+    /// `none`; method `other` when its head could not be parsed), and logs it.
+    fn refused(&self, peer: std::net::SocketAddr, request: Option<&Request>, status: u16) {
+        let took = request.map_or(Duration::ZERO, |r| r.received.elapsed());
+        self.record(
+            "none",
+            Record {
+                received: SystemTime::now() - took,
+                client: peer.ip(),
+                method: request.map_or("-", |r| r.method.as_str()),
+                target: request.map_or("-", |r| r.target.as_str()),
+                version: request.map_or("-", |r| r.version.as_str()),
+                status,
+                bytes: 0,
+                took,
+                cache_status: "none",
+                origin: None,
+            },
+        );
+    }
+
+    /// Counts the request (`echo_requests_total`, `echo_request_duration_seconds`) and
+    /// writes its access log line.
+    fn finished(&self, ex: &Exchange<'_>) {
+        let took = ex.req.received.elapsed();
+        self.record(
+            ex.label(),
+            Record {
+                received: SystemTime::now() - took,
+                client: ex.req.peer.ip(),
+                method: &ex.req.method,
+                target: &ex.req.target,
+                version: ex.req.version.as_str(),
+                status: ex.status(),
+                bytes: ex.body_bytes(),
+                took,
+                cache_status: ex.label(),
+                origin: ex.origin(),
+            },
+        );
+    }
+}

@@ -1,0 +1,59 @@
+//! The seam between a front end (`server`, which owns sockets and threads) and what
+//! answers requests (the cache, the admin API): a handler looks at an [`Exchange`] and
+//! says what it did with it ([`Step`]). Work that may block on another service goes back
+//! to the front end as the handler's own typed job, to be run on the fetch pool; the
+//! front end never learns what is inside it.
+//!
+//! Invariants: a handler answers every exchange it does not defer or decline; a deferred
+//! or declined exchange is untouched (no response started, none of its body read), so
+//! it can be run afresh elsewhere; nothing here knows what a cache is.
+
+use std::net::SocketAddr;
+
+use super::exchange::Exchange;
+use super::Request;
+
+/// What a handler did with an exchange.
+#[derive(Debug)]
+pub enum Step<J> {
+    /// It answered (or started answering).
+    Answered,
+    /// Run this job on the fetch pool, where waiting on another service holds no thread
+    /// that answers hits: `Handler::fetch` gets it with the exchange.
+    Defer(J),
+    /// Not here: give the exchange to the worker pool (`Handler::handle`). Only the
+    /// inline path may decline.
+    Decline,
+}
+
+/// What answers the requests of one listener.
+pub trait Handler: Send + Sync + 'static {
+    /// What `inline` and `handle` hand to the fetch pool.
+    type Job: Send + 'static;
+
+    /// On the connection's own thread, before any hand-off: answer what needs no
+    /// blocking call (a hit in an in-process store), defer what waits on another
+    /// service, decline the rest. Must not block on anything but this client.
+    fn inline(&self, ex: &mut Exchange<'_>) -> Step<Self::Job> {
+        let _ = ex;
+        Step::Decline
+    }
+
+    /// On a worker: answer, or defer. (`Decline` here is answered 500.)
+    fn handle(&self, ex: &mut Exchange<'_>) -> Step<Self::Job>;
+
+    /// On a fetch worker: run a deferred job; it answers the exchange.
+    fn fetch(&self, ex: &mut Exchange<'_>, job: Self::Job);
+
+    /// Once per answered exchange, after its response (access log, metrics).
+    fn finished(&self, ex: &Exchange<'_>) {
+        let _ = ex;
+    }
+
+    /// When the front end itself refused a request (`status`): a malformed or oversized
+    /// head, a head or body not received in time, a full queue. `request` is the
+    /// request when it was parsed.
+    fn refused(&self, peer: SocketAddr, request: Option<&Request>, status: u16) {
+        let _ = (peer, request, status);
+    }
+}
