@@ -15,7 +15,7 @@ pub mod invalidate;
 pub mod key;
 pub mod live;
 pub mod metrics;
-pub mod origin;
+
 pub mod policy;
 pub mod server;
 pub mod store;

@@ -23,9 +23,9 @@ use super::{Cache, Since};
 use crate::http::exchange::Exchange;
 use crate::http::Headers;
 use crate::key::CacheKey;
-use crate::origin::{OriginError, OriginRequest};
 use crate::policy::{self, Storability};
 use crate::store::{Entry, Store};
+use crate::upstream::{OriginError, OriginRequest, Phase};
 
 /// What may answer if revalidation fails (RFC 5861 stale-if-error; RFC 9111 §5.2.2.2).
 #[derive(Debug, Clone, Copy, Default)]
@@ -213,7 +213,7 @@ impl Cache {
                     // generate an error response rather than reuse the stale response. The
                     // generated status code SHOULD be 504 (Gateway Timeout)".
                     if f.never_stale && !matches!(e, OriginError::ClientBody(_)) {
-                        self.origin_failed(ex, &OriginError::Timeout("revalidation"), fwd);
+                        self.origin_failed(ex, &OriginError::Timeout(Phase::Revalidation), fwd);
                         return FlightOutcome::Failed;
                     }
                 }

@@ -21,8 +21,8 @@ use crate::http::body::client_error;
 use crate::http::exchange::Exchange;
 use crate::http::{self, BodyFraming, Headers, Request};
 use crate::key::CacheKey;
-use crate::origin::{OriginError, OriginRequest, OriginResponse};
 use crate::policy;
+use crate::upstream::{OriginError, OriginRequest, OriginResponse};
 
 /// `Via` as Echo adds it, both ways.
 pub(super) const VIA: &[u8] = b"1.1 echo";

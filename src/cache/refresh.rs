@@ -20,9 +20,9 @@ use super::{Cache, Since};
 use crate::http::{Headers, Request};
 use crate::invalidate::Refresher;
 use crate::key::CacheKey;
-use crate::origin::OriginRequest;
 use crate::policy::{self, Storability};
 use crate::store::{Entry, Lookup};
+use crate::upstream::OriginRequest;
 
 impl Cache {
     /// Starts the background refresh pool (stale-while-revalidate, refresh-ahead). Its

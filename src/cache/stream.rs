@@ -16,8 +16,8 @@ use super::Cache;
 use crate::http::exchange::Exchange;
 use crate::http::response::BodyLength;
 use crate::http::{self, Headers};
-use crate::origin::OriginResponse;
 use crate::store::Entry;
+use crate::upstream::OriginResponse;
 
 /// Read size when streaming an origin body; also how much of a storable body is held
 /// back before its head goes out.
