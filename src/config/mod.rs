@@ -10,6 +10,7 @@
 //! raw section's default put through validation, never a second copy of the values.
 //! Every duration is a [`Duration`] after validation (only the TOML keys carry units,
 //! `_ms`); every error names the offending key and, when the file has it, its line.
+//! Typed sections are plain comparable data (`PartialEq`, `Eq`): a reload compares them.
 //! Config is at the bottom of the crate: it imports no other Echo module.
 //! `etc/echo.toml` documents every key and a test parses it.
 
@@ -56,7 +57,7 @@ impl std::error::Error for ConfigError {}
 /// the number of slots the request parser keeps on its stack (256 × 32 bytes).
 pub const MAX_HEADERS_CAP: usize = 256;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
@@ -70,7 +71,7 @@ pub struct Config {
 }
 
 /// The invalidation API and thread.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidationConfig {
     /// Jobs waiting for the invalidation thread; more are refused with 503.
     pub queue_depth: usize,
@@ -82,8 +83,17 @@ pub struct InvalidationConfig {
     pub job_timeout: Duration,
 }
 
+/// `[invalidation]` as the file has it when the section is left out.
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        // The defaults are valid by construction; a test checks it.
+        validate::validate_invalidation(&raw::RawInvalidation::default())
+            .unwrap_or_else(|e| panic!("default invalidation config invalid: {e}"))
+    }
+}
+
 /// The Redis store: where it is and how long Echo waits for it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// `redis://[:password@]host:port[/db]`: writes, deletes, and reads of last resort.
     pub master: String,
@@ -110,7 +120,7 @@ pub struct RedisConfig {
 }
 
 /// The HTTP front end: listener, worker pool, limits and client-side timeouts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub workers: usize,
@@ -150,7 +160,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: String,
@@ -196,7 +206,7 @@ pub enum Balance {
 }
 
 /// Active health checks of a service's servers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
     /// Probed with a GET; a 2xx or 3xx answer within `timeout` passes.
     pub path: String,
@@ -210,7 +220,7 @@ pub struct HealthCheckConfig {
 
 /// A passthrough service (`[origin]`, or a `[[route]]`'s): its servers and how they
 /// are used.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginConfig {
     /// `origin`, or `route[N]`: the service's name in logs and `/health`.
     pub name: String,
@@ -242,7 +252,7 @@ pub struct OriginConfig {
 
 /// A `[[route]]`: requests whose path starts with `path_prefix` (and, when set, whose
 /// Host is `host`) go to its service; the longest prefix wins.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
     pub path_prefix: String,
     /// Lower case, without a port.
@@ -256,7 +266,7 @@ pub enum StoreKind {
     Redis,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     pub store: StoreKind,
     pub memory_max_bytes: usize,
@@ -286,12 +296,33 @@ pub struct CacheConfig {
     pub strip_request_headers: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+/// `[cache]` as the file has it when the section (and `server.workers`, which
+/// `coalesce_max_waiters` defaults to) is left out: the defaults a component or a test
+/// takes instead of inventing its own.
+impl Default for CacheConfig {
+    fn default() -> Self {
+        // The defaults are valid by construction; a test checks it.
+        validate::validate_cache(&raw::RawCache::default(), ServerConfig::default().workers)
+            .unwrap_or_else(|e| panic!("default cache config invalid: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     pub level: log::LevelFilter,
     pub file: Option<PathBuf>,
     /// One line per answered request; reopened on SIGHUP. None: no access log.
     pub access_log: Option<PathBuf>,
+}
+
+/// `[log]` as the file has it when the section is left out: `info`, to stderr, no
+/// access log.
+impl Default for LogConfig {
+    fn default() -> Self {
+        // The defaults are valid by construction; a test checks it.
+        validate::validate_log(raw::RawLog::default())
+            .unwrap_or_else(|e| panic!("default log config invalid: {e}"))
+    }
 }
 
 impl Config {
@@ -366,5 +397,27 @@ mod tests {
     fn syntax_errors_have_a_line() {
         let e = Config::parse("[server]\nworkers = = 3\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn typed_defaults_are_the_files_defaults() {
+        // A section's `Default` is what a file without that section gets, so a component
+        // or test taking `CacheConfig::default()` runs as an unconfigured Echo does.
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.cache, CacheConfig::default());
+        assert_eq!(c.invalidation, InvalidationConfig::default());
+        assert_eq!(c.log, LogConfig::default());
+        assert_eq!(c.cache.coalesce_max_waiters, c.server.workers);
+        assert_eq!(c.cache.strip_request_headers, DEFAULT_STRIPPED);
+    }
+
+    #[test]
+    fn a_reload_sees_a_change_in_any_typed_value() {
+        let a = Config::parse(MINIMAL).unwrap();
+        let b = Config::parse(&format!("{MINIMAL}[cache]\nmax_variants = 17\n")).unwrap();
+        assert_eq!(a.cache, Config::parse(MINIMAL).unwrap().cache);
+        assert_ne!(a.cache, b.cache);
+        assert_eq!(a.origin, b.origin);
     }
 }
