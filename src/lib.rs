@@ -95,8 +95,7 @@ impl Echo {
         let old = &self.running;
         let mut done = Reloaded::default();
         // Build everything that can fail first, then swap.
-        let upstreams_changed = format!("{:?}{:?}", old.origin, old.routes)
-            != format!("{:?}{:?}", new.origin, new.routes);
+        let upstreams_changed = old.origin != new.origin || old.routes != new.routes;
         let upstreams = if upstreams_changed {
             Some(
                 upstream::Upstreams::new(&new.origin, &new.routes, Some(Arc::clone(&self.metrics)))
@@ -165,26 +164,14 @@ impl Echo {
             }
         }
         let restart_only = [
-            (
-                "server",
-                format!("{:?}", old.server) != format!("{:?}", new.server),
-            ),
+            ("server", old.server != new.server),
             (
                 "admin.listen",
                 old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen),
             ),
-            (
-                "cache",
-                format!("{:?}", old.cache) != format!("{:?}", new.cache),
-            ),
-            (
-                "redis",
-                format!("{:?}", old.redis) != format!("{:?}", new.redis),
-            ),
-            (
-                "invalidation",
-                format!("{:?}", old.invalidation) != format!("{:?}", new.invalidation),
-            ),
+            ("cache", old.cache != new.cache),
+            ("redis", old.redis != new.redis),
+            ("invalidation", old.invalidation != new.invalidation),
             ("log.file", old.log.file != new.log.file),
         ];
         for (section, changed) in restart_only {

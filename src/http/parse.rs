@@ -10,6 +10,8 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use super::{BodyFraming, Headers, Request, Version};
+// `server.max_headers` is capped here, so the parser's slots live on the stack.
+use crate::config::MAX_HEADERS_CAP;
 
 /// Why a request was refused: the status sent and a reason in Echo's own words.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +49,6 @@ pub enum Parsed {
     /// More bytes are needed.
     Partial,
 }
-
-/// The most header fields a request may have (`server.max_headers` is capped here, so
-/// the parser's slots live on the stack: 256 × 32 bytes).
-pub const MAX_HEADERS_CAP: usize = 256;
 
 /// Parses a request head from `buf`.
 pub fn parse_head(buf: &[u8], limits: &Limits, peer: SocketAddr) -> Result<Parsed, HttpError> {

@@ -1,0 +1,686 @@
+//! Validation: the raw mirror of the file (`raw.rs`) checked once into the typed
+//! sections (`mod.rs`).
+//!
+//! Owns: every check on a value (ranges, addresses, URLs, cross-key rules such as
+//! `admin.listen` ≠ `server.listen`), the conversion of `_ms` keys to [`Duration`]s, and
+//! the order in which errors are found (the first one found is the one reported).
+//!
+//! Invariants: every error names its dotted key (`route[1].path_prefix`); the line is
+//! added by `Config::parse`. No default is invented here: an unset key's value comes from
+//! `raw.rs`. A section checked here alone (`validate_server`, `validate_cache`, ...) is
+//! also how that section's typed `Default` is built, so the defaults are valid by
+//! construction and a test checks it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{
+    OriginDefaults, RawAdmin, RawCache, RawConfig, RawInvalidation, RawLog, RawOrigin, RawRedis,
+    RawServer,
+};
+use super::{
+    AdminConfig, Balance, CacheConfig, Config, ConfigError, HealthCheckConfig, InvalidationConfig,
+    LogConfig, OriginConfig, RedisConfig, RouteConfig, Scheme, ServerAddr, ServerConfig, StoreKind,
+    MAX_HEADERS_CAP,
+};
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: Some(key.to_string()),
+        line: None,
+        message: message.into(),
+    }
+}
+
+fn ms(key: &str, value: u64) -> Result<Duration, ConfigError> {
+    if value == 0 {
+        return Err(err(key, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(value))
+}
+
+fn ranged(key: &str, value: u64, min: u64, max: u64) -> Result<usize, ConfigError> {
+    if value < min || value > max {
+        return Err(err(
+            key,
+            format!("must be between {min} and {max} (got {value})"),
+        ));
+    }
+    usize::try_from(value).map_err(|_| err(key, "too large for this platform"))
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        err(
+            key,
+            format!("expected an address like \"127.0.0.1:8080\", got {value:?}"),
+        )
+    })
+}
+
+/// The whole file: each section in the file's order of dependence, so a file with
+/// several mistakes always reports the same one first.
+pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let server = validate_server(&raw.server)?;
+    if server.max_target_bytes > server.max_header_bytes {
+        return Err(err(
+            "server.max_target_bytes",
+            "must not exceed server.max_header_bytes",
+        ));
+    }
+
+    let admin = match raw.admin {
+        None => None,
+        Some(a) => Some(validate_admin(a, server.listen)?),
+    };
+
+    let Some(raw_origin) = raw.origin else {
+        return Err(err("origin.url", "is required (the passthrough service)"));
+    };
+    for field in [
+        ("path_prefix", raw_origin.path_prefix.is_some()),
+        ("host", raw_origin.host.is_some()),
+    ] {
+        if field.1 {
+            return Err(err(
+                &format!("origin.{}", field.0),
+                "belongs in a [[route]], not in [origin]",
+            ));
+        }
+    }
+    let origin = validate_origin("origin", raw_origin.clone(), server.workers)?;
+    let mut routes = Vec::with_capacity(raw.route.len());
+    for (i, r) in raw.route.into_iter().enumerate() {
+        let name = format!("route[{i}]");
+        let raw_route = r.inherit(&raw_origin);
+        let path_prefix = match &raw_route.path_prefix {
+            Some(p) if p.starts_with('/') && !p.chars().any(|c| c.is_control() || c == ' ') => {
+                p.clone()
+            }
+            Some(p) => {
+                return Err(err(
+                    &format!("{name}.path_prefix"),
+                    format!("must be a path starting with / (got {p:?})"),
+                ))
+            }
+            None => {
+                return Err(err(
+                    &format!("{name}.path_prefix"),
+                    "is required (which requests the route takes)",
+                ))
+            }
+        };
+        let host = match &raw_route.host {
+            None => None,
+            Some(h) if valid_host(h) => Some(h.to_ascii_lowercase()),
+            Some(h) => {
+                return Err(err(
+                    &format!("{name}.host"),
+                    format!("must be a host name without a port (got {h:?})"),
+                ))
+            }
+        };
+        if routes
+            .iter()
+            .any(|o: &RouteConfig| o.path_prefix == path_prefix && o.host == host)
+        {
+            return Err(err(
+                &format!("{name}.path_prefix"),
+                format!("{path_prefix:?} is already routed (for the same host)"),
+            ));
+        }
+        let origin = validate_origin(&name, raw_route, server.workers)?;
+        routes.push(RouteConfig {
+            path_prefix,
+            host,
+            origin,
+        });
+    }
+
+    // `cache.store` is checked before `[redis]`, and `[redis]` before the rest of
+    // `[cache]`: the order errors have always been reported in.
+    let store = store_kind(&raw.cache.store)?;
+    let redis = match raw.redis {
+        Some(r) => Some(validate_redis(r, server.workers)?),
+        None => None,
+    };
+    if store == StoreKind::Redis && redis.is_none() {
+        return Err(err(
+            "cache.store",
+            "\"redis\" needs a [redis] section with a master",
+        ));
+    }
+    let cache = validate_cache(&raw.cache, server.workers)?;
+    let invalidation = validate_invalidation(&raw.invalidation)?;
+    let log = validate_log(raw.log)?;
+
+    Ok(Config {
+        server,
+        admin,
+        origin,
+        routes,
+        cache,
+        redis,
+        invalidation,
+        log,
+    })
+}
+
+pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
+    Ok(ServerConfig {
+        listen: socket_addr("server.listen", &s.listen)?,
+        workers: ranged("server.workers", s.workers, 1, 4096)?,
+        fetch_workers: ranged("server.fetch_workers", s.fetch_workers, 1, 4096)?,
+        fetch_queue: ranged("server.fetch_queue", s.fetch_queue, 1, 1_000_000)?,
+        drain_timeout: ms("server.drain_timeout_ms", s.drain_timeout_ms)?,
+        max_connections: ranged("server.max_connections", s.max_connections, 1, 1_000_000)?,
+        queue_depth: ranged("server.queue_depth", s.queue_depth, 1, 1_000_000)?,
+        queue_timeout: ms("server.queue_timeout_ms", s.queue_timeout_ms)?,
+        idle_timeout: ms("server.idle_timeout_ms", s.idle_timeout_ms)?,
+        header_timeout: ms("server.header_timeout_ms", s.header_timeout_ms)?,
+        body_timeout: ms("server.body_timeout_ms", s.body_timeout_ms)?,
+        write_timeout: ms("server.write_timeout_ms", s.write_timeout_ms)?,
+        max_header_bytes: ranged("server.max_header_bytes", s.max_header_bytes, 1024, 1 << 20)?,
+        max_headers: ranged(
+            "server.max_headers",
+            s.max_headers,
+            8,
+            MAX_HEADERS_CAP as u64,
+        )?,
+        max_target_bytes: ranged("server.max_target_bytes", s.max_target_bytes, 64, 1 << 20)?,
+        max_body_bytes: s.max_body_bytes,
+        min_rate_bytes_per_sec: ranged(
+            "server.min_rate_bytes_per_sec",
+            s.min_rate_bytes_per_sec,
+            1,
+            u64::MAX,
+        )? as u64,
+        underscores_in_headers: s.underscores_in_headers,
+    })
+}
+
+fn validate_admin(a: RawAdmin, proxy: SocketAddr) -> Result<AdminConfig, ConfigError> {
+    let listen = socket_addr("admin.listen", &a.listen)?;
+    if listen == proxy {
+        return Err(err("admin.listen", "must differ from server.listen"));
+    }
+    let token = match (a.token, a.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "admin.token",
+                "set admin.token or admin.token_file, not both",
+            ))
+        }
+        (Some(t), None) => t,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .map_err(|e| err("admin.token_file", format!("cannot read {f}: {e}")))?
+            .trim()
+            .to_string(),
+        (None, None) => String::new(),
+    };
+    if token.trim().is_empty() {
+        return Err(err(
+            "admin.token",
+            "must not be empty (set admin.token or admin.token_file)",
+        ));
+    }
+    Ok(AdminConfig { listen, token })
+}
+
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// `scheme://host[:port]`, with nothing after the authority but an optional `/`.
+fn server_addr(key: &str, url: &str) -> Result<ServerAddr, ConfigError> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (Scheme::Http, rest)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (Scheme::Https, rest)
+    } else {
+        return Err(err(
+            key,
+            format!("must start with http:// or https:// (got {url:?})"),
+        ));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty()
+        || authority.starts_with(':')
+        || authority.contains(['/', '?', '#', '@', ' '])
+        || authority.chars().any(|c| c.is_control())
+    {
+        return Err(err(
+            key,
+            format!("must be scheme://host[:port] with no path (got {url:?})"),
+        ));
+    }
+    Ok(ServerAddr {
+        scheme,
+        authority: authority.to_ascii_lowercase(),
+    })
+}
+
+/// Validates a service; `name` is `origin` or `route[N]`, the prefix of its keys. A
+/// route's `o` has already inherited `[origin]`'s settings; what neither sets comes from
+/// [`OriginDefaults`].
+fn validate_origin(name: &str, o: RawOrigin, workers: usize) -> Result<OriginConfig, ConfigError> {
+    let d = OriginDefaults::default();
+    let key = |k: &str| format!("{name}.{k}");
+    let servers = match (o.url.clone(), o.servers.clone()) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                &key("servers"),
+                "give url (one server) or servers, not both",
+            ))
+        }
+        (Some(url), None) => vec![server_addr(&key("url"), &url)?],
+        (None, Some(list)) if !list.is_empty() => {
+            let mut servers = Vec::with_capacity(list.len());
+            for url in &list {
+                let addr = server_addr(&key("servers"), url)?;
+                if servers.contains(&addr) {
+                    return Err(err(&key("servers"), format!("{url:?} is listed twice")));
+                }
+                servers.push(addr);
+            }
+            servers
+        }
+        _ => {
+            return Err(err(
+                &key("url"),
+                "is required (the passthrough service; or servers = [...])",
+            ))
+        }
+    };
+    let balance = match o.balance.as_deref().unwrap_or(d.balance) {
+        "round_robin" => Balance::RoundRobin,
+        "least_outstanding" => Balance::LeastOutstanding,
+        other => {
+            return Err(err(
+                &key("balance"),
+                format!("unknown balance {other:?}; use \"round_robin\" or \"least_outstanding\""),
+            ))
+        }
+    };
+    let health_check = match &o.health_check_path {
+        None => None,
+        Some(path)
+            if path.starts_with('/') && !path.chars().any(|c| c.is_control() || c == ' ') =>
+        {
+            Some(HealthCheckConfig {
+                path: path.clone(),
+                interval: ms(
+                    &key("health_check_interval_ms"),
+                    o.health_check_interval_ms
+                        .unwrap_or(d.health_check_interval_ms),
+                )?,
+                timeout: ms(
+                    &key("health_check_timeout_ms"),
+                    o.health_check_timeout_ms
+                        .unwrap_or(d.health_check_timeout_ms),
+                )?,
+                fails: ranged(
+                    &key("health_check_fails"),
+                    o.health_check_fails.unwrap_or(d.health_check_fails),
+                    1,
+                    1000,
+                )? as u32,
+                passes: ranged(
+                    &key("health_check_passes"),
+                    o.health_check_passes.unwrap_or(d.health_check_passes),
+                    1,
+                    1000,
+                )? as u32,
+            })
+        }
+        Some(path) => {
+            return Err(err(
+                &key("health_check_path"),
+                format!("must be a path starting with / (got {path:?})"),
+            ))
+        }
+    };
+    if let Some(path) = &o.ca_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {}
+            Ok(_) => {
+                return Err(err(
+                    &key("ca_file"),
+                    format!("{} holds no PEM certificate", path.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(err(
+                    &key("ca_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                ))
+            }
+        }
+    }
+    Ok(OriginConfig {
+        name: name.to_string(),
+        retries: ranged(&key("retries"), o.retries.unwrap_or(d.retries), 0, 100)?,
+        servers,
+        balance,
+        max_fails: ranged(
+            &key("max_fails"),
+            o.max_fails.unwrap_or(d.max_fails),
+            0,
+            1000,
+        )? as u32,
+        fail_timeout: ms(
+            &key("fail_timeout_ms"),
+            o.fail_timeout_ms.unwrap_or(d.fail_timeout_ms),
+        )?,
+        health_check,
+        preserve_host: o.preserve_host.unwrap_or(d.preserve_host),
+        connect_timeout: ms(
+            &key("connect_timeout_ms"),
+            o.connect_timeout_ms.unwrap_or(d.connect_timeout_ms),
+        )?,
+        response_timeout: ms(
+            &key("response_timeout_ms"),
+            o.response_timeout_ms.unwrap_or(d.response_timeout_ms),
+        )?,
+        read_timeout: ms(
+            &key("read_timeout_ms"),
+            o.read_timeout_ms.unwrap_or(d.read_timeout_ms),
+        )?,
+        send_timeout: ms(
+            &key("send_timeout_ms"),
+            o.send_timeout_ms.unwrap_or(d.send_timeout_ms),
+        )?,
+        total_timeout: match o.total_timeout_ms {
+            None => None,
+            Some(v) => Some(ms(&key("total_timeout_ms"), v)?),
+        },
+        max_idle_connections: ranged(
+            &key("max_idle_connections"),
+            o.max_idle_connections_or_workers(workers as u64),
+            0,
+            100_000,
+        )?,
+        ca_file: o.ca_file,
+    })
+}
+
+fn store_kind(store: &str) -> Result<StoreKind, ConfigError> {
+    match store {
+        "memory" => Ok(StoreKind::Memory),
+        "redis" => Ok(StoreKind::Redis),
+        other => Err(err(
+            "cache.store",
+            format!("unknown store {other:?}; use \"memory\" or \"redis\""),
+        )),
+    }
+}
+
+/// `[cache]`; `workers` is the validated `server.workers`. Whether `store = "redis"` has
+/// a `[redis]` section is the whole file's business ([`validate`]).
+pub(super) fn validate_cache(c: &RawCache, workers: usize) -> Result<CacheConfig, ConfigError> {
+    let store = store_kind(&c.store)?;
+    let memory_max_bytes = ranged(
+        "cache.memory_max_bytes",
+        c.memory_max_bytes,
+        1 << 16,
+        u64::MAX,
+    )?;
+    let max_object_bytes = ranged("cache.max_object_bytes", c.max_object_bytes, 1, u64::MAX)?;
+    if max_object_bytes > memory_max_bytes {
+        return Err(err(
+            "cache.max_object_bytes",
+            "must not exceed cache.memory_max_bytes",
+        ));
+    }
+    Ok(CacheConfig {
+        store,
+        memory_max_bytes,
+        max_object_bytes,
+        max_variants: ranged("cache.max_variants", c.max_variants, 1, 1024)?,
+        heuristic_max: Duration::from_millis(c.heuristic_max_ms),
+        default_ttl: Duration::from_millis(c.default_ttl_ms),
+        max_stale: Duration::from_millis(c.max_stale_ms),
+        honor_request_cache_control: c.honor_request_cache_control,
+        refresh_ahead: Duration::from_millis(c.refresh_ahead_ms),
+        background_workers: ranged("cache.background_workers", c.background_workers, 1, 256)?,
+        background_queue: ranged("cache.background_queue", c.background_queue, 1, 100_000)?,
+        coalesce_wait: ms("cache.coalesce_wait_ms", c.coalesce_wait_ms)?,
+        coalesce_max_waiters: ranged(
+            "cache.coalesce_max_waiters",
+            c.coalesce_max_waiters_or_workers(workers as u64),
+            0,
+            100_000,
+        )?,
+        coalesce_lock_ttl: ms("cache.coalesce_lock_ttl_ms", c.coalesce_lock_ttl_ms)?,
+        strip_request_headers: c
+            .strip_request_headers
+            .iter()
+            .map(|h| fold_field_name(h.trim()))
+            .collect(),
+    })
+}
+
+/// A strip-list name folded the way the front end compares request field names: lower
+/// case, `_` as `-` (CGI, WSGI and Rack servers read `X_Forwarded_Host` as
+/// `X-Forwarded-Host`). Config's own statement of the rule, so it needs nothing from
+/// `http`; the two must agree, or a listed field would slip through under another
+/// spelling.
+fn fold_field_name(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
+fn redis_url(key: &str, url: &str) -> Result<String, ConfigError> {
+    let rest = url.strip_prefix("redis://").ok_or_else(|| {
+        err(
+            key,
+            format!("must be a redis://host:port URL (got {url:?})"),
+        )
+    })?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(err(key, format!("has no host (got {url:?})")));
+    }
+    Ok(url.to_string())
+}
+
+fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigError> {
+    let master = match &r.master {
+        Some(m) => redis_url("redis.master", m)?,
+        None => return Err(err("redis.master", "is required in [redis]")),
+    };
+    let replicas = r
+        .replicas
+        .iter()
+        .map(|u| redis_url("redis.replicas", u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool_size = ranged(
+        "redis.pool_size",
+        r.pool_size_or_workers(workers as u64),
+        1,
+        10_000,
+    )?;
+    Ok(RedisConfig {
+        master,
+        replicas,
+        connect_timeout: ms("redis.connect_timeout_ms", r.connect_timeout_ms)?,
+        read_timeout: ms("redis.read_timeout_ms", r.read_timeout_ms)?,
+        write_timeout: ms("redis.write_timeout_ms", r.write_timeout_ms)?,
+        pool_size: u32::try_from(pool_size).unwrap_or(u32::MAX),
+        pool_timeout: ms("redis.pool_timeout_ms", r.pool_timeout_ms)?,
+        ttl_margin: Duration::from_millis(r.ttl_margin_ms),
+        breaker_failures: u32::try_from(ranged(
+            "redis.breaker_failures",
+            r.breaker_failures,
+            1,
+            1000,
+        )?)
+        .unwrap_or(1),
+        breaker_open: ms("redis.breaker_open_ms", r.breaker_open_ms)?,
+        wait_replicas: match r.wait_replicas {
+            Some(n) if n > r.replicas.len() as u64 => {
+                return Err(err(
+                    "redis.wait_replicas",
+                    format!("is more than the {} replicas listed", r.replicas.len()),
+                ))
+            }
+            other => other,
+        },
+        wait_timeout: ms("redis.wait_timeout_ms", r.wait_timeout_ms)?,
+        scan_count: ranged("redis.scan_count", r.scan_count, 10, 100_000)?,
+    })
+}
+
+pub(super) fn validate_invalidation(
+    inv: &RawInvalidation,
+) -> Result<InvalidationConfig, ConfigError> {
+    Ok(InvalidationConfig {
+        queue_depth: ranged("invalidation.queue_depth", inv.queue_depth, 1, 100_000)?,
+        wait_timeout: ms("invalidation.wait_timeout_ms", inv.wait_timeout_ms)?,
+        ban_ttl: ms("invalidation.ban_ttl_ms", inv.ban_ttl_ms)?,
+        job_timeout: ms("invalidation.job_timeout_ms", inv.job_timeout_ms)?,
+    })
+}
+
+pub(super) fn validate_log(l: RawLog) -> Result<LogConfig, ConfigError> {
+    let level = match l.level.to_ascii_lowercase().as_str() {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        other => {
+            return Err(err(
+                "log.level",
+                format!("unknown level {other:?}; use off, error, warn, info, debug or trace"),
+            ))
+        }
+    };
+    let access_log = match l.access_log {
+        Some(p) if p.trim().is_empty() => {
+            return Err(err("log.access_log", "must be a file path (or left out)"))
+        }
+        p => p.map(PathBuf::from),
+    };
+    Ok(LogConfig {
+        level,
+        file: l.file.map(PathBuf::from),
+        access_log,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let cases: &[(&str, &str, usize)] = &[
+            ("[server]\nworkers = 0\n[origin]\nurl = \"http://a\"\n", "server.workers", 2),
+            ("[origin]\nurl = \"ftp://a\"\n", "origin.url", 2),
+            ("[server]\n\nworkers = \"many\"\n", "server.workers", 3),
+            ("[origin]\nurl = \"http://a\"\n[log]\nlevel = \"loud\"\n", "log.level", 4),
+            (
+                "[origin]\nurl = \"http://a\"\n[cache]\nmemory_max_bytes = 70000\nmax_object_bytes = 80000\n",
+                "cache.max_object_bytes",
+                5,
+            ),
+            ("[origin]\nurl = \"http://a\"\n[admin]\ntoken = \" \"\n", "admin.token", 4),
+            ("[origin]\nurl = \"http://a\"\n[cache]\nstore = \"disk\"\n", "cache.store", 4),
+            (
+                "[origin]\nurl = \"http://a\"\n[invalidation]\njob_timeout_ms = 0\n",
+                "invalidation.job_timeout_ms",
+                4,
+            ),
+            ("[origin]\nurl = \"http://a\"\n[cache]\nstore = \"redis\"\n", "cache.store", 4),
+            ("[origin]\nurl = \"http://a\"\n[redis]\nmaster = \"http://r\"\n", "redis.master", 4),
+            (
+                "[origin]\nurl = \"http://a\"\n[redis]\nmaster = \"redis://r\"\nreplicas = [\"r2:6380\"]\n",
+                "redis.replicas",
+                5,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\nservers = [\"http://b\"]\n",
+                "origin.servers",
+                3,
+            ),
+            ("[origin]\nservers = [\"http://a\", \"b\"]\n", "origin.servers", 2),
+            ("[origin]\nurl = \"http://a\"\npath_prefix = \"/x\"\n", "origin.path_prefix", 3),
+            ("[origin]\nurl = \"http://a\"\nbalance = \"random\"\n", "origin.balance", 3),
+            (
+                "[origin]\nurl = \"http://a\"\nhealth_check_path = \"health\"\n",
+                "origin.health_check_path",
+                3,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/api/\"\n",
+                "route[0].url",
+                3,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/a/\"\nurl = \"http://b\"\n[[route]]\npath_prefix = \"api\"\nurl = \"http://c\"\n",
+                "route[1].path_prefix",
+                7,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/a/\"\nhost = \"x.com:80\"\nurl = \"http://b\"\n",
+                "route[0].host",
+                5,
+            ),
+            (
+                "[origin]\nurl = \"http://a\"\n[[route]]\npath_prefix = \"/a/\"\nurl = \"http://b\"\nca_file = \"/nonexistent.pem\"\n",
+                "route[0].ca_file",
+                6,
+            ),
+        ];
+        for (text, key, line) in cases {
+            let e = Config::parse(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(*key), "{text}: {e}");
+            assert_eq!(e.line, Some(*line), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn routes_inherit_the_origin_settings_they_do_not_set() {
+        let c = Config::parse(
+            "[origin]\nservers = [\"http://a:1\", \"https://B:2/\"]\nbalance = \"least_outstanding\"\n\
+             connect_timeout_ms = 111\nhealth_check_path = \"/hc\"\nretries = 3\n\
+             [[route]]\npath_prefix = \"/api/\"\nhost = \"Api.Example\"\nurl = \"http://c:3\"\n\
+             connect_timeout_ms = 222\npreserve_host = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.origin.servers[1].scheme, Scheme::Https);
+        assert_eq!(c.origin.servers[1].authority, "b:2");
+        assert!(c.origin.health_check.is_some());
+        let r = &c.routes[0];
+        assert_eq!(r.host.as_deref(), Some("api.example"));
+        assert_eq!(r.origin.name, "route[0]");
+        assert_eq!(r.origin.balance, Balance::LeastOutstanding);
+        assert_eq!(r.origin.retries, 3);
+        assert_eq!(r.origin.connect_timeout, Duration::from_millis(222));
+        assert!(r.origin.preserve_host);
+        assert!(!c.origin.preserve_host);
+        // The health check belongs to the service it names.
+        assert!(r.origin.health_check.is_none());
+    }
+
+    #[test]
+    fn missing_origin_is_an_error() {
+        let e = Config::parse("").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("origin.url"));
+    }
+
+    #[test]
+    fn strip_list_names_are_folded_as_the_front_end_compares_them() {
+        let c = Config::parse(
+            "[origin]\nurl = \"http://a\"\n[cache]\nstrip_request_headers = [\" X_Forwarded_Scheme \", \"X-Debug\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cache.strip_request_headers,
+            ["x-forwarded-scheme", "x-debug"]
+        );
+    }
+}
