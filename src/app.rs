@@ -1,0 +1,401 @@
+//! Echo as a running program: the listeners, store, origin services, cache, admin API
+//! and invalidation thread built from a validated config and wired together
+//! ([`start`]); a reload (SIGHUP) that applies what can change live; and a drain.
+//!
+//! Invariants: everything that can fail is built before anything is swapped in (a
+//! failed start or reload changes nothing); every component gets its settings from the
+//! config, none re-derives a default; a start error names what failed and, for a
+//! listener, the key it came from.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{self, Config, StoreKind};
+use crate::server::{self, ServerHandle};
+use crate::store::memory::MemoryStore;
+use crate::store::{self, Store, StoreError};
+use crate::{access_log, admin, cache, invalidate, live, metrics, upstream};
+
+/// Why Echo could not start (or a reload could not be applied).
+#[derive(Debug)]
+pub enum StartError {
+    /// A listener could not be bound: its address and the key it came from.
+    Bind {
+        addr: SocketAddr,
+        key: &'static str,
+        source: io::Error,
+    },
+    /// The store could not be set up (a bad Redis URL).
+    Store(StoreError),
+    /// The origin services could not be set up (a CA file, a health-check thread).
+    Upstreams(String),
+    /// The access log could not be opened.
+    AccessLog { path: PathBuf, source: io::Error },
+    /// A thread could not be started.
+    Thread(io::Error),
+    /// The config lacks what validation should have required (a bug, not the file's).
+    Config(&'static str),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Bind { addr, key, source } => {
+                write!(f, "cannot listen on {addr} ({key}): {source}")
+            }
+            StartError::Store(e) => write!(f, "{e}"),
+            StartError::Upstreams(why) => f.write_str(why),
+            StartError::AccessLog { path, source } => {
+                write!(f, "log.access_log {}: {source}", path.display())
+            }
+            StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+            StartError::Config(what) => write!(f, "{what} missing"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<io::Error> for StartError {
+    /// Spawning threads is the only other I/O a start does.
+    fn from(e: io::Error) -> StartError {
+        StartError::Thread(e)
+    }
+}
+
+/// Opens the access log at `path`.
+fn open_access_log(
+    path: &std::path::Path,
+    metrics: &Arc<metrics::Metrics>,
+) -> Result<access_log::AccessLog, StartError> {
+    access_log::AccessLog::open(path, Some(Arc::clone(metrics))).map_err(|source| {
+        StartError::AccessLog {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// A running Echo: the proxy listener (and what it needs to stay up), and what a
+/// reload or a drain acts on.
+pub struct Echo {
+    pub proxy: ServerHandle,
+    pub admin: Option<ServerHandle>,
+    handler: Arc<cache::Cache>,
+    admin_handler: Option<Arc<admin::Admin>>,
+    upstreams: Arc<live::Live<upstream::Upstreams>>,
+    metrics: Arc<metrics::Metrics>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The config running now: what a reload compares against.
+    running: Config,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Settings now in effect (`origin`, `route`, `admin.token`, `log.level`, ...).
+    pub applied: Vec<String>,
+    /// Changed settings that only a restart applies; they keep their running value.
+    pub need_restart: Vec<String>,
+}
+
+impl Echo {
+    /// Graceful stop of every listener: see `ServerHandle::drain`. True if every
+    /// connection finished within `timeout`. `/ready` fails from the start; the admin
+    /// listener stops last.
+    pub fn drain(&mut self, timeout: Duration) -> bool {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut clean = self.proxy.drain(timeout);
+        if let Some(log) = self.handler.access_log().as_ref() {
+            log.flush(Duration::from_secs(2));
+        }
+        if let Some(admin) = self.admin.as_mut() {
+            clean &= admin.drain(Duration::from_secs(1));
+        }
+        clean
+    }
+
+    /// Reopens the access log at its path (SIGHUP, after logrotate moved the file).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = self.handler.access_log().as_ref() {
+            log.reopen();
+        }
+    }
+
+    /// Waits until the access log lines so far are written (tests, drain).
+    pub fn flush_logs(&self, timeout: Duration) -> bool {
+        match self.handler.access_log().as_ref() {
+            Some(log) => log.flush(timeout),
+            None => true,
+        }
+    }
+
+    /// Applies a new, already validated config to the running Echo (SIGHUP). Live:
+    /// `[origin]` and `[[route]]` (new servers, health checks, timeouts: requests in
+    /// flight finish on the old ones), `admin.token`, `log.level` and
+    /// `log.access_log`. Anything else that changed is listed in `need_restart` and
+    /// keeps its running value. On an error nothing has changed.
+    pub fn reload(&mut self, new: &Config) -> Result<Reloaded, StartError> {
+        let old = &self.running;
+        let mut done = Reloaded::default();
+        // Build everything that can fail first, then swap.
+        let upstreams_changed = old.origin != new.origin || old.routes != new.routes;
+        let upstreams = if upstreams_changed {
+            Some(
+                upstream::Upstreams::new(&new.origin, &new.routes, Some(Arc::clone(&self.metrics)))
+                    .map_err(StartError::Upstreams)?,
+            )
+        } else {
+            None
+        };
+        let access_log = if old.log.access_log != new.log.access_log {
+            Some(match &new.log.access_log {
+                Some(path) => Some(open_access_log(path, &self.metrics)?),
+                None => None,
+            })
+        } else {
+            None
+        };
+        if let Some(u) = upstreams {
+            self.upstreams.set(Arc::new(u));
+            // Servers no longer configured leave the metrics (their old series would
+            // report a state nobody updates).
+            let servers = |c: &Config| -> Vec<String> {
+                std::iter::once(&c.origin)
+                    .chain(c.routes.iter().map(|r| &r.origin))
+                    .flat_map(|o| o.servers.iter().map(|s| s.base_url()))
+                    .collect()
+            };
+            let kept = servers(new);
+            for gone in servers(old).into_iter().filter(|s| !kept.contains(s)) {
+                for kind in ["connect", "timeout", "protocol"] {
+                    self.metrics
+                        .origin_errors
+                        .remove(&vec![("server", gone.clone()), ("kind", kind.to_string())]);
+                }
+                let labels = vec![("server", gone)];
+                self.metrics.origin_server_up.remove(&labels);
+                self.metrics.origin_duration.remove(&labels);
+            }
+            done.applied.push("origin and routes".into());
+        }
+        if let Some(log) = access_log {
+            self.handler.set_access_log(log);
+            done.applied.push("log.access_log".into());
+        }
+        if old.log.level != new.log.level {
+            log::set_max_level(new.log.level);
+            done.applied.push("log.level".into());
+        }
+        let old_token = old.admin.as_ref().map(|a| a.token.as_str());
+        let new_token = new.admin.as_ref().map(|a| a.token.as_str());
+        if old_token != new_token {
+            match (&self.admin_handler, new_token) {
+                (Some(admin), Some(token)) => {
+                    admin.set_token(token.to_string());
+                    done.applied.push("admin.token".into());
+                }
+                _ => done.need_restart.push("admin".into()),
+            }
+        }
+        let restart_only = [
+            ("server", old.server != new.server),
+            (
+                "admin.listen",
+                old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen),
+            ),
+            ("cache", old.cache != new.cache),
+            ("redis", old.redis != new.redis),
+            ("invalidation", old.invalidation != new.invalidation),
+            ("log.file", old.log.file != new.log.file),
+        ];
+        for (section, changed) in restart_only {
+            if changed && !done.need_restart.iter().any(|s| s == section) {
+                done.need_restart.push(section.into());
+            }
+        }
+        // What a restart would change stays as it runs, so the next reload compares
+        // against the truth.
+        let mut running = self.running.clone();
+        running.origin = new.origin.clone();
+        running.routes = new.routes.clone();
+        running.log.level = new.log.level;
+        running.log.access_log = new.log.access_log.clone();
+        if let (Some(r), Some(n)) = (running.admin.as_mut(), new.admin.as_ref()) {
+            r.token = n.token.clone();
+        }
+        self.running = running;
+        Ok(done)
+    }
+}
+
+/// Starts Echo from a validated config: binds its listeners and starts serving.
+pub fn start(cfg: &Config) -> Result<Echo, StartError> {
+    let listener = bind(cfg.server.listen, "server.listen")?;
+    let admin = match &cfg.admin {
+        Some(a) => Some(bind(a.listen, "admin.listen")?),
+        None => None,
+    };
+    start_on(cfg, listener, admin)
+}
+
+/// Descriptors kept for everything but client connections: an origin or Redis
+/// connection per worker thread, plus logs, listeners, pools' idle connections and the
+/// acceptor's spare. (The memory store's body files take at most a sixteenth of the
+/// limit: see `store::body_file::set_budget`.)
+fn reserved_fds(cfg: &config::ServerConfig) -> u64 {
+    64 + (cfg.workers + cfg.fetch_workers) as u64
+}
+
+/// How many client connections the open-files limit allows (each takes two descriptors:
+/// the socket and the clone kept to close it on shutdown). Raises the soft limit as far
+/// as the hard one allows first; if that is still short of `server.max_connections`,
+/// serves fewer (and says so) rather than hang new clients when descriptors run out.
+fn connections_within_fd_limit(cfg: &config::ServerConfig) -> usize {
+    let wanted = 2 * cfg.max_connections as u64 + reserved_fds(cfg);
+    let limit = match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) => limit,
+        Err(e) => {
+            log::warn!("cannot read the open-files limit: {e}");
+            return cfg.max_connections;
+        }
+    };
+    store::body_file::set_budget(usize::try_from(limit / 16).unwrap_or(usize::MAX));
+    if limit >= wanted {
+        return cfg.max_connections;
+    }
+    let fits = (limit.saturating_sub(reserved_fds(cfg)) / 2).max(1) as usize;
+    log::warn!(
+        "the open-files limit ({limit}) allows {fits} client connections, not server.max_connections = {}; serving {fits} (raise the limit, e.g. LimitNOFILE in the systemd unit)",
+        cfg.max_connections
+    );
+    fits
+}
+
+/// Binds a listener; the error names the address and the config key it came from.
+fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, key, source })
+}
+
+/// Starts Echo on already bound listeners (tests bind port 0 first).
+pub fn start_on(
+    cfg: &Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+) -> Result<Echo, StartError> {
+    let mut server_cfg = cfg.server.clone();
+    server_cfg.max_connections = connections_within_fd_limit(&server_cfg);
+    let store: Arc<dyn Store> = match cfg.cache.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(
+            cfg.cache.memory_max_bytes,
+            cfg.cache.max_variants,
+            cfg.invalidation.ban_ttl,
+        )),
+        StoreKind::Redis => {
+            let redis = cfg.redis.as_ref().ok_or(StartError::Config("[redis]"))?;
+            Arc::new(
+                store::redis::RedisStore::new(
+                    redis,
+                    cfg.cache.max_variants,
+                    cfg.invalidation.ban_ttl,
+                )
+                .map_err(StartError::Store)?
+                .with_max_stale(cfg.cache.max_stale),
+            )
+        }
+    };
+    let metrics = metrics::Metrics::new();
+    let store: Arc<dyn Store> = Arc::new(store::Instrumented::new(store, Arc::clone(&metrics)));
+    {
+        let store = Arc::clone(&store);
+        metrics.add_sampler(move |m| {
+            if let Some((bytes, objects)) = store.usage() {
+                m.stored_bytes.set(bytes as i64);
+                m.stored_objects.set(objects as i64);
+            }
+        });
+    }
+    let upstreams = Arc::new(live::Live::new(Arc::new(
+        upstream::Upstreams::new(&cfg.origin, &cfg.routes, Some(Arc::clone(&metrics)))
+            .map_err(StartError::Upstreams)?,
+    )));
+    let access_log = match &cfg.log.access_log {
+        Some(path) => Some(open_access_log(path, &metrics)?),
+        None => None,
+    };
+    let proxy = Arc::new(cache::Cache::new(
+        cfg,
+        Arc::clone(&store),
+        Arc::clone(&upstreams),
+        Arc::clone(&metrics),
+    ));
+    proxy.set_access_log(access_log);
+    proxy.start_background(cfg.cache.background_workers, cfg.cache.background_queue)?;
+    let invalidator = Arc::new(invalidate::Invalidator::start(
+        Arc::clone(&store),
+        Arc::clone(&proxy) as Arc<dyn invalidate::Refresher>,
+        cfg.invalidation.queue_depth,
+        cfg.invalidation.job_timeout,
+        Arc::clone(&metrics),
+    )?);
+    let handler = Arc::clone(&proxy);
+    let proxy_server = server::start("echo", listener, server_cfg.clone(), handler)?;
+    {
+        let stats = proxy_server.stats();
+        metrics.add_sampler(move |m| {
+            m.connections_open.set(stats.open_connections() as i64);
+            let (workers, fetch) = stats.queued();
+            m.queue_depth
+                .get_or_create(&vec![("pool", "workers".to_string())])
+                .set(workers as i64);
+            m.queue_depth
+                .get_or_create(&vec![("pool", "fetch".to_string())])
+                .set(fetch as i64);
+        });
+    }
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (admin, admin_handler) = match (admin, &cfg.admin) {
+        (Some(listener), Some(a)) => {
+            // The admin side needs few workers; its limits are the proxy's.
+            let admin_cfg = config::ServerConfig {
+                workers: 2,
+                fetch_workers: 1,
+                ..server_cfg.clone()
+            };
+            let handler = Arc::new(admin::Admin::new(admin::AdminParts {
+                token: a.token.clone(),
+                invalidator: Arc::clone(&invalidator),
+                wait: cfg.invalidation.wait_timeout,
+                metrics: Arc::clone(&metrics),
+                upstreams: Arc::clone(&upstreams),
+                store: Arc::clone(&store),
+                draining: Arc::clone(&draining),
+            }));
+            (
+                Some(server::start(
+                    "echo-admin",
+                    listener,
+                    admin_cfg,
+                    Arc::clone(&handler),
+                )?),
+                Some(handler),
+            )
+        }
+        _ => (None, None),
+    };
+    Ok(Echo {
+        proxy: proxy_server,
+        admin,
+        handler: proxy,
+        admin_handler,
+        upstreams,
+        metrics,
+        draining,
+        running: cfg.clone(),
+    })
+}
