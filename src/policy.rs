@@ -27,154 +27,23 @@
 
 use std::time::{Duration, SystemTime};
 
-/// A header section: lower-case field name, raw value; repeated fields stay separate, in order.
-pub type HeaderList = [(String, Vec<u8>)];
-
-/// RFC 9111 §1.2.2: "the cache MUST consider the value to be 2147483648 (2^31) or the greatest
-/// positive integer it can conveniently represent".
-const DELTA_SECONDS_MAX: u64 = 1 << 31;
-
-// ---------------------------------------------------------------------------------------------
-// Header helpers
-// ---------------------------------------------------------------------------------------------
-
-/// All values of a field joined with ", " (None if absent). Name given lower-case.
-/// Non-UTF-8 bytes are replaced (lossy).
-pub fn header_joined(headers: &HeaderList, name: &str) -> Option<String> {
-    let mut out: Option<String> = None;
-    for (n, v) in headers {
-        if n.eq_ignore_ascii_case(name) {
-            let v = String::from_utf8_lossy(v);
-            match out.as_mut() {
-                Some(s) => {
-                    s.push_str(", ");
-                    s.push_str(&v);
-                }
-                None => out = Some(v.into_owned()),
-            }
-        }
-    }
-    out
-}
-
-/// The single value of a field if present exactly once.
-pub fn header_one<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
-    let mut found: Option<&'a [u8]> = None;
-    for (n, v) in headers {
-        if n.eq_ignore_ascii_case(name) {
-            if found.is_some() {
-                return None;
-            }
-            found = Some(v.as_slice());
-        }
-    }
-    found
-}
-
-/// The first value of a field, if any.
-fn header_first<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_slice())
-}
-
-fn has_header(headers: &HeaderList, name: &str) -> bool {
-    headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
-}
-
-/// All field lines of `name`, combined into one list value (raw bytes).
-// RFC 9110 §5.3: "A recipient MAY combine multiple field lines within a field section that
-// have the same field name into one field line, without changing the semantics of the message,
-// by appending each subsequent field line value to the initial field line value in order,
-// separated by a comma (",") and optional whitespace (OWS, defined in Section 5.6.3)."
-fn joined_bytes(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
-    for (n, v) in headers {
-        if n.eq_ignore_ascii_case(name) {
-            match out.as_mut() {
-                Some(buf) => {
-                    buf.extend_from_slice(b", ");
-                    buf.extend_from_slice(v);
-                }
-                None => out = Some(v.clone()),
-            }
-        }
-    }
-    out
-}
-
-/// Trims optional whitespace (SP / HTAB, RFC 9110 §5.6.3) from both ends.
-fn trim_ows(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
-        s = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = s {
-        s = rest;
-    }
-    s
-}
-
-/// Splits a comma-separated list value into trimmed, non-empty members. Commas inside a
-/// quoted-string do not split.
-// RFC 9110 §5.6.1.2: "a recipient MUST parse and ignore a reasonable number of empty list
-// elements".
-pub fn split_list(s: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut in_quote = false;
-    let mut escaped = false;
-    for (i, &b) in s.iter().enumerate() {
-        if in_quote {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_quote = false;
-            }
-        } else if b == b'"' {
-            in_quote = true;
-        } else if b == b',' {
-            out.push(trim_ows(s.get(start..i).unwrap_or_default()));
-            start = i + 1;
-        }
-    }
-    out.push(trim_ows(s.get(start..).unwrap_or_default()));
-    out.retain(|m| !m.is_empty());
-    out
-}
-
-/// Parses an HTTP-date (IMF-fixdate, RFC 850 or asctime) from raw bytes.
-fn parse_date(v: &[u8]) -> Option<SystemTime> {
-    let s = std::str::from_utf8(trim_ows(v)).ok()?;
-    httpdate::parse_http_date(s).ok()
-}
+pub use crate::http::headers::HeaderList;
+use crate::http::headers::{
+    has_header, header, header_joined_bytes, parse_date, parse_delta_seconds, trim_ows,
+    DELTA_SECONDS_MAX,
+};
+// Kept at their old paths while other modules move to `http::headers` (issue 14); removed in
+// the final cleanup.
+pub use crate::http::headers::{header_joined, header_one, split_list};
 
 /// The response's Date, or the time it was received if Date is absent or invalid.
 // RFC 9111 §4.2.1: "using the time the message was received if it is not present, as per
 // Section 6.6.1 of [HTTP]". An unparseable Date is treated as absent; of several Date lines the
 // first is used.
 fn date_value(resp: &HeaderList, response_time: SystemTime) -> SystemTime {
-    header_first(resp, "date")
+    header(resp, "date")
         .and_then(parse_date)
         .unwrap_or(response_time)
-}
-
-/// delta-seconds = 1*DIGIT, saturating at 2^31.
-// RFC 9111 §1.2.2: "If a cache receives a delta-seconds value greater than the greatest integer
-// it can represent, or if any of its subsequent calculations overflows, the cache MUST consider
-// the value to be 2147483648 (2^31) or the greatest positive integer it can conveniently
-// represent."
-fn parse_delta_seconds(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = v.iter().fold(0u64, |acc, &d| {
-        acc.saturating_mul(10)
-            .saturating_add(u64::from(d.saturating_sub(b'0')))
-    });
-    Some(n.min(DELTA_SECONDS_MAX))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,7 +153,7 @@ impl CacheControl {
     /// or `s-maxage` is `Some(0)` (the response is stale); delta-seconds saturate at 2^31.
     pub fn parse(headers: &HeaderList) -> CacheControl {
         let mut cc = CacheControl::default();
-        let Some(joined) = joined_bytes(headers, "cache-control") else {
+        let Some(joined) = header_joined_bytes(headers, "cache-control") else {
             return cc;
         };
         let mut seen_max_age = false;
@@ -401,7 +270,7 @@ impl CacheControl {
         // not present in a request, caches MUST consider the no-cache request pragma-directive
         // as having the same effect as if "Cache-Control: no-cache" were present".
         if !has_header(headers, "cache-control") {
-            if let Some(pragma) = joined_bytes(headers, "pragma") {
+            if let Some(pragma) = header_joined_bytes(headers, "pragma") {
                 if split_list(&pragma)
                     .iter()
                     .any(|m| m.eq_ignore_ascii_case(b"no-cache"))
@@ -734,7 +603,7 @@ fn heuristic_lifetime(
     // [HTTP]), caches are encouraged to use a heuristic expiration value that is no more than
     // some fraction of the interval since that time. A typical setting of this fraction might
     // be 10%."
-    let last_modified = header_first(resp, "last-modified").and_then(parse_date)?;
+    let last_modified = header(resp, "last-modified").and_then(parse_date)?;
     let date = date_value(resp, response_time);
     let interval = date.duration_since(last_modified).ok()?;
     if interval.is_zero() {
@@ -889,7 +758,7 @@ pub fn is_fresh(freshness: Duration, age: Duration) -> bool {
 // invalid (e.g., it contains something other than a non-negative integer), a cache SHOULD
 // ignore the field."
 fn age_value(resp: &HeaderList) -> Option<u64> {
-    let joined = joined_bytes(resp, "age")?;
+    let joined = header_joined_bytes(resp, "age")?;
     let first = split_list(&joined).into_iter().next()?;
     parse_delta_seconds(first)
 }
@@ -949,7 +818,7 @@ pub enum Vary {
 // RFC 9110 §12.5.5: "Vary = #( "*" / field-name )"; field names are case-insensitive
 // (RFC 9110 §5.1), so they are lower-cased.
 pub fn vary(resp: &HeaderList) -> Vary {
-    let Some(joined) = joined_bytes(resp, "vary") else {
+    let Some(joined) = header_joined_bytes(resp, "vary") else {
         return Vary::None;
     };
     let mut fields = Vec::new();
@@ -982,7 +851,7 @@ pub type VarySnapshot = Vec<(String, Option<String>)>;
 // Echo combines all lines, splits on commas outside quoted-strings, trims OWS around each
 // member, drops empty members and joins with ", ". Case is kept (it may be significant).
 fn vary_value(req: &HeaderList, field: &str) -> Option<String> {
-    let joined = joined_bytes(req, field)?;
+    let joined = header_joined_bytes(req, field)?;
     let mut out: Vec<u8> = Vec::with_capacity(joined.len());
     for (i, member) in split_list(&joined).into_iter().enumerate() {
         if i > 0 {
@@ -1155,7 +1024,7 @@ pub fn update_stored_headers(
 ) -> Vec<(String, Vec<u8>)> {
     // Hop-by-hop fields are never taken either (RFC 9111 §3.1), nor those they name.
     let taken = |name: &str| {
-        !crate::http::HOP_BY_HOP
+        !crate::http::headers::HOP_BY_HOP
             .iter()
             .chain(NOT_UPDATED_BY_304)
             .any(|x| x.eq_ignore_ascii_case(name))
@@ -1259,31 +1128,6 @@ mod tests {
     type OwnedPairs = Vec<(&'static str, String)>;
     /// What `freshness_lifetime` returns.
     type Lifetime = Option<(Duration, bool)>;
-
-    mod headers {
-        use super::*;
-
-        #[test]
-        fn joined_and_one() {
-            let h = hdrs(&[("vary", "a"), ("x", "1"), ("vary", "b")]);
-            assert_eq!(header_joined(&h, "vary").as_deref(), Some("a, b"));
-            assert_eq!(header_joined(&h, "x").as_deref(), Some("1"));
-            assert_eq!(header_joined(&h, "y"), None);
-            assert_eq!(header_one(&h, "x"), Some(&b"1"[..]));
-            assert_eq!(header_one(&h, "vary"), None);
-            assert_eq!(header_one(&h, "y"), None);
-            let bad = vec![("x".to_string(), vec![b'a', 0xff])];
-            assert_eq!(header_joined(&bad, "x").as_deref(), Some("a\u{fffd}"));
-        }
-
-        #[test]
-        fn split_list_respects_quotes() {
-            let got = split_list(br#" a , ,b="x, y",, c "#);
-            assert_eq!(got, vec![&b"a"[..], &br#"b="x, y""#[..], &b"c"[..]]);
-            assert!(split_list(b"").is_empty());
-            assert!(split_list(b" , ,").is_empty());
-        }
-    }
 
     mod cache_control {
         use super::*;
