@@ -47,7 +47,8 @@ pub use freshness::{corrected_initial_age, current_age, freshness_lifetime, is_f
 pub use reuse::{reuse, stale_window, Reuse};
 pub use storability::{storability, NoStoreReason, Storability};
 pub use validation::{
-    freshens, invalidates, is_unsafe_method, update_stored_headers, validation_preconditions,
+    after_not_modified, freshens, invalidates, is_unsafe_method, update_stored_headers,
+    validation_preconditions, AfterNotModified,
 };
 pub use vary::{vary, vary_matches, vary_snapshot, Vary, VarySnapshot};
 

@@ -1,7 +1,8 @@
 //! RFC 9111 §4.3 validation and §4.4 invalidation: the preconditions that revalidate a
 //! stored response, whether a 304 applies to it (`freshens`), its fields updated from the
-//! 304 (§3.2, `update_stored_headers`), and which answers to unsafe methods invalidate
-//! stored responses.
+//! 304 (§3.2, `update_stored_headers`), what to do next once a 304 arrived
+//! (`after_not_modified`, the one decision every revalidating path uses), and which answers
+//! to unsafe methods invalidate stored responses.
 //!
 //! Invariants: a 304 with a strong validator updates only a response with the same strong
 //! validator, one with a weak validator only a response whose tag matches weakly (RFC 9110
@@ -12,7 +13,9 @@
 //!
 //! What it must not do: read a clock; panic on any input.
 
-use super::HeaderList;
+use std::time::SystemTime;
+
+use super::{storability, HeaderList, PolicyOptions, Storability};
 use crate::http::headers::{header_one, parse_date, trim_ows, HOP_BY_HOP};
 
 /// The precondition fields that revalidate a stored response: `If-None-Match` with its entity
@@ -168,6 +171,63 @@ pub fn update_stored_headers(
         }
     }
     out
+}
+
+/// What to do once a 304 (Not Modified) answered a validation request built from a stored
+/// response's validators.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterNotModified {
+    /// The 304 names another representation than the stored one: update nothing, and fetch
+    /// the whole response (unconditionally) to answer the request.
+    FetchWhole,
+    /// The 304 identifies the stored response: its fields become `headers` (its content stays
+    /// the stored one) and it answers the request. `storability` says whether the updated
+    /// response may be stored again, with its new freshness lifetime, or why not (then it
+    /// still answers the request it was validated for, but is not stored).
+    Update {
+        headers: Vec<(String, Vec<u8>)>,
+        storability: Storability,
+    },
+}
+
+/// Decides what a 304 does to the `stored` response (stored with status `stored_status`)
+/// whose validators the request carried (RFC 9111 §4.3.3, §4.3.4). `not_modified` is the
+/// 304's fields as Echo keeps them (the fields named in its `Connection` already removed),
+/// `req` the request the updated response would be stored for, `response_time` when the 304
+/// was received.
+///
+/// The request method is GET: Echo stores GET responses only, and validates only what it
+/// stored. The caller still computes the entry's age from the updated fields (RFC 9111
+/// §4.2.3) and keeps the stored content.
+// RFC 9111 §4.3.3: "A 304 (Not Modified) response status code indicates that the stored
+// response can be updated and reused; see Section 4.3.4."
+pub fn after_not_modified(
+    stored: &HeaderList,
+    stored_status: u16,
+    not_modified: &HeaderList,
+    req: &HeaderList,
+    response_time: SystemTime,
+    opts: &PolicyOptions,
+) -> AfterNotModified {
+    // RFC 9111 §4.3.4: "If none of the initial set contains at least one of the same strong
+    // validators, then the cache MUST NOT use the new response to update any stored
+    // responses." Nor can a 304 answer a client whose request Echo made conditional: the
+    // whole response is fetched instead.
+    if !freshens(stored, not_modified) {
+        return AfterNotModified::FetchWhole;
+    }
+    // RFC 9111 §4.3.4: "For each stored response identified, the cache MUST update its header
+    // fields with the header fields provided in the 304 (Not Modified) response, as per
+    // Section 3.2."
+    let headers = update_stored_headers(stored, not_modified);
+    // The updated response is stored again only as any response is (RFC 9111 §3): its
+    // lifetime and storability follow its updated fields (a 304 can bring a new
+    // Cache-Control, Expires or Date) and the stored status, never 304's.
+    let storability = storability("GET", req, stored_status, &headers, response_time, opts);
+    AfterNotModified::Update {
+        headers,
+        storability,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -382,6 +442,161 @@ mod tests {
             storability("GET", &[], 200, &updated, t0(), &opts),
             Storability::DoNotStore(NoStoreReason::NoStore)
         );
+    }
+
+    /// (RFC 9111 §4.3.3, §4.3.4) What a 304 does: update and store again, update and
+    /// answer without storing, or fetch the whole response.
+    mod after_304 {
+        use super::*;
+
+        fn run(
+            stored: &[(&str, &str)],
+            status: u16,
+            not_modified: &[(&str, &str)],
+        ) -> AfterNotModified {
+            run_for(stored, status, not_modified, &[])
+        }
+
+        fn run_for(
+            stored: &[(&str, &str)],
+            status: u16,
+            not_modified: &[(&str, &str)],
+            req: &[(&str, &str)],
+        ) -> AfterNotModified {
+            after_not_modified(
+                &hdrs(stored),
+                status,
+                &hdrs(not_modified),
+                &hdrs(req),
+                t0(),
+                &PolicyOptions::default(),
+            )
+        }
+
+        /// §4.3.4: "each of those strong validators identifies a selected representation for
+        /// update"; the new max-age is the new lifetime.
+        #[test]
+        fn a_304_with_the_same_validator_updates_and_stores_again() {
+            let got = run(
+                &[
+                    ("cache-control", "max-age=1"),
+                    ("etag", "\"v1\""),
+                    ("x-a", "1"),
+                ],
+                200,
+                &[("cache-control", "max-age=60"), ("etag", "\"v1\"")],
+            );
+            assert_eq!(
+                got,
+                AfterNotModified::Update {
+                    headers: hdrs(&[
+                        ("cache-control", "max-age=60"),
+                        ("etag", "\"v1\""),
+                        ("x-a", "1"),
+                    ]),
+                    storability: store(60),
+                }
+            );
+        }
+
+        /// §4.3.4: "If none of the initial set contains at least one of the same strong
+        /// validators, then the cache MUST NOT use the new response to update any stored
+        /// responses."
+        #[test]
+        fn a_304_naming_another_representation_updates_nothing() {
+            for not_modified in [
+                vec![("etag", "\"v2\"")],
+                vec![("etag", "W/\"v2\"")],
+                vec![("last-modified", "Tue, 02 Jan 2024 00:00:00 GMT")],
+            ] {
+                let got = run(
+                    &[("etag", "\"v1\""), ("last-modified", LM)],
+                    200,
+                    &not_modified,
+                );
+                assert_eq!(got, AfterNotModified::FetchWhole, "{not_modified:?}");
+            }
+        }
+
+        /// §4.3.3: the stored response "can be updated and reused" even when the updated
+        /// fields forbid storing it: it answers this request, and is not stored.
+        #[test]
+        fn an_updated_response_that_may_not_be_stored_still_answers() {
+            let stored = [("cache-control", "max-age=1"), ("etag", "\"v1\"")];
+            let got = run(&stored, 200, &[("cache-control", "no-store")]);
+            assert_eq!(
+                got,
+                AfterNotModified::Update {
+                    headers: hdrs(&[("cache-control", "no-store"), ("etag", "\"v1\"")]),
+                    storability: no(NoStoreReason::NoStore),
+                }
+            );
+            let got = run(&stored, 200, &[("cache-control", "max-age=0")]);
+            assert!(matches!(
+                got,
+                AfterNotModified::Update {
+                    storability: Storability::DoNotStore(NoStoreReason::NotFresh),
+                    ..
+                }
+            ));
+            // The request counts as for any response (RFC 9111 §3, §3.5).
+            let got = run_for(&stored, 200, &[], &[("authorization", "Basic eDp5")]);
+            assert!(matches!(
+                got,
+                AfterNotModified::Update {
+                    storability: Storability::DoNotStore(NoStoreReason::Authorization),
+                    ..
+                }
+            ));
+        }
+
+        /// The updated response keeps the stored status: a 304 is never stored as such.
+        #[test]
+        fn storability_follows_the_stored_status() {
+            let stored = [("etag", "\"v1\""), ("last-modified", &*date(-1000))];
+            let not_modified = [("date", &*date(0))];
+            // 10% of (Date - Last-Modified): a heuristic lifetime for a 200 ...
+            assert!(matches!(
+                run(&stored, 200, &not_modified),
+                AfterNotModified::Update { storability, .. } if storability == heur(100)
+            ));
+            // ... but not for a 302, which needs explicit freshness.
+            assert!(matches!(
+                run(&stored, 302, &not_modified),
+                AfterNotModified::Update { storability, .. }
+                    if storability == no(NoStoreReason::NotFresh)
+            ));
+        }
+
+        /// §4.2.1: Expires minus the Date the 304 brought, not the stored one.
+        #[test]
+        fn a_new_date_and_expires_give_the_new_lifetime() {
+            let stored = [
+                ("date", &*date(-3600)),
+                ("expires", &*date(-3000)),
+                ("etag", "\"v1\""),
+            ];
+            let not_modified = [("date", &*date(0)), ("expires", &*date(120))];
+            assert!(matches!(
+                run(&stored, 200, &not_modified),
+                AfterNotModified::Update { storability, .. } if storability == store(120)
+            ));
+        }
+
+        /// Echo's looser reading: a 304 without validators answers for the one response
+        /// whose validators the request carried.
+        #[test]
+        fn a_304_without_validators_updates_the_response_it_validated() {
+            let got = run(
+                &[("etag", "\"v1\""), ("cache-control", "max-age=1")],
+                200,
+                &[("cache-control", "max-age=30")],
+            );
+            assert!(matches!(
+                got,
+                AfterNotModified::Update { storability, .. } if storability == store(30)
+            ));
+        }
     }
 
     mod invalidation {
