@@ -149,7 +149,7 @@ pub fn split_list(s: &[u8]) -> Vec<&[u8]> {
 
 /// The members of every line of the list field `name`, in order. Each line is split on
 /// its own, so a quote left open on one line cannot hide the members of the next.
-fn list_members<'a>(headers: &'a HeaderList, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+pub fn list_members<'a>(headers: &'a HeaderList, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
     headers
         .iter()
         .filter(move |(n, _)| is_named(n, name))
@@ -351,6 +351,8 @@ mod tests {
         // A quote left open on one line does not swallow the next line's members.
         let headers = h(&[("connection", "\"open"), ("connection", "close")]);
         assert!(has_token(&headers, "connection", "close"));
+        let members: Vec<&[u8]> = list_members(&headers, "connection").collect();
+        assert_eq!(members, vec![&b"\"open"[..], b"close"]);
     }
 
     #[test]
