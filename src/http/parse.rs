@@ -138,15 +138,15 @@ pub fn parse_head(buf: &[u8], limits: &Limits, peer: SocketAddr) -> Result<Parse
 
     let framing = framing(&headers, version, limits)?;
 
-    let expect_continue = match super::header(&headers, "expect") {
+    let expect_continue = match super::headers::header(&headers, "expect") {
         None => false,
         Some(v) if v.eq_ignore_ascii_case(b"100-continue") => version == Version::Http11,
         Some(_) => return Err(HttpError::new(417, "unsupported Expect value")),
     };
 
     let keep_alive = match version {
-        Version::Http11 => !super::has_token(&headers, "connection", "close"),
-        Version::Http10 => super::has_token(&headers, "connection", "keep-alive"),
+        Version::Http11 => !super::headers::has_token(&headers, "connection", "close"),
+        Version::Http10 => super::headers::has_token(&headers, "connection", "keep-alive"),
     };
 
     Ok(Parsed::Complete(

@@ -1,0 +1,89 @@
+//! Cache policy: the RFC 9111 decisions of a *shared* cache, as pure functions, one file per
+//! section of the RFC, each with its tests beside it:
+//! - `cache_control`: parsing `Cache-Control` (§5.2, RFC 5861) and the request `Pragma`
+//!   fallback (§5.4);
+//! - `storability`: may this response be stored, and if not, why (§3, §3.5);
+//! - `freshness`: freshness lifetime, explicit and heuristic (§4.2.1, §4.2.2), and age
+//!   (§4.2.3, §5.1);
+//! - `reuse`: may a stored response answer a request, fresh or stale (§4.2.4, the request
+//!   directives of §5.2.1, RFC 5861's stale windows);
+//! - `vary`: `Vary` and matching a request to a stored variant (§4.1);
+//! - `validation`: the preconditions that revalidate a stored response, whether a 304
+//!   applies to it, its fields updated from the 304 (§4.3, §3.2), and which responses to
+//!   unsafe methods invalidate stored responses (§4.4).
+//!
+//! This file holds the tunables (`PolicyOptions`) and the module's public paths: every item
+//! is used as `crate::policy::name`, whichever file it lives in. Field helpers (lists,
+//! dates, delta-seconds) are `http::headers`'; the policy has none of its own.
+//!
+//! Invariants:
+//! - Every function is pure: the same arguments give the same answer.
+//! - Header lists are `&[(String, Vec<u8>)]` with lower-case field names and raw values;
+//!   repeated fields are separate entries in order, and list fields are combined with ", ".
+//! - Every delta-seconds value is at most 2^31 (RFC 9111 §1.2.2).
+//! - Each rule sits next to the RFC sentence it implements; where Echo is stricter than the
+//!   RFC (Set-Cookie, no-cache, qualified private, 304) or looser (a 304 without validators
+//!   freshens the response it validated) the comment says so.
+//!
+//! What it must not do:
+//! - no I/O, no logging, no global state;
+//! - no clock reads: every time is an argument (`SystemTime`), so tests are deterministic;
+//! - no panics on any input: no `unwrap`, `expect`, panicking indexing or unchecked
+//!   arithmetic on values that come from the network.
+
+mod cache_control;
+mod freshness;
+mod reuse;
+mod storability;
+#[cfg(test)]
+mod testing;
+mod validation;
+mod vary;
+
+use std::time::Duration;
+
+pub use cache_control::CacheControl;
+pub use freshness::{corrected_initial_age, current_age, freshness_lifetime, is_fresh};
+pub use reuse::{reuse, stale_window, Reuse};
+pub use storability::{storability, NoStoreReason, Storability};
+pub use validation::{
+    after_not_modified, freshens, invalidates, is_unsafe_method, update_stored_headers,
+    validation_preconditions, AfterNotModified,
+};
+pub use vary::{vary, vary_matches, vary_snapshot, Vary, VarySnapshot};
+
+pub use crate::http::headers::HeaderList;
+// Kept at their old paths while other modules move to `http::headers` (issue 14); removed in
+// the final cleanup.
+pub use crate::http::headers::{header_joined, header_one, split_list};
+
+/// Tunables of the policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyOptions {
+    /// Cap on heuristic freshness (RFC 9111 §4.2.2). Default: 1 day.
+    pub heuristic_max: Duration,
+    /// Fraction of (Date − Last-Modified) used for the heuristic. Default: 0.1.
+    pub heuristic_fraction: f64,
+    /// Lifetime given to a heuristically cacheable response that has no freshness
+    /// information at all (no explicit lifetime, no Last-Modified). Zero (the default): off.
+    pub default_ttl: Duration,
+    /// Cap on how long past its freshness a response is served stale (stale-while-
+    /// revalidate, stale-if-error, a client's max-stale). Default: 1 hour.
+    pub max_stale: Duration,
+    /// Act on the client's request directives (max-age, max-stale, min-fresh, no-cache,
+    /// only-if-cached); many operators turn this off so clients cannot bypass the cache.
+    /// Default: on.
+    pub honor_request: bool,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        PolicyOptions {
+            heuristic_max: Duration::from_secs(24 * 60 * 60),
+            heuristic_fraction: 0.1,
+            default_ttl: Duration::ZERO,
+            max_stale: Duration::from_secs(60 * 60),
+            honor_request: true,
+        }
+    }
+}
