@@ -23,7 +23,7 @@ use super::{Cache, Since};
 use crate::http::exchange::Exchange;
 use crate::http::Headers;
 use crate::key::CacheKey;
-use crate::policy::{self, Storability};
+use crate::policy::{self, AfterNotModified, Storability};
 use crate::store::{Entry, Store};
 use crate::upstream::{OriginError, OriginRequest, Phase};
 
@@ -83,6 +83,29 @@ pub(super) fn new_entry(
         vary,
         tags,
     }
+}
+
+/// The `stored` response freshened by a 304: its fields updated to `headers`, its
+/// content the stored one, its age started again from the 304's Age and Date and this
+/// exchange's request and response times (RFC 9111 §4.2.3, in `new_entry`).
+pub(super) fn freshened(
+    stored: &Entry,
+    sent: &Headers,
+    headers: &Headers,
+    freshness: Duration,
+    (request_time, response_time): (SystemTime, SystemTime),
+) -> Entry {
+    let mut entry = new_entry(
+        sent,
+        headers,
+        stored.status,
+        freshness,
+        request_time,
+        response_time,
+    );
+    entry.body = stored.body.clone();
+    entry.file = stored.file.clone();
+    entry
 }
 
 impl Cache {
@@ -241,18 +264,34 @@ impl Cache {
             // to satisfy the request. The cache MAY store such a full response"; and of a 5xx,
             // the cache "can either forward this response to the requesting client or act as
             // if the server failed to respond" (Echo forwards it).
-            let base = response_headers(&response.headers, response_time);
+            let not_modified = response_headers(&response.headers, response_time);
             drop(response);
-            if policy::freshens(&stored.headers, &base) {
-                let times = (request_time, response_time);
-                return self.freshen(ex, key, since, (stored, &sent), &base, times);
-            }
-            // RFC 9111 §4.3.4: "If none of the initial set contains at least one of the same
-            // strong validators, then the cache MUST NOT use the new response to update any
-            // stored responses." Nor can it answer a client that asked unconditionally:
-            // fetch the whole response instead.
-            debug!("304 for {key} names another representation; fetching it whole");
-            return self.fill(ex, key, fwd, since, None);
+            let after = policy::after_not_modified(
+                &stored.headers,
+                stored.status,
+                &not_modified,
+                &ex.req.headers,
+                response_time,
+                &self.policy,
+            );
+            let AfterNotModified::Update {
+                headers,
+                storability,
+            } = after
+            else {
+                // The 304 names another representation; the client asked unconditionally.
+                debug!("304 for {key} names another representation; fetching it whole");
+                return self.fill(ex, key, fwd, since, None);
+            };
+            let times = (request_time, response_time);
+            return self.freshen(
+                ex,
+                key,
+                since,
+                (stored, &sent),
+                (headers, storability),
+                times,
+            );
         }
         let storability = policy::storability(
             "GET",
@@ -290,47 +329,24 @@ impl Cache {
         }
     }
 
-    /// Answers from the `stored` response freshened by a 304 (`not_modified`, its fields as
-    /// Echo keeps them), and stores the freshened entry when it may still be stored.
+    /// Answers from the `stored` response freshened by a 304 (its `headers` updated, and
+    /// whether it may be stored again), and stores the freshened entry when it may.
     fn freshen(
         &self,
         ex: &mut Exchange<'_>,
         key: &CacheKey,
         since: Since,
         (stored, sent): (&Entry, &Headers),
-        not_modified: &Headers,
-        (request_time, response_time): (SystemTime, SystemTime),
+        (headers, storability): (Headers, Storability),
+        times: (SystemTime, SystemTime),
     ) -> FlightOutcome {
-        // RFC 9111 §4.3.4: "For each stored response identified, the cache MUST update its
-        // header fields with the header fields provided in the 304 (Not Modified) response,
-        // as per Section 3.2." The content stays the stored one.
-        let headers = policy::update_stored_headers(&stored.headers, not_modified);
         // The freshened response's lifetime and storability follow its updated fields (a
-        // 304 can bring a new Cache-Control or Expires); its age starts again from the
-        // 304's Age and Date and this exchange's request and response times (RFC 9111
-        // §4.2.3, in `new_entry`).
-        let storability = policy::storability(
-            "GET",
-            &ex.req.headers,
-            stored.status,
-            &headers,
-            response_time,
-            &self.policy,
-        );
+        // 304 can bring a new Cache-Control or Expires): `policy::after_not_modified`.
         let (freshness, not_stored) = match storability {
             Storability::Store { freshness, .. } => (freshness, None),
             Storability::DoNotStore(why) => (Duration::ZERO, Some(why.as_str())),
         };
-        let mut entry = new_entry(
-            sent,
-            &headers,
-            stored.status,
-            freshness,
-            request_time,
-            response_time,
-        );
-        entry.body = stored.body.clone();
-        entry.file = stored.file.clone();
+        let entry = freshened(stored, sent, &headers, freshness, times);
         let entry = Arc::new(entry);
         // Stored through the same generation check as a fill, before the client is answered
         // (so its next request finds it): after an invalidation since the lookup, this

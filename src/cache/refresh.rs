@@ -14,13 +14,13 @@ use std::time::{Instant, SystemTime};
 
 use log::debug;
 
-use super::fill::{new_entry, Fill};
+use super::fill::{freshened, new_entry, Fill};
 use super::forward::{final_response, response_headers, VIA};
 use super::{Cache, Since};
 use crate::http::{Headers, Request};
 use crate::invalidate::Refresher;
 use crate::key::CacheKey;
-use crate::policy::{self, Storability};
+use crate::policy::{self, AfterNotModified, Storability};
 use crate::store::{Entry, Lookup};
 use crate::upstream::OriginRequest;
 
@@ -101,30 +101,23 @@ impl Cache {
                 return false;
             };
             let not_modified = response_headers(&response.headers, response_time);
-            if !policy::freshens(&stored.headers, &not_modified) {
-                return false;
-            }
-            let updated = policy::update_stored_headers(&stored.headers, &not_modified);
-            let Storability::Store { freshness, .. } = policy::storability(
-                "GET",
-                req_headers,
+            let after = policy::after_not_modified(
+                &stored.headers,
                 stored.status,
-                &updated,
+                &not_modified,
+                req_headers,
                 response_time,
                 &self.policy,
-            ) else {
+            );
+            let AfterNotModified::Update {
+                headers,
+                storability: Storability::Store { freshness, .. },
+            } = after
+            else {
                 return false;
             };
-            let mut entry = new_entry(
-                &sent,
-                &updated,
-                stored.status,
-                freshness,
-                request_time,
-                response_time,
-            );
-            entry.body = stored.body.clone();
-            entry.file = stored.file.clone();
+            let times = (request_time, response_time);
+            let entry = freshened(stored, &sent, &headers, freshness, times);
             return self.store_entry(key, since, Arc::new(entry));
         }
         let Storability::Store { freshness, .. } = policy::storability(
