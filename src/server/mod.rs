@@ -1,0 +1,381 @@
+//! The server: one acceptor thread, one small-stack thread per client connection, a
+//! fixed pool of workers and a fixed pool of fetch workers, each fed by a bounded queue.
+//!
+//! A connection thread reads and validates request heads (a slow or half-sent head holds
+//! only its own thread), then offers each request to the handler inline
+//! (`Handler::inline`): what it answers at once (a cache hit) costs no hand-off. What the
+//! handler defers (`Step::Defer`: its own typed job, which would wait on the origin) goes
+//! straight to the fetch workers; the rest (requests with a body, what the handler
+//! declines) to the workers, whose `handle` may defer to the fetch workers in turn
+//! (`worker`). A connection is lent to one thread at a time and comes back when the
+//! response is written (`connection`), so responses on a connection leave in request
+//! order (pipelined requests wait in its buffer). A full queue is a 503, never an
+//! unbounded wait: `workers + fetch_workers` bounds the requests that may block.
+//!
+//! Invariants: an accept error is logged and survived; a handler panic answers 500 (or
+//! cuts an unfinished response) and the thread lives on; every read waits at most until
+//! a deadline from config; at most `max_connections` connections are served at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender};
+use log::{info, warn};
+
+mod connection;
+mod worker;
+
+use crate::config::ServerConfig;
+use crate::http::conn::Conn;
+use crate::http::exchange::ExchangeTimeouts;
+use crate::http::handler::Handler;
+use crate::http::parse::{HttpError, Limits};
+use crate::http::Request;
+
+use connection::serve_connection;
+use worker::worker;
+
+/// Stack of a connection thread: it parses heads, looks requests up (a Redis round trip
+/// at most) and answers hits.
+const CONNECTION_STACK: usize = 256 * 1024;
+/// Stack of a fetch worker: an origin client call and body copies (buffers on the heap).
+const FETCH_STACK: usize = 512 * 1024;
+/// Bodies up to this size are read by the connection thread before a worker is involved,
+/// so a client that trickles a small body does not hold a worker.
+const PREREAD_BODY: u64 = 64 * 1024;
+/// Extra buffer beyond the largest head, for pipelined requests and pre-read bodies.
+const BUFFER_SLACK: usize = PREREAD_BODY as usize + 16 * 1024;
+
+/// Where a connection thread sends exchanges: the worker pool and the fetch pool.
+struct Queues<J> {
+    jobs: Sender<Job<J>>,
+    fetch: Sender<Job<J>>,
+}
+
+/// An exchange on its way to a pool: for the fetch pool with the handler's job.
+struct Job<J> {
+    conn: Conn,
+    req: Request,
+    deferred: Option<J>,
+    /// Where the connection goes back after the exchange, with whether it may carry
+    /// another request.
+    back: Sender<(Conn, bool)>,
+}
+
+struct Shared {
+    name: String,
+    cfg: ServerConfig,
+    limits: Limits,
+    shutting_down: Arc<AtomicBool>,
+    open: AtomicUsize,
+    next_id: AtomicU64,
+    /// Every open client socket (a clone), and whether it is idle between requests, so
+    /// shutdown can close the idle ones at once and let the busy ones finish.
+    conns: Mutex<HashMap<u64, (TcpStream, Arc<AtomicBool>)>>,
+    /// The depths of the worker and fetch queues.
+    queued: Box<dyn Fn() -> (usize, usize) + Send + Sync>,
+}
+
+impl Shared {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, (TcpStream, Arc<AtomicBool>)>> {
+        // A panic elsewhere cannot leave the map inconsistent: recover it.
+        self.conns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Connections and queue depths of a running server.
+pub struct ServerStats(Arc<Shared>);
+
+impl ServerStats {
+    pub fn open_connections(&self) -> usize {
+        self.0.open.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a worker, and for a fetch worker.
+    pub fn queued(&self) -> (usize, usize) {
+        (self.0.queued)()
+    }
+
+    /// Set once a drain has begun.
+    pub fn draining(&self) -> bool {
+        self.0.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// A running server; dropping it shuts it down.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Open client connections right now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// Live figures of this server, for metrics: it can outlive the handle's borrow.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats(Arc::clone(&self.shared))
+    }
+
+    /// Blocks until the server stops.
+    pub fn join(mut self) {
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+
+    /// Stops accepting, and ends every connection once its current exchange is done.
+    pub fn shutdown(&mut self) {
+        if self.shared.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the acceptor out of accept(); when it ends, the listener closes and new
+        // connections are refused.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        self.close_idle();
+        info!("{}: stopped accepting on {}", self.shared.name, self.addr);
+    }
+
+    /// Closes the connections that wait for a next request; busy ones finish theirs.
+    fn close_idle(&self) {
+        for (stream, idle) in self.shared.conns().values() {
+            if idle.load(Ordering::SeqCst) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Graceful stop: no new connections, idle ones closed, requests in flight given
+    /// until `timeout` to finish. True if every connection ended in time.
+    pub fn drain(&mut self, timeout: Duration) -> bool {
+        self.shutdown();
+        let deadline = Instant::now() + timeout;
+        while self.open_connections() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // A connection that finished its exchange becomes idle (or closes itself).
+            self.close_idle();
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts serving `listener` with `handler`; `name` labels threads and logs.
+pub fn start<H: Handler>(
+    name: &str,
+    listener: TcpListener,
+    cfg: ServerConfig,
+    handler: Arc<H>,
+) -> io::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let limits = Limits {
+        max_header_bytes: cfg.max_header_bytes,
+        max_headers: cfg.max_headers,
+        max_target_bytes: cfg.max_target_bytes,
+        max_body_bytes: cfg.max_body_bytes,
+    };
+    let (jobs_tx, jobs_rx) = bounded::<Job<H::Job>>(cfg.queue_depth);
+    let (fetch_tx, fetch_rx) = bounded::<Job<H::Job>>(cfg.fetch_queue);
+    let queued = {
+        let (jobs, fetch) = (jobs_rx.clone(), fetch_rx.clone());
+        Box::new(move || (jobs.len(), fetch.len()))
+    };
+    let shared = Arc::new(Shared {
+        name: name.to_string(),
+        cfg,
+        limits,
+        shutting_down: Arc::new(AtomicBool::new(false)),
+        open: AtomicUsize::new(0),
+        next_id: AtomicU64::new(0),
+        conns: Mutex::new(HashMap::new()),
+        queued,
+    });
+    for i in 0..shared.cfg.workers {
+        let rx = jobs_rx.clone();
+        let fetch = fetch_tx.clone();
+        let handler = Arc::clone(&handler);
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name(format!("{name}-worker-{i}"))
+            .spawn(move || worker(&shared, &rx, Some(&fetch), handler.as_ref()))?;
+    }
+    for i in 0..shared.cfg.fetch_workers {
+        let rx = fetch_rx.clone();
+        let handler = Arc::clone(&handler);
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name(format!("{name}-fetch-{i}"))
+            .stack_size(FETCH_STACK)
+            .spawn(move || worker(&shared, &rx, None, handler.as_ref()))?;
+    }
+    let acceptor = {
+        let shared = Arc::clone(&shared);
+        let acceptor_handler = Arc::clone(&handler);
+        let queues = Queues {
+            jobs: jobs_tx,
+            fetch: fetch_tx.clone(),
+        };
+        thread::Builder::new()
+            .name(format!("{name}-acceptor"))
+            .spawn(move || accept_loop(&shared, &acceptor_handler, &listener, &queues))?
+    };
+    info!(
+        "{name}: listening on {addr} with {} workers",
+        shared.cfg.workers
+    );
+    Ok(ServerHandle {
+        addr,
+        shared,
+        acceptor: Some(acceptor),
+    })
+}
+
+fn accept_loop<H: Handler>(
+    shared: &Arc<Shared>,
+    handler: &Arc<H>,
+    listener: &TcpListener,
+    queues: &Queues<H::Job>,
+) {
+    let mut last_warning: Option<Instant> = None;
+    // A descriptor kept in reserve: out of descriptors, it is given up for a moment so a
+    // waiting client can be accepted and told 503, instead of hanging in the backlog.
+    let mut spare = std::fs::File::open("/dev/null").ok();
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                if shared.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                let out_of_fds = matches!(e.raw_os_error(), Some(23) | Some(24));
+                if out_of_fds && spare.take().is_some() {
+                    if let Ok((stream, _)) = listener.accept() {
+                        refuse_over_limit(stream);
+                    }
+                    spare = std::fs::File::open("/dev/null").ok();
+                }
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    warn!("{}: accept failed: {e}", shared.name);
+                    last_warning = Some(Instant::now());
+                }
+                // Out of descriptors or memory: back off instead of spinning; the
+                // listener stays open and accepting resumes when resources free up.
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        if shared.open.load(Ordering::SeqCst) >= shared.cfg.max_connections {
+            refuse_over_limit(stream);
+            continue;
+        }
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let idle = Arc::new(AtomicBool::new(true));
+        if let Ok(clone) = stream.try_clone() {
+            shared.conns().insert(id, (clone, Arc::clone(&idle)));
+        }
+        let thread_shared = Arc::clone(shared);
+        let handler = Arc::clone(handler);
+        let queues = Queues {
+            jobs: queues.jobs.clone(),
+            fetch: queues.fetch.clone(),
+        };
+        let spawned = thread::Builder::new()
+            .name(format!("{}-conn", shared.name))
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                let _guard = OpenGuard {
+                    shared: &thread_shared,
+                    id,
+                };
+                serve_connection(
+                    &thread_shared,
+                    handler.as_ref(),
+                    stream,
+                    peer,
+                    &queues,
+                    &idle,
+                );
+            });
+        if let Err(e) = spawned {
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+            shared.conns().remove(&id);
+            warn!("{}: cannot start a connection thread: {e}", shared.name);
+        }
+    }
+}
+
+/// Counts a connection open for as long as its thread runs.
+struct OpenGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.conns().remove(&self.id);
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn refuse_over_limit(stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = write_refusal(&stream, &HttpError::new(503, "too many connections"));
+}
+
+fn write_refusal(mut stream: &TcpStream, e: &HttpError) -> io::Result<()> {
+    use std::io::Write;
+    let body = format!("echo: {}\n", e.reason);
+    let retry = if e.status == 503 {
+        "retry-after: 1\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n",
+        e.status,
+        crate::http::reason(e.status),
+        body.len()
+    );
+    stream.write_all(format!("{head}{body}").as_bytes())?;
+    let _ = stream.shutdown(Shutdown::Write);
+    Ok(())
+}
+
+/// The deadlines every exchange of this server holds its client to.
+fn exchange_timeouts(cfg: &ServerConfig) -> ExchangeTimeouts {
+    ExchangeTimeouts {
+        body: cfg.body_timeout,
+        write: cfg.write_timeout,
+        min_rate: cfg.min_rate_bytes_per_sec,
+    }
+}
