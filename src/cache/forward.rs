@@ -210,7 +210,7 @@ pub(super) fn response_headers(origin: &Headers, response_time: SystemTime) -> H
     if http::header(&headers, "date").is_none() {
         headers.push((
             "date".into(),
-            httpdate::fmt_http_date(response_time).into_bytes(),
+            http::headers::format_date(response_time).into_bytes(),
         ));
     }
     headers.push(("via".into(), VIA.to_vec()));

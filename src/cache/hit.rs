@@ -17,7 +17,7 @@ use super::forward::{PRECONDITIONS, SET_BY_ECHO};
 use super::outcome::{Fwd, OriginTrouble, Outcome, StaleReason};
 use super::{Cache, Since, StaleCopy};
 use crate::http::exchange::Exchange;
-use crate::http::{self, Headers, Request};
+use crate::http::{self, headers, Headers, Request};
 use crate::key::CacheKey;
 use crate::policy::{self, CacheControl, Reuse};
 use crate::store::{Entry, Lookup};
@@ -122,12 +122,8 @@ impl Cache {
             && !special(SET_BY_ECHO)
             && !special(PRECONDITIONS)
             && !self.strip.iter().any(|s| http::same_field(field, s))
-            && !req
-                .headers
-                .iter()
-                .filter(|(n, _)| http::same_field(n, "connection"))
-                .flat_map(|(_, v)| v.split(|&b| b == b','))
-                .any(|t| http::same_field(&String::from_utf8_lossy(t.trim_ascii()), field))
+            && !headers::list_members(&req.headers, "connection")
+                .any(|t| http::same_field(&String::from_utf8_lossy(t), field))
     }
 
     /// Answers a request that waited for another's fetch from what that fetch stored, if
@@ -240,26 +236,21 @@ pub(super) fn serve_stored(ex: &mut Exchange<'_>, entry: &Entry, age: Duration, 
 /// RFC 9110 §13.1.2 / §13.1.3 / §13.2.2: If-None-Match (weak comparison) takes
 /// precedence; If-Modified-Since is evaluated only without it.
 fn not_modified(req: &Request, stored: &Headers) -> bool {
-    if let Some(inm) = policy::header_joined(&req.headers, "if-none-match") {
-        let Some(etag) = http::header(stored, "etag") else {
+    if headers::has_header(&req.headers, "if-none-match") {
+        let Some(etag) = headers::header(stored, "etag") else {
             return false;
         };
-        let etag = String::from_utf8_lossy(etag);
-        let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
-        return inm
-            .split(',')
-            .any(|t| t.trim() == "*" || opaque(t) == opaque(&etag));
+        // Weak comparison: the opaque tags, W/ aside.
+        let opaque = |t: &[u8]| t.strip_prefix(b"W/").unwrap_or(t).to_vec();
+        return headers::list_members(&req.headers, "if-none-match")
+            .any(|t| t == b"*" || opaque(t) == opaque(etag.trim_ascii()));
     }
     let (Some(ims), Some(lm)) = (
-        req.header("if-modified-since"),
-        http::header(stored, "last-modified"),
+        req.header("if-modified-since")
+            .and_then(headers::parse_date),
+        headers::header(stored, "last-modified").and_then(headers::parse_date),
     ) else {
         return false;
     };
-    let parse = |v: &[u8]| {
-        std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| httpdate::parse_http_date(s).ok())
-    };
-    matches!((parse(ims), parse(lm)), (Some(ims), Some(lm)) if lm <= ims)
+    lm <= ims
 }
