@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admin_client;
+pub mod body_file;
 pub mod coalesce;
 pub mod config;
 pub mod http;

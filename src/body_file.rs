@@ -4,6 +4,9 @@
 //! bodies of at least [`MIN_BYTES`], while fewer than the budget exist ([`MAX_FILES`],
 //! or a sixteenth of the open-files limit if that is less).
 //!
+//! Below both `store` (which makes the files) and `http` (which sends them): it knows
+//! nothing of either, only bytes, descriptors and sockets.
+//!
 //! Invariants: the file is written once and sealed (no write, grow or shrink) before
 //! anyone can read it; readers use offsets (`sendfile` with an offset, `pread`), never
 //! the shared file position, so any number of threads send one file at once. Each file
