@@ -36,7 +36,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use echo::config::{Config, RedisConfig};
-use echo::invalidate::{Job, Matcher, Mode, Outcome, Progress};
+use echo::invalidation::{Job, JobOutcome as Outcome, Matcher, Mode, Progress};
 use echo::key::CacheKey;
 use echo::store::memory::MemoryStore;
 use echo::store::redis::{redis_key, RedisStore};

@@ -13,6 +13,8 @@ pub mod coalesce;
 pub mod config;
 pub mod http;
 pub mod invalidate;
+pub mod invalidation;
+pub mod invalidator;
 pub mod key;
 pub mod live;
 pub mod metrics;

@@ -24,7 +24,7 @@ use crossbeam_channel::Receiver;
 /// Moved below `http` and `store` (issue 14); this path stays until the final cleanup.
 pub use crate::body_file;
 use crate::http::Headers;
-use crate::invalidate::{Job, Outcome, Progress};
+use crate::invalidation::{Job, JobOutcome, Progress};
 use crate::key::CacheKey;
 use crate::policy::VarySnapshot;
 
@@ -175,9 +175,9 @@ pub trait Store: Send + Sync {
     /// Runs one invalidation job: bans what it names (unless a dry run), then finds the
     /// matching entries and deletes them, marks them stale, or lists them for refresh.
     /// Checks `progress` as it goes (a `Checkpoint`, every few hundred keys) and stops at
-    /// the first check that fails, with `Outcome::stopped` saying why and the counts of
+    /// the first check that fails, with `JobOutcome::stopped` saying why and the counts of
     /// what it did. Never runs a pattern while holding a lock that lookups need.
-    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError>;
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError>;
 
     /// Tries to take the cluster-wide fill lock of `key` for `ttl` as `owner` (a unique id
     /// per fetch). True: this node fetches. Default (single-node stores): always true.
@@ -335,7 +335,7 @@ impl Store for Instrumented {
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
         self.timed("remove", || self.inner.remove(key))
     }
-    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
         self.timed("invalidate", || self.inner.invalidate(job, progress))
     }
     fn lock_fill(&self, key: &CacheKey, owner: &str, ttl: Duration) -> Result<bool, StoreError> {

@@ -39,7 +39,9 @@ use log::{debug, info, warn};
 
 use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
 use crate::config::RedisConfig;
-use crate::invalidate::{ban_names, Checkpoint, Job, Matcher, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidation::{
+    ban_names, Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, SAMPLE,
+};
 use crate::key::CacheKey;
 use crate::policy;
 
@@ -49,7 +51,7 @@ pub const KEY_PREFIX: &str = "echo:v1:";
 const ENTRY_PREFIX: &str = "echo:v1:http";
 /// The invalidation generation: incremented by every invalidation.
 const GENERATION_KEY: &str = "echo:v1:generation";
-/// Recent invalidations, scored by the time they expire (see `invalidate::Bans`).
+/// Recent invalidations, scored by the time they expire (see `invalidation::Bans`).
 const BANS_KEY: &str = "echo:v1:bans";
 /// Tag index: one set of entry keys per `Surrogate-Key` tag.
 const TAG_PREFIX: &str = "echo:v1:tag:";
@@ -836,11 +838,11 @@ impl Store for RedisStore {
         self.master.run::<usize>(&unlink)
     }
 
-    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
         if !job.dry_run {
             self.ban(&job.matcher)?;
         }
-        let mut outcome = Outcome::default();
+        let mut outcome = JobOutcome::default();
         let matcher = &job.matcher;
         // One connection for the whole job: the WAIT at the end covers every write on it.
         self.master.with_conn(|conn| {
