@@ -123,15 +123,53 @@ pub fn merge_variant(variants: &mut Vec<Arc<Entry>>, max_variants: usize, new: &
     }
 }
 
+/// Why a store call failed. The request path treats every kind alike (a miss, a write
+/// skipped), but each says what went wrong, for callers that match on it and for logs.
+/// `server` names the Redis server (`redis master 127.0.0.1:6379`: role and address,
+/// never the URL, which may carry a password). The messages read as they always have
+/// (`store unavailable: ...`): `/health` shows them and operators grep for them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
-    Unavailable(String),
+    /// A call did not finish within its connect, read or write timeout.
+    Timeout { server: String, detail: String },
+    /// The server could not be used: connection refused, dropped or broken, or no pooled
+    /// connection within the checkout timeout.
+    Unavailable { server: String, detail: String },
+    /// The server was skipped: its circuit breaker is open after failures in a row.
+    CircuitOpen { server: String },
+    /// A reply Echo could not read (of another type than asked, unparsable), or a value
+    /// it could not write.
+    Decode { server: String, detail: String },
+    /// Redis refused the command with an error reply (READONLY, OOM, NOSCRIPT, ...):
+    /// `detail` is its text.
+    Redis { server: String, detail: String },
+    /// A read failed on every server it may use: the master's error (tried last), and
+    /// the last replica's.
+    AllFailed {
+        master: Box<StoreError>,
+        replica: Box<StoreError>,
+    },
+    /// The store could not be set up (a URL that does not parse, a thread that would not
+    /// start).
+    Setup(String),
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Timeout { server, detail }
+            | StoreError::Unavailable { server, detail }
+            | StoreError::Decode { server, detail }
+            | StoreError::Redis { server, detail } => {
+                write!(f, "store unavailable: {server}: {detail}")
+            }
+            StoreError::CircuitOpen { server } => {
+                write!(f, "store unavailable: {server} skipped (circuit open)")
+            }
+            StoreError::AllFailed { master, replica } => {
+                write!(f, "store unavailable: {master}; and {replica}")
+            }
+            StoreError::Setup(why) => write!(f, "store unavailable: {why}"),
         }
     }
 }
@@ -356,5 +394,45 @@ impl Store for Instrumented {
     }
     fn fill_waiter(&self, key: &CacheKey) -> FillWaiter {
         self.inner.fill_waiter(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_read_as_they_did_before_they_had_kinds() {
+        let replica = || "redis replica 10.0.0.2:6380".to_string();
+        let timeout = StoreError::Timeout {
+            server: replica(),
+            detail: "timed out".into(),
+        };
+        assert_eq!(
+            timeout.to_string(),
+            "store unavailable: redis replica 10.0.0.2:6380: timed out"
+        );
+        let open = StoreError::CircuitOpen { server: replica() };
+        assert_eq!(
+            open.to_string(),
+            "store unavailable: redis replica 10.0.0.2:6380 skipped (circuit open)"
+        );
+        let everywhere = StoreError::AllFailed {
+            master: Box::new(StoreError::Unavailable {
+                server: "redis master 10.0.0.1:6379".into(),
+                detail: "no connection: refused".into(),
+            }),
+            replica: Box::new(open),
+        };
+        assert_eq!(
+            everywhere.to_string(),
+            "store unavailable: store unavailable: redis master 10.0.0.1:6379: no connection: \
+             refused; and store unavailable: redis replica 10.0.0.2:6380 skipped (circuit open)"
+        );
+        let setup = StoreError::Setup("bad redis URL for master: invalid".into());
+        assert_eq!(
+            setup.to_string(),
+            "store unavailable: bad redis URL for master: invalid"
+        );
     }
 }

@@ -37,7 +37,10 @@ pub(super) fn record(
         host: matcher.host().map(str::to_string),
         tag: matcher.tag().map(str::to_string),
     })
-    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    .map_err(|e| StoreError::Decode {
+        server: master.server(),
+        detail: format!("ban not encoded: {e}"),
+    })?;
     let mut pipe = redis::pipe();
     pipe.atomic()
         .cmd("ZADD")

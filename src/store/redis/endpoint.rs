@@ -106,6 +106,8 @@ pub(super) struct Endpoint {
     /// `host:port`, for logs (never the URL: it may carry a password).
     pub(super) name: String,
     role: &'static str,
+    /// The pool's client, for connections outside the pool.
+    client: redis::Client,
     pool: r2d2::Pool<Manager>,
     breaker: Breaker,
 }
@@ -117,13 +119,13 @@ impl Endpoint {
         cfg: &RedisConfig,
     ) -> Result<Endpoint, StoreError> {
         let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("bad redis URL for {role}: {e}")))?;
+            .map_err(|e| StoreError::Setup(format!("bad redis URL for {role}: {e}")))?;
         let name = match &client.get_connection_info().addr() {
             redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
             other => other.to_string(),
         };
         let manager = Manager {
-            client,
+            client: client.clone(),
             connect_timeout: cfg.connect_timeout,
             read_timeout: cfg.read_timeout,
             write_timeout: cfg.write_timeout,
@@ -141,6 +143,7 @@ impl Endpoint {
         Ok(Endpoint {
             name,
             role,
+            client,
             pool,
             breaker: Breaker {
                 failures: AtomicU32::new(0),
@@ -167,20 +170,16 @@ impl Endpoint {
         work: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
         if !self.breaker.allow() {
-            return Err(StoreError::Unavailable(format!(
-                "redis {} {} skipped (circuit open)",
-                self.role, self.name
-            )));
+            return Err(StoreError::CircuitOpen {
+                server: self.server(),
+            });
         }
         let result = match self.pool.get() {
-            Ok(mut conn) => work(&mut conn).map_err(|e| {
-                let endpoint_failed = e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal();
-                (e.to_string(), endpoint_failed)
+            Ok(mut conn) => work(&mut conn).map_err(|e| error_of(self.server(), &e)),
+            Err(e) => Err(StoreError::Unavailable {
+                server: self.server(),
+                detail: format!("no connection: {e}"),
             }),
-            Err(e) => Err((format!("no connection: {e}"), true)),
         };
         match result {
             Ok(v) => {
@@ -189,18 +188,99 @@ impl Endpoint {
                 }
                 Ok(v)
             }
-            Err((why, endpoint_failed)) => {
-                if endpoint_failed && self.breaker.failure() {
-                    warn!(
-                        "redis {} {} failing ({why}); skipping it for {:?}",
-                        self.role, self.name, self.breaker.open_for
-                    );
+            Err(e) => {
+                // The server failed (not the command): it counts against the breaker.
+                if let StoreError::Timeout { detail, .. } | StoreError::Unavailable { detail, .. } =
+                    &e
+                {
+                    if self.breaker.failure() {
+                        warn!(
+                            "redis {} {} failing ({detail}); skipping it for {:?}",
+                            self.role, self.name, self.breaker.open_for
+                        );
+                    }
                 }
-                Err(StoreError::Unavailable(format!(
-                    "redis {} {}: {why}",
-                    self.role, self.name
-                )))
+                Err(e)
             }
         }
+    }
+
+    /// How errors name this server: role and address (`redis master 127.0.0.1:6379`).
+    pub(super) fn server(&self) -> String {
+        format!("redis {} {}", self.role, self.name)
+    }
+
+    /// A client for this server's URL, for a connection of its own outside the pool
+    /// (the fill subscriber's).
+    pub(super) fn client(&self) -> redis::Client {
+        self.client.clone()
+    }
+}
+
+/// The kind of a redis error seen on `server`: a timeout or a failed connection is the
+/// server's (these count against its breaker); a reply Echo cannot read is a decode
+/// error; anything else is Redis refusing the command, with its text.
+fn error_of(server: String, e: &redis::RedisError) -> StoreError {
+    let detail = e.to_string();
+    if e.is_timeout() {
+        StoreError::Timeout { server, detail }
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        StoreError::Unavailable { server, detail }
+    } else if matches!(
+        e.kind(),
+        redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
+    ) {
+        StoreError::Decode { server, detail }
+    } else {
+        StoreError::Redis { server, detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn redis_errors_are_mapped_to_kinds_and_keep_their_text() {
+        let server = || "redis master 127.0.0.1:6379".to_string();
+        let io_error = |kind: io::ErrorKind| redis::RedisError::from(io::Error::new(kind, "x"));
+        for kind in [io::ErrorKind::TimedOut, io::ErrorKind::WouldBlock] {
+            assert!(matches!(
+                error_of(server(), &io_error(kind)),
+                StoreError::Timeout { .. }
+            ));
+        }
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+        ] {
+            assert!(matches!(
+                error_of(server(), &io_error(kind)),
+                StoreError::Unavailable { .. }
+            ));
+        }
+        let wrong_type =
+            redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "not a string"));
+        assert!(matches!(
+            error_of(server(), &wrong_type),
+            StoreError::Decode { .. }
+        ));
+        let oom = redis::make_extension_error(
+            "OOM".into(),
+            Some("command not allowed when used memory > 'maxmemory'.".into()),
+        );
+        let e = error_of(server(), &oom);
+        assert!(matches!(e, StoreError::Redis { .. }), "{e:?}");
+        // The reply's text is kept, after the server's name.
+        let text = e.to_string();
+        assert!(
+            text.starts_with("store unavailable: redis master 127.0.0.1:6379: ")
+                && text.contains("OOM")
+                && text.contains("maxmemory"),
+            "{text}"
+        );
     }
 }

@@ -89,12 +89,11 @@ pub(super) struct FillLocks {
 }
 
 impl FillLocks {
-    /// Starts the subscriber thread, on its own connection to the master (`name` is the
-    /// master's `host:port`, for logs).
-    pub(super) fn start(cfg: &RedisConfig, name: &str) -> Result<FillLocks, StoreError> {
+    /// Starts the subscriber thread, on its own connection to `master`.
+    pub(super) fn start(cfg: &RedisConfig, master: &Endpoint) -> Result<FillLocks, StoreError> {
         Ok(FillLocks {
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
-            listener: FillListener::start(cfg, name)?,
+            listener: FillListener::start(cfg, master)?,
         })
     }
 
@@ -326,14 +325,12 @@ struct FillListener {
 }
 
 impl FillListener {
-    fn start(cfg: &RedisConfig, name: &str) -> Result<FillListener, StoreError> {
-        let client = redis::Client::open(cfg.master.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("bad redis URL for master: {e}")))?;
+    fn start(cfg: &RedisConfig, master: &Endpoint) -> Result<FillListener, StoreError> {
         let waiters = Arc::new(FillWaiters::default());
         let (stop_tx, stop) = crossbeam_channel::bounded(0);
         let subscriber = FillSubscriber {
-            client,
-            name: name.to_string(),
+            client: master.client(),
+            name: master.name.clone(),
             connect_timeout: cfg.connect_timeout,
             write_timeout: cfg.write_timeout,
             waiters: Arc::clone(&waiters),
@@ -342,7 +339,7 @@ impl FillListener {
         std::thread::Builder::new()
             .name("echo-fill-subscriber".into())
             .spawn(move || subscriber.run())
-            .map_err(|e| StoreError::Unavailable(format!("cannot start fill subscriber: {e}")))?;
+            .map_err(|e| StoreError::Setup(format!("cannot start fill subscriber: {e}")))?;
         Ok(FillListener {
             waiters,
             _stop: stop_tx,

@@ -113,7 +113,7 @@ impl RedisStore {
             .iter()
             .map(|url| Endpoint::new(url, "replica", cfg))
             .collect::<Result<Vec<_>, _>>()?;
-        let fills = FillLocks::start(cfg, &master.name)?;
+        let fills = FillLocks::start(cfg, &master)?;
         Ok(RedisStore {
             master,
             replicas,
@@ -150,9 +150,13 @@ impl RedisStore {
         }
         match self.master.run(command) {
             Ok(v) => Ok(v),
-            Err(e) => Err(last_error.map_or(e.clone(), |r| {
-                StoreError::Unavailable(format!("{e}; and {r}"))
-            })),
+            Err(e) => Err(match last_error {
+                Some(r) => StoreError::AllFailed {
+                    master: Box::new(e),
+                    replica: Box::new(r),
+                },
+                None => e,
+            }),
         }
     }
 
