@@ -284,9 +284,9 @@ pub fn start_on(
                     redis,
                     cfg.cache.max_variants,
                     cfg.invalidation.ban_ttl,
+                    cfg.cache.max_stale,
                 )
-                .map_err(|e| io::Error::other(e.to_string()))?
-                .with_max_stale(cfg.cache.max_stale),
+                .map_err(|e| io::Error::other(e.to_string()))?,
             )
         }
     };

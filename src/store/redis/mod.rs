@@ -101,11 +101,15 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// `ban_ttl`: how long an invalidation is remembered against fills that began before it.
+    /// `ban_ttl`: how long an invalidation is remembered against fills that began before
+    /// it (`invalidation.ban_ttl_ms`). `max_stale`: entries are kept long enough to be
+    /// served stale as their `stale-while-revalidate` / `stale-if-error` allow, up to this
+    /// (`cache.max_stale_ms`).
     pub fn new(
         cfg: &RedisConfig,
         max_variants: usize,
         ban_ttl: Duration,
+        max_stale: Duration,
     ) -> Result<RedisStore, StoreError> {
         let master = Endpoint::new(&cfg.master, "master", cfg)?;
         let replicas = cfg
@@ -126,7 +130,10 @@ impl RedisStore {
             wait_timeout: cfg.wait_timeout,
             read_timeout: cfg.read_timeout,
             scan_count: cfg.scan_count,
-            stale_options: policy::PolicyOptions::default(),
+            stale_options: policy::PolicyOptions {
+                max_stale,
+                ..policy::PolicyOptions::default()
+            },
             fills,
         })
     }
@@ -224,13 +231,6 @@ fn glob_escape(s: &str) -> String {
 }
 
 impl RedisStore {
-    /// Keeps entries long enough to be served stale as their `stale-while-revalidate` /
-    /// `stale-if-error` allow, up to `max_stale` (cache.max_stale_ms).
-    pub fn with_max_stale(mut self, max_stale: Duration) -> RedisStore {
-        self.stale_options.max_stale = max_stale;
-        self
-    }
-
     /// How long Redis keeps a key's variants: the longest remaining usable life (freshness
     /// plus the stale window its fields allow) plus the margin, at least one second.
     fn ttl(&self, variants: &[Arc<Entry>], now: SystemTime) -> Duration {
