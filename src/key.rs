@@ -27,24 +27,24 @@ impl CacheKey {
     }
 
     /// Reads a key back from its string form (as stores and invalidation hold it).
-    pub fn parse(full: &str) -> Option<CacheKey> {
+    pub(crate) fn parse(full: &str) -> Option<CacheKey> {
         let (host, target) = split_key(full)?;
         let scheme = full.split("://").next()?;
         Some(CacheKey::new(scheme, host, target))
     }
 
     /// The host part, e.g. `example.com`.
-    pub fn host(&self) -> &str {
+    pub(crate) fn host(&self) -> &str {
         split_key(&self.full).map_or("", |(h, _)| h)
     }
 
     /// The whole key, e.g. `http://example.com/a?b`.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.full
     }
 
     /// The request target part, e.g. `/a?b`.
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         &self.full[self.target_at..]
     }
 }

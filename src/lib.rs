@@ -8,13 +8,13 @@
 pub mod access_log;
 pub mod admin;
 pub mod admin_client;
-pub mod body_file;
+pub(crate) mod body_file;
 pub mod coalesce;
 pub mod config;
 pub mod http;
 pub mod invalidate;
 pub mod invalidation;
-pub mod invalidator;
+pub(crate) mod invalidator;
 pub mod key;
 pub mod live;
 pub mod metrics;

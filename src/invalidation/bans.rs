@@ -17,15 +17,15 @@ use super::Matcher;
 use crate::key::split_key;
 
 /// Most invalidations remembered against older fills (see [`Bans`]).
-pub const MAX_BANS: usize = 1024;
+pub(crate) const MAX_BANS: usize = 1024;
 /// Most bytes of ban sources remembered (patterns, hosts and tags, with their overhead).
-pub const MAX_BAN_BYTES: usize = 1 << 20;
+pub(crate) const MAX_BAN_BYTES: usize = 1 << 20;
 
 /// One remembered invalidation: its generation and its source (pattern, host, tag),
 /// never its compiled regex. Compiling is the rare path: only a fill that began before
 /// the ban and finished after it is checked against it.
 #[derive(Debug)]
-pub struct Ban {
+pub(crate) struct Ban {
     generation: u64,
     at: Instant,
     pattern: Option<String>,
@@ -55,7 +55,7 @@ impl Ban {
     }
 
     /// Does this ban name the entry stored under `key` with `tags`?
-    pub fn names(&self, key: &str, tags: &[String]) -> bool {
+    pub(crate) fn names(&self, key: &str, tags: &[String]) -> bool {
         ban_names(
             self.pattern.as_deref(),
             self.host.as_deref(),
@@ -70,7 +70,7 @@ impl Ban {
 /// `tags`? The host and the tag are compared first; the pattern is compiled only when
 /// they pass. A source that no longer compiles (a later Echo with other limits) is
 /// taken to name everything: refusing a fill costs a miss, storing it could resurrect.
-pub fn ban_names(
+pub(crate) fn ban_names(
     pattern: Option<&str>,
     host: Option<&str>,
     tag: Option<&str>,
@@ -91,7 +91,7 @@ pub fn ban_names(
 
 /// What a fill that began at some generation must be checked against before it stores.
 #[derive(Debug)]
-pub enum BanCheck {
+pub(crate) enum BanCheck {
     /// No invalidation since the fill began: store.
     Clear,
     /// These invalidations came after the fill began: check them (with no lock held:
@@ -108,7 +108,7 @@ pub enum BanCheck {
 /// Bounded: at most [`MAX_BANS`] bans and [`MAX_BAN_BYTES`] bytes of their sources.
 /// Beyond either, the oldest are forgotten early, conservatively: a fill older than a
 /// forgotten ban is refused, never checked against less than it must be.
-pub struct Bans {
+pub(crate) struct Bans {
     ttl: Duration,
     generation: u64,
     bans: VecDeque<Arc<Ban>>,
@@ -119,7 +119,7 @@ pub struct Bans {
 }
 
 impl Bans {
-    pub fn new(ttl: Duration) -> Bans {
+    pub(crate) fn new(ttl: Duration) -> Bans {
         Bans {
             ttl,
             generation: 0,
@@ -129,17 +129,18 @@ impl Bans {
         }
     }
 
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
     /// How many bans are remembered, and the bytes of their sources.
-    pub fn remembered(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> (usize, usize) {
         (self.bans.len(), self.bytes)
     }
 
     /// Records a ban of what `matcher` names; returns its generation.
-    pub fn add(&mut self, matcher: &Matcher) -> u64 {
+    pub(crate) fn add(&mut self, matcher: &Matcher) -> u64 {
         self.generation += 1;
         let ban = Ban::new(self.generation, matcher);
         self.bytes += ban.bytes();
@@ -164,7 +165,7 @@ impl Bans {
     /// What an entry from a fill that started at generation `since` must be checked
     /// against before it is stored. Cheap: no regex is compiled here, so a store can
     /// call it under its lock and check the bans after releasing it.
-    pub fn since(&mut self, since: u64) -> BanCheck {
+    pub(crate) fn since(&mut self, since: u64) -> BanCheck {
         if since >= self.generation {
             return BanCheck::Clear;
         }

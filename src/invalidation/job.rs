@@ -67,23 +67,23 @@ pub struct Progress {
 
 impl Progress {
     /// The job starts now, with `budget` to finish in.
-    pub fn start(&self, budget: Duration) {
+    pub(crate) fn start(&self, budget: Duration) {
         if let Some(deadline) = Instant::now().checked_add(budget) {
             let _ = self.deadline.set((deadline, budget));
         }
     }
 
     /// Asks the job to stop at its next check.
-    pub fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
 
     /// Ok while the job may go on; why it must stop otherwise.
-    pub fn check(&self) -> Result<(), Stop> {
+    pub(crate) fn check(&self) -> Result<(), Stop> {
         if self.is_cancelled() {
             return Err(Stop::Cancelled);
         }
@@ -128,14 +128,14 @@ const CHECK_EVERY_BYTES: usize = 4096;
 /// A scan's check of its job: [`Checkpoint::key`] before each key, which consults the
 /// [`Progress`] every [`CHECK_EVERY_KEYS`] keys or [`CHECK_EVERY_BYTES`] bytes of keys,
 /// whichever comes first (a clock read per key would cost more than most matches).
-pub struct Checkpoint<'a> {
+pub(crate) struct Checkpoint<'a> {
     progress: &'a Progress,
     keys: u32,
     bytes: usize,
 }
 
 impl<'a> Checkpoint<'a> {
-    pub fn new(progress: &'a Progress) -> Checkpoint<'a> {
+    pub(crate) fn new(progress: &'a Progress) -> Checkpoint<'a> {
         Checkpoint {
             progress,
             keys: 0,
@@ -144,7 +144,7 @@ impl<'a> Checkpoint<'a> {
     }
 
     /// A key of `len` bytes is next: Err when the job must stop before it.
-    pub fn key(&mut self, len: usize) -> Result<(), Stop> {
+    pub(crate) fn key(&mut self, len: usize) -> Result<(), Stop> {
         self.keys += 1;
         self.bytes += len;
         if self.keys < CHECK_EVERY_KEYS && self.bytes < CHECK_EVERY_BYTES {
@@ -173,7 +173,7 @@ pub struct JobOutcome {
 }
 
 /// Sample size returned by dry runs.
-pub const SAMPLE: usize = 10;
+pub(crate) const SAMPLE: usize = 10;
 
 #[cfg(test)]
 mod tests {

@@ -15,7 +15,7 @@ use regex::Regex;
 use crate::key::split_key;
 
 /// Longest pattern accepted, in bytes.
-pub const MAX_PATTERN_BYTES: usize = 4096;
+pub(crate) const MAX_PATTERN_BYTES: usize = 4096;
 /// Compiled-regex size limit (the regex's NFA): a pattern over it is refused. At 256 KiB
 /// a pattern compiles in about 2 ms at most (1 MiB allowed 11 ms, and patterns like
 /// `(?:.{0,30}a){0,30}Q`), and ordinary ones stay far below it (`^/orgs/\d+/` fits in
@@ -119,11 +119,11 @@ impl Matcher {
         self.regex.as_ref().map(|r| r.as_str())
     }
 
-    pub fn host(&self) -> Option<&str> {
+    pub(crate) fn host(&self) -> Option<&str> {
         self.host.as_deref()
     }
 
-    pub fn tag(&self) -> Option<&str> {
+    pub(crate) fn tag(&self) -> Option<&str> {
         self.tag.as_deref()
     }
 
@@ -145,7 +145,7 @@ impl Matcher {
     }
 
     /// Does an entry with these tags match the tag part?
-    pub fn matches_tags(&self, tags: &[String]) -> bool {
+    pub(crate) fn matches_tags(&self, tags: &[String]) -> bool {
         self.tag
             .as_ref()
             .is_none_or(|t| tags.iter().any(|x| x == t))
@@ -161,7 +161,7 @@ impl Matcher {
     /// ordinary pattern asks for. `^`, `.`, `/`, `^/`, `a|.` match both; `^/orgs/` and
     /// `^/$` do not. A pattern that matches both probes without matching everything
     /// (`^/(?:$|~)`) also needs `all`: refusing is the safe side.
-    pub fn matches_every_target(&self) -> bool {
+    pub(crate) fn matches_every_target(&self) -> bool {
         if self.tag.is_some() {
             return false;
         }

@@ -10,6 +10,10 @@ mod bans;
 mod job;
 mod matcher;
 
-pub use bans::{ban_names, Ban, BanCheck, Bans, MAX_BANS, MAX_BAN_BYTES};
-pub use job::{Checkpoint, Job, JobOutcome, Mode, Progress, Stop, SAMPLE};
-pub use matcher::{BadRequest, Matcher, MAX_PATTERN_BYTES};
+pub(crate) use bans::{ban_names, BanCheck, Bans};
+pub(crate) use job::{Checkpoint, SAMPLE};
+pub use job::{Job, JobOutcome, Mode, Progress, Stop};
+/// The tests of the bans and of the invalidator build patterns of the longest length.
+#[cfg(test)]
+pub(crate) use matcher::MAX_PATTERN_BYTES;
+pub use matcher::{BadRequest, Matcher};

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::Receiver;
 
 /// Moved below `http` and `store` (issue 14); this path stays until the final cleanup.
-pub use crate::body_file;
+pub(crate) use crate::body_file;
 use crate::http::Headers;
 use crate::invalidation::{Job, JobOutcome, Progress};
 use crate::key::CacheKey;
@@ -54,7 +54,7 @@ pub struct Entry {
 impl Entry {
     /// Approximate bytes this entry occupies, for the memory bound: what its body holds
     /// allocated, not only what it uses, so slack in a buffer cannot escape the bound.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         let headers: usize = self
             .headers
             .iter()
@@ -73,17 +73,9 @@ impl Entry {
         body + headers + vary + tags + std::mem::size_of::<Entry>()
     }
 
-    /// The body's length, wherever it is.
-    pub fn body_len(&self) -> u64 {
-        match &self.file {
-            Some(f) => f.len(),
-            None => self.body.len() as u64,
-        }
-    }
-
     /// The same entry with its body moved into a memfd when it is large enough and a
     /// file can be had (else unchanged).
-    pub fn with_body_in_file(entry: Arc<Entry>) -> Arc<Entry> {
+    pub(crate) fn with_body_in_file(entry: Arc<Entry>) -> Arc<Entry> {
         if entry.file.is_some() || entry.body.len() < body_file::MIN_BYTES {
             return entry;
         }
@@ -105,7 +97,7 @@ impl Entry {
 
     /// The variants under one key are told apart by the Vary field names and the
     /// request's values for them.
-    pub fn same_variant(&self, other: &Entry) -> bool {
+    pub(crate) fn same_variant(&self, other: &Entry) -> bool {
         self.vary == other.vary
     }
 }
@@ -113,7 +105,7 @@ impl Entry {
 /// Makes room in `variants` for `new`: drops the variant it replaces, every variant stored
 /// under a different set of Vary fields (the origin changed its Vary), and the oldest
 /// ones beyond `max_variants - 1` (e.g. `Vary: User-Agent`). The caller then pushes `new`.
-pub fn merge_variant(variants: &mut Vec<Arc<Entry>>, max_variants: usize, new: &Entry) {
+pub(crate) fn merge_variant(variants: &mut Vec<Arc<Entry>>, max_variants: usize, new: &Entry) {
     let fields = |e: &Entry| e.vary.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     let new_fields = fields(new);
     variants.retain(|v| !v.same_variant(new) && fields(v) == new_fields);
@@ -262,7 +254,7 @@ pub struct FillWaiter {
 
 impl FillWaiter {
     /// A waiter nothing will wake: `wait` returns false at once.
-    pub fn none() -> FillWaiter {
+    pub(crate) fn none() -> FillWaiter {
         FillWaiter {
             woken: None,
             _registration: None,
@@ -270,7 +262,7 @@ impl FillWaiter {
     }
 
     /// A waiter woken by a message on `woken`; `registration` is dropped with it.
-    pub fn new(woken: Receiver<()>, registration: impl Send + 'static) -> FillWaiter {
+    pub(crate) fn new(woken: Receiver<()>, registration: impl Send + 'static) -> FillWaiter {
         FillWaiter {
             woken: Some(woken),
             _registration: Some(Box::new(registration)),
@@ -298,7 +290,7 @@ impl fmt::Debug for FillWaiter {
 
 /// The entries of `variants` marked stale: same response, no freshness left, so the next
 /// use revalidates with the origin.
-pub fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
+pub(crate) fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
     variants
         .iter()
         .map(|e| {
@@ -312,13 +304,16 @@ pub fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
 
 /// A store that times every operation and counts its errors
 /// (`echo_store_operation_duration_seconds`, `echo_store_errors_total`).
-pub struct Instrumented {
+pub(crate) struct Instrumented {
     inner: Arc<dyn Store>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Instrumented {
-    pub fn new(inner: Arc<dyn Store>, metrics: Arc<crate::metrics::Metrics>) -> Instrumented {
+    pub(crate) fn new(
+        inner: Arc<dyn Store>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Instrumented {
         // Every series exists from the start (at 0), so alerts on rates see it.
         for op in [
             "get",

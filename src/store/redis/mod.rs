@@ -40,7 +40,7 @@ pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
 
 /// Every key Echo writes starts with this: namespaced, and versioned with the codec.
-pub const KEY_PREFIX: &str = "echo:v1:";
+const KEY_PREFIX: &str = "echo:v1:";
 /// Entry keys: the prefix, then the readable cache key.
 const ENTRY_PREFIX: &str = "echo:v1:http";
 /// Tag index: one set of entry keys per `Surrogate-Key` tag.
