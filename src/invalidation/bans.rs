@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Matcher;
+use super::matcher::Matcher;
 use crate::key::split_key;
 
 /// Most invalidations remembered against older fills (see [`Bans`]).

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::Matcher;
+use super::matcher::Matcher;
 
 /// What happens to matching entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

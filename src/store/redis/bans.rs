@@ -13,8 +13,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::endpoint::Endpoint;
-use super::millis;
+use super::endpoint::{millis, Endpoint};
 use crate::invalidation::{ban_names, Matcher};
 use crate::store::StoreError;
 

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use super::millis;
 use crate::config::RedisConfig;
 use crate::store::StoreError;
 
@@ -99,6 +98,11 @@ impl Breaker {
         let until = self.now() + millis(self.open_for);
         self.open_until.swap(until.max(1), Ordering::AcqRel) == 0
     }
+}
+
+/// A duration in whole milliseconds, as Redis takes them (PX, PEXPIRE, WAIT).
+pub(super) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One Redis server: its pool and its breaker.

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, info, warn};
 
-use super::endpoint::Endpoint;
-use super::millis;
+use super::endpoint::{millis, Endpoint};
 use crate::config::RedisConfig;
 use crate::key::CacheKey;
 use crate::store::{FillWaiter, StoreError};

@@ -35,7 +35,7 @@ use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, 
 use crate::key::CacheKey;
 use crate::policy;
 use bans::GENERATION_KEY;
-use endpoint::Endpoint;
+use endpoint::{millis, Endpoint};
 pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
 
@@ -66,10 +66,6 @@ return -1
 /// The Redis key for a cache key.
 pub fn redis_key(key: &CacheKey) -> String {
     format!("{KEY_PREFIX}{}", key.as_str())
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What an MGET of an entry and the generation read. A value Echo cannot decode
