@@ -10,7 +10,8 @@
 //!   is skipped for `breaker_open` (no retry storm against a dead Redis), then one request
 //!   tries it again and a success closes it: caching resumes by itself. Only failures of
 //!   the server count (I/O, timeout, refused, dropped, no connection), not a reply error;
-//! - every call returns a [`StoreError`], never a redis error.
+//! - every call returns a [`StoreError`], never a redis error: this is the one place
+//!   redis errors are turned into kinds (timeout, unavailable, decode, a Redis reply).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
