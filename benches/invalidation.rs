@@ -36,7 +36,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use echo::config::{Config, RedisConfig};
-use echo::invalidate::{Job, Matcher, Mode, Outcome, Progress};
+use echo::invalidation::{Job, JobOutcome as Outcome, Matcher, Mode, Progress};
 use echo::key::CacheKey;
 use echo::store::memory::MemoryStore;
 use echo::store::redis::{redis_key, RedisStore};
@@ -398,7 +398,9 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
     .expect("bench config")
     .redis
     .expect("[redis]");
-    let store = RedisStore::new(&cfg, 4, Duration::from_secs(60)).expect("redis store");
+    // max_stale: cache.max_stale_ms's default (1 h), what the store assumed before.
+    let store = RedisStore::new(&cfg, 4, Duration::from_secs(60), Duration::from_secs(3600))
+        .expect("redis store");
     let value = codec::encode(&[entry()]);
 
     header(&format!(

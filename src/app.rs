@@ -303,9 +303,9 @@ pub fn start_on(
                     redis,
                     cfg.cache.max_variants,
                     cfg.invalidation.ban_ttl,
+                    cfg.cache.max_stale,
                 )
-                .map_err(StartError::Store)?
-                .with_max_stale(cfg.cache.max_stale),
+                .map_err(StartError::Store)?,
             )
         }
     };

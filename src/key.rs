@@ -5,6 +5,10 @@
 //! Invariants: the host is already lower-cased and stripped of a default port by the
 //! parser, so equivalent authorities share entries; the target is kept byte for byte
 //! (normalising percent-encoding could merge resources the origin tells apart).
+//!
+//! The key's string form is Echo's own format, so it is read back here too
+//! ([`split_key`], [`CacheKey::parse`]): by stores, invalidation and bans alike. This
+//! module imports nothing else from Echo.
 
 use std::fmt;
 
@@ -23,26 +27,35 @@ impl CacheKey {
     }
 
     /// Reads a key back from its string form (as stores and invalidation hold it).
-    pub fn parse(full: &str) -> Option<CacheKey> {
-        let (host, target) = crate::invalidate::split_key(full)?;
+    pub(crate) fn parse(full: &str) -> Option<CacheKey> {
+        let (host, target) = split_key(full)?;
         let scheme = full.split("://").next()?;
         Some(CacheKey::new(scheme, host, target))
     }
 
     /// The host part, e.g. `example.com`.
-    pub fn host(&self) -> &str {
-        crate::invalidate::split_key(&self.full).map_or("", |(h, _)| h)
+    pub(crate) fn host(&self) -> &str {
+        split_key(&self.full).map_or("", |(h, _)| h)
     }
 
     /// The whole key, e.g. `http://example.com/a?b`.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.full
     }
 
     /// The request target part, e.g. `/a?b`.
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         &self.full[self.target_at..]
     }
+}
+
+/// `http://host/target` → (host, target).
+pub fn split_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key
+        .strip_prefix("http://")
+        .or_else(|| key.strip_prefix("https://"))?;
+    let slash = rest.find('/')?;
+    Some((&rest[..slash], &rest[slash..]))
 }
 
 impl fmt::Display for CacheKey {

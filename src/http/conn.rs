@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use rustix::net::{SendAncillaryBuffer, SendFlags};
 
-use crate::store::body_file::BodyFile;
+use crate::body_file::BodyFile;
 
 /// Reads start with this much buffer; it grows on demand up to the connection's limit.
 const INITIAL_BUFFER: usize = 4096;

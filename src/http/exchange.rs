@@ -19,7 +19,7 @@ use super::body::BodyState;
 use super::conn::Conn;
 use super::response::{self, BodyLength, Framing};
 use super::{Request, Version};
-use crate::store::body_file::BodyFile;
+use crate::body_file::BodyFile;
 
 /// Body bytes left over after a handler, read and discarded to keep the connection.
 const DRAIN_BUDGET: u64 = 64 * 1024;

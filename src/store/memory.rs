@@ -3,7 +3,7 @@
 //! variants per key.
 //!
 //! Invalidation bans what it names (so an older fill cannot store it again, see
-//! `invalidate::Bans`), then walks an ordered index of the keys a chunk at a time: it
+//! `invalidation::Bans`), then walks an ordered index of the keys a chunk at a time: it
 //! takes the lock to copy the next chunk of keys (reference-count bumps: keys are
 //! `Arc<str>`), matches them with no lock held, and applies its mode to the matches in
 //! small batches, each under the lock briefly (tags are checked there: they live on the
@@ -27,7 +27,9 @@ use std::time::Duration;
 use lru::LruCache;
 
 use super::{Entry, Lookup, Store, StoreError};
-use crate::invalidate::{BanCheck, Bans, Checkpoint, Job, Mode, Outcome, Progress, SAMPLE};
+use crate::invalidation::{
+    BanCheck, Bans, Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, SAMPLE,
+};
 use crate::key::CacheKey;
 
 /// Rounds of ban checks a `put` makes before giving up on storing (see `put`).
@@ -89,7 +91,7 @@ impl Inner {
 /// `Matcher::matches_key` takes only `http://` and `https://` keys and compares their
 /// host exactly (a range may hold other hosts that share the prefix: the matcher drops
 /// them).
-fn key_ranges(matcher: &crate::invalidate::Matcher) -> Vec<String> {
+fn key_ranges(matcher: &Matcher) -> Vec<String> {
     match matcher.host() {
         Some(host) => {
             let target = matcher.prefix().unwrap_or("");
@@ -209,13 +211,13 @@ impl Store for MemoryStore {
         Ok(self.lock().take(key.as_str()).map_or(0, |old| old.len()))
     }
 
-    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
         // The ban first: every entry is either present when the walk passes its key, or
         // stored after the ban (and checked against it).
         if !job.dry_run {
             self.lock().bans.add(&job.matcher);
         }
-        let mut outcome = Outcome::default();
+        let mut outcome = JobOutcome::default();
         let mut batch: Vec<Arc<str>> = Vec::with_capacity(BATCH);
         let mut checkpoint = Checkpoint::new(progress);
         for prefix in key_ranges(&job.matcher) {
@@ -255,7 +257,7 @@ impl MemoryStore {
     /// Applies a job to keys whose pattern and host matched, under the lock: those still
     /// stored whose tags match too are counted, sampled, and deleted, marked stale or
     /// listed for refresh. A key gone meanwhile (evicted, deleted) is skipped.
-    fn apply(&self, job: &Job, keys: &[Arc<str>], outcome: &mut Outcome, progress: &Progress) {
+    fn apply(&self, job: &Job, keys: &[Arc<str>], outcome: &mut JobOutcome, progress: &Progress) {
         if keys.is_empty() {
             return;
         }
@@ -381,7 +383,7 @@ mod tests {
 
     fn job(pattern: &str, mode: Mode, dry_run: bool) -> Job {
         Job {
-            matcher: Arc::new(crate::invalidate::Matcher::new(Some(pattern), None, None).unwrap()),
+            matcher: Arc::new(Matcher::new(Some(pattern), None, None).unwrap()),
             mode,
             dry_run,
         }
@@ -502,9 +504,7 @@ mod tests {
         assert_eq!(all.matched, n as u64 + 3);
         assert_eq!(progress.scanned.load(Ordering::Relaxed), n as u64 + 3);
         let on_a = Job {
-            matcher: Arc::new(
-                crate::invalidate::Matcher::new(Some("^/k/1"), Some("a"), None).unwrap(),
-            ),
+            matcher: Arc::new(Matcher::new(Some("^/k/1"), Some("a"), None).unwrap()),
             mode: Mode::Delete,
             dry_run: false,
         };

@@ -11,7 +11,6 @@
 //! Invariants: a store never fails a request: errors are returned for the caller to
 //! treat as a miss; entries are immutable once stored (shared as `Arc`).
 
-pub mod body_file;
 pub mod codec;
 pub mod memory;
 pub mod redis;
@@ -22,8 +21,10 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Receiver;
 
+/// Moved below `http` and `store` (issue 14); this path stays until the final cleanup.
+pub(crate) use crate::body_file;
 use crate::http::Headers;
-use crate::invalidate::{Job, Outcome, Progress};
+use crate::invalidation::{Job, JobOutcome, Progress};
 use crate::key::CacheKey;
 use crate::policy::VarySnapshot;
 
@@ -53,7 +54,7 @@ pub struct Entry {
 impl Entry {
     /// Approximate bytes this entry occupies, for the memory bound: what its body holds
     /// allocated, not only what it uses, so slack in a buffer cannot escape the bound.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         let headers: usize = self
             .headers
             .iter()
@@ -72,17 +73,9 @@ impl Entry {
         body + headers + vary + tags + std::mem::size_of::<Entry>()
     }
 
-    /// The body's length, wherever it is.
-    pub fn body_len(&self) -> u64 {
-        match &self.file {
-            Some(f) => f.len(),
-            None => self.body.len() as u64,
-        }
-    }
-
     /// The same entry with its body moved into a memfd when it is large enough and a
     /// file can be had (else unchanged).
-    pub fn with_body_in_file(entry: Arc<Entry>) -> Arc<Entry> {
+    pub(crate) fn with_body_in_file(entry: Arc<Entry>) -> Arc<Entry> {
         if entry.file.is_some() || entry.body.len() < body_file::MIN_BYTES {
             return entry;
         }
@@ -104,7 +97,7 @@ impl Entry {
 
     /// The variants under one key are told apart by the Vary field names and the
     /// request's values for them.
-    pub fn same_variant(&self, other: &Entry) -> bool {
+    pub(crate) fn same_variant(&self, other: &Entry) -> bool {
         self.vary == other.vary
     }
 }
@@ -112,7 +105,7 @@ impl Entry {
 /// Makes room in `variants` for `new`: drops the variant it replaces, every variant stored
 /// under a different set of Vary fields (the origin changed its Vary), and the oldest
 /// ones beyond `max_variants - 1` (e.g. `Vary: User-Agent`). The caller then pushes `new`.
-pub fn merge_variant(variants: &mut Vec<Arc<Entry>>, max_variants: usize, new: &Entry) {
+pub(crate) fn merge_variant(variants: &mut Vec<Arc<Entry>>, max_variants: usize, new: &Entry) {
     let fields = |e: &Entry| e.vary.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     let new_fields = fields(new);
     variants.retain(|v| !v.same_variant(new) && fields(v) == new_fields);
@@ -122,15 +115,53 @@ pub fn merge_variant(variants: &mut Vec<Arc<Entry>>, max_variants: usize, new: &
     }
 }
 
+/// Why a store call failed. The request path treats every kind alike (a miss, a write
+/// skipped), but each says what went wrong, for callers that match on it and for logs.
+/// `server` names the Redis server (`redis master 127.0.0.1:6379`: role and address,
+/// never the URL, which may carry a password). The messages read as they always have
+/// (`store unavailable: ...`): `/health` shows them and operators grep for them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
-    Unavailable(String),
+    /// A call did not finish within its connect, read or write timeout.
+    Timeout { server: String, detail: String },
+    /// The server could not be used: connection refused, dropped or broken, or no pooled
+    /// connection within the checkout timeout.
+    Unavailable { server: String, detail: String },
+    /// The server was skipped: its circuit breaker is open after failures in a row.
+    CircuitOpen { server: String },
+    /// A reply Echo could not read (of another type than asked, unparsable), or a value
+    /// it could not write.
+    Decode { server: String, detail: String },
+    /// Redis refused the command with an error reply (READONLY, OOM, NOSCRIPT, ...):
+    /// `detail` is its text.
+    Redis { server: String, detail: String },
+    /// A read failed on every server it may use: the master's error (tried last), and
+    /// the last replica's.
+    AllFailed {
+        master: Box<StoreError>,
+        replica: Box<StoreError>,
+    },
+    /// The store could not be set up (a URL that does not parse, a thread that would not
+    /// start).
+    Setup(String),
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Timeout { server, detail }
+            | StoreError::Unavailable { server, detail }
+            | StoreError::Decode { server, detail }
+            | StoreError::Redis { server, detail } => {
+                write!(f, "store unavailable: {server}: {detail}")
+            }
+            StoreError::CircuitOpen { server } => {
+                write!(f, "store unavailable: {server} skipped (circuit open)")
+            }
+            StoreError::AllFailed { master, replica } => {
+                write!(f, "store unavailable: {master}; and {replica}")
+            }
+            StoreError::Setup(why) => write!(f, "store unavailable: {why}"),
         }
     }
 }
@@ -174,9 +205,9 @@ pub trait Store: Send + Sync {
     /// Runs one invalidation job: bans what it names (unless a dry run), then finds the
     /// matching entries and deletes them, marks them stale, or lists them for refresh.
     /// Checks `progress` as it goes (a `Checkpoint`, every few hundred keys) and stops at
-    /// the first check that fails, with `Outcome::stopped` saying why and the counts of
+    /// the first check that fails, with `JobOutcome::stopped` saying why and the counts of
     /// what it did. Never runs a pattern while holding a lock that lookups need.
-    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError>;
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError>;
 
     /// Tries to take the cluster-wide fill lock of `key` for `ttl` as `owner` (a unique id
     /// per fetch). True: this node fetches. Default (single-node stores): always true.
@@ -223,7 +254,7 @@ pub struct FillWaiter {
 
 impl FillWaiter {
     /// A waiter nothing will wake: `wait` returns false at once.
-    pub fn none() -> FillWaiter {
+    pub(crate) fn none() -> FillWaiter {
         FillWaiter {
             woken: None,
             _registration: None,
@@ -231,7 +262,7 @@ impl FillWaiter {
     }
 
     /// A waiter woken by a message on `woken`; `registration` is dropped with it.
-    pub fn new(woken: Receiver<()>, registration: impl Send + 'static) -> FillWaiter {
+    pub(crate) fn new(woken: Receiver<()>, registration: impl Send + 'static) -> FillWaiter {
         FillWaiter {
             woken: Some(woken),
             _registration: Some(Box::new(registration)),
@@ -259,7 +290,7 @@ impl fmt::Debug for FillWaiter {
 
 /// The entries of `variants` marked stale: same response, no freshness left, so the next
 /// use revalidates with the origin.
-pub fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
+pub(crate) fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
     variants
         .iter()
         .map(|e| {
@@ -273,13 +304,16 @@ pub fn mark_stale(variants: &[Arc<Entry>]) -> Vec<Arc<Entry>> {
 
 /// A store that times every operation and counts its errors
 /// (`echo_store_operation_duration_seconds`, `echo_store_errors_total`).
-pub struct Instrumented {
+pub(crate) struct Instrumented {
     inner: Arc<dyn Store>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Instrumented {
-    pub fn new(inner: Arc<dyn Store>, metrics: Arc<crate::metrics::Metrics>) -> Instrumented {
+    pub(crate) fn new(
+        inner: Arc<dyn Store>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Instrumented {
         // Every series exists from the start (at 0), so alerts on rates see it.
         for op in [
             "get",
@@ -334,7 +368,7 @@ impl Store for Instrumented {
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
         self.timed("remove", || self.inner.remove(key))
     }
-    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<Outcome, StoreError> {
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
         self.timed("invalidate", || self.inner.invalidate(job, progress))
     }
     fn lock_fill(&self, key: &CacheKey, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -355,5 +389,45 @@ impl Store for Instrumented {
     }
     fn fill_waiter(&self, key: &CacheKey) -> FillWaiter {
         self.inner.fill_waiter(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_read_as_they_did_before_they_had_kinds() {
+        let replica = || "redis replica 10.0.0.2:6380".to_string();
+        let timeout = StoreError::Timeout {
+            server: replica(),
+            detail: "timed out".into(),
+        };
+        assert_eq!(
+            timeout.to_string(),
+            "store unavailable: redis replica 10.0.0.2:6380: timed out"
+        );
+        let open = StoreError::CircuitOpen { server: replica() };
+        assert_eq!(
+            open.to_string(),
+            "store unavailable: redis replica 10.0.0.2:6380 skipped (circuit open)"
+        );
+        let everywhere = StoreError::AllFailed {
+            master: Box::new(StoreError::Unavailable {
+                server: "redis master 10.0.0.1:6379".into(),
+                detail: "no connection: refused".into(),
+            }),
+            replica: Box::new(open),
+        };
+        assert_eq!(
+            everywhere.to_string(),
+            "store unavailable: store unavailable: redis master 10.0.0.1:6379: no connection: \
+             refused; and store unavailable: redis replica 10.0.0.2:6380 skipped (circuit open)"
+        );
+        let setup = StoreError::Setup("bad redis URL for master: invalid".into());
+        assert_eq!(
+            setup.to_string(),
+            "store unavailable: bad redis URL for master: invalid"
+        );
     }
 }

@@ -25,7 +25,14 @@ fn node(master: &RedisServer) -> RedisStore {
         master.url()
     );
     let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    RedisStore::new(&cfg.redis.expect("[redis]"), 16, Duration::from_secs(60)).expect("redis store")
+    let max_stale = cfg.cache.max_stale;
+    RedisStore::new(
+        &cfg.redis.expect("[redis]"),
+        16,
+        Duration::from_secs(60),
+        max_stale,
+    )
+    .expect("redis store")
 }
 
 fn key(target: &str) -> CacheKey {

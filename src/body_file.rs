@@ -4,6 +4,9 @@
 //! bodies of at least [`MIN_BYTES`], while fewer than the budget exist ([`MAX_FILES`],
 //! or a sixteenth of the open-files limit if that is less).
 //!
+//! Below both `store` (which makes the files) and `http` (which sends them): it knows
+//! nothing of either, only bytes, descriptors and sockets.
+//!
 //! Invariants: the file is written once and sealed (no write, grow or shrink) before
 //! anyone can read it; readers use offsets (`sendfile` with an offset, `pread`), never
 //! the shared file position, so any number of threads send one file at once. Each file
@@ -20,17 +23,17 @@ use rustix::fs::{MemfdFlags, SealFlags};
 
 /// Bodies smaller than this are copied: a copy of a few KiB costs less than the
 /// extra system call and the descriptor.
-pub const MIN_BYTES: usize = 32 * 1024;
+pub(crate) const MIN_BYTES: usize = 32 * 1024;
 /// Files open at once, in the whole process: descriptors are shared with client and
 /// origin connections.
-pub const MAX_FILES: usize = 1024;
+pub(crate) const MAX_FILES: usize = 1024;
 
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 static BUDGET: AtomicUsize = AtomicUsize::new(MAX_FILES);
 
 /// Caps the files at `n` (never above [`MAX_FILES`]): Echo gives them a sixteenth of
 /// its open-files limit, so they cannot starve client connections of descriptors.
-pub fn set_budget(n: usize) {
+pub(crate) fn set_budget(n: usize) {
     BUDGET.store(n.min(MAX_FILES), Ordering::SeqCst);
 }
 
@@ -43,7 +46,7 @@ pub struct BodyFile {
 impl BodyFile {
     /// A sealed copy of `body`, or None when the cap is reached or the kernel refuses
     /// (the caller keeps the bytes in memory).
-    pub fn create(body: &[u8]) -> Option<BodyFile> {
+    pub(crate) fn create(body: &[u8]) -> Option<BodyFile> {
         if OPEN.fetch_add(1, Ordering::SeqCst) >= BUDGET.load(Ordering::SeqCst) {
             OPEN.fetch_sub(1, Ordering::SeqCst);
             return None;
@@ -73,18 +76,18 @@ impl BodyFile {
         Ok(file)
     }
 
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// One `sendfile` of the body from `offset` (moved on by what was sent) to `out`, a
     /// blocking socket whose send timeout bounds the call: `TimedOut` when it passes
     /// with nothing sent.
-    pub fn send_part(&self, out: &TcpStream, offset: &mut u64) -> io::Result<usize> {
+    pub(crate) fn send_part(&self, out: &TcpStream, offset: &mut u64) -> io::Result<usize> {
         let left = usize::try_from(self.len.saturating_sub(*offset)).unwrap_or(usize::MAX);
         match rustix::fs::sendfile(out, &self.file, Some(offset), left) {
             Ok(0) if left > 0 => Err(io::ErrorKind::WriteZero.into()),
@@ -98,7 +101,7 @@ impl BodyFile {
     }
 
     /// The body as bytes (for the rare reader that needs them: encoding, tests).
-    pub fn read(&self) -> io::Result<Vec<u8>> {
+    pub(crate) fn read(&self) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; usize::try_from(self.len).unwrap_or(0)];
         self.file.read_exact_at(&mut out, 0)?;
         Ok(out)
@@ -109,11 +112,6 @@ impl Drop for BodyFile {
     fn drop(&mut self) {
         OPEN.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Files open now (tests, metrics).
-pub fn open_files() -> usize {
-    OPEN.load(Ordering::SeqCst)
 }
 
 #[cfg(test)]

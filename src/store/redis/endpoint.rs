@@ -1,0 +1,291 @@
+//! One Redis server as the store uses it ([`Endpoint`]): an r2d2 pool of connections
+//! made with every timeout set, behind a circuit breaker.
+//!
+//! Invariants:
+//! - every connection has connect, read and write timeouts, and a pool checkout waits
+//!   at most `pool_timeout`; connections are not PINGed on checkout;
+//! - no connection is made up front or kept warm by background threads: a Redis that is
+//!   down at start-up does not stop Echo from starting;
+//! - each endpoint has a circuit breaker: after `breaker_failures` failures in a row it
+//!   is skipped for `breaker_open` (no retry storm against a dead Redis), then one request
+//!   tries it again and a success closes it: caching resumes by itself. Only failures of
+//!   the server count (I/O, timeout, refused, dropped, no connection), not a reply error;
+//! - every call returns a [`StoreError`], never a redis error: this is the one place
+//!   redis errors are turned into kinds (timeout, unavailable, decode, a Redis reply).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::config::RedisConfig;
+use crate::store::StoreError;
+
+/// Makes connections with every timeout set (the redis crate's own r2d2 manager
+/// connects without one), and defers validity checks to that manager.
+struct Manager {
+    client: redis::Client,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    write_timeout: Duration,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = redis::Connection;
+    type Error = redis::RedisError;
+
+    fn connect(&self) -> Result<redis::Connection, redis::RedisError> {
+        let conn = self
+            .client
+            .get_connection_with_timeout(self.connect_timeout)?;
+        conn.set_read_timeout(Some(self.read_timeout))?;
+        conn.set_write_timeout(Some(self.write_timeout))?;
+        Ok(conn)
+    }
+
+    fn is_valid(&self, conn: &mut redis::Connection) -> Result<(), redis::RedisError> {
+        r2d2::ManageConnection::is_valid(&self.client, conn)
+    }
+
+    fn has_broken(&self, conn: &mut redis::Connection) -> bool {
+        r2d2::ManageConnection::has_broken(&self.client, conn)
+    }
+}
+
+/// Skips an endpoint that keeps failing, and lets one request probe it again later.
+struct Breaker {
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` until which the endpoint is skipped; 0 = closed.
+    open_until: AtomicU64,
+    threshold: u32,
+    open_for: Duration,
+    epoch: Instant,
+}
+
+impl Breaker {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// May a request use the endpoint now? When the open period has passed, exactly one
+    /// caller gets through to probe it (and re-opens it for everyone else meanwhile).
+    fn allow(&self) -> bool {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now();
+        if now < until {
+            return false;
+        }
+        let next = now + millis(self.open_for);
+        self.open_until
+            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Records a success; true if this closed an open breaker.
+    fn success(&self) -> bool {
+        self.failures.store(0, Ordering::Release);
+        self.open_until.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Records a failure; true if this opened the breaker.
+    fn failure(&self) -> bool {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures < self.threshold {
+            return false;
+        }
+        let until = self.now() + millis(self.open_for);
+        self.open_until.swap(until.max(1), Ordering::AcqRel) == 0
+    }
+}
+
+/// A duration in whole milliseconds, as Redis takes them (PX, PEXPIRE, WAIT).
+pub(super) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One Redis server: its pool and its breaker.
+pub(super) struct Endpoint {
+    /// `host:port`, for logs (never the URL: it may carry a password).
+    pub(super) name: String,
+    role: &'static str,
+    /// The pool's client, for connections outside the pool.
+    client: redis::Client,
+    pool: r2d2::Pool<Manager>,
+    breaker: Breaker,
+}
+
+impl Endpoint {
+    pub(super) fn new(
+        url: &str,
+        role: &'static str,
+        cfg: &RedisConfig,
+    ) -> Result<Endpoint, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Setup(format!("bad redis URL for {role}: {e}")))?;
+        let name = match &client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+            other => other.to_string(),
+        };
+        let manager = Manager {
+            client: client.clone(),
+            connect_timeout: cfg.connect_timeout,
+            read_timeout: cfg.read_timeout,
+            write_timeout: cfg.write_timeout,
+        };
+        let pool = r2d2::Pool::builder()
+            .max_size(cfg.pool_size)
+            // No connections up front and none kept warm by background threads: a Redis
+            // that is down at start-up does not stop Echo from starting.
+            .min_idle(Some(0))
+            .connection_timeout(cfg.pool_timeout)
+            .test_on_check_out(false)
+            // Failures are counted and logged here, rate-limited; r2d2 would log each.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(manager);
+        Ok(Endpoint {
+            name,
+            role,
+            client,
+            pool,
+            breaker: Breaker {
+                failures: AtomicU32::new(0),
+                open_until: AtomicU64::new(0),
+                threshold: cfg.breaker_failures,
+                open_for: cfg.breaker_open,
+                epoch: Instant::now(),
+            },
+        })
+    }
+
+    /// Runs `command` on a pooled connection, through the breaker.
+    pub(super) fn run<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.with_conn(|conn| command.query::<T>(conn))
+    }
+
+    /// Runs `work` on one pooled connection (commands that must share a connection,
+    /// like writes and the WAIT for them), through the breaker.
+    pub(super) fn with_conn<T>(
+        &self,
+        work: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        if !self.breaker.allow() {
+            return Err(StoreError::CircuitOpen {
+                server: self.server(),
+            });
+        }
+        let result = match self.pool.get() {
+            Ok(mut conn) => work(&mut conn).map_err(|e| error_of(self.server(), &e)),
+            Err(e) => Err(StoreError::Unavailable {
+                server: self.server(),
+                detail: format!("no connection: {e}"),
+            }),
+        };
+        match result {
+            Ok(v) => {
+                if self.breaker.success() {
+                    info!("redis {} {} is answering again", self.role, self.name);
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                // The server failed (not the command): it counts against the breaker.
+                if let StoreError::Timeout { detail, .. } | StoreError::Unavailable { detail, .. } =
+                    &e
+                {
+                    if self.breaker.failure() {
+                        warn!(
+                            "redis {} {} failing ({detail}); skipping it for {:?}",
+                            self.role, self.name, self.breaker.open_for
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// How errors name this server: role and address (`redis master 127.0.0.1:6379`).
+    pub(super) fn server(&self) -> String {
+        format!("redis {} {}", self.role, self.name)
+    }
+
+    /// A client for this server's URL, for a connection of its own outside the pool
+    /// (the fill subscriber's).
+    pub(super) fn client(&self) -> redis::Client {
+        self.client.clone()
+    }
+}
+
+/// The kind of a redis error seen on `server`: a timeout or a failed connection is the
+/// server's (these count against its breaker); a reply Echo cannot read is a decode
+/// error; anything else is Redis refusing the command, with its text.
+fn error_of(server: String, e: &redis::RedisError) -> StoreError {
+    let detail = e.to_string();
+    if e.is_timeout() {
+        StoreError::Timeout { server, detail }
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        StoreError::Unavailable { server, detail }
+    } else if matches!(
+        e.kind(),
+        redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
+    ) {
+        StoreError::Decode { server, detail }
+    } else {
+        StoreError::Redis { server, detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn redis_errors_are_mapped_to_kinds_and_keep_their_text() {
+        let server = || "redis master 127.0.0.1:6379".to_string();
+        let io_error = |kind: io::ErrorKind| redis::RedisError::from(io::Error::new(kind, "x"));
+        for kind in [io::ErrorKind::TimedOut, io::ErrorKind::WouldBlock] {
+            assert!(matches!(
+                error_of(server(), &io_error(kind)),
+                StoreError::Timeout { .. }
+            ));
+        }
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+        ] {
+            assert!(matches!(
+                error_of(server(), &io_error(kind)),
+                StoreError::Unavailable { .. }
+            ));
+        }
+        let wrong_type =
+            redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "not a string"));
+        assert!(matches!(
+            error_of(server(), &wrong_type),
+            StoreError::Decode { .. }
+        ));
+        let oom = redis::make_extension_error(
+            "OOM".into(),
+            Some("command not allowed when used memory > 'maxmemory'.".into()),
+        );
+        let e = error_of(server(), &oom);
+        assert!(matches!(e, StoreError::Redis { .. }), "{e:?}");
+        // The reply's text is kept, after the server's name.
+        let text = e.to_string();
+        assert!(
+            text.starts_with("store unavailable: redis master 127.0.0.1:6379: ")
+                && text.contains("OOM")
+                && text.contains("maxmemory"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! Fill coalescing across nodes: one node fetches a key from the origin while the
+//! others wait for it to be stored.
+//!
+//! The fill lock of a key is `echo:v1:lock:<cache key>`, taken with `SET NX PX` on the
+//! master (it expires by itself if its holder dies), and released by a script that
+//! deletes it only for its owner and, in the same step, PUBLISHes
+//! `echo:v1:filled:<cache key>`. Each store runs one subscriber thread on its own
+//! connection to the master (`PSUBSCRIBE echo:v1:filled:*`) that wakes the local
+//! waiters of that key.
+//!
+//! Invariants: locks are taken and released on the master only; waiting never polls
+//! Redis; after every (re)subscription the subscriber wakes every registered waiter,
+//! since a release may have been published while it was not listening (a waiter woken
+//! early only re-checks); a waiter is unregistered when its `FillWaiter` is dropped, so
+//! none outlives it; the thread stops when the store is dropped (within one tick).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender, TryRecvError};
+use log::{debug, info, warn};
+
+use super::endpoint::{millis, Endpoint};
+use crate::config::RedisConfig;
+use crate::key::CacheKey;
+use crate::store::{FillWaiter, StoreError};
+
+/// Fill locks: the prefix, then the readable cache key.
+const LOCK_PREFIX: &str = "echo:v1:lock:";
+/// Fill-lock releases are published on this prefix and the cache key.
+const FILLED_PREFIX: &str = "echo:v1:filled:";
+/// What the fill subscriber listens to.
+const FILLED_PATTERN: &str = "echo:v1:filled:*";
+/// The subscriber's read timeout: how often it looks up from an idle connection to
+/// notice that its store was dropped.
+const SUBSCRIBER_TICK: Duration = Duration::from_secs(1);
+/// An idle subscription is PINGed this often, so a connection that died silently
+/// (no reset) is noticed and replaced.
+const SUBSCRIBER_KEEPALIVE: Duration = Duration::from_secs(10);
+/// Reconnection backoff of the subscriber: doubles from the first to the last.
+const SUBSCRIBER_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(2));
+/// At most one subscriber warning this often.
+const SUBSCRIBER_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Releases a fill lock. KEYS: the lock. ARGV: the owner, the release channel. Returns
+/// -1 (and does nothing) while another owner holds the lock; otherwise deletes it if
+/// `owner` held it (1) or finds it already free, expired (0), and publishes the release
+/// either way: the waiters want to know the fill ended.
+const UNLOCK_SCRIPT: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return -1 end
+if holder then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[2], '')
+if holder then return 1 end
+return 0
+"#;
+
+/// The Redis key of a cache key's fill lock.
+pub fn fill_lock_key(key: &CacheKey) -> String {
+    format!("{LOCK_PREFIX}{}", key.as_str())
+}
+
+/// The channel a cache key's fill-lock release is published on.
+fn filled_channel(key: &CacheKey) -> String {
+    format!("{FILLED_PREFIX}{}", key.as_str())
+}
+
+/// `SET NX PX` of the fill lock of `key` for `owner`, expiring after `ttl` (at least
+/// 1 ms): answers OK when taken, nil when another owner holds it.
+pub(super) fn lock_command(key: &CacheKey, owner: &str, ttl: Duration) -> redis::Cmd {
+    let mut set = redis::cmd("SET");
+    set.arg(fill_lock_key(key))
+        .arg(owner)
+        .arg("NX")
+        .arg("PX")
+        .arg(millis(ttl).max(1));
+    set
+}
+
+/// A store's fill locks: taken and released on the master, and the local waiters that
+/// the releases wake.
+pub(super) struct FillLocks {
+    unlock_script: redis::Script,
+    listener: FillListener,
+}
+
+impl FillLocks {
+    /// Starts the subscriber thread, on its own connection to `master`.
+    pub(super) fn start(cfg: &RedisConfig, master: &Endpoint) -> Result<FillLocks, StoreError> {
+        Ok(FillLocks {
+            unlock_script: redis::Script::new(UNLOCK_SCRIPT),
+            listener: FillListener::start(cfg, master)?,
+        })
+    }
+
+    /// Tries to take the lock of `key` as `owner` for `ttl`: true when taken.
+    pub(super) fn lock(
+        &self,
+        master: &Endpoint,
+        key: &CacheKey,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(master
+            .run::<Option<String>>(&lock_command(key, owner, ttl))?
+            .is_some())
+    }
+
+    /// Releases the lock of `key` if `owner` holds it, and publishes the release either
+    /// way (see `UNLOCK_SCRIPT`).
+    pub(super) fn unlock(
+        &self,
+        master: &Endpoint,
+        key: &CacheKey,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let released: i64 = master.with_conn(|c| {
+            self.unlock_script
+                .key(fill_lock_key(key))
+                .arg(owner)
+                .arg(filled_channel(key))
+                .invoke(c)
+        })?;
+        if released < 0 {
+            debug!("fill lock of {key} is held by another fetch now; left to it");
+        }
+        Ok(())
+    }
+
+    /// A waiter woken when the lock of `key` is released (see `Store::fill_waiter`).
+    pub(super) fn waiter(&self, key: &CacheKey) -> FillWaiter {
+        self.listener.waiters.register(key)
+    }
+
+    /// Waiters registered now.
+    pub(super) fn waiters_registered(&self) -> usize {
+        self.listener.waiters.count()
+    }
+}
+
+/// Each waiter's id (to unregister it) and the channel that wakes it, by cache key.
+type WaitersByKey = HashMap<String, Vec<(u64, Sender<()>)>>;
+
+/// The local waiters of fill-lock releases, by cache key: shared by the store (which
+/// registers them) and its subscriber thread (which wakes them).
+#[derive(Default)]
+struct FillWaiters {
+    by_key: Mutex<WaitersByKey>,
+    next_id: AtomicU64,
+}
+
+impl FillWaiters {
+    /// The map; a panic elsewhere cannot leave it half-updated, so a poisoned lock is
+    /// recovered.
+    fn lock(&self) -> MutexGuard<'_, WaitersByKey> {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(self: &Arc<Self>, key: &CacheKey) -> FillWaiter {
+        let (woken_tx, woken) = crossbeam_channel::bounded(1);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let key = key.as_str().to_string();
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .push((id, woken_tx));
+        FillWaiter::new(
+            woken,
+            Registration {
+                waiters: Arc::clone(self),
+                key,
+                id,
+            },
+        )
+    }
+
+    /// Wakes the waiters of one key (a waiter already woken stays woken).
+    fn wake(&self, key: &str) {
+        if let Some(senders) = self.lock().get(key) {
+            for (_, sender) in senders {
+                let _ = sender.try_send(());
+            }
+        }
+    }
+
+    /// Wakes every waiter (after a gap in the subscription); returns how many.
+    fn wake_all(&self) -> usize {
+        let by_key = self.lock();
+        for (_, sender) in by_key.values().flatten() {
+            let _ = sender.try_send(());
+        }
+        by_key.values().map(Vec::len).sum()
+    }
+
+    fn count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+}
+
+/// Unregisters one waiter when its [`FillWaiter`] is dropped, so the map never keeps
+/// waiters nobody waits on.
+struct Registration {
+    waiters: Arc<FillWaiters>,
+    key: String,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut by_key = self.waiters.lock();
+        if let Some(senders) = by_key.get_mut(&self.key) {
+            senders.retain(|(id, _)| *id != self.id);
+            if senders.is_empty() {
+                by_key.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The subscriber thread's side: listens for fill-lock releases on its own connection
+/// to the master and wakes the local waiters. It runs until `stop` is disconnected (its
+/// sender is held by the store).
+struct FillSubscriber {
+    client: redis::Client,
+    /// `host:port` of the master, for logs.
+    name: String,
+    connect_timeout: Duration,
+    write_timeout: Duration,
+    waiters: Arc<FillWaiters>,
+    stop: crossbeam_channel::Receiver<()>,
+}
+
+impl FillSubscriber {
+    fn stopped(&self) -> bool {
+        matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Subscribes, loses the connection, waits, subscribes again, until the store is
+    /// dropped.
+    fn run(self) {
+        let mut backoff = SUBSCRIBER_BACKOFF.0;
+        let mut last_warning: Option<Instant> = None;
+        let mut recovering = false;
+        loop {
+            let mut subscribed = false;
+            let error = match self.listen(&mut subscribed, recovering) {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if subscribed {
+                backoff = SUBSCRIBER_BACKOFF.0;
+            }
+            recovering = true;
+            if last_warning.is_none_or(|t| t.elapsed() >= SUBSCRIBER_WARN_EVERY) {
+                warn!(
+                    "redis master {}: fill-release subscription down ({error}); retrying \
+                     (waiting fills sleep out their timeout meanwhile)",
+                    self.name
+                );
+                last_warning = Some(Instant::now());
+            }
+            // The backoff doubles as the shutdown check: a dropped store ends it at once.
+            if !matches!(
+                self.stop.recv_timeout(backoff),
+                Err(RecvTimeoutError::Timeout)
+            ) {
+                return;
+            }
+            backoff = (backoff * 2).min(SUBSCRIBER_BACKOFF.1);
+        }
+    }
+
+    /// One subscription: Ok when the store was dropped, Err when the connection failed.
+    fn listen(&self, subscribed: &mut bool, recovering: bool) -> redis::RedisResult<()> {
+        let mut conn = self
+            .client
+            .get_connection_with_timeout(self.connect_timeout)?;
+        conn.set_read_timeout(Some(SUBSCRIBER_TICK))?;
+        conn.set_write_timeout(Some(self.write_timeout))?;
+        let mut pubsub = conn.as_pubsub();
+        pubsub.psubscribe(FILLED_PATTERN)?;
+        *subscribed = true;
+        // A release published while this node was not listening is lost: every waiter
+        // re-checks now rather than sleeping out its whole timeout.
+        let woken = self.waiters.wake_all();
+        if recovering {
+            info!(
+                "redis master {}: fill-release subscription is back ({woken} waiters woken \
+                 to re-check)",
+                self.name
+            );
+        }
+        let mut last_heard = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ok(());
+            }
+            match pubsub.get_message() {
+                Ok(message) => {
+                    last_heard = Instant::now();
+                    if let Some(key) = message.get_channel_name().strip_prefix(FILLED_PREFIX) {
+                        self.waiters.wake(key);
+                    }
+                }
+                Err(e) if e.is_timeout() => {
+                    if last_heard.elapsed() >= SUBSCRIBER_KEEPALIVE {
+                        pubsub.ping::<redis::Value>()?;
+                        last_heard = Instant::now();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The store's side of the subscriber: dropping it stops the thread (within one tick).
+struct FillListener {
+    waiters: Arc<FillWaiters>,
+    _stop: Sender<()>,
+}
+
+impl FillListener {
+    fn start(cfg: &RedisConfig, master: &Endpoint) -> Result<FillListener, StoreError> {
+        let waiters = Arc::new(FillWaiters::default());
+        let (stop_tx, stop) = crossbeam_channel::bounded(0);
+        let subscriber = FillSubscriber {
+            client: master.client(),
+            name: master.name.clone(),
+            connect_timeout: cfg.connect_timeout,
+            write_timeout: cfg.write_timeout,
+            waiters: Arc::clone(&waiters),
+            stop,
+        };
+        std::thread::Builder::new()
+            .name("echo-fill-subscriber".into())
+            .spawn(move || subscriber.run())
+            .map_err(|e| StoreError::Setup(format!("cannot start fill subscriber: {e}")))?;
+        Ok(FillListener {
+            waiters,
+            _stop: stop_tx,
+        })
+    }
+}

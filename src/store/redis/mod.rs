@@ -1,0 +1,467 @@
+//! The Redis store: entries written and deleted on the master, read from the replicas
+//! (spread round robin), so read capacity grows with replicas and every Echo node on the
+//! same Redis shares one cache.
+//!
+//! A key's variants are one STRING (`echo:v1:<cache key>`, see `codec`), so a hit is one
+//! GET; every value is written with a TTL (freshness + `ttl_margin`): nothing is immortal.
+//!
+//! This file is the [`Store`]; its mechanisms have their own files: `endpoint` (one
+//! server: its pool and its circuit breaker), `fill_lock` (one fetch per key across
+//! nodes), `bans` (the generation and the bans that keep an invalidation from being
+//! undone).
+//!
+//! Invariants:
+//! - all writes and deletes go to the master pool; reads go to replicas, then the master
+//!   when no replica answers;
+//! - an entry is stored only if no invalidation since its fill began names it: the store
+//!   script compares the generation, and newer bans are checked before it tries again;
+//! - every error is returned as a [`StoreError`] for the caller to treat as a miss, and
+//!   a value that does not decode is a miss too;
+//! - redis and r2d2 types stay in `store/redis/`.
+
+mod bans;
+mod endpoint;
+mod fill_lock;
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
+use crate::config::RedisConfig;
+use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, SAMPLE};
+use crate::key::CacheKey;
+use crate::policy;
+use bans::GENERATION_KEY;
+use endpoint::{millis, Endpoint};
+pub use fill_lock::fill_lock_key;
+use fill_lock::FillLocks;
+
+/// Every key Echo writes starts with this: namespaced, and versioned with the codec.
+const KEY_PREFIX: &str = "echo:v1:";
+/// Entry keys: the prefix, then the readable cache key.
+const ENTRY_PREFIX: &str = "echo:v1:http";
+/// Tag index: one set of entry keys per `Surrogate-Key` tag.
+const TAG_PREFIX: &str = "echo:v1:tag:";
+/// Keys deleted or rewritten per round trip.
+const BATCH: usize = 500;
+
+/// Stores an entry only if no invalidation happened since the fill began; indexes its
+/// tags in the same step. KEYS: entry, generation, tag sets. ARGV: the generation the
+/// fill saw, the value, the TTL in ms. Returns -1 when stored, else the generation now.
+const STORE_SCRIPT: &str = r#"
+local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
+if generation ~= tonumber(ARGV[1]) then return generation end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3], 'NX')
+  redis.call('PEXPIRE', KEYS[i], ARGV[3], 'GT')
+end
+return -1
+"#;
+
+/// The Redis key for a cache key.
+pub fn redis_key(key: &CacheKey) -> String {
+    format!("{KEY_PREFIX}{}", key.as_str())
+}
+
+/// What an MGET of an entry and the generation read. A value Echo cannot decode
+/// (another version, a hand-made key) is a miss.
+fn lookup_of(value: Option<Vec<u8>>, generation: Option<u64>) -> Lookup {
+    Lookup {
+        variants: value
+            .and_then(|v| codec::decode(&v).ok())
+            .unwrap_or_default(),
+        generation: generation.unwrap_or(0),
+    }
+}
+
+pub struct RedisStore {
+    master: Endpoint,
+    replicas: Vec<Endpoint>,
+    next_replica: AtomicUsize,
+    ttl_margin: Duration,
+    max_variants: usize,
+    store_script: redis::Script,
+    ban_ttl: Duration,
+    wait_replicas: u64,
+    wait_timeout: Duration,
+    read_timeout: Duration,
+    scan_count: usize,
+    /// For the stale window in TTLs: only `max_stale` is used.
+    stale_options: policy::PolicyOptions,
+    fills: FillLocks,
+}
+
+impl RedisStore {
+    /// `ban_ttl`: how long an invalidation is remembered against fills that began before
+    /// it (`invalidation.ban_ttl_ms`). `max_stale`: entries are kept long enough to be
+    /// served stale as their `stale-while-revalidate` / `stale-if-error` allow, up to this
+    /// (`cache.max_stale_ms`).
+    pub fn new(
+        cfg: &RedisConfig,
+        max_variants: usize,
+        ban_ttl: Duration,
+        max_stale: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let master = Endpoint::new(&cfg.master, "master", cfg)?;
+        let replicas = cfg
+            .replicas
+            .iter()
+            .map(|url| Endpoint::new(url, "replica", cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fills = FillLocks::start(cfg, &master)?;
+        Ok(RedisStore {
+            master,
+            replicas,
+            next_replica: AtomicUsize::new(0),
+            ttl_margin: cfg.ttl_margin,
+            max_variants: max_variants.max(1),
+            store_script: redis::Script::new(STORE_SCRIPT),
+            ban_ttl,
+            wait_replicas: cfg.wait_replicas.unwrap_or(cfg.replicas.len() as u64),
+            wait_timeout: cfg.wait_timeout,
+            read_timeout: cfg.read_timeout,
+            scan_count: cfg.scan_count,
+            stale_options: policy::PolicyOptions {
+                max_stale,
+                ..policy::PolicyOptions::default()
+            },
+            fills,
+        })
+    }
+
+    /// Fill waiters registered now (for tests: none may outlive its `FillWaiter`).
+    #[doc(hidden)]
+    pub fn waiters_registered(&self) -> usize {
+        self.fills.waiters_registered()
+    }
+
+    /// Runs a read on the replicas in turn, then on the master.
+    fn read<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        let n = self.replicas.len();
+        let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..n {
+            match self.replicas[(start + i) % n].run(command) {
+                Ok(v) => return Ok(v),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match self.master.run(command) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(match last_error {
+                Some(r) => StoreError::AllFailed {
+                    master: Box::new(e),
+                    replica: Box::new(r),
+                },
+                None => e,
+            }),
+        }
+    }
+
+    /// The SCAN glob for a matcher: the literal prefix of the pattern narrows it.
+    fn scan_glob(matcher: &Matcher) -> String {
+        let host = matcher.host().map_or("*".to_string(), glob_escape);
+        let prefix = matcher.prefix().map(glob_escape).unwrap_or_default();
+        format!("{ENTRY_PREFIX}://{host}{prefix}*")
+    }
+
+    /// Applies a job's mode to one batch of matching Redis keys, on the job's connection.
+    fn apply(
+        &self,
+        conn: &mut redis::Connection,
+        job: &Job,
+        keys: &[String],
+    ) -> redis::RedisResult<u64> {
+        match job.mode {
+            Mode::Delete => redis::cmd("UNLINK").arg(keys).query(conn),
+            Mode::Stale => {
+                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query(conn)?;
+                let mut pipe = redis::pipe();
+                let mut marked = 0;
+                for (key, value) in keys.iter().zip(values) {
+                    let Some(variants) = value.and_then(|v| codec::decode(&v).ok()) else {
+                        continue;
+                    };
+                    let stale = super::mark_stale(&variants);
+                    // KEEPTTL: a stale entry lives as long as it would have; XX: never
+                    // recreate one deleted meanwhile.
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(codec::encode(&stale))
+                        .arg("KEEPTTL")
+                        .arg("XX")
+                        .ignore();
+                    marked += 1;
+                }
+                pipe.query::<()>(conn)?;
+                Ok(marked)
+            }
+            Mode::Refresh => Ok(0),
+        }
+    }
+}
+
+/// A 64-bit fingerprint of a key: remembering these (not the keys) bounds the memory a
+/// job needs to count each match once.
+fn fingerprint(key: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Escapes Redis glob characters so a literal matches itself.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl RedisStore {
+    /// How long Redis keeps a key's variants: the longest remaining usable life (freshness
+    /// plus the stale window its fields allow) plus the margin, at least one second.
+    fn ttl(&self, variants: &[Arc<Entry>], now: SystemTime) -> Duration {
+        let remaining = variants
+            .iter()
+            .map(|e| {
+                let age = policy::current_age(e.initial_age, e.response_time, now);
+                let stale = policy::stale_window(&e.headers, &self.stale_options);
+                (e.freshness + stale).saturating_sub(age)
+            })
+            .max()
+            .unwrap_or(Duration::ZERO);
+        (remaining + self.ttl_margin).max(Duration::from_secs(1))
+    }
+}
+
+impl Store for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    /// A PING to every server (through its breaker: one skipped for failing is down).
+    fn health(&self) -> Vec<String> {
+        std::iter::once(&self.master)
+            .chain(self.replicas.iter())
+            .filter_map(|e| e.run::<String>(&redis::cmd("PING")).err())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    /// One round trip: the entry and the generation together.
+    fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(redis_key(key)).arg(GENERATION_KEY);
+        let (value, generation): (Option<Vec<u8>>, Option<u64>) = self.read(&mget)?;
+        Ok(lookup_of(value, generation))
+    }
+
+    fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(redis_key(key)).arg(GENERATION_KEY);
+        let (value, generation): (Option<Vec<u8>>, Option<u64>) = self.master.run(&mget)?;
+        Ok(lookup_of(value, generation))
+    }
+
+    fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
+        let rkey = redis_key(key);
+        let tags: Vec<String> = entry
+            .tags
+            .iter()
+            .map(|t| format!("{TAG_PREFIX}{t}"))
+            .collect();
+        let entry_tags = entry.tags.clone();
+        let mut variants = Vec::new();
+        // Only a response that varies shares its key with other variants; they are read
+        // back from the master and merged (a concurrent fill elsewhere may win the write,
+        // which costs a later miss, never a wrong answer).
+        if !entry.vary.is_empty() {
+            let mut get = redis::cmd("GET");
+            get.arg(&rkey);
+            if let Some(bytes) = self.master.run::<Option<Vec<u8>>>(&get)? {
+                variants = codec::decode(&bytes).unwrap_or_default();
+            }
+            super::merge_variant(&mut variants, self.max_variants, &entry);
+        }
+        variants.push(entry);
+        let ttl = self.ttl(&variants, SystemTime::now());
+        let value = codec::encode(&variants);
+        let mut since = since;
+        // Invalidations since the fill began may not name this entry; each round checks
+        // the new ones and tries again (a few rounds at most, under heavy invalidation).
+        for _ in 0..3 {
+            let result: i64 = self.master.with_conn(|c| {
+                let mut invocation = self.store_script.prepare_invoke();
+                invocation.key(&rkey).key(GENERATION_KEY);
+                for tag in &tags {
+                    invocation.key(tag);
+                }
+                invocation.arg(since).arg(&value).arg(millis(ttl));
+                invocation.invoke(c)
+            })?;
+            if result < 0 {
+                return Ok(true);
+            }
+            if bans::banned_since(&self.master, since, key.as_str(), &entry_tags)? {
+                return Ok(false);
+            }
+            since = result as u64;
+        }
+        Ok(false)
+    }
+
+    fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
+        let mut unlink = redis::cmd("UNLINK");
+        unlink.arg(redis_key(key));
+        self.master.run::<usize>(&unlink)
+    }
+
+    fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
+        if !job.dry_run {
+            bans::record(&self.master, &job.matcher, self.ban_ttl)?;
+        }
+        let mut outcome = JobOutcome::default();
+        let matcher = &job.matcher;
+        // One connection for the whole job: the WAIT at the end covers every write on it.
+        self.master.with_conn(|conn| {
+            let mut cursor: u64 = 0;
+            let mut batch: Vec<String> = Vec::with_capacity(BATCH);
+            let mut seen: HashSet<u64> = HashSet::new();
+            let mut checkpoint = Checkpoint::new(progress);
+            // A cancel or the end of the budget stops the job at its next check: before
+            // each SCAN (one may walk many keys and return none) and every few hundred
+            // keys. What it did is reported; the matches not yet applied are left alone,
+            // and there is no WAIT (the job is not done).
+            'scan: loop {
+                if let Err(stop) = progress.check() {
+                    outcome.stopped = Some(stop);
+                    break 'scan;
+                }
+                let (next, keys): (u64, Vec<String>) = match matcher.tag() {
+                    Some(tag) => redis::cmd("SSCAN")
+                        .arg(format!("{TAG_PREFIX}{tag}"))
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?,
+                    None => redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(Self::scan_glob(matcher))
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?,
+                };
+                progress
+                    .scanned
+                    .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                for rkey in keys {
+                    if let Err(stop) = checkpoint.key(rkey.len()) {
+                        outcome.stopped = Some(stop);
+                        break 'scan;
+                    }
+                    let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
+                        continue;
+                    };
+                    // The tag part is already satisfied by the tag set.
+                    if !matcher.matches_key(key) {
+                        continue;
+                    }
+                    // SCAN may return a key twice (when Redis resizes its table during
+                    // the scan, as this job's own deletes can make it): count it once.
+                    if !seen.insert(fingerprint(&rkey)) {
+                        continue;
+                    }
+                    outcome.matched += 1;
+                    progress.matched.fetch_add(1, Ordering::Relaxed);
+                    if outcome.sample.len() < SAMPLE {
+                        outcome.sample.push(key.to_string());
+                    }
+                    if job.dry_run {
+                        continue;
+                    }
+                    if job.mode == Mode::Refresh {
+                        outcome.to_refresh.push(key.to_string());
+                        continue;
+                    }
+                    batch.push(rkey);
+                    if batch.len() >= BATCH {
+                        let n = self.apply(conn, job, &batch)?;
+                        outcome.changed += n;
+                        progress.changed.fetch_add(n, Ordering::Relaxed);
+                        batch.clear();
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            if outcome.stopped.is_some() {
+                return Ok(());
+            }
+            if !batch.is_empty() {
+                let n = self.apply(conn, job, &batch)?;
+                outcome.changed += n;
+                progress.changed.fetch_add(n, Ordering::Relaxed);
+            }
+            // Read-your-invalidation: the call returns only when the replicas have the
+            // deletes (or the wait times out, which the answer reports).
+            if !job.dry_run && self.wait_replicas > 0 {
+                // WAIT itself blocks for up to wait_timeout: the connection's read
+                // timeout must outlast it, then go back to what every call gets.
+                conn.set_read_timeout(Some(self.wait_timeout + self.read_timeout))?;
+                let acked: redis::RedisResult<u64> = redis::cmd("WAIT")
+                    .arg(self.wait_replicas)
+                    .arg(millis(self.wait_timeout))
+                    .query(conn);
+                conn.set_read_timeout(Some(self.read_timeout))?;
+                outcome.replicas = Some((acked?, self.wait_replicas));
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    fn lock_fill(&self, key: &CacheKey, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.fills.lock(&self.master, key, owner, ttl)
+    }
+
+    /// One round trip: SET NX and, after it on the same connection, the MGET of the
+    /// entry and the generation (its answer is used only when the lock was taken).
+    fn lock_fill_and_look(
+        &self,
+        key: &CacheKey,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<(bool, Option<Lookup>), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(fill_lock::lock_command(key, owner, ttl))
+            .cmd("MGET")
+            .arg(redis_key(key))
+            .arg(GENERATION_KEY);
+        type Answer = (Option<String>, (Option<Vec<u8>>, Option<u64>));
+        let (locked, (value, generation)): Answer = self.master.with_conn(|c| pipe.query(c))?;
+        if locked.is_none() {
+            return Ok((false, None));
+        }
+        Ok((true, Some(lookup_of(value, generation))))
+    }
+
+    fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
+        self.fills.unlock(&self.master, key, owner)
+    }
+
+    fn fill_waiter(&self, key: &CacheKey) -> FillWaiter {
+        self.fills.waiter(key)
+    }
+}
