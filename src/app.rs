@@ -18,7 +18,7 @@ use crate::config::{self, Config, StoreKind};
 use crate::server::{self, ServerHandle};
 use crate::store::memory::MemoryStore;
 use crate::store::{self, Store, StoreError};
-use crate::{access_log, admin, cache, invalidate, live, metrics, upstream};
+use crate::{access_log, admin, cache, invalidator, live, metrics, upstream};
 
 /// Why Echo could not start (or a reload could not be applied).
 #[derive(Debug)]
@@ -247,7 +247,7 @@ pub fn start(cfg: &Config) -> Result<Echo, StartError> {
 /// Descriptors kept for everything but client connections: an origin or Redis
 /// connection per worker thread, plus logs, listeners, pools' idle connections and the
 /// acceptor's spare. (The memory store's body files take at most a sixteenth of the
-/// limit: see `store::body_file::set_budget`.)
+/// limit: see `body_file::set_budget`.)
 fn reserved_fds(cfg: &config::ServerConfig) -> u64 {
     64 + (cfg.workers + cfg.fetch_workers) as u64
 }
@@ -265,7 +265,7 @@ fn connections_within_fd_limit(cfg: &config::ServerConfig) -> usize {
             return cfg.max_connections;
         }
     };
-    store::body_file::set_budget(usize::try_from(limit / 16).unwrap_or(usize::MAX));
+    crate::body_file::set_budget(usize::try_from(limit / 16).unwrap_or(usize::MAX));
     if limit >= wanted {
         return cfg.max_connections;
     }
@@ -336,9 +336,9 @@ pub fn start_on(
     ));
     proxy.set_access_log(access_log);
     proxy.start_background(cfg.cache.background_workers, cfg.cache.background_queue)?;
-    let invalidator = Arc::new(invalidate::Invalidator::start(
+    let invalidator = Arc::new(invalidator::Invalidator::start(
         Arc::clone(&store),
-        Arc::clone(&proxy) as Arc<dyn invalidate::Refresher>,
+        Arc::clone(&proxy) as Arc<dyn invalidator::Refresher>,
         cfg.invalidation.queue_depth,
         cfg.invalidation.job_timeout,
         Arc::clone(&metrics),

@@ -7,13 +7,13 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod admin_client;
+
 mod app;
 pub(crate) mod body_file;
 pub mod cache;
 pub mod config;
 pub mod http;
-pub mod invalidate;
+
 pub mod invalidation;
 pub(crate) mod invalidator;
 pub mod key;

@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use echo::admin_client::{self, AdminCall, ClientError, InvalidateRequest};
+use echo::admin::client::{self as admin_client, AdminCall, ClientError, InvalidateRequest};
 use echo::config::{Config, LogConfig};
-use echo::invalidate::Mode;
+use echo::invalidation::Mode;
 
 const USAGE: &str = "\
 echod: an HTTP reverse proxy cache

@@ -21,7 +21,7 @@ use super::hit::{serve_stale_on_error, serve_stored};
 use super::outcome::{Fwd, OriginTrouble, Outcome};
 use super::{Cache, Since};
 use crate::http::exchange::Exchange;
-use crate::http::Headers;
+use crate::http::{headers, Headers};
 use crate::key::CacheKey;
 use crate::policy::{self, AfterNotModified, Storability};
 use crate::store::{Entry, Store};
@@ -64,7 +64,7 @@ pub(super) fn new_entry(
     let mut headers = base.clone();
     headers.retain(|(n, _)| n != "age");
     // Surrogate-Key: space-separated tags an invalidation can name.
-    let tags = policy::header_joined(&headers, "surrogate-key")
+    let tags = headers::header_joined(&headers, "surrogate-key")
         .map(|v| {
             v.split([' ', ','])
                 .filter(|t| !t.is_empty())

@@ -19,7 +19,7 @@ use super::outcome::{Fwd, Outcome, OwnAnswer, CACHE_NAME};
 use super::Cache;
 use crate::http::body::client_error;
 use crate::http::exchange::Exchange;
-use crate::http::{self, BodyFraming, Headers, Request};
+use crate::http::{self, headers, BodyFraming, Headers, Request};
 use crate::key::CacheKey;
 use crate::policy;
 use crate::upstream::{OriginError, OriginRequest, OriginResponse};
@@ -35,8 +35,8 @@ impl Cache {
     pub(super) fn fill_headers(&self, req: &Request) -> Headers {
         let mut headers = forward_headers(req, self.underscores);
         headers.retain(|(n, _)| {
-            !PRECONDITIONS.iter().any(|p| http::same_field(n, p))
-                && !self.strip.iter().any(|s| http::same_field(n, s))
+            !PRECONDITIONS.iter().any(|p| headers::same_field(n, p))
+                && !self.strip.iter().any(|s| headers::same_field(n, s))
         });
         headers
     }
@@ -83,7 +83,7 @@ impl Cache {
         let mut keys = vec![CacheKey::new("http", &req.host, &req.target)];
         for field in ["location", "content-location"] {
             if let Some(target) =
-                http::header(response, field).and_then(|v| same_origin_target(v, &req.host))
+                headers::header(response, field).and_then(|v| same_origin_target(v, &req.host))
             {
                 keys.push(CacheKey::new("http", &req.host, &target));
             }
@@ -168,10 +168,10 @@ pub(super) const PRECONDITIONS: &[&str] = &[
 /// and `Via`, `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` added.
 pub fn forward_headers(req: &Request, underscores: bool) -> Headers {
     let mut headers = req.headers.clone();
-    http::strip_hop_by_hop(&mut headers);
-    let prior_xff = policy::header_joined(&headers, "x-forwarded-for");
+    headers::strip_hop_by_hop(&mut headers);
+    let prior_xff = headers::header_joined(&headers, "x-forwarded-for");
     headers.retain(|(n, _)| {
-        (underscores || !n.contains('_')) && !SET_BY_ECHO.iter().any(|f| http::same_field(n, f))
+        (underscores || !n.contains('_')) && !SET_BY_ECHO.iter().any(|f| headers::same_field(n, f))
     });
     headers.push(("via".into(), VIA.to_vec()));
     let peer = req.peer.ip().to_string();
@@ -194,11 +194,11 @@ pub fn forward_headers(req: &Request, underscores: bool) -> Headers {
 /// an origin's claim to be Echo would mislead whoever reads them).
 pub(super) fn response_headers(origin: &Headers, response_time: SystemTime) -> Headers {
     let mut headers = origin.clone();
-    http::strip_hop_by_hop(&mut headers);
+    headers::strip_hop_by_hop(&mut headers);
     headers.retain_mut(|(n, v)| match n.as_str() {
         "x-cache-status" => false,
         "cache-status" => {
-            let kept: Vec<&[u8]> = policy::split_list(v)
+            let kept: Vec<&[u8]> = headers::split_list(v)
                 .into_iter()
                 .filter(|m| cache_status_name(m) != CACHE_NAME.as_bytes())
                 .collect();
@@ -207,7 +207,7 @@ pub(super) fn response_headers(origin: &Headers, response_time: SystemTime) -> H
         }
         _ => true,
     });
-    if http::header(&headers, "date").is_none() {
+    if headers::header(&headers, "date").is_none() {
         headers.push((
             "date".into(),
             http::headers::format_date(response_time).into_bytes(),

@@ -17,7 +17,7 @@ use super::forward::{PRECONDITIONS, SET_BY_ECHO};
 use super::outcome::{Fwd, OriginTrouble, Outcome, StaleReason};
 use super::{Cache, Since, StaleCopy};
 use crate::http::exchange::Exchange;
-use crate::http::{self, headers, Headers, Request};
+use crate::http::{headers, Headers, Request};
 use crate::key::CacheKey;
 use crate::policy::{self, CacheControl, Reuse};
 use crate::store::{Entry, Lookup};
@@ -116,14 +116,14 @@ impl Cache {
     /// `fill_headers` drops or replaces (hop-by-hop and `Connection`-named, with `_`,
     /// set by Echo, preconditions, stripped): for those, the request is built whole.
     fn fill_sends_as_is(&self, field: &str, req: &Request) -> bool {
-        let special = |list: &[&str]| list.iter().any(|f| http::same_field(field, f));
+        let special = |list: &[&str]| list.iter().any(|f| headers::same_field(field, f));
         !field.contains('_')
-            && !special(http::HOP_BY_HOP)
+            && !special(headers::HOP_BY_HOP)
             && !special(SET_BY_ECHO)
             && !special(PRECONDITIONS)
-            && !self.strip.iter().any(|s| http::same_field(field, s))
+            && !self.strip.iter().any(|s| headers::same_field(field, s))
             && !headers::list_members(&req.headers, "connection")
-                .any(|t| http::same_field(&String::from_utf8_lossy(t), field))
+                .any(|t| headers::same_field(&String::from_utf8_lossy(t), field))
     }
 
     /// Answers a request that waited for another's fetch from what that fetch stored, if

@@ -18,7 +18,7 @@ use super::fill::{freshened, new_entry, Fill};
 use super::forward::{final_response, response_headers, VIA};
 use super::{Cache, Since};
 use crate::http::{Headers, Request};
-use crate::invalidate::Refresher;
+use crate::invalidator::Refresher;
 use crate::key::CacheKey;
 use crate::policy::{self, AfterNotModified, Storability};
 use crate::store::{Entry, Lookup};

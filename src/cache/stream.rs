@@ -15,7 +15,7 @@ use super::outcome::{Fwd, Outcome};
 use super::Cache;
 use crate::http::exchange::Exchange;
 use crate::http::response::BodyLength;
-use crate::http::{self, Headers};
+use crate::http::{headers, Headers};
 use crate::store::Entry;
 use crate::upstream::OriginResponse;
 
@@ -72,7 +72,7 @@ impl Cache {
         };
         // A HEAD answer has no body to measure: announce the length the origin gave.
         let head_length = response.content_length.or_else(|| {
-            http::header(&response.headers, "content-length")
+            headers::header(&response.headers, "content-length")
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
         });
         let head_request = ex.req.is_head();

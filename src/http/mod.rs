@@ -19,10 +19,6 @@ pub mod response;
 
 use std::net::SocketAddr;
 
-// Kept at their old paths while other modules move to `http::headers` (issue 14); removed in
-// the final cleanup.
-pub use headers::{fold_name, has_token, header, same_field, strip_hop_by_hop, HOP_BY_HOP};
-
 /// A header list: lower-case name, raw value bytes; repeats kept in order.
 pub type Headers = Vec<(String, Vec<u8>)>;
 

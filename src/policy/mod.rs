@@ -53,9 +53,6 @@ pub use validation::{
 pub use vary::{vary, vary_matches, vary_snapshot, Vary, VarySnapshot};
 
 pub use crate::http::headers::HeaderList;
-// Kept at their old paths while other modules move to `http::headers` (issue 14); removed in
-// the final cleanup.
-pub use crate::http::headers::{header_joined, header_one, split_list};
 
 /// Tunables of the policy.
 #[derive(Debug, Clone, Copy, PartialEq)]

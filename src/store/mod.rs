@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::Receiver;
 
 /// Moved below `http` and `store` (issue 14); this path stays until the final cleanup.
-pub(crate) use crate::body_file;
+use crate::body_file;
 use crate::http::Headers;
 use crate::invalidation::{Job, JobOutcome, Progress};
 use crate::key::CacheKey;

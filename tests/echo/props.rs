@@ -19,7 +19,8 @@ use echo::http::body::{client_error, BodyState};
 use echo::http::conn::Conn;
 use echo::http::parse::{parse_head, HttpError, Limits, Parsed};
 use echo::http::{BodyFraming, Headers, Request, Version};
-use echo::invalidate::{split_key, Matcher};
+use echo::invalidation::Matcher;
+use echo::key::split_key;
 use echo::policy::{
     corrected_initial_age, freshness_lifetime, storability, update_stored_headers, vary_matches,
     vary_snapshot, CacheControl, PolicyOptions,

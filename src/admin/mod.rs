@@ -16,9 +16,13 @@
 //!   job already finished, 404 for an unknown one.
 //! - `GET /metrics`: Prometheus / OpenMetrics text.
 //!
+//! `client` is the other side, for `echod invalidate`.
+//!
 //! Invariants: the token is compared in constant time and never logged; nothing is done
 //! for a request without the token; bad input is a 400 naming what is wrong, and a
 //! full queue a 503 with Retry-After.
+
+pub mod client;
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +35,8 @@ use serde_json::{json, Value};
 
 use crate::http::exchange::Exchange;
 use crate::http::handler::{Handler, Step};
-use crate::invalidate::{CancelRefused, Invalidator, Job, Matcher, Mode, Refused, Report, State};
+use crate::invalidation::{Job, Matcher, Mode};
+use crate::invalidator::{CancelRefused, Invalidator, Refused, Report, State};
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::store::Store;

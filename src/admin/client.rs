@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
-use crate::invalidate::Mode;
+use crate::invalidation::Mode;
 
 /// Longest wait for the admin listener to accept the connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
