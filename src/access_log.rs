@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, SystemTime};
@@ -55,7 +55,6 @@ enum Message {
 
 pub struct AccessLog {
     tx: Sender<Message>,
-    path: PathBuf,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -103,15 +102,7 @@ impl AccessLog {
                 }
                 flush(&mut out, &writer_path);
             })?;
-        Ok(AccessLog {
-            tx,
-            path: path.to_path_buf(),
-            metrics,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(AccessLog { tx, metrics })
     }
 
     /// Queues one line; drops it (and counts it) if the writer is that far behind.

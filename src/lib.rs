@@ -3,25 +3,23 @@
 //! The library holds everything; `echod` (src/main.rs) only parses argv, sets up
 //! logging and calls [`start`]. Tests and benches drive [`start_on`] directly.
 
-#![forbid(unsafe_code)]
-
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod admin;
 
 mod app;
 pub(crate) mod body_file;
-pub mod cache;
+pub(crate) mod cache;
 pub mod config;
 pub mod http;
 
 pub mod invalidation;
 pub(crate) mod invalidator;
 pub mod key;
-pub mod live;
-pub mod metrics;
+pub(crate) mod live;
+pub(crate) mod metrics;
 pub mod policy;
 pub mod server;
 pub mod store;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use app::{start, start_on, Echo, Reloaded, StartError};

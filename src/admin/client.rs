@@ -22,12 +22,12 @@ use crate::config::Config;
 use crate::invalidation::Mode;
 
 /// Longest wait for the admin listener to accept the connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the admin listener to take the request bytes.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Added to `invalidation.wait_timeout_ms` for each read: the admin API holds a `POST
 /// /invalidate` that long before answering 202, so the client must wait longer.
-pub const READ_MARGIN: Duration = Duration::from_secs(10);
+pub(crate) const READ_MARGIN: Duration = Duration::from_secs(10);
 /// Largest answer head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest answer body accepted (reports are small: a sample holds at most 10 keys).
@@ -48,7 +48,7 @@ pub struct InvalidateRequest {
 
 impl InvalidateRequest {
     /// The JSON body, with only the fields given (the API's defaults apply to the rest).
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let mut body = Map::new();
         let mut put = |key: &str, value: Value| {
             body.insert(key.to_string(), value);
@@ -242,7 +242,7 @@ pub struct Timeouts {
 
 impl Timeouts {
     /// The timeouts for a config: reads outlast the API's own `invalidation.wait_timeout`.
-    pub fn for_config(cfg: &Config) -> Timeouts {
+    pub(crate) fn for_config(cfg: &Config) -> Timeouts {
         Timeouts {
             connect: CONNECT_TIMEOUT,
             write: WRITE_TIMEOUT,

@@ -99,7 +99,7 @@ impl Admin {
     }
 
     /// A config reload's new `admin.token`.
-    pub fn set_token(&self, token: String) {
+    pub(crate) fn set_token(&self, token: String) {
         self.token.set(Arc::new(token));
     }
 

@@ -43,17 +43,6 @@ pub enum Outcome {
     Failed,
 }
 
-impl Outcome {
-    /// Name for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Stored => "stored",
-            Outcome::NotShared => "not_shared",
-            Outcome::Failed => "failed",
-        }
-    }
-}
-
 /// How `join` ended.
 #[derive(Debug)]
 pub enum Join {
@@ -177,13 +166,15 @@ impl Coalescer {
         }
     }
 
-    /// Requests that followed a leader so far (`Join::Followed`), for metrics.
-    pub fn coalesced(&self) -> u64 {
+    /// Requests that followed a leader so far (`Join::Followed`).
+    #[cfg(test)]
+    fn coalesced(&self) -> u64 {
         self.coalesced.load(Ordering::Relaxed)
     }
 
-    /// Keys with a fetch in flight right now (for tests/metrics).
-    pub fn in_flight(&self) -> usize {
+    /// Keys with a fetch in flight right now.
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         lock_flights(&self.flights).len()
     }
 
@@ -211,7 +202,8 @@ impl Permit {
     }
 
     /// The cache key this permit leads.
-    pub fn key(&self) -> &str {
+    #[cfg(test)]
+    fn key(&self) -> &str {
         &self.key
     }
 

@@ -40,9 +40,8 @@ use crate::policy::{CacheControl, PolicyOptions};
 use crate::store::{Entry, Lookup, Store};
 use crate::upstream::Upstreams;
 
-pub use coalesce::{Coalescer, Join, Outcome as FlightOutcome, Permit};
-pub use forward::forward_headers;
-pub use outcome::{Bypass, Fwd, Outcome, OwnAnswer, StaleReason};
+use coalesce::Coalescer;
+pub(crate) use outcome::{Bypass, Fwd, Outcome, OwnAnswer};
 
 use fill::Fallback;
 use forward::VIA;

@@ -23,8 +23,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use raw::DEFAULT_STRIPPED;
-
 /// A configuration error: which key, where, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -55,7 +53,7 @@ impl std::error::Error for ConfigError {}
 
 /// The most header fields a request may have: the ceiling of `server.max_headers`, and
 /// the number of slots the request parser keeps on its stack (256 × 32 bytes).
-pub const MAX_HEADERS_CAP: usize = 256;
+pub(crate) const MAX_HEADERS_CAP: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -409,7 +407,7 @@ mod tests {
         assert_eq!(c.invalidation, InvalidationConfig::default());
         assert_eq!(c.log, LogConfig::default());
         assert_eq!(c.cache.coalesce_max_waiters, c.server.workers);
-        assert_eq!(c.cache.strip_request_headers, DEFAULT_STRIPPED);
+        assert_eq!(c.cache.strip_request_headers, raw::DEFAULT_STRIPPED);
     }
 
     #[test]

@@ -232,7 +232,7 @@ impl RawOrigin {
 /// / ssl / port / prefix / uri / server, original and rewritten URLs, method overrides,
 /// and Front-End-Https. (Echo replaces `X-Forwarded-For`, `-Host` and `-Proto` with its
 /// own on every forwarded request.) The default of `cache.strip_request_headers`.
-pub const DEFAULT_STRIPPED: &[&str] = &[
+pub(crate) const DEFAULT_STRIPPED: &[&str] = &[
     "forwarded",
     "x-forwarded-scheme",
     "x-forwarded-protocol",

@@ -223,7 +223,7 @@ fn read_line(conn: &mut Conn, max: usize, timeout: Instant) -> io::Result<Vec<u8
 /// included), when all of it is there: `Ok(None)` while more is needed, an error when
 /// what is there is not chunked framing. Reads nothing and consumes nothing: it lets
 /// the server read a small chunked body before a worker decodes it.
-pub fn chunked_length(buf: &[u8]) -> Result<Option<usize>, HttpError> {
+pub(crate) fn chunked_length(buf: &[u8]) -> Result<Option<usize>, HttpError> {
     let line = |at: usize| -> Option<(&[u8], usize)> {
         let rest = buf.get(at..)?;
         let lf = rest.iter().position(|&b| b == b'\n')?;

@@ -36,9 +36,9 @@ const INITIAL_BUFFER: usize = 4096;
 /// Response bytes queued for one slow client before the pool thread writing them waits
 /// for it: a large stored object (`cache.max_object_bytes`' default), so the answer to a
 /// miss is usually queued whole and its fetch worker goes back to the pool at once.
-pub const PENDING_PER_CONNECTION: usize = 8 << 20;
+pub(crate) const PENDING_PER_CONNECTION: usize = 8 << 20;
 /// Response bytes queued for all clients together: the memory slow readers can hold.
-pub const PENDING_TOTAL: usize = 256 << 20;
+pub(crate) const PENDING_TOTAL: usize = 256 << 20;
 
 /// Bytes queued in every connection of the process (bounded by [`PENDING_TOTAL`]).
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
@@ -102,17 +102,12 @@ impl Conn {
         &self.buf[self.start..]
     }
 
-    pub fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.buf.len());
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
         }
-    }
-
-    /// Is the buffer at its limit with nothing consumed (so a fill cannot add bytes)?
-    pub fn is_full(&self) -> bool {
-        self.buf.len() - self.start >= self.limit
     }
 
     /// Reads more bytes into the buffer, waiting until `deadline` at the latest.
@@ -162,13 +157,13 @@ impl Conn {
     }
 
     /// The deadline of the response about to be written.
-    pub fn set_write_deadline(&mut self, deadline: Instant) {
+    pub(crate) fn set_write_deadline(&mut self, deadline: Instant) {
         self.write_deadline = Some(deadline);
     }
 
     /// Moves the response's deadline later by `by` (a body of unknown length grows it
     /// as its bytes are written).
-    pub fn extend_write_deadline(&mut self, by: Duration) {
+    pub(crate) fn extend_write_deadline(&mut self, by: Duration) {
         if let Some(d) = self.write_deadline.as_mut() {
             *d += by;
         }
@@ -176,17 +171,18 @@ impl Conn {
 
     /// Lend the connection to a pool thread (`true`: writes queue rather than wait) or
     /// take it back (`false`).
-    pub fn set_offload(&mut self, offload: bool) {
+    pub(crate) fn set_offload(&mut self, offload: bool) {
         self.offload = offload;
     }
 
     /// Is response output still queued?
-    pub fn has_pending(&self) -> bool {
+    #[cfg(test)]
+    fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
 
     /// Writes out everything queued, waiting at most until the response's deadline.
-    pub fn flush_pending(&mut self) -> io::Result<()> {
+    pub(crate) fn flush_pending(&mut self) -> io::Result<()> {
         while !self.pending.is_empty() {
             self.write_front()?;
         }
@@ -194,14 +190,14 @@ impl Conn {
     }
 
     /// Drops what is queued (the response is being cut).
-    pub fn discard_pending(&mut self) {
+    pub(crate) fn discard_pending(&mut self) {
         self.pending.clear();
         let n = self.pending_bytes;
         self.release(n);
     }
 
     /// Writes all of `parts`, in as few system calls as the kernel allows.
-    pub fn write_all_vectored(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+    pub(crate) fn write_all_vectored(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         self.write_parts(parts, SendFlags::empty())
     }
 
@@ -211,13 +207,13 @@ impl Conn {
 
     /// Writes all of `data` with MSG_MORE: the kernel holds it to go out with what the
     /// next write or sendfile sends. Only when more follows at once.
-    pub fn write_all_more(&mut self, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_all_more(&mut self, data: &[u8]) -> io::Result<()> {
         self.write_parts(&[data], SendFlags::MORE)
     }
 
     /// Sends a stored body with sendfile (queued, not copied, when the connection is
     /// lent to a pool thread or output is already queued).
-    pub fn send_file(&mut self, file: &Arc<BodyFile>) -> io::Result<()> {
+    pub(crate) fn send_file(&mut self, file: &Arc<BodyFile>) -> io::Result<()> {
         if file.is_empty() {
             return Ok(());
         }
@@ -387,8 +383,9 @@ fn advance(parts: &mut Vec<&[u8]>, mut n: usize) {
     }
 }
 
-/// Bytes queued in every connection now (tests, metrics).
-pub fn queued_bytes() -> usize {
+/// Bytes queued in every connection now.
+#[cfg(test)]
+fn queued_bytes() -> usize {
     QUEUED.load(Ordering::Relaxed)
 }
 

@@ -58,14 +58,14 @@ pub struct ExchangeTimeouts {
 
 impl ExchangeTimeouts {
     /// How long `bytes` take at the minimum rate.
-    pub fn at_min_rate(&self, bytes: u64) -> Duration {
+    pub(crate) fn at_min_rate(&self, bytes: u64) -> Duration {
         Duration::try_from_secs_f64(bytes as f64 / self.min_rate.max(1) as f64)
             .unwrap_or(Duration::MAX)
     }
 
     /// When a body that has `received` bytes so far must be in, for a request whose head
     /// arrived at `since`.
-    pub fn body_deadline(&self, since: Instant, received: u64) -> Instant {
+    pub(crate) fn body_deadline(&self, since: Instant, received: u64) -> Instant {
         later(since, self.body.saturating_add(self.at_min_rate(received)))
     }
 }
@@ -124,18 +124,18 @@ impl<'c> Exchange<'c> {
     }
 
     /// Watches the server's drain flag: a response started after it is set closes.
-    pub fn watch_drain(&mut self, draining: Arc<AtomicBool>) {
+    pub(crate) fn watch_drain(&mut self, draining: Arc<AtomicBool>) {
         self.draining = Some(draining);
     }
 
     /// Can the exchange still be run afresh elsewhere (handed to the fetch pool)? Only
     /// before its response has started and before any of its body was read.
-    pub fn can_defer(&self) -> bool {
+    pub(crate) fn can_defer(&self) -> bool {
         !self.response_started() && !self.continue_sent && self.body.received() == 0
     }
 
     /// The request back, to run a deferred exchange elsewhere.
-    pub fn into_request(self) -> Request {
+    pub(crate) fn into_request(self) -> Request {
         self.req
     }
 
@@ -144,7 +144,7 @@ impl<'c> Exchange<'c> {
         BodyReader { ex: self }
     }
 
-    pub fn response_started(&self) -> bool {
+    pub(crate) fn response_started(&self) -> bool {
         self.response != ResponseState::NotStarted
     }
 
@@ -153,7 +153,7 @@ impl<'c> Exchange<'c> {
     }
 
     /// Body bytes sent so far.
-    pub fn body_bytes(&self) -> u64 {
+    pub(crate) fn body_bytes(&self) -> u64 {
         self.body_bytes
     }
 
@@ -163,12 +163,12 @@ impl<'c> Exchange<'c> {
     }
 
     /// Notes what the handler did, for `label`.
-    pub fn set_label(&mut self, label: &'static str) {
+    pub(crate) fn set_label(&mut self, label: &'static str) {
         self.label = label;
     }
 
     /// Notes the origin server whose answer this exchange passes on.
-    pub fn set_origin(&mut self, server: Arc<str>) {
+    pub(crate) fn set_origin(&mut self, server: Arc<str>) {
         self.origin = Some(server);
     }
 
@@ -341,7 +341,7 @@ impl<'c> Exchange<'c> {
 
     /// [`Exchange::respond`] with fields in several slices, written in order (a stored
     /// response's fields and those added for this answer, without copying them).
-    pub fn respond_fields(
+    pub(crate) fn respond_fields(
         &mut self,
         status: u16,
         fields: &[&[(String, Vec<u8>)]],
@@ -360,7 +360,7 @@ impl<'c> Exchange<'c> {
     /// [`Exchange::respond_fields`] with the body sent from `file` by sendfile (no copy
     /// through Echo's memory). The head is sent with MSG_MORE, so it leaves in one
     /// segment with the body's first bytes.
-    pub fn respond_file(
+    pub(crate) fn respond_file(
         &mut self,
         status: u16,
         fields: &[&[(String, Vec<u8>)]],
@@ -408,7 +408,7 @@ impl<'c> Exchange<'c> {
 
     /// The response cannot be completed: the connection is closed without finishing it,
     /// so the client sees a truncated message rather than a fabricated complete one.
-    pub fn abort(&mut self) {
+    pub(crate) fn abort(&mut self) {
         self.close = true;
         if self.response != ResponseState::Done {
             self.response = ResponseState::Body(Framing::Close, 0);

@@ -42,7 +42,7 @@ pub fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
 }
 
 /// The single value of a field if present exactly once.
-pub fn header_one<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
+pub(crate) fn header_one<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
     let mut found: Option<&'a [u8]> = None;
     for (n, v) in headers {
         if is_named(n, name) {
@@ -56,7 +56,7 @@ pub fn header_one<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
 }
 
 /// Is the field present (with any value, even empty)?
-pub fn has_header(headers: &HeaderList, name: &str) -> bool {
+pub(crate) fn has_header(headers: &HeaderList, name: &str) -> bool {
     headers.iter().any(|(n, _)| is_named(n, name))
 }
 
@@ -65,7 +65,7 @@ pub fn has_header(headers: &HeaderList, name: &str) -> bool {
 // have the same field name into one field line, without changing the semantics of the message,
 // by appending each subsequent field line value to the initial field line value in order,
 // separated by a comma (",") and optional whitespace (OWS, defined in Section 5.6.3)."
-pub fn header_joined_bytes(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
+pub(crate) fn header_joined_bytes(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
     for (n, v) in headers {
         if is_named(n, name) {
@@ -83,7 +83,7 @@ pub fn header_joined_bytes(headers: &HeaderList, name: &str) -> Option<Vec<u8>> 
 
 /// All values of a field joined with ", " (None if absent).
 /// Non-UTF-8 bytes are replaced (lossy).
-pub fn header_joined(headers: &HeaderList, name: &str) -> Option<String> {
+pub(crate) fn header_joined(headers: &HeaderList, name: &str) -> Option<String> {
     let mut out: Option<String> = None;
     for (n, v) in headers {
         if is_named(n, name) {
@@ -105,7 +105,7 @@ pub fn header_joined(headers: &HeaderList, name: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 
 /// Trims optional whitespace (SP / HTAB, RFC 9110 §5.6.3) from both ends.
-pub fn trim_ows(mut s: &[u8]) -> &[u8] {
+pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
     }
@@ -121,7 +121,7 @@ pub fn trim_ows(mut s: &[u8]) -> &[u8] {
 // elements".
 // RFC 9110 §5.6.4: "The backslash octet ("\") can be used as a single-octet quoting mechanism
 // within quoted-string and comment constructs."
-pub fn split_list(s: &[u8]) -> Vec<&[u8]> {
+pub(crate) fn split_list(s: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut in_quote = false;
@@ -149,7 +149,10 @@ pub fn split_list(s: &[u8]) -> Vec<&[u8]> {
 
 /// The members of every line of the list field `name`, in order. Each line is split on
 /// its own, so a quote left open on one line cannot hide the members of the next.
-pub fn list_members<'a>(headers: &'a HeaderList, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+pub(crate) fn list_members<'a>(
+    headers: &'a HeaderList,
+    name: &'a str,
+) -> impl Iterator<Item = &'a [u8]> {
     headers
         .iter()
         .filter(move |(n, _)| is_named(n, name))
@@ -158,7 +161,7 @@ pub fn list_members<'a>(headers: &'a HeaderList, name: &'a str) -> impl Iterator
 
 /// Does the comma-separated list field `name` contain `token` (case-insensitive)?
 // RFC 9110 §7.6.1: "Connection options are case-insensitive."
-pub fn has_token(headers: &HeaderList, name: &str, token: &str) -> bool {
+pub(crate) fn has_token(headers: &HeaderList, name: &str, token: &str) -> bool {
     list_members(headers, name).any(|item| item.eq_ignore_ascii_case(token.as_bytes()))
 }
 
@@ -169,7 +172,7 @@ pub fn has_token(headers: &HeaderList, name: &str, token: &str) -> bool {
 /// Parses an HTTP-date (IMF-fixdate, RFC 850 or asctime) from raw bytes.
 // RFC 9110 §5.6.7: "A recipient that parses a timestamp value in an HTTP field MUST accept
 // all three HTTP-date formats."
-pub fn parse_date(v: &[u8]) -> Option<SystemTime> {
+pub(crate) fn parse_date(v: &[u8]) -> Option<SystemTime> {
     let s = std::str::from_utf8(trim_ows(v)).ok()?;
     httpdate::parse_http_date(s).ok()
 }
@@ -177,20 +180,20 @@ pub fn parse_date(v: &[u8]) -> Option<SystemTime> {
 /// Formats a time as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
 // RFC 9110 §5.6.7: "When a sender generates a field that contains one or more timestamps
 // defined as HTTP-date, the sender MUST generate those timestamps in the IMF-fixdate format."
-pub fn format_date(t: SystemTime) -> String {
+pub(crate) fn format_date(t: SystemTime) -> String {
     httpdate::fmt_http_date(t)
 }
 
 /// RFC 9111 §1.2.2: "the cache MUST consider the value to be 2147483648 (2^31) or the greatest
 /// positive integer it can conveniently represent".
-pub const DELTA_SECONDS_MAX: u64 = 1 << 31;
+pub(crate) const DELTA_SECONDS_MAX: u64 = 1 << 31;
 
 /// delta-seconds = 1*DIGIT, saturating at 2^31.
 // RFC 9111 §1.2.2: "If a cache receives a delta-seconds value greater than the greatest integer
 // it can represent, or if any of its subsequent calculations overflows, the cache MUST consider
 // the value to be 2147483648 (2^31) or the greatest positive integer it can conveniently
 // represent."
-pub fn parse_delta_seconds(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_delta_seconds(v: &[u8]) -> Option<u64> {
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -210,7 +213,7 @@ pub fn parse_delta_seconds(v: &[u8]) -> Option<u64> {
 /// against a list Echo acts on (hop-by-hop, its own forwarding fields, the strip list)
 /// goes through this, so `X_Forwarded_Host` is `x-forwarded-host` (the Puma
 /// CVE-2024-45614 class of cache poisoning).
-pub fn fold_name(name: &str) -> Cow<'_, str> {
+pub(crate) fn fold_name(name: &str) -> Cow<'_, str> {
     if name.contains('_') || name.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(name.to_ascii_lowercase().replace('_', "-"))
     } else {
@@ -219,7 +222,7 @@ pub fn fold_name(name: &str) -> Cow<'_, str> {
 }
 
 /// Do two field names name the same field once folded (`_` = `-`, any case)?
-pub fn same_field(a: &str, b: &str) -> bool {
+pub(crate) fn same_field(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes().zip(b.bytes()).all(|(x, y)| {
             let fold = |c: u8| {
@@ -235,7 +238,7 @@ pub fn same_field(a: &str, b: &str) -> bool {
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded and never stored, plus
 /// the framing fields Echo sets itself.
-pub const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -248,7 +251,7 @@ pub const HOP_BY_HOP: &[&str] = &[
 /// Removes the hop-by-hop fields and every field named in `Connection`
 /// (RFC 9110 §7.6.1: "a proxy or gateway MUST ... remove any header or trailer field
 /// ... identified in the Connection header field"), names compared folded.
-pub fn strip_hop_by_hop(headers: &mut Vec<(String, Vec<u8>)>) {
+pub(crate) fn strip_hop_by_hop(headers: &mut Vec<(String, Vec<u8>)>) {
     let named: Vec<String> = headers
         .iter()
         .filter(|(n, _)| same_field(n, "connection"))

@@ -25,12 +25,17 @@ pub enum Framing {
 }
 
 /// RFC 9110 §6.4.1: responses to HEAD and 1xx/204/304 have no content.
-pub fn has_no_body(status: u16, head_request: bool) -> bool {
+pub(crate) fn has_no_body(status: u16, head_request: bool) -> bool {
     head_request || status < 200 || status == 204 || status == 304
 }
 
 /// Chooses the framing for a response to a client speaking `version`.
-pub fn choose(status: u16, head_request: bool, length: BodyLength, version: Version) -> Framing {
+pub(crate) fn choose(
+    status: u16,
+    head_request: bool,
+    length: BodyLength,
+    version: Version,
+) -> Framing {
     if has_no_body(status, head_request) {
         return Framing::NoBody;
     }
@@ -47,7 +52,7 @@ pub fn choose(status: u16, head_request: bool, length: BodyLength, version: Vers
 /// kept for HEAD responses, which announce the length a GET would have had.
 /// `fields` are written in order, slice after slice (stored fields, then the ones added
 /// for this answer), so no caller has to join them into a new list.
-pub fn write_head(
+pub(crate) fn write_head(
     out: &mut Vec<u8>,
     version: Version,
     status: u16,

@@ -133,7 +133,7 @@ fn cap_delta(d: Duration) -> Duration {
 
 /// Is this stored response fresh at `age`?
 // RFC 9111 §4.2: "response_is_fresh = (freshness_lifetime > current_age)"
-pub fn is_fresh(freshness: Duration, age: Duration) -> bool {
+pub(crate) fn is_fresh(freshness: Duration, age: Duration) -> bool {
     freshness > age
 }
 
@@ -181,7 +181,7 @@ pub fn corrected_initial_age(
 /// current_age = corrected_initial_age + (now − response_time), saturating.
 // RFC 9111 §4.2.3: "resident_time = now - response_time;
 // current_age = corrected_initial_age + resident_time;"
-pub fn current_age(
+pub(crate) fn current_age(
     corrected_initial_age: Duration,
     response_time: SystemTime,
     now: SystemTime,

@@ -43,14 +43,15 @@ mod vary;
 use std::time::Duration;
 
 pub use cache_control::CacheControl;
-pub use freshness::{corrected_initial_age, current_age, freshness_lifetime, is_fresh};
-pub use reuse::{reuse, stale_window, Reuse};
+pub use freshness::{corrected_initial_age, freshness_lifetime};
+pub use reuse::{reuse, Reuse};
 pub use storability::{storability, NoStoreReason, Storability};
-pub use validation::{
-    after_not_modified, freshens, invalidates, is_unsafe_method, update_stored_headers,
-    validation_preconditions, AfterNotModified,
-};
+pub use validation::{freshens, invalidates, update_stored_headers, AfterNotModified};
 pub use vary::{vary, vary_matches, vary_snapshot, Vary, VarySnapshot};
+
+pub(crate) use freshness::{current_age, is_fresh};
+pub(crate) use reuse::stale_window;
+pub(crate) use validation::{after_not_modified, validation_preconditions};
 
 pub use crate::http::headers::HeaderList;
 

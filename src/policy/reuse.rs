@@ -33,7 +33,7 @@ pub enum Reuse {
 /// How long past its freshness a stored response may be served stale at most (the
 /// longer of its stale-while-revalidate and stale-if-error windows, capped); zero when
 /// it may never be served stale. Stores keep entries at least this long past freshness.
-pub fn stale_window(stored: &HeaderList, opts: &PolicyOptions) -> Duration {
+pub(crate) fn stale_window(stored: &HeaderList, opts: &PolicyOptions) -> Duration {
     let cc = CacheControl::parse(stored);
     if never_stale(&cc) {
         return Duration::ZERO;

@@ -29,7 +29,7 @@ use crate::http::headers::{header_one, parse_date, trim_ows, HOP_BY_HOP};
 // If-Modified-Since) if only a Last-Modified value has been provided"; and "SHOULD send both
 // validators in cache validation requests if both an entity tag and a Last-Modified value have
 // been provided by the origin server".
-pub fn validation_preconditions(stored: &HeaderList) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn validation_preconditions(stored: &HeaderList) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     // ETag is a singleton field (RFC 9110 §8.8.3): several lines name no one validator.
     if let Some(etag) = header_one(stored, "etag")
@@ -201,7 +201,7 @@ pub enum AfterNotModified {
 /// §4.2.3) and keeps the stored content.
 // RFC 9111 §4.3.3: "A 304 (Not Modified) response status code indicates that the stored
 // response can be updated and reused; see Section 4.3.4."
-pub fn after_not_modified(
+pub(crate) fn after_not_modified(
     stored: &HeaderList,
     stored_status: u16,
     not_modified: &HeaderList,
@@ -238,7 +238,7 @@ pub fn after_not_modified(
 // RFC 9110 §9.2.1: "Of the request methods defined by this specification, the GET, HEAD,
 // OPTIONS, and TRACE methods are defined to be safe."
 // RFC 9111 §4.4 counts "methods whose safety is unknown" as unsafe.
-pub fn is_unsafe_method(method: &str) -> bool {
+pub(crate) fn is_unsafe_method(method: &str) -> bool {
     !matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE")
 }
 
