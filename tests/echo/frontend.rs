@@ -9,13 +9,11 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::client::build_request;
 use crate::support::echo::config;
-use crate::support::{wait_until, EchoUnderTest, OriginResponse, RawClient, TestOrigin};
+use crate::support::{wait_until, EchoUnderTest, Gate, OriginResponse, RawClient, TestOrigin};
 
 /// An origin that says which request it got: `METHOD TARGET <body length>`, never
 /// cacheable, so every request to Echo is one origin hit.
@@ -928,14 +926,11 @@ fn an_http10_client_gets_a_close_delimited_body_when_the_length_is_unknown() {
 fn a_full_worker_queue_answers_503_instead_of_waiting() {
     // The origin holds the slow requests until the test releases them, so the only worker
     // stays busy for as long as the test needs, however loaded the machine is.
-    let release = Arc::new(AtomicBool::new(false));
-    let held = Arc::clone(&release);
+    let gate = Gate::new();
+    let held = gate.hold();
     let origin = TestOrigin::start(move |req| {
         if req.target.starts_with("/slow") {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            held.wait(Duration::from_secs(10));
         }
         OriginResponse::ok(format!("GET {}", req.target)).header("Cache-Control", "no-store")
     });
@@ -969,7 +964,7 @@ fn a_full_worker_queue_answers_503_instead_of_waiting() {
     assert_eq!(first.status, 503, "{first:?}");
     assert_eq!(first.header("retry-after"), Some("1"));
     assert_eq!(first.header("connection"), Some("close"));
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     let second = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the queued request is answered")

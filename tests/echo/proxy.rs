@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::client::{self, RawClient};
 use crate::support::echo::{config, EchoUnderTest};
-use crate::support::{dead_origin_url, wait_until, OriginResponse, TestOrigin};
+use crate::support::{dead_origin_url, wait_until, Gate, OriginResponse, TestOrigin};
 
 #[test]
 fn requests_reach_the_origin_with_proxy_fields_and_without_hop_by_hop_ones() {
@@ -261,17 +261,12 @@ fn options_asterisk_is_answered_by_echo() {
 
 #[test]
 fn a_slow_origin_on_many_urls_does_not_starve_cache_hits() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     // The origin holds every /slow/* request until released; /hot answers at once.
-    let release = Arc::new(AtomicBool::new(false));
-    let held = Arc::clone(&release);
+    let gate = Gate::new();
+    let held = gate.hold();
     let origin = TestOrigin::start(move |req| {
         if req.target.starts_with("/slow/") {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            held.wait(Duration::from_secs(20));
         }
         OriginResponse::ok(format!("body of {}", req.target)).header("Cache-Control", "max-age=600")
     });
@@ -300,7 +295,7 @@ fn a_slow_origin_on_many_urls_does_not_starve_cache_hits() {
         worst < Duration::from_millis(200),
         "a hit took {worst:?} while the origin hung"
     );
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     for h in hanging {
         assert_eq!(h.join().expect("client").status, 200);
     }
