@@ -196,6 +196,7 @@ fn a_waiter_that_waits_too_long_fetches_itself() {
         Duration::from_secs(5),
         || origin.hits("/held/timeout") == 2,
     );
+    // Not before its own 300 ms wait ran out.
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "{:?}",

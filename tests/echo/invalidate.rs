@@ -666,7 +666,9 @@ fn a_slow_pattern_never_stalls_hits_on_the_memory_store() {
         let resp = c.get("/hot", &[("Host", "a.example")]);
         let took = started.elapsed();
         assert_eq!(resp.header("x-cache-status"), Some("HIT"));
-        assert!(took < Duration::from_millis(500), "a hit took {took:?}");
+        // Latency is the point ("never stalls hits"): the stall this guards against
+        // lasted minutes; a hit takes a few ms.
+        assert!(took < Duration::from_secs(1), "a hit took {took:?}");
     }
     // The hits overlapped the job: it is still at work.
     let report = job_report(&echo, id);
@@ -746,6 +748,8 @@ fn check_the_budget_stops_a_job(echo: &EchoUnderTest, keys: u64) {
     let body = format!(r#"{{"pattern": "{}"}}"#, SLOW_PATTERN.replace('\\', "\\\\"));
     let started = std::time::Instant::now();
     let (status, report) = invalidate(echo, &body);
+    // Time is the point of a time budget: the answer comes soon after its 300 ms, not
+    // when the whole job would have ended.
     assert!(started.elapsed() < Duration::from_secs(10), "{report}");
     assert_eq!(status, 503, "{report}");
     assert_eq!(report["state"], "failed", "{report}");

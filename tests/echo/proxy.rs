@@ -159,6 +159,7 @@ fn an_origin_that_refuses_connections_is_a_quick_502() {
     let resp = client::get(echo.addr, "/", &[]);
     assert_eq!(resp.status, 502);
     assert!(resp.body_str().starts_with("echo: "), "{}", resp.body_str());
+    // Latency is the point ("quick"): a refused connect fails in a few ms.
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "took {:?}",
@@ -178,6 +179,8 @@ fn an_origin_that_does_not_answer_in_time_is_a_504() {
     let resp = client::get(echo.addr, "/slow", &[]);
     assert_eq!(resp.status, 504, "{}", resp.body_str());
     let took = started.elapsed();
+    // The point is the 2 s response timeout: the 504 comes at it, before the origin's
+    // answer (3 s) would have.
     assert!(
         took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
         "took {took:?}"
@@ -291,8 +294,10 @@ fn a_slow_origin_on_many_urls_does_not_starve_cache_hits() {
         worst = worst.max(started.elapsed());
         assert_eq!(hit.header("x-cache-status"), Some("HIT"));
     }
+    // Latency is the point ("does not starve"): a starved hit would wait for the
+    // origin (held up to 20 s); a hit takes a few ms.
     assert!(
-        worst < Duration::from_millis(200),
+        worst < Duration::from_secs(1),
         "a hit took {worst:?} while the origin hung"
     );
     gate.open();
