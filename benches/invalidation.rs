@@ -23,13 +23,13 @@
 //! Every count is asserted, and so are the keys left behind (DBSIZE on the master and on
 //! the replica). Numbers are for comparing builds on the same, otherwise idle, machine.
 //!
+//! Redis runs as the tests run it: `tests/echo/support/redis.rs` starts the master and the
+//! replica (free ports, temp dirs, no persistence, killed on drop).
+//!
 //! On the memory store a prober thread meanwhile looks up a key no job names, every
 //! 100 µs, and the longest of those lookups is printed under each row: how long a hit
 //! can wait for the store's lock while a job runs.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -41,6 +41,14 @@ use echo::key::CacheKey;
 use echo::store::memory::MemoryStore;
 use echo::store::redis::{redis_key, RedisStore};
 use echo::store::{codec, Entry, Store};
+
+// The tests' redis-server fixture (free port, temp dir, no persistence, killed on drop);
+// this bench uses part of it (no pause, restart or key waits).
+#[allow(dead_code)]
+#[path = "../tests/echo/support/redis.rs"]
+mod redis_fixture;
+
+use redis_fixture::RedisServer;
 
 const HOST: &str = "api.example.com";
 const ORGS: u64 = 1000;
@@ -102,158 +110,24 @@ fn job(pattern: &str, dry_run: bool) -> Job {
 }
 
 // -----------------------------------------------------------------------------------------
-// A redis-server of our own: free port, temp dir, no persistence, killed on drop.
+// What the bench reads from Redis.
 
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
+/// Reads and writes on the populating connection may take this long (pipelines, WAIT).
+const SLOW_IO: Duration = Duration::from_secs(120);
+
+fn dbsize(server: &RedisServer) -> u64 {
+    redis::cmd("DBSIZE")
+        .query(&mut server.connection())
+        .expect("DBSIZE")
 }
 
-impl RedisServer {
-    fn start(replica_of: Option<u16>) -> RedisServer {
-        let dir = std::env::temp_dir().join(format!(
-            "echo-bench-redis-{}-{}",
-            std::process::id(),
-            replica_of.map_or("master".to_string(), |p| format!("replica-of-{p}"))
-        ));
-        std::fs::create_dir_all(&dir).expect("redis temp dir");
-        let mut server = RedisServer {
-            child: None,
-            port: 0,
-            dir,
-        };
-        // A free port can be taken between finding it and binding it: try a few.
-        for _ in 0..5 {
-            server.port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let log = std::fs::File::create(server.dir.join("redis.log")).expect("redis log");
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &server.port.to_string()])
-                .args(["--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .args(["--dir", &server.dir.to_string_lossy()])
-                .args(["--daemonize", "no", "--protected-mode", "yes"])
-                .args(["--repl-diskless-sync-delay", "0"])
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(Stdio::null());
-            if let Some(master) = replica_of {
-                cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
-            }
-            server.child = Some(cmd.spawn().unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}): install it (`apt-get install redis-server`)"
-                )
-            }));
-            if server.wait_answering(Duration::from_secs(10)) {
-                if replica_of.is_some() {
-                    server.wait_for("the replica's link to its master", |s| {
-                        s.info("replication").contains("master_link_status:up")
-                    });
-                }
-                return server;
-            }
-            server.kill();
-        }
-        panic!("redis-server did not start (see {})", server.dir.display());
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn connection(&self) -> redis::RedisResult<redis::Connection> {
-        let conn =
-            redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))?;
-        conn.set_read_timeout(Some(Duration::from_secs(120)))?;
-        conn.set_write_timeout(Some(Duration::from_secs(120)))?;
-        Ok(conn)
-    }
-
-    fn wait_answering(&mut self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
-                return false;
-            }
-            let pong = self
-                .connection()
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if pong.is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    fn wait_for(&self, what: &str, ok: impl Fn(&RedisServer) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ok(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
-        cmd.query(&mut self.connection().expect("redis connection"))
-            .expect("redis command")
-    }
-
-    fn info(&self, section: &str) -> String {
-        self.query(redis::cmd("INFO").arg(section))
-    }
-
-    fn info_field(&self, section: &str, field: &str) -> String {
-        let prefix = format!("{field}:");
-        self.info(section)
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_string()))
-            .unwrap_or_default()
-    }
-
-    fn dbsize(&self) -> u64 {
-        self.query(&redis::cmd("DBSIZE"))
-    }
-
-    /// Entry keys: DBSIZE less Echo's own bookkeeping keys.
-    fn entries(&self) -> u64 {
-        let aux: u64 = self.query(redis::cmd("EXISTS").arg(&AUX_KEYS[..]));
-        self.dbsize() - aux
-    }
-
-    /// SCAN calls since the last `CONFIG RESETSTAT`.
-    fn scan_calls(&self) -> u64 {
-        self.info("commandstats")
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("cmdstat_scan:calls=")
-                    .and_then(|v| v.split(',').next())
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    fn reset_stats(&self) {
-        self.query::<()>(redis::cmd("CONFIG").arg("RESETSTAT"));
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Entry keys: DBSIZE less Echo's own bookkeeping keys.
+fn entries(server: &RedisServer) -> u64 {
+    let aux: u64 = redis::cmd("EXISTS")
+        .arg(&AUX_KEYS[..])
+        .query(&mut server.connection())
+        .expect("EXISTS");
+    dbsize(server) - aux
 }
 
 /// Writes `keys` with pipelined `SET key value PX ttl`, `PIPELINE` per round trip, then
@@ -264,7 +138,7 @@ fn redis_populate(
     value: &[u8],
     keys: impl Iterator<Item = CacheKey>,
 ) -> u64 {
-    let mut conn = master.connection().expect("redis connection");
+    let mut conn = master.connection_with_timeout(SLOW_IO);
     let mut pipe = redis::pipe();
     let mut in_pipe = 0;
     let mut written = 0;
@@ -384,8 +258,8 @@ fn run_job(store: &dyn Store, job: &Job, want: u64) -> (Duration, Outcome, u64) 
 // -----------------------------------------------------------------------------------------
 
 fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>) {
-    let master = RedisServer::start(None);
-    let replica = with_replica.then(|| RedisServer::start(Some(master.port)));
+    let master = RedisServer::master();
+    let replica = with_replica.then(|| RedisServer::replica_of(&master));
     let replicas = u64::from(with_replica);
     let replica_urls = replica
         .as_ref()
@@ -416,7 +290,7 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
     let written = redis_populate(&master, replicas, &value, all);
     let took = start.elapsed();
     assert_eq!(written, n);
-    assert_eq!(master.dbsize(), n);
+    assert_eq!(dbsize(&master), n);
     println!(
         "{:<44} {:>9} {:>9} {:>9.1} {:>9} {:>9} {:>12.0}   ({} per pipeline, used_memory {})",
         "populate: pipelined SET PX",
@@ -431,10 +305,10 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
     );
 
     let check_left = |left: u64, what: &str| {
-        assert_eq!(master.entries(), left, "{what}: keys left on the master");
+        assert_eq!(entries(&master), left, "{what}: keys left on the master");
         if let Some(r) = &replica {
             // WAIT returned: the replica has applied every delete already.
-            assert_eq!(r.entries(), left, "{what}: keys left on the replica");
+            assert_eq!(entries(r), left, "{what}: keys left on the replica");
         }
     };
 
@@ -481,7 +355,7 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
             }
             row.ms.push(took.as_secs_f64() * 1000.0);
             row.scanned = scanned;
-            row.scans = Some(master.scan_calls());
+            row.scans = Some(master.calls("scan"));
             check_left(if dry_run { left } else { left - want }, what);
         }
         if !dry_run {

@@ -11,7 +11,6 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
@@ -733,19 +732,13 @@ fn invalidate_usage_errors_exit_2_before_reading_the_config() {
 
 #[test]
 fn sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0() {
-    use crate::support::{client, OriginResponse, TestOrigin};
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-    use std::time::Instant;
+    use crate::support::{client, Gate, OriginResponse, TestOrigin};
 
-    let release = Arc::new(AtomicBool::new(false));
-    let held = Arc::clone(&release);
+    let gate = Gate::new();
+    let held = gate.hold();
     let origin = TestOrigin::start(move |req| {
         if req.target == "/in-flight" {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(5));
-            }
+            held.wait(Duration::from_secs(10));
         }
         OriginResponse::ok(format!("body of {}", req.target))
     });
@@ -787,7 +780,7 @@ fn sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0() {
         "the idle connection was closed"
     );
     // The request in flight still completes, then echod exits 0.
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     let resp = in_flight.join().expect("client");
     assert_eq!(
         (resp.status, resp.body_str().as_str()),

@@ -2,7 +2,7 @@
 //! across nodes sharing Redis; answers that may not be shared are never handed to
 //! another client; a failed or slow leader never wedges its key.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -10,21 +10,15 @@ use std::time::{Duration, Instant};
 use crate::support::client::{self, RawResponse};
 use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::RedisServer;
-use crate::support::{wait_until, OriginResponse, TestOrigin};
+use crate::support::{wait_until, Gate, Hold, OriginResponse, TestOrigin};
 
-/// An origin that holds requests for `/held*` until `release` is set (10 s at most).
-fn holding_origin(
-    release: Arc<AtomicBool>,
-    respond: fn(&str, usize) -> OriginResponse,
-) -> TestOrigin {
+/// An origin that holds requests for `/held*` until `gate` opens (10 s at most).
+fn holding_origin(gate: Hold, respond: fn(&str, usize) -> OriginResponse) -> TestOrigin {
     let count = Arc::new(AtomicUsize::new(0));
     TestOrigin::start(move |req| {
         let n = count.fetch_add(1, Ordering::SeqCst);
         if req.target.starts_with("/held") {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !release.load(Ordering::SeqCst) && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(2));
-            }
+            gate.wait(Duration::from_secs(10));
         }
         respond(&req.target, n)
     })
@@ -63,8 +57,8 @@ fn collapsed(responses: &[RawResponse]) -> usize {
 
 #[test]
 fn fifty_concurrent_misses_cost_one_origin_fetch() {
-    let release = Arc::new(AtomicBool::new(false));
-    let origin = holding_origin(Arc::clone(&release), |t, _| {
+    let gate = Gate::new();
+    let origin = holding_origin(gate.hold(), |t, _| {
         OriginResponse::ok(format!("body of {t}")).header("Cache-Control", "max-age=60")
     });
     let echo = EchoUnderTest::start(&origin.url());
@@ -80,7 +74,7 @@ fn fifty_concurrent_misses_cost_one_origin_fetch() {
         Duration::from_secs(5),
         || echo.echo.proxy.open_connections() >= 50,
     );
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     let mut responses = join_all(leader);
     responses.extend(join_all(followers));
     assert_eq!(
@@ -99,8 +93,8 @@ fn fifty_concurrent_misses_cost_one_origin_fetch() {
 
 #[test]
 fn answers_that_may_not_be_shared_are_fetched_by_each_request() {
-    let release = Arc::new(AtomicBool::new(false));
-    let origin = holding_origin(Arc::clone(&release), |_, n| {
+    let gate = Gate::new();
+    let origin = holding_origin(gate.hold(), |_, n| {
         OriginResponse::ok(format!("private answer {n}"))
             .header("Cache-Control", "private, max-age=60")
     });
@@ -117,7 +111,7 @@ fn answers_that_may_not_be_shared_are_fetched_by_each_request() {
         Duration::from_secs(5),
         || echo.echo.proxy.open_connections() >= 10,
     );
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     let mut responses = join_all(leader);
     responses.extend(join_all(followers));
     assert_eq!(
@@ -138,8 +132,8 @@ fn answers_that_may_not_be_shared_are_fetched_by_each_request() {
 
 #[test]
 fn a_failed_leader_does_not_wedge_its_key() {
-    let release = Arc::new(AtomicBool::new(false));
-    let origin = holding_origin(Arc::clone(&release), |_, n| {
+    let gate = Gate::new();
+    let origin = holding_origin(gate.hold(), |_, n| {
         let resp = OriginResponse::ok(vec![b'x'; 1000]).header("Cache-Control", "max-age=60");
         // The leader's answer breaks off mid-body; later ones are whole.
         if n == 0 {
@@ -161,7 +155,7 @@ fn a_failed_leader_does_not_wedge_its_key() {
         Duration::from_secs(5),
         || echo.echo.proxy.open_connections() >= 6,
     );
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     // The leader's own client sees a cut answer; only the followers matter here.
     for h in leader {
         let _ = h.join();
@@ -181,8 +175,8 @@ fn a_failed_leader_does_not_wedge_its_key() {
 
 #[test]
 fn a_waiter_that_waits_too_long_fetches_itself() {
-    let release = Arc::new(AtomicBool::new(false));
-    let origin = holding_origin(Arc::clone(&release), |t, n| {
+    let gate = Gate::new();
+    let origin = holding_origin(gate.hold(), |t, n| {
         OriginResponse::ok(format!("{t} answer {n}")).header("Cache-Control", "max-age=60")
     });
     let echo =
@@ -202,12 +196,13 @@ fn a_waiter_that_waits_too_long_fetches_itself() {
         Duration::from_secs(5),
         || origin.hits("/held/timeout") == 2,
     );
+    // Not before its own 300 ms wait ran out.
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "{:?}",
         started.elapsed()
     );
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     join_all(leader);
     let r = join_all(follower).remove(0);
     assert_eq!(r.status, 200);
@@ -217,8 +212,8 @@ fn a_waiter_that_waits_too_long_fetches_itself() {
 fn twenty_misses_over_two_nodes_on_one_redis_cost_one_fetch() {
     let master = RedisServer::master();
     let replica = RedisServer::replica_of(&master);
-    let release = Arc::new(AtomicBool::new(false));
-    let origin = holding_origin(Arc::clone(&release), |t, _| {
+    let gate = Gate::new();
+    let origin = holding_origin(gate.hold(), |t, _| {
         OriginResponse::ok(format!("body of {t}")).header("Cache-Control", "max-age=60")
     });
     let redis = redis_sections(&master, &[&replica], "", "");
@@ -234,7 +229,7 @@ fn twenty_misses_over_two_nodes_on_one_redis_cost_one_fetch() {
     wait_until("every client is connected", Duration::from_secs(5), || {
         a.echo.proxy.open_connections() >= 11 && b.echo.proxy.open_connections() >= 10
     });
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     let mut responses = join_all(first);
     responses.extend(join_all(rest));
     assert_eq!(responses.len(), 21);

@@ -484,6 +484,8 @@ fn a_frozen_redis_costs_requests_no_more_than_its_timeouts() {
         "failed requests: {:?}",
         stats.failures
     );
+    // Latency is the point: a frozen Redis costs a request its timeouts (200 ms each),
+    // never the freeze; 1.5 s is several times that.
     assert!(
         frozen.max_latency < Duration::from_millis(1500),
         "a request waited {:?} on a frozen Redis (timeouts are 200 ms)",
@@ -682,7 +684,6 @@ fn two_hundred_concurrent_invalidations_are_all_answered_and_echo_keeps_serving(
          max latency {max_latency:?}, unexpected {unexpected:?}"
     );
     assert!(unexpected.is_empty(), "unanswered or wrong: {unexpected:?}");
-    assert!(elapsed < WITHIN, "took {elapsed:?}");
 
     let after = client::get(echo.addr, "/x/0", &[]);
     assert_eq!(after.status, 200);
@@ -934,6 +935,7 @@ fn ten_thousand_idle_connections_do_not_stop_a_normal_client() {
         let latency = began.elapsed();
         max_latency = max_latency.max(latency);
         assert_eq!(resp.status, 200, "{}", echod.log_text());
+        // Latency is the point ("do not stop a normal client"): a few ms expected.
         assert!(
             latency < Duration::from_secs(1),
             "a normal request took {latency:?}"
@@ -1176,10 +1178,14 @@ fn fifty_slowloris_connections_are_cut_at_the_header_timeout_and_others_are_serv
             String::from_utf8_lossy(&c.received)
         );
     }
+    // The point is the 1 s header timeout: the cut comes at it, not before or long after.
     assert!(
         earliest >= Duration::from_millis(900) && latest <= Duration::from_millis(1800),
         "cut between {earliest:?} and {latest:?}, not at the 1 s header timeout"
     );
+    // Latency is the point ("others are served"), and it is sub-second on purpose: a GET
+    // that waited for the slow connections to be cut would take about the 1 s header
+    // timeout; one served alongside them takes a few ms.
     assert!(
         max_latency < Duration::from_millis(500),
         "normal GET took {max_latency:?}"

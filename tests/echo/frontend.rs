@@ -9,13 +9,11 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::client::build_request;
 use crate::support::echo::config;
-use crate::support::{wait_until, EchoUnderTest, OriginResponse, RawClient, TestOrigin};
+use crate::support::{wait_until, EchoUnderTest, Gate, OriginResponse, RawClient, TestOrigin};
 
 /// An origin that says which request it got: `METHOD TARGET <body length>`, never
 /// cacheable, so every request to Echo is one origin hit.
@@ -383,6 +381,7 @@ fn half_sent_requests_do_not_delay_other_clients() {
             .read_response(false)
             .unwrap_or_else(|e| panic!("fast client #{i} not served: {e}"));
         assert_eq!(resp.body_str(), format!("GET /fast/{i} 0"));
+        // Latency is the point ("do not delay"): a few ms expected.
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "fast client #{i} waited"
@@ -420,7 +419,8 @@ fn a_head_not_received_within_the_header_timeout_gets_408_and_is_closed() {
         "408 too early: {elapsed:?}"
     );
 
-    // A client that trickles its head a byte at a time is cut off just the same.
+    // A client that trickles its head a byte at a time is cut off just the same: at the
+    // 300 ms header timeout, so well within 3 s (the whole trickle would take about 5 s).
     let started = Instant::now();
     let mut c = RawClient::connect(echo.addr);
     let head = build_request("GET", "/trickle", &[("X-Pad", &"p".repeat(200))], b"");
@@ -928,14 +928,11 @@ fn an_http10_client_gets_a_close_delimited_body_when_the_length_is_unknown() {
 fn a_full_worker_queue_answers_503_instead_of_waiting() {
     // The origin holds the slow requests until the test releases them, so the only worker
     // stays busy for as long as the test needs, however loaded the machine is.
-    let release = Arc::new(AtomicBool::new(false));
-    let held = Arc::clone(&release);
+    let gate = Gate::new();
+    let held = gate.hold();
     let origin = TestOrigin::start(move |req| {
         if req.target.starts_with("/slow") {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            held.wait(Duration::from_secs(10));
         }
         OriginResponse::ok(format!("GET {}", req.target)).header("Cache-Control", "no-store")
     });
@@ -969,7 +966,7 @@ fn a_full_worker_queue_answers_503_instead_of_waiting() {
     assert_eq!(first.status, 503, "{first:?}");
     assert_eq!(first.header("retry-after"), Some("1"));
     assert_eq!(first.header("connection"), Some("close"));
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     let second = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the queued request is answered")

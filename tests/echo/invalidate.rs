@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::support::client::{self, RawClient, RawResponse};
 use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::RedisServer;
-use crate::support::{wait_until, OriginResponse, TestOrigin};
+use crate::support::{wait_until, Gate, Hold, OriginResponse, TestOrigin};
 
 const TOKEN: &str = "s3cret-token";
 
@@ -353,7 +353,7 @@ fn stale_mode_revalidates_with_a_304_in_redis() {
 
 /// A fill that began before an invalidation finishes after it: its response reaches
 /// its client but is not stored.
-fn check_no_resurrection(echo: &EchoUnderTest, origin: &TestOrigin, release: &AtomicUsize) {
+fn check_no_resurrection(echo: &EchoUnderTest, origin: &TestOrigin, gate: &Gate) {
     let addr = echo.addr;
     let in_flight = thread::spawn(move || client::get(addr, "/slow/1", &[("Host", "a.example")]));
     wait_until(
@@ -363,7 +363,7 @@ fn check_no_resurrection(echo: &EchoUnderTest, origin: &TestOrigin, release: &At
     );
     let (status, answer) = invalidate(echo, r#"{"pattern": "^/slow/"}"#);
     assert_eq!(status, 200, "{answer}");
-    release.store(1, Ordering::SeqCst);
+    gate.open();
     let resp = in_flight.join().expect("client thread");
     assert_eq!(
         resp.status, 200,
@@ -379,15 +379,12 @@ fn check_no_resurrection(echo: &EchoUnderTest, origin: &TestOrigin, release: &At
     assert_eq!(status_of(echo, "/slow/1", "a.example"), "HIT");
 }
 
-/// An origin that holds the first response to /slow/1 until `release` is set.
-fn held_origin(release: Arc<AtomicUsize>) -> TestOrigin {
+/// An origin that holds the first response to /slow/1 until `gate` opens (10 s at most).
+fn held_origin(gate: Hold) -> TestOrigin {
     let first = Arc::new(AtomicUsize::new(0));
     TestOrigin::start(move |req| {
         if req.target == "/slow/1" && first.fetch_add(1, Ordering::SeqCst) == 0 {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while release.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(2));
-            }
+            gate.wait(Duration::from_secs(10));
         }
         OriginResponse::ok("slow body").header("Cache-Control", "max-age=600")
     })
@@ -395,19 +392,19 @@ fn held_origin(release: Arc<AtomicUsize>) -> TestOrigin {
 
 #[test]
 fn a_fill_in_flight_during_an_invalidation_is_not_stored_after_it_in_memory() {
-    let release = Arc::new(AtomicUsize::new(0));
-    let origin = held_origin(Arc::clone(&release));
+    let gate = Gate::new();
+    let origin = held_origin(gate.hold());
     let echo = memory_echo(&origin, "");
-    check_no_resurrection(&echo, &origin, &release);
+    check_no_resurrection(&echo, &origin, &gate);
 }
 
 #[test]
 fn a_fill_in_flight_during_an_invalidation_is_not_stored_after_it_in_redis() {
     let master = RedisServer::master();
-    let release = Arc::new(AtomicUsize::new(0));
-    let origin = held_origin(Arc::clone(&release));
+    let gate = Gate::new();
+    let origin = held_origin(gate.hold());
     let echo = redis_echo(&origin, &master, &[]);
-    check_no_resurrection(&echo, &origin, &release);
+    check_no_resurrection(&echo, &origin, &gate);
 }
 
 #[test]
@@ -509,14 +506,11 @@ fn async_jobs_answer_202_and_report_progress() {
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
     // The origin holds refresh fetches of /busy until released, keeping the thread busy.
-    let release = Arc::new(AtomicUsize::new(0));
-    let r = Arc::clone(&release);
+    let gate = Gate::new();
+    let held = gate.hold();
     let origin = TestOrigin::start(move |req| {
         if req.target == "/busy" && req.header("x-forwarded-for").is_none() {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while r.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(2));
-            }
+            held.wait(Duration::from_secs(10));
         }
         OriginResponse::ok("busy").header("Cache-Control", "max-age=600")
     });
@@ -543,7 +537,7 @@ fn a_full_queue_answers_503_with_retry_after() {
     );
     assert_eq!(full.status, 503, "{}", full.body_str());
     assert_eq!(full.header("retry-after"), Some("1"));
-    release.store(1, Ordering::SeqCst);
+    gate.open();
 }
 
 #[test]
@@ -672,7 +666,9 @@ fn a_slow_pattern_never_stalls_hits_on_the_memory_store() {
         let resp = c.get("/hot", &[("Host", "a.example")]);
         let took = started.elapsed();
         assert_eq!(resp.header("x-cache-status"), Some("HIT"));
-        assert!(took < Duration::from_millis(500), "a hit took {took:?}");
+        // Latency is the point ("never stalls hits"): the stall this guards against
+        // lasted minutes; a hit takes a few ms.
+        assert!(took < Duration::from_secs(1), "a hit took {took:?}");
     }
     // The hits overlapped the job: it is still at work.
     let report = job_report(&echo, id);
@@ -752,6 +748,8 @@ fn check_the_budget_stops_a_job(echo: &EchoUnderTest, keys: u64) {
     let body = format!(r#"{{"pattern": "{}"}}"#, SLOW_PATTERN.replace('\\', "\\\\"));
     let started = std::time::Instant::now();
     let (status, report) = invalidate(echo, &body);
+    // Time is the point of a time budget: the answer comes soon after its 300 ms, not
+    // when the whole job would have ended.
     assert!(started.elapsed() < Duration::from_secs(10), "{report}");
     assert_eq!(status, 503, "{report}");
     assert_eq!(report["state"], "failed", "{report}");

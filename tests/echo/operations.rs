@@ -3,9 +3,7 @@
 //! signal-driven parts (SIGHUP reload and log reopen, SIGTERM drain) run the real
 //! `echod` in `cli.rs`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -13,7 +11,7 @@ use crate::support::client::{self, RawClient};
 use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
 use crate::support::origin::dead_origin_url;
 use crate::support::redis::RedisServer;
-use crate::support::{wait_until, OriginResponse, TempDir, TestOrigin};
+use crate::support::{wait_until, Gate, OriginResponse, TempDir, TestOrigin};
 
 const TOKEN: &str = "ops-token";
 
@@ -260,13 +258,10 @@ fn health_names_the_store_when_redis_is_down_and_stays_200() {
 
 #[test]
 fn ready_fails_once_a_drain_begins_while_health_still_answers() {
-    let release = Arc::new(AtomicBool::new(false));
-    let held = Arc::clone(&release);
+    let gate = Gate::new();
+    let held = gate.hold();
     let origin = TestOrigin::start(move |_| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        held.wait(Duration::from_secs(10));
         OriginResponse::ok("slow")
     });
     let mut echo = EchoUnderTest::with_config(config(&origin.url(), &admin_section()));
@@ -296,7 +291,7 @@ fn ready_fails_once_a_drain_begins_while_health_still_answers() {
         "{}",
         resp.body_str()
     );
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     assert_eq!(in_flight.join().unwrap().status, 200);
     let (clean, _echo) = drainer.join().unwrap();
     assert!(clean, "the request in flight finished within the drain");

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use echo::config::Config;
 use serde_json::Value;
@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::support::client::{self, RawClient, RawResponse};
 use crate::support::echo::EchoUnderTest;
 use crate::support::origin::dead_origin_url;
-use crate::support::{wait_until, OriginResponse, TempDir, TestOrigin};
+use crate::support::{wait_until, Gate, OriginResponse, TempDir, TestOrigin};
 
 const TOKEN: &str = "origins-token";
 
@@ -120,15 +120,12 @@ fn round_robin_spreads_requests_evenly() {
 #[test]
 fn least_outstanding_sends_new_requests_to_the_idle_server() {
     // Both servers hold /slow until released; /fast answers at once.
-    let release = Arc::new(AtomicBool::new(false));
+    let gate = Gate::new();
     let make = |name: &'static str| {
-        let held = Arc::clone(&release);
+        let held = gate.hold();
         TestOrigin::start(move |req| {
             if req.path() == "/slow" {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                held.wait(Duration::from_secs(20));
             }
             OriginResponse::ok(name).header("Cache-Control", "no-store")
         })
@@ -156,7 +153,7 @@ fn least_outstanding_sends_new_requests_to_the_idle_server() {
     }
     assert_eq!(busy.hits("/fast"), 0, "the busy server got new requests");
     assert_eq!(idle.hits("/fast"), 10);
-    release.store(true, Ordering::SeqCst);
+    gate.open();
     assert_eq!(slow.join().unwrap().status, 200);
     // Its request done, the first server is a candidate again.
     for _ in 0..4 {

@@ -198,7 +198,8 @@ fn with_every_redis_down_requests_are_answered_from_the_origin_in_time() {
             "{:?}",
             resp.header("cache-status")
         );
-        // Two endpoints × (connect or pool timeout) at worst, far less once the breakers open.
+        // Latency is the point ("in time"): two endpoints × (connect or pool timeout) at
+        // worst, far less once the breakers open.
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "request {i} took {:?}",

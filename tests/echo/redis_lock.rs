@@ -1,7 +1,8 @@
 //! The Redis store's cross-node fill coalescing, driven directly (not through the proxy):
 //! two `RedisStore`s on one real redis-server master stand for two Echo nodes. The fill
 //! lock is read back from Redis; waiters are woken by the release's PUBLISH, and by the
-//! subscriber itself when it resubscribes after losing the master.
+//! subscriber itself when it resubscribes after losing the master. How long a wake-up
+//! takes is reported by `benches/wake_up.rs`, not here.
 
 use std::sync::mpsc;
 use std::thread;
@@ -106,8 +107,9 @@ fn a_second_node_waits_for_the_first_nodes_fill_and_wakes_when_it_unlocks() {
     let (woken, at) = woke.recv_timeout(Duration::from_secs(10)).unwrap();
     waiting.join().unwrap();
     let latency = at.duration_since(unlocked_at);
-    println!("cross-node wake-up latency (unlock call to waiter awake): {latency:?}");
     assert!(woken, "B's waiter was woken, not timed out");
+    // Latency is the point ("wakes when it unlocks"): the release wakes B at once, far
+    // inside its 5 s wait; 1 s is generous (the figure: benches/wake_up.rs).
     assert!(latency < Duration::from_secs(1), "woken after {latency:?}");
     assert_eq!(lock_holder(&master, &k), None, "the lock is gone");
     assert!(
@@ -203,6 +205,7 @@ fn a_waiter_nobody_wakes_times_out() {
     let started = Instant::now();
     assert!(!waiter.wait(Duration::from_millis(200)));
     let waited = started.elapsed();
+    // The point is the timeout itself: not before its 200 ms, and not much after.
     assert!(
         waited >= Duration::from_millis(200) && waited < Duration::from_secs(1),
         "waited {waited:?}"
@@ -258,7 +261,6 @@ fn the_subscriber_resubscribes_after_a_master_restart_and_wakes_its_waiters() {
         at.saturating_duration_since(restarted_at)
     );
     assert!(woken, "woken by the resubscription, not timed out");
-    assert!(at.saturating_duration_since(restarted_at) < Duration::from_secs(5));
 
     // And releases reach waiters again.
     wait_subscribed(&b);
@@ -283,14 +285,15 @@ fn the_fill_lock_fails_fast_when_the_master_is_down() {
         assert!(b.unlock_fill(&k, "b-1").is_err());
         let took = started.elapsed();
         println!("attempt {attempt}: lock + unlock failed in {took:?}");
-        // Connect (200 ms) or pool checkout (200 ms) bound each call, then the breaker
-        // skips the master without trying.
+        // Latency is the point ("fails fast"): connect (200 ms) or pool checkout (200 ms)
+        // bound each call, then the breaker skips the master without trying.
         assert!(took < Duration::from_secs(1), "took {took:?}");
     }
     // A store can still be made (Echo starts with Redis down), and its waiters time out.
     let c = node(&master);
     let started = Instant::now();
     assert!(c.lock_fill(&k, "c-1", Duration::from_secs(10)).is_err());
+    // Fast here too: its first connect fails within 200 ms.
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(!c.fill_waiter(&k).wait(Duration::from_millis(50)));
 }
@@ -311,25 +314,19 @@ fn one_unlock_wakes_every_waiter_on_the_key_and_no_other() {
             let waiter = b.fill_waiter(&k);
             let woke_tx = woke_tx.clone();
             thread::spawn(move || {
-                let woken = waiter.wait(Duration::from_secs(5));
-                woke_tx.send((woken, Instant::now())).unwrap();
+                woke_tx.send(waiter.wait(Duration::from_secs(5))).unwrap();
             })
         })
         .collect();
     assert_eq!(b.waiters_registered(), 21);
-    let unlocked_at = Instant::now();
     a.unlock_fill(&k, "a-1").unwrap();
-    let mut slowest = Duration::ZERO;
     for _ in 0..20 {
-        let (woken, at) = woke.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(woken);
-        slowest = slowest.max(at.duration_since(unlocked_at));
+        let woken = woke.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(woken, "woken by the unlock, not timed out");
     }
     for t in threads {
         t.join().unwrap();
     }
-    println!("20 waiters woken by one unlock, the last after {slowest:?}");
-    assert!(slowest < Duration::from_secs(1));
     assert!(
         !other.wait(Duration::ZERO),
         "a waiter on another key sleeps on"
@@ -362,5 +359,7 @@ fn a_single_node_store_always_fills_and_never_waits() {
     store.unlock_fill(&k, "x").unwrap();
     let started = Instant::now();
     assert!(!store.fill_waiter(&k).wait(Duration::from_secs(5)));
-    assert!(started.elapsed() < Duration::from_millis(100));
+    // Latency is the point ("never waits"): the waiter returns at once instead of
+    // sleeping its 5 s.
+    assert!(started.elapsed() < Duration::from_secs(1));
 }

@@ -756,14 +756,12 @@ fn issue13_clients_that_do_not_read_hold_no_fetch_worker() {
         Duration::from_secs(10),
         || origin.total_hits() >= 2,
     );
-    let started = Instant::now();
     let mut c = RawClient::connect(echo.addr);
     c.set_read_timeout(Duration::from_secs(5));
     let resp = c
         .read_response_after(&client::build_request("GET", "/small", &[], b""))
         .unwrap_or_else(|e| panic!("a miss for another client waited behind slow readers: {e}"));
     assert_eq!(resp.body_str(), "small");
-    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
@@ -885,6 +883,8 @@ fn issue13_a_trickled_body_is_refused_at_the_absolute_body_deadline() {
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     let took = started.elapsed();
+    // The point is the absolute deadline (about 2 s here), against the 25 s the trickle
+    // would take with a timeout that restarts on each read.
     assert!(
         took < Duration::from_secs(8),
         "the trickle went on for {took:?}"
@@ -950,6 +950,7 @@ fn issue13_health_and_ready_answer_at_once_whatever_other_admin_clients_do() {
             .read_response_after(&client::build_request("GET", path, &[], b""))
             .unwrap_or_else(|e| panic!("{path} starved by other admin clients: {e}"));
         assert_eq!(resp.status, 200, "{path}");
+        // Latency is the point ("at once"): a few ms expected.
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "{path} took {:?}",

@@ -126,10 +126,6 @@ impl RawClient {
         &self.buf
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.stream.local_addr().expect("RawClient: local_addr")
-    }
-
     /// One read into the buffer, bounded by the read timeout.
     fn fill(&mut self, what: &str) -> Result<Read1, String> {
         let mut tmp = [0u8; 16 * 1024];

@@ -1,26 +1,23 @@
 //! Test support for Echo's integration tests: owns the shared helpers (`wait_until`,
-//! `free_port`) and the chunked-body decoder used by both the test origin (`origin`)
-//! and the raw client (`client`).
+//! `free_port`, `TempDir`, the `Gate` that holds an origin until released) and the
+//! chunked-body decoder used by both the test origin (`origin`) and the raw client
+//! (`client`).
 //!
 //! Everything here talks over real sockets on 127.0.0.1, never sleeps as a means of
 //! synchronisation (only as the poll interval of `wait_until`), and bounds every
 //! blocking read with a timeout so that no test can hang forever.
 
-#![allow(dead_code)]
-
 pub mod client;
 pub mod echo;
+mod gate;
 pub mod origin;
 pub mod raw_origin;
 pub mod redis;
 
-// Re-exports for convenience; a test binary that does not use some of them is fine.
-#[allow(unused_imports)]
-pub use client::{RawClient, RawResponse};
-#[allow(unused_imports)]
+pub use client::RawClient;
 pub use echo::EchoUnderTest;
-#[allow(unused_imports)]
-pub use origin::{dead_origin_url, Framing, OriginRequest, OriginResponse, TestOrigin};
+pub use gate::{Gate, Hold};
+pub use origin::{dead_origin_url, OriginRequest, OriginResponse, TestOrigin};
 
 use std::net::TcpListener;
 use std::thread;
@@ -37,10 +34,6 @@ impl TempDir {
             std::env::temp_dir().join(format!("echo-test-{}-{label}-{n}", std::process::id()));
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
-    }
-
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
     }
 
     /// Writes `text` to `name` in the directory and returns its path.

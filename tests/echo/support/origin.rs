@@ -58,11 +58,6 @@ impl OriginRequest {
     pub fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or("")
     }
-
-    /// The query (after '?'), if any.
-    pub fn query(&self) -> Option<&str> {
-        self.target.split_once('?').map(|(_, q)| q)
-    }
 }
 
 /// How the origin frames a response body.
@@ -179,7 +174,6 @@ struct Shared {
     handler: Box<Handler>,
     requests: Mutex<Vec<OriginRequest>>,
     connections: AtomicUsize,
-    bad_requests: AtomicUsize,
     panics: Mutex<Vec<String>>,
     stop: AtomicBool,
     /// Clones of the open connections, so Drop / `drop_connections` can shut them.
@@ -212,7 +206,6 @@ impl TestOrigin {
             handler: Box::new(handler),
             requests: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
-            bad_requests: AtomicUsize::new(0),
             panics: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
@@ -267,11 +260,6 @@ impl TestOrigin {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
-    }
-
-    /// Requests the origin could not parse (answered with 400, not counted as hits).
-    pub fn bad_requests(&self) -> usize {
-        self.shared.bad_requests.load(Ordering::SeqCst)
     }
 
     /// Connections currently open.
@@ -423,7 +411,6 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             ReadOutcome::Request(r) => r,
             ReadOutcome::Done => return,
             ReadOutcome::Bad(why) => {
-                shared.bad_requests.fetch_add(1, Ordering::SeqCst);
                 let body = format!("test origin: bad request: {why}\n");
                 let head = format!(
                     "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -1,14 +1,14 @@
 //! The raw-socket origin, for tests of what Echo does with an origin that misbehaves:
 //! every connection is handed to a script (a closure) that reads requests and writes
 //! whatever bytes it likes — late bytes after a bodiless answer, a body cut short, a
-//! reset — and the origin records exactly the bytes of every request it read.
+//! reset — and the origin records every request it read (method, target, headers).
 //!
 //! The script runs on its own thread per connection; reads are bounded by a timeout so a
 //! script waiting for a request that never comes ends instead of hanging the test.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -18,18 +18,13 @@ use super::{body_framing, convert_headers, find_header, BodyFraming, ChunkedDeco
 /// How long a script's read waits for the next request bytes.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One request exactly as it arrived: its bytes, and what they parse to.
+/// One request as it arrived (its body is read and dropped).
 #[derive(Debug, Clone)]
 pub struct RawRequest {
-    /// The connection it came on (0 for the first accepted).
-    pub connection: usize,
     pub method: String,
     pub target: String,
     /// Names lower-cased, order and repeats kept.
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    /// The head and body bytes as received.
-    pub bytes: Vec<u8>,
 }
 
 impl RawRequest {
@@ -42,16 +37,10 @@ impl RawRequest {
 pub struct RawConn {
     stream: TcpStream,
     buf: Vec<u8>,
-    index: usize,
     log: Arc<Mutex<Vec<RawRequest>>>,
 }
 
 impl RawConn {
-    /// Which connection this is (0 for the first accepted).
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     /// Reads the next request (head and body); None when the peer closed, the read timed
     /// out or the bytes do not parse.
     pub fn read_request(&mut self) -> Option<RawRequest> {
@@ -75,7 +64,7 @@ impl RawConn {
             }
         };
         let mut used = head_len;
-        let body = match body_framing(&headers).ok()? {
+        match body_framing(&headers).ok()? {
             BodyFraming::Length(n) => {
                 while self.buf.len() < head_len + n {
                     if !self.fill() {
@@ -83,31 +72,26 @@ impl RawConn {
                     }
                 }
                 used += n;
-                self.buf[head_len..head_len + n].to_vec()
             }
             BodyFraming::Chunked => {
                 let mut decoder = ChunkedDecoder::new();
                 loop {
-                    let n = decoder.feed(&self.buf[used..]).ok()?;
-                    used += n;
+                    used += decoder.feed(&self.buf[used..]).ok()?;
                     if decoder.is_done() {
-                        break decoder.body;
+                        break;
                     }
                     if !self.fill() {
                         return None;
                     }
                 }
             }
-            _ => Vec::new(),
-        };
-        let bytes: Vec<u8> = self.buf.drain(..used).collect();
+            _ => {}
+        }
+        self.buf.drain(..used);
         let request = RawRequest {
-            connection: self.index,
             method,
             target,
             headers,
-            body,
-            bytes,
         };
         self.log
             .lock()
@@ -158,7 +142,6 @@ type Script = dyn Fn(RawConn) + Send + Sync;
 pub struct RawOrigin {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<RawRequest>>>,
-    connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
 }
@@ -172,15 +155,10 @@ impl RawOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").expect("RawOrigin: bind");
         let addr = listener.local_addr().expect("RawOrigin: local_addr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let script: Arc<Script> = Arc::new(script);
         let accept = {
-            let (log, connections, stop) = (
-                Arc::clone(&log),
-                Arc::clone(&connections),
-                Arc::clone(&stop),
-            );
+            let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
             thread::Builder::new()
                 .name("raw-origin-accept".into())
                 .spawn(move || {
@@ -191,11 +169,9 @@ impl RawOrigin {
                         let Ok(stream) = stream else { continue };
                         let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
                         let _ = stream.set_nodelay(true);
-                        let index = connections.fetch_add(1, Ordering::SeqCst);
                         let conn = RawConn {
                             stream,
                             buf: Vec::new(),
-                            index,
                             log: Arc::clone(&log),
                         };
                         let script = Arc::clone(&script);
@@ -209,7 +185,6 @@ impl RawOrigin {
         RawOrigin {
             addr,
             log,
-            connections,
             stop,
             accept: Some(accept),
         }
@@ -230,11 +205,6 @@ impl RawOrigin {
             .iter()
             .filter(|r| r.target == target)
             .count()
-    }
-
-    /// Connections accepted so far.
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
     }
 }
 

@@ -1,16 +1,19 @@
-//! Real `redis-server` processes for the tests: a master and replicas
+//! Real `redis-server` processes for the tests and the benches: a master and replicas
 //! (`--replicaof`) on free ports, each in its own temp dir, killed on drop.
 //!
 //! Never a mock, and never the machine's own Redis on 6379: every test starts its own,
 //! so the suite runs the same on a bare machine (where `make test` installs
 //! redis-server) as here. A missing redis-server fails loudly; nothing is skipped.
+//!
+//! The file stands alone (std and the `redis` crate, nothing from `super`): the benches
+//! include it with `#[path = "../tests/echo/support/redis.rs"] mod redis_fixture;`, so
+//! Redis is started one way everywhere.
 
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-
-use super::{free_port, wait_until};
+use std::time::{Duration, Instant};
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
@@ -19,6 +22,27 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     replica_of: Option<u16>,
+}
+
+/// A free TCP port on 127.0.0.1 (bind :0, read port, drop); `start` retries when another
+/// process takes it first.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port on 127.0.0.1")
+        .port()
+}
+
+/// Polls `cond` every 10 ms until it holds; panics naming `what` after `within`.
+fn poll_until(what: &str, within: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn binary() -> &'static str {
@@ -94,15 +118,15 @@ impl RedisServer {
     }
 
     fn wait_answering(&mut self, within: Duration) -> bool {
-        let deadline = std::time::Instant::now() + within;
-        while std::time::Instant::now() < deadline {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(_)) = child.try_wait() {
                     return false;
                 }
             }
             if self
-                .try_connection()
+                .try_connection(Duration::from_secs(5))
                 .is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
             {
                 return true;
@@ -113,7 +137,7 @@ impl RedisServer {
     }
 
     fn wait_link_up(&self) {
-        wait_until(
+        poll_until(
             "the replica's link to its master is up",
             Duration::from_secs(10),
             || self.info("replication").contains("master_link_status:up"),
@@ -124,17 +148,25 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn try_connection(&self) -> Option<redis::Connection> {
+    /// A connection whose reads and writes time out after `io`.
+    fn try_connection(&self, io: Duration) -> Option<redis::Connection> {
         let client = redis::Client::open(self.url()).ok()?;
         let conn = client
             .get_connection_with_timeout(Duration::from_secs(1))
             .ok()?;
-        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        conn.set_read_timeout(Some(io)).ok()?;
+        conn.set_write_timeout(Some(io)).ok()?;
         Some(conn)
     }
 
+    /// A connection for quick commands (5 s read and write timeouts).
     pub fn connection(&self) -> redis::Connection {
-        self.try_connection()
+        self.connection_with_timeout(Duration::from_secs(5))
+    }
+
+    /// A connection whose reads and writes may take up to `io` (large pipelines, WAIT).
+    pub fn connection_with_timeout(&self, io: Duration) -> redis::Connection {
+        self.try_connection(io)
             .unwrap_or_else(|| panic!("cannot connect to redis on {}", self.port))
     }
 
@@ -146,13 +178,19 @@ impl RedisServer {
             .unwrap_or_default()
     }
 
-    /// A numeric field of `INFO <section>`, e.g. `keyspace_hits` in `stats`.
-    pub fn info_u64(&self, section: &str, field: &str) -> u64 {
+    /// A field of `INFO <section>` as text, e.g. `redis_version` in `server`; empty
+    /// when absent.
+    pub fn info_field(&self, section: &str, field: &str) -> String {
         let prefix = format!("{field}:");
         self.info(section)
             .lines()
-            .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0)
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    }
+
+    /// A numeric field of `INFO <section>`, e.g. `keyspace_hits` in `stats`.
+    pub fn info_u64(&self, section: &str, field: &str) -> u64 {
+        self.info_field(section, field).parse().unwrap_or(0)
     }
 
     /// Calls of one command since the last `CONFIG RESETSTAT` (from `INFO commandstats`).
@@ -185,7 +223,7 @@ impl RedisServer {
 
     /// Waits until `key` exists here (replication is asynchronous).
     pub fn wait_for_key(&self, key: &str) {
-        wait_until(
+        poll_until(
             &format!("{key} reaches redis {}", self.port),
             Duration::from_secs(10),
             || self.exists(key),
