@@ -55,7 +55,7 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-# The load comparison (benches/load.rs) runs the release echod and demo-origin: they are
+# The load comparison (benches/load/) runs the release echod and demo-origin: they are
 # built first. It needs wrk (nginx and varnishd are compared when installed) and
 # writes target/bench/load.md and load.svg; ECHO_BENCH_SECONDS sets each wrk run (5 s).
 bench: redis-server

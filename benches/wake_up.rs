@@ -36,7 +36,13 @@ fn node(master: &RedisServer) -> RedisStore {
         master.url()
     );
     let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("bench config invalid: {e}"));
-    RedisStore::new(&cfg.redis.expect("[redis]"), 32, Duration::from_secs(60)).expect("redis store")
+    RedisStore::new(
+        &cfg.redis.expect("[redis]"),
+        32,
+        Duration::from_secs(60),
+        cfg.cache.max_stale,
+    )
+    .expect("redis store")
 }
 
 fn key(target: &str) -> CacheKey {

@@ -538,24 +538,13 @@ mod tests {
         latencies
     }
 
-    fn print_latencies(what: &str, latencies: &[Duration]) {
-        let pct = |p: usize| latencies[(latencies.len() - 1) * p / 100];
-        println!(
-            "coalesce wake-up after finish, {what}, {} flights: median {:?}, p90 {:?}, \
-             p99 {:?}, max {:?}",
-            latencies.len(),
-            pct(50),
-            pct(90),
-            pct(99),
-            pct(100)
-        );
-    }
-
-    /// Not an assertion: prints how long followers take to wake after `finish`, i.e. how
-    /// long they wait beyond the leader's fetch (run with `--nocapture`).
+    /// Every follower of every flight is woken with the leader's outcome, one flight
+    /// after another. (How long the wake-up takes is measured where timing means
+    /// something: the coalesced-miss scenario of `benches/load`, and `benches/wake_up.rs`
+    /// across nodes.)
     #[test]
-    fn wake_up_latency() {
-        print_latencies("1 follower", &wake_latencies(1, 1000));
-        print_latencies("last of 49 followers", &wake_latencies(49, 200));
+    fn every_follower_of_many_flights_is_woken_with_the_outcome() {
+        assert_eq!(wake_latencies(1, 200).len(), 200);
+        assert_eq!(wake_latencies(49, 50).len(), 50);
     }
 }
