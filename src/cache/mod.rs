@@ -118,13 +118,7 @@ impl Cache {
         Cache {
             store,
             origin,
-            policy: PolicyOptions {
-                heuristic_max: c.heuristic_max,
-                default_ttl: c.default_ttl,
-                max_stale: c.max_stale,
-                honor_request: c.honor_request_cache_control,
-                ..PolicyOptions::default()
-            },
+            policy: PolicyOptions::from_config(c),
             max_object_bytes: c.max_object_bytes,
             ban_ttl: cfg.invalidation.ban_ttl,
             refresh_ahead: c.refresh_ahead,

@@ -42,6 +42,8 @@ mod vary;
 
 use std::time::Duration;
 
+use crate::config::CacheConfig;
+
 pub use cache_control::CacheControl;
 pub use freshness::{corrected_initial_age, freshness_lifetime};
 pub use reuse::{reuse, Reuse};
@@ -55,33 +57,46 @@ pub(crate) use validation::{after_not_modified, validation_preconditions};
 
 pub use crate::http::headers::HeaderList;
 
-/// Tunables of the policy.
+/// The fraction of (Date − Last-Modified) the heuristic lifetime takes (RFC 9111
+/// §4.2.2: "A typical setting of this fraction might be 10%"). Not a setting.
+pub const HEURISTIC_FRACTION: f64 = 0.1;
+
+/// Tunables of the policy: the `[cache]` settings it acts on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicyOptions {
-    /// Cap on heuristic freshness (RFC 9111 §4.2.2). Default: 1 day.
+    /// Cap on heuristic freshness (RFC 9111 §4.2.2): `cache.heuristic_max_ms`.
     pub heuristic_max: Duration,
-    /// Fraction of (Date − Last-Modified) used for the heuristic. Default: 0.1.
+    /// Fraction of (Date − Last-Modified) used for the heuristic: [`HEURISTIC_FRACTION`].
     pub heuristic_fraction: f64,
     /// Lifetime given to a heuristically cacheable response that has no freshness
-    /// information at all (no explicit lifetime, no Last-Modified). Zero (the default): off.
+    /// information at all (no explicit lifetime, no Last-Modified); zero: off.
+    /// `cache.default_ttl_ms`.
     pub default_ttl: Duration,
     /// Cap on how long past its freshness a response is served stale (stale-while-
-    /// revalidate, stale-if-error, a client's max-stale). Default: 1 hour.
+    /// revalidate, stale-if-error, a client's max-stale): `cache.max_stale_ms`.
     pub max_stale: Duration,
     /// Act on the client's request directives (max-age, max-stale, min-fresh, no-cache,
     /// only-if-cached); many operators turn this off so clients cannot bypass the cache.
-    /// Default: on.
+    /// `cache.honor_request_cache_control`.
     pub honor_request: bool,
 }
 
+impl PolicyOptions {
+    /// The policy as the `[cache]` section sets it.
+    pub fn from_config(c: &CacheConfig) -> PolicyOptions {
+        PolicyOptions {
+            heuristic_max: c.heuristic_max,
+            heuristic_fraction: HEURISTIC_FRACTION,
+            default_ttl: c.default_ttl,
+            max_stale: c.max_stale,
+            honor_request: c.honor_request_cache_control,
+        }
+    }
+}
+
+/// The policy of the default `[cache]` section: the defaults live in the config, once.
 impl Default for PolicyOptions {
     fn default() -> Self {
-        PolicyOptions {
-            heuristic_max: Duration::from_secs(24 * 60 * 60),
-            heuristic_fraction: 0.1,
-            default_ttl: Duration::ZERO,
-            max_stale: Duration::from_secs(60 * 60),
-            honor_request: true,
-        }
+        PolicyOptions::from_config(&CacheConfig::default())
     }
 }
