@@ -93,10 +93,17 @@ impl Default for InvalidationConfig {
 /// The Redis store: where it is and how long Echo waits for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`: writes, deletes, and reads of last resort.
-    pub master: String,
-    /// Read from these, round robin; empty: read from the master.
-    pub replicas: Vec<String>,
+    /// Where the master and the replicas are.
+    pub servers: RedisServers,
+    /// Username and password for the servers Sentinel names (listed URLs carry their own).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Connect to the servers Sentinel names over TLS (listed URLs say so by `rediss://`).
+    pub tls: bool,
+    /// PEM roots trusted for TLS instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A replica further behind its master than this is not read from.
+    pub max_replica_lag: Duration,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
@@ -115,6 +122,25 @@ pub struct RedisConfig {
     pub wait_timeout: Duration,
     /// Keys asked for per SCAN call.
     pub scan_count: usize,
+}
+
+/// Where Echo finds the Redis master and its replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisServers {
+    /// Listed: `redis[s]://[[user]:password@]host:port[/db]` URLs.
+    Listed {
+        /// Writes, deletes, and reads of last resort.
+        master: String,
+        /// Read from these, round robin; empty: read from the master.
+        replicas: Vec<String>,
+    },
+    /// Discovered from Sentinel, and followed through failovers.
+    Sentinel {
+        /// The sentinels' URLs (a password in one is the sentinel's own).
+        sentinels: Vec<String>,
+        /// The name they monitor the master under.
+        master_name: String,
+    },
 }
 
 /// The HTTP front end: listener, worker pool, limits and client-side timeouts.

@@ -315,9 +315,21 @@ impl RawCache {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRedis {
-    /// No default: required in `[redis]`.
+    /// The master's URL, or `sentinels` and `sentinel_master` (one of the two is required).
     pub(super) master: Option<String>,
     pub(super) replicas: Vec<String>,
+    /// Sentinels to discover the master and replicas from (instead of `master`).
+    pub(super) sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under (with `sentinels`).
+    pub(super) sentinel_master: Option<String>,
+    /// Credentials and TLS for the servers Sentinel names (their addresses carry none);
+    /// unset: none, plain TCP.
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
+    pub(super) tls: bool,
+    /// PEM roots for `rediss://` and `tls`; unset: the system's.
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) max_replica_lag_ms: u64,
     pub(super) connect_timeout_ms: u64,
     pub(super) read_timeout_ms: u64,
     pub(super) write_timeout_ms: u64,
@@ -338,6 +350,13 @@ impl Default for RawRedis {
         RawRedis {
             master: None,
             replicas: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: None,
+            username: None,
+            password: None,
+            tls: false,
+            ca_file: None,
+            max_replica_lag_ms: 1_000,
             connect_timeout_ms: 250,
             read_timeout_ms: 250,
             write_timeout_ms: 250,

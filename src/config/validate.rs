@@ -21,8 +21,8 @@ use super::raw::{
 };
 use super::{
     AdminConfig, Balance, CacheConfig, Config, ConfigError, HealthCheckConfig, InvalidationConfig,
-    LogConfig, OriginConfig, RedisConfig, RouteConfig, Scheme, ServerAddr, ServerConfig, StoreKind,
-    MAX_HEADERS_CAP,
+    LogConfig, OriginConfig, RedisConfig, RedisServers, RouteConfig, Scheme, ServerAddr,
+    ServerConfig, StoreKind, MAX_HEADERS_CAP,
 };
 
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
@@ -473,12 +473,15 @@ fn fold_field_name(name: &str) -> String {
 }
 
 fn redis_url(key: &str, url: &str) -> Result<String, ConfigError> {
-    let rest = url.strip_prefix("redis://").ok_or_else(|| {
-        err(
-            key,
-            format!("must be a redis://host:port URL (got {url:?})"),
-        )
-    })?;
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .ok_or_else(|| {
+            err(
+                key,
+                format!("must be a redis://host:port or rediss://host:port URL (got {url:?})"),
+            )
+        })?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(err(key, format!("has no host (got {url:?})")));
     }
@@ -486,24 +489,90 @@ fn redis_url(key: &str, url: &str) -> Result<String, ConfigError> {
 }
 
 fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigError> {
-    let master = match &r.master {
-        Some(m) => redis_url("redis.master", m)?,
-        None => return Err(err("redis.master", "is required in [redis]")),
+    let servers = match (&r.master, r.sentinels.is_empty(), &r.sentinel_master) {
+        (Some(_), false, _) => {
+            return Err(err(
+                "redis.sentinels",
+                "give master (and replicas) or sentinels and sentinel_master, not both",
+            ))
+        }
+        (Some(m), true, _) => RedisServers::Listed {
+            master: redis_url("redis.master", m)?,
+            replicas: r
+                .replicas
+                .iter()
+                .map(|u| redis_url("redis.replicas", u))
+                .collect::<Result<Vec<_>, _>>()?,
+        },
+        (None, false, Some(name)) => {
+            if !r.replicas.is_empty() {
+                return Err(err(
+                    "redis.replicas",
+                    "with sentinels the replicas are discovered: leave replicas out",
+                ));
+            }
+            if name.trim().is_empty() || name.contains(char::is_whitespace) {
+                return Err(err(
+                    "redis.sentinel_master",
+                    format!("must be the name the sentinels monitor (got {name:?})"),
+                ));
+            }
+            RedisServers::Sentinel {
+                sentinels: r
+                    .sentinels
+                    .iter()
+                    .map(|u| redis_url("redis.sentinels", u))
+                    .collect::<Result<Vec<_>, _>>()?,
+                master_name: name.clone(),
+            }
+        }
+        (None, false, None) => {
+            return Err(err(
+                "redis.sentinel_master",
+                "is required with sentinels (the name they monitor the master under)",
+            ))
+        }
+        (None, true, _) => {
+            return Err(err(
+                "redis.master",
+                "is required in [redis] (or sentinels and sentinel_master)",
+            ))
+        }
     };
-    let replicas = r
-        .replicas
-        .iter()
-        .map(|u| redis_url("redis.replicas", u))
-        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(path) = &r.ca_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {}
+            Ok(_) => {
+                return Err(err(
+                    "redis.ca_file",
+                    format!("{} holds no PEM certificate", path.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(err(
+                    "redis.ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ))
+            }
+        }
+    }
     let pool_size = ranged(
         "redis.pool_size",
         r.pool_size_or_workers(workers as u64),
         1,
         10_000,
     )?;
+    let listed_replicas = match &servers {
+        RedisServers::Listed { replicas, .. } => Some(replicas.len() as u64),
+        RedisServers::Sentinel { .. } => None,
+    };
     Ok(RedisConfig {
-        master,
-        replicas,
+        servers,
+        username: r.username.clone(),
+        password: r.password.clone(),
+        tls: r.tls,
+        ca_file: r.ca_file.clone(),
+        max_replica_lag: ms("redis.max_replica_lag_ms", r.max_replica_lag_ms)?,
         connect_timeout: ms("redis.connect_timeout_ms", r.connect_timeout_ms)?,
         read_timeout: ms("redis.read_timeout_ms", r.read_timeout_ms)?,
         write_timeout: ms("redis.write_timeout_ms", r.write_timeout_ms)?,
@@ -518,14 +587,14 @@ fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigErro
         )?)
         .unwrap_or(1),
         breaker_open: ms("redis.breaker_open_ms", r.breaker_open_ms)?,
-        wait_replicas: match r.wait_replicas {
-            Some(n) if n > r.replicas.len() as u64 => {
+        wait_replicas: match (r.wait_replicas, listed_replicas) {
+            (Some(n), Some(listed)) if n > listed => {
                 return Err(err(
                     "redis.wait_replicas",
-                    format!("is more than the {} replicas listed", r.replicas.len()),
+                    format!("is more than the {listed} replicas listed"),
                 ))
             }
-            other => other,
+            (other, _) => other,
         },
         wait_timeout: ms("redis.wait_timeout_ms", r.wait_timeout_ms)?,
         scan_count: ranged("redis.scan_count", r.scan_count, 10, 100_000)?,
@@ -640,6 +709,56 @@ mod tests {
             assert_eq!(e.key.as_deref(), Some(*key), "{text}: {e}");
             assert_eq!(e.line, Some(*line), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn redis_servers_are_listed_or_found_through_sentinel() {
+        let with =
+            |redis: &str| Config::parse(&format!("[origin]\nurl = \"http://a\"\n[redis]\n{redis}"));
+        let c =
+            with("master = \"rediss://:pw@m:6379\"\nreplicas = [\"rediss://r:6380\"]\n").unwrap();
+        let redis = c.redis.unwrap();
+        assert!(
+            matches!(&redis.servers, RedisServers::Listed { replicas, .. } if replicas.len() == 1)
+        );
+        assert_eq!(redis.max_replica_lag, Duration::from_millis(1000));
+        let c = with(
+            "sentinels = [\"redis://s1:26379\", \"redis://s2:26379\"]\nsentinel_master = \"mymaster\"\n\
+             password = \"pw\"\ntls = true\n",
+        )
+        .unwrap();
+        let redis = c.redis.unwrap();
+        assert_eq!(
+            redis.servers,
+            RedisServers::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26379".into()],
+                master_name: "mymaster".into(),
+            }
+        );
+        assert!(redis.tls);
+        assert_eq!(redis.password.as_deref(), Some("pw"));
+        let key = |redis: &str| with(redis).unwrap_err().key;
+        assert_eq!(
+            key("master = \"redis://m\"\nsentinels = [\"redis://s\"]\nsentinel_master = \"x\"\n"),
+            Some("redis.sentinels".into())
+        );
+        assert_eq!(
+            key("sentinels = [\"redis://s\"]\n"),
+            Some("redis.sentinel_master".into())
+        );
+        assert_eq!(
+            key("sentinels = [\"redis://s\"]\nsentinel_master = \"x\"\nreplicas = [\"redis://r\"]\n"),
+            Some("redis.replicas".into())
+        );
+        assert_eq!(
+            key("sentinels = [\"s:26379\"]\nsentinel_master = \"x\"\n"),
+            Some("redis.sentinels".into())
+        );
+        assert_eq!(key("tls = true\n"), Some("redis.master".into()));
+        assert_eq!(
+            key("master = \"redis://m\"\nca_file = \"/nonexistent.pem\"\n"),
+            Some("redis.ca_file".into())
+        );
     }
 
     #[test]

@@ -132,8 +132,12 @@ pub enum StoreError {
     /// A reply Echo could not read (of another type than asked, unparsable), or a value
     /// it could not write.
     Decode { server: String, detail: String },
-    /// Redis refused the command with an error reply (READONLY, OOM, NOSCRIPT, ...):
-    /// `detail` is its text.
+    /// The server answered as no master does: READONLY (a master demoted to replica)
+    /// or MASTERDOWN (a replica that lost its master and serves no stale data): where the
+    /// master is must be looked up again.
+    NotMaster { server: String, detail: String },
+    /// Redis refused the command with an error reply (OOM, NOSCRIPT, ...): `detail` is
+    /// its text.
     Redis { server: String, detail: String },
     /// A read failed on every server it may use: the master's error (tried last), and
     /// the last replica's.
@@ -152,6 +156,7 @@ impl fmt::Display for StoreError {
             StoreError::Timeout { server, detail }
             | StoreError::Unavailable { server, detail }
             | StoreError::Decode { server, detail }
+            | StoreError::NotMaster { server, detail }
             | StoreError::Redis { server, detail } => {
                 write!(f, "store unavailable: {server}: {detail}")
             }

@@ -4,6 +4,10 @@
 //! Invariants:
 //! - every connection has connect, read and write timeouts, and a pool checkout waits
 //!   at most `pool_timeout`; connections are not PINGed on checkout;
+//! - a connection that failed never goes back to the pool, nor one that answered as no
+//!   master does (READONLY, MASTERDOWN); and when the server fails, every connection
+//!   made before that is dropped at its next checkout, without a round trip (after an
+//!   outage they are dead: each would cost a failed call);
 //! - no connection is made up front or kept warm by background threads: a Redis that is
 //!   down at start-up does not stop Echo from starting;
 //! - each endpoint has a circuit breaker: after `breaker_failures` failures in a row it
@@ -14,41 +18,68 @@
 //!   redis errors are turned into kinds (timeout, unavailable, decode, a Redis reply).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use redis::ConnectionLike;
 
 use crate::config::RedisConfig;
 use crate::store::StoreError;
 
+/// A pooled connection, and what decides whether it may be used again.
+pub(super) struct Conn {
+    inner: redis::Connection,
+    /// The endpoint's failure count when it was made.
+    epoch: u64,
+    /// It failed, or answered as no master does: dropped instead of pooled.
+    broken: bool,
+}
+
 /// Makes connections with every timeout set (the redis crate's own r2d2 manager
-/// connects without one), and defers validity checks to that manager.
+/// connects without one); a connection made before the endpoint's last failure is not
+/// valid, nor one marked broken.
 struct Manager {
     client: redis::Client,
     connect_timeout: Duration,
     read_timeout: Duration,
     write_timeout: Duration,
+    /// The endpoint's failures so far (shared with it).
+    epoch: Arc<AtomicU64>,
 }
 
 impl r2d2::ManageConnection for Manager {
-    type Connection = redis::Connection;
+    type Connection = Conn;
     type Error = redis::RedisError;
 
-    fn connect(&self) -> Result<redis::Connection, redis::RedisError> {
-        let conn = self
+    fn connect(&self) -> Result<Conn, redis::RedisError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let inner = self
             .client
             .get_connection_with_timeout(self.connect_timeout)?;
-        conn.set_read_timeout(Some(self.read_timeout))?;
-        conn.set_write_timeout(Some(self.write_timeout))?;
-        Ok(conn)
+        inner.set_read_timeout(Some(self.read_timeout))?;
+        inner.set_write_timeout(Some(self.write_timeout))?;
+        Ok(Conn {
+            inner,
+            epoch,
+            broken: false,
+        })
     }
 
-    fn is_valid(&self, conn: &mut redis::Connection) -> Result<(), redis::RedisError> {
-        r2d2::ManageConnection::is_valid(&self.client, conn)
+    /// At checkout, without a round trip: a connection made before the server's last
+    /// failure is dropped (and another made).
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), redis::RedisError> {
+        if conn.epoch < self.epoch.load(Ordering::Acquire) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "made before the server's last failure",
+            )));
+        }
+        Ok(())
     }
 
-    fn has_broken(&self, conn: &mut redis::Connection) -> bool {
-        r2d2::ManageConnection::has_broken(&self.client, conn)
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken || !conn.inner.is_open()
     }
 }
 
@@ -115,25 +146,21 @@ pub(super) struct Endpoint {
     client: redis::Client,
     pool: r2d2::Pool<Manager>,
     breaker: Breaker,
+    /// Failures of the server so far: connections made before the last are dropped.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Endpoint {
-    pub(super) fn new(
-        url: &str,
-        role: &'static str,
-        cfg: &RedisConfig,
-    ) -> Result<Endpoint, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Setup(format!("bad redis URL for {role}: {e}")))?;
-        let name = match &client.get_connection_info().addr() {
-            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-            other => other.to_string(),
-        };
+    /// An endpoint for `client`'s server, as `role` (`master` or `replica`).
+    pub(super) fn new(client: redis::Client, role: &'static str, cfg: &RedisConfig) -> Endpoint {
+        let name = address(&client);
+        let epoch = Arc::new(AtomicU64::new(0));
         let manager = Manager {
             client: client.clone(),
             connect_timeout: cfg.connect_timeout,
             read_timeout: cfg.read_timeout,
             write_timeout: cfg.write_timeout,
+            epoch: Arc::clone(&epoch),
         };
         let pool = r2d2::Pool::builder()
             .max_size(cfg.pool_size)
@@ -141,11 +168,12 @@ impl Endpoint {
             // that is down at start-up does not stop Echo from starting.
             .min_idle(Some(0))
             .connection_timeout(cfg.pool_timeout)
-            .test_on_check_out(false)
+            // `is_valid` is a check of the connection's age, not a round trip.
+            .test_on_check_out(true)
             // Failures are counted and logged here, rate-limited; r2d2 would log each.
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(manager);
-        Ok(Endpoint {
+        Endpoint {
             name,
             role,
             client,
@@ -157,7 +185,13 @@ impl Endpoint {
                 open_for: cfg.breaker_open,
                 epoch: Instant::now(),
             },
-        })
+            epoch,
+        }
+    }
+
+    /// `master` or `replica`.
+    pub(super) fn role(&self) -> &'static str {
+        self.role
     }
 
     /// Runs `command` on a pooled connection, through the breaker.
@@ -180,7 +214,16 @@ impl Endpoint {
             });
         }
         let result = match self.pool.get() {
-            Ok(mut conn) => work(&mut conn).map_err(|e| error_of(self.server(), &e)),
+            Ok(mut conn) => {
+                let result = work(&mut conn.inner).map_err(|e| error_of(self.server(), &e));
+                if let Err(e) = &result {
+                    // Only a reply error leaves the connection as it was; a demoted
+                    // master's connections are no use for what the store sends them.
+                    conn.broken =
+                        !matches!(e, StoreError::Redis { .. } | StoreError::Decode { .. });
+                }
+                result
+            }
             Err(e) => Err(StoreError::Unavailable {
                 server: self.server(),
                 detail: format!("no connection: {e}"),
@@ -198,6 +241,8 @@ impl Endpoint {
                 if let StoreError::Timeout { detail, .. } | StoreError::Unavailable { detail, .. } =
                     &e
                 {
+                    // Every connection made before this is suspect.
+                    self.epoch.fetch_add(1, Ordering::AcqRel);
                     if self.breaker.failure() {
                         warn!(
                             "redis {} {} failing ({detail}); skipping it for {:?}",
@@ -222,12 +267,25 @@ impl Endpoint {
     }
 }
 
+/// `host:port` of a client's server (never its URL: it may carry a password).
+pub(super) fn address(client: &redis::Client) -> String {
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+        other => other.to_string(),
+    }
+}
+
 /// The kind of a redis error seen on `server`: a timeout or a failed connection is the
-/// server's (these count against its breaker); a reply Echo cannot read is a decode
+/// server's (these count against its breaker); READONLY and MASTERDOWN say the server
+/// is not (or no longer) a master that can be used; a reply Echo cannot read is a decode
 /// error; anything else is Redis refusing the command, with its text.
 fn error_of(server: String, e: &redis::RedisError) -> StoreError {
     let detail = e.to_string();
-    if e.is_timeout() {
+    let code = e.code().unwrap_or("");
+    if code == "READONLY" || code == "MASTERDOWN" {
+        StoreError::NotMaster { server, detail }
+    } else if e.is_timeout() {
         StoreError::Timeout { server, detail }
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::Unavailable { server, detail }

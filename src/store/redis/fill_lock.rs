@@ -6,7 +6,8 @@
 //! deletes it only for its owner and, in the same step, PUBLISHes
 //! `echo:v1:filled:<cache key>`. Each store runs one subscriber thread on its own
 //! connection to the master (`PSUBSCRIBE echo:v1:filled:*`) that wakes the local
-//! waiters of that key.
+//! waiters of that key; when the master changes (a failover), it subscribes on the new
+//! one.
 //!
 //! Invariants: locks are taken and released on the master only; waiting never polls
 //! Redis; after every (re)subscription the subscriber wakes every registered waiter,
@@ -23,6 +24,7 @@ use crossbeam_channel::{RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, info, warn};
 
 use super::endpoint::{millis, Endpoint};
+use super::topology::Topology;
 use crate::config::RedisConfig;
 use crate::key::CacheKey;
 use crate::store::{FillWaiter, StoreError};
@@ -88,11 +90,14 @@ pub(super) struct FillLocks {
 }
 
 impl FillLocks {
-    /// Starts the subscriber thread, on its own connection to `master`.
-    pub(super) fn start(cfg: &RedisConfig, master: &Endpoint) -> Result<FillLocks, StoreError> {
+    /// Starts the subscriber thread, on its own connection to the master of `topology`.
+    pub(super) fn start(
+        cfg: &RedisConfig,
+        topology: Arc<Topology>,
+    ) -> Result<FillLocks, StoreError> {
         Ok(FillLocks {
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
-            listener: FillListener::start(cfg, master)?,
+            listener: FillListener::start(cfg, topology)?,
         })
     }
 
@@ -224,9 +229,8 @@ impl Drop for Registration {
 /// to the master and wakes the local waiters. It runs until `stop` is disconnected (its
 /// sender is held by the store).
 struct FillSubscriber {
-    client: redis::Client,
-    /// `host:port` of the master, for logs.
-    name: String,
+    /// Where the master is; the subscription follows it.
+    topology: Arc<Topology>,
     connect_timeout: Duration,
     write_timeout: Duration,
     waiters: Arc<FillWaiters>,
@@ -256,9 +260,8 @@ impl FillSubscriber {
             recovering = true;
             if last_warning.is_none_or(|t| t.elapsed() >= SUBSCRIBER_WARN_EVERY) {
                 warn!(
-                    "redis master {}: fill-release subscription down ({error}); retrying \
-                     (waiting fills sleep out their timeout meanwhile)",
-                    self.name
+                    "redis master: fill-release subscription down ({error}); retrying \
+                     (waiting fills sleep out their timeout meanwhile)"
                 );
                 last_warning = Some(Instant::now());
             }
@@ -273,10 +276,17 @@ impl FillSubscriber {
         }
     }
 
-    /// One subscription: Ok when the store was dropped, Err when the connection failed.
+    /// One subscription: Ok when the store was dropped, Err when the connection failed
+    /// or the master changed.
     fn listen(&self, subscribed: &mut bool, recovering: bool) -> redis::RedisResult<()> {
-        let mut conn = self
-            .client
+        let version = self.topology.master_version();
+        let servers = self.topology.servers();
+        let master = servers.master().map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no master", e.to_string()))
+        })?;
+        let name = master.name.clone();
+        let mut conn = master
+            .client()
             .get_connection_with_timeout(self.connect_timeout)?;
         conn.set_read_timeout(Some(SUBSCRIBER_TICK))?;
         conn.set_write_timeout(Some(self.write_timeout))?;
@@ -288,15 +298,20 @@ impl FillSubscriber {
         let woken = self.waiters.wake_all();
         if recovering {
             info!(
-                "redis master {}: fill-release subscription is back ({woken} waiters woken \
-                 to re-check)",
-                self.name
+                "redis master {name}: fill-release subscription is back ({woken} waiters \
+                 woken to re-check)"
             );
         }
         let mut last_heard = Instant::now();
         loop {
             if self.stopped() {
                 return Ok(());
+            }
+            if self.topology.master_version() != version {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the master changed",
+                )));
             }
             match pubsub.get_message() {
                 Ok(message) => {
@@ -324,12 +339,11 @@ struct FillListener {
 }
 
 impl FillListener {
-    fn start(cfg: &RedisConfig, master: &Endpoint) -> Result<FillListener, StoreError> {
+    fn start(cfg: &RedisConfig, topology: Arc<Topology>) -> Result<FillListener, StoreError> {
         let waiters = Arc::new(FillWaiters::default());
         let (stop_tx, stop) = crossbeam_channel::bounded(0);
         let subscriber = FillSubscriber {
-            client: master.client(),
-            name: master.name.clone(),
+            topology,
             connect_timeout: cfg.connect_timeout,
             write_timeout: cfg.write_timeout,
             waiters: Arc::clone(&waiters),

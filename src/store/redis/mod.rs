@@ -22,6 +22,7 @@
 mod bans;
 mod endpoint;
 mod fill_lock;
+mod topology;
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -38,6 +39,7 @@ use bans::GENERATION_KEY;
 use endpoint::{millis, Endpoint};
 pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
+use topology::Topology;
 
 /// Every key Echo writes starts with this: namespaced, and versioned with the codec.
 const KEY_PREFIX: &str = "echo:v1:";
@@ -80,14 +82,15 @@ fn lookup_of(value: Option<Vec<u8>>, generation: Option<u64>) -> Lookup {
 }
 
 pub struct RedisStore {
-    master: Endpoint,
-    replicas: Vec<Endpoint>,
+    /// Where the master and the replicas are (listed, or followed through Sentinel).
+    topology: Arc<Topology>,
     next_replica: AtomicUsize,
     ttl_margin: Duration,
     max_variants: usize,
     store_script: redis::Script,
     ban_ttl: Duration,
-    wait_replicas: u64,
+    /// Replicas a job's WAIT asks for; None: every replica known then.
+    wait_replicas: Option<u64>,
     wait_timeout: Duration,
     read_timeout: Duration,
     scan_count: usize,
@@ -107,22 +110,16 @@ impl RedisStore {
         ban_ttl: Duration,
         max_stale: Duration,
     ) -> Result<RedisStore, StoreError> {
-        let master = Endpoint::new(&cfg.master, "master", cfg)?;
-        let replicas = cfg
-            .replicas
-            .iter()
-            .map(|url| Endpoint::new(url, "replica", cfg))
-            .collect::<Result<Vec<_>, _>>()?;
-        let fills = FillLocks::start(cfg, &master)?;
+        let topology = Topology::start(cfg)?;
+        let fills = FillLocks::start(cfg, Arc::clone(&topology))?;
         Ok(RedisStore {
-            master,
-            replicas,
+            topology,
             next_replica: AtomicUsize::new(0),
             ttl_margin: cfg.ttl_margin,
             max_variants: max_variants.max(1),
             store_script: redis::Script::new(STORE_SCRIPT),
             ban_ttl,
-            wait_replicas: cfg.wait_replicas.unwrap_or(cfg.replicas.len() as u64),
+            wait_replicas: cfg.wait_replicas,
             wait_timeout: cfg.wait_timeout,
             read_timeout: cfg.read_timeout,
             scan_count: cfg.scan_count,
@@ -140,18 +137,33 @@ impl RedisStore {
         self.fills.waiters_registered()
     }
 
+    /// Runs `work` on the master as the topology has it now; an error that says the
+    /// master moved (or is gone) makes the topology look again.
+    fn on_master<T>(
+        &self,
+        work: impl FnOnce(&Endpoint) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let servers = self.topology.servers();
+        let result = servers.master().and_then(|m| work(m));
+        if let Err(e) = &result {
+            self.topology.suspect(e);
+        }
+        result
+    }
+
     /// Runs a read on the replicas in turn, then on the master.
     fn read<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
-        let n = self.replicas.len();
+        let servers = self.topology.servers();
+        let n = servers.replicas.len();
         let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
         for i in 0..n {
-            match self.replicas[(start + i) % n].run(command) {
+            match servers.replicas[(start + i) % n].run(command) {
                 Ok(v) => return Ok(v),
                 Err(e) => last_error = Some(e),
             }
         }
-        match self.master.run(command) {
+        match self.on_master(|m| m.run(command)) {
             Ok(v) => Ok(v),
             Err(e) => Err(match last_error {
                 Some(r) => StoreError::AllFailed {
@@ -250,8 +262,12 @@ impl Store for RedisStore {
 
     /// A PING to every server (through its breaker: one skipped for failing is down).
     fn health(&self) -> Vec<String> {
-        std::iter::once(&self.master)
-            .chain(self.replicas.iter())
+        let servers = self.topology.servers();
+        if let Err(e) = servers.master() {
+            return vec![e.to_string()];
+        }
+        servers
+            .all()
             .filter_map(|e| e.run::<String>(&redis::cmd("PING")).err())
             .map(|e| e.to_string())
             .collect()
@@ -268,7 +284,8 @@ impl Store for RedisStore {
     fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         let mut mget = redis::cmd("MGET");
         mget.arg(redis_key(key)).arg(GENERATION_KEY);
-        let (value, generation): (Option<Vec<u8>>, Option<u64>) = self.master.run(&mget)?;
+        let (value, generation): (Option<Vec<u8>>, Option<u64>) =
+            self.on_master(|m| m.run(&mget))?;
         Ok(lookup_of(value, generation))
     }
 
@@ -287,7 +304,7 @@ impl Store for RedisStore {
         if !entry.vary.is_empty() {
             let mut get = redis::cmd("GET");
             get.arg(&rkey);
-            if let Some(bytes) = self.master.run::<Option<Vec<u8>>>(&get)? {
+            if let Some(bytes) = self.on_master(|m| m.run::<Option<Vec<u8>>>(&get))? {
                 variants = codec::decode(&bytes).unwrap_or_default();
             }
             super::merge_variant(&mut variants, self.max_variants, &entry);
@@ -299,19 +316,23 @@ impl Store for RedisStore {
         // Invalidations since the fill began may not name this entry; each round checks
         // the new ones and tries again (a few rounds at most, under heavy invalidation).
         for _ in 0..3 {
-            let result: i64 = self.master.with_conn(|c| {
-                let mut invocation = self.store_script.prepare_invoke();
-                invocation.key(&rkey).key(GENERATION_KEY);
-                for tag in &tags {
-                    invocation.key(tag);
-                }
-                invocation.arg(since).arg(&value).arg(millis(ttl));
-                invocation.invoke(c)
+            let result: i64 = self.on_master(|m| {
+                m.with_conn(|c| {
+                    let mut invocation = self.store_script.prepare_invoke();
+                    invocation.key(&rkey).key(GENERATION_KEY);
+                    for tag in &tags {
+                        invocation.key(tag);
+                    }
+                    invocation.arg(since).arg(&value).arg(millis(ttl));
+                    invocation.invoke(c)
+                })
             })?;
             if result < 0 {
                 return Ok(true);
             }
-            if bans::banned_since(&self.master, since, key.as_str(), &entry_tags)? {
+            let banned =
+                self.on_master(|m| bans::banned_since(m, since, key.as_str(), &entry_tags))?;
+            if banned {
                 return Ok(false);
             }
             since = result as u64;
@@ -322,17 +343,22 @@ impl Store for RedisStore {
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
         let mut unlink = redis::cmd("UNLINK");
         unlink.arg(redis_key(key));
-        self.master.run::<usize>(&unlink)
+        self.on_master(|m| m.run::<usize>(&unlink))
     }
 
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
+        // One master for the whole job (a failover meanwhile fails it: it is not done).
+        let servers = self.topology.servers();
+        let master = servers.master()?;
         if !job.dry_run {
-            bans::record(&self.master, &job.matcher, self.ban_ttl)?;
+            bans::record(master, &job.matcher, self.ban_ttl)
+                .inspect_err(|e| self.topology.suspect(e))?;
         }
+        let wait_replicas = self.wait_replicas.unwrap_or(servers.replicas.len() as u64);
         let mut outcome = JobOutcome::default();
         let matcher = &job.matcher;
         // One connection for the whole job: the WAIT at the end covers every write on it.
-        self.master.with_conn(|conn| {
+        let result = master.with_conn(|conn| {
             let mut cursor: u64 = 0;
             let mut batch: Vec<String> = Vec::with_capacity(BATCH);
             let mut seen: HashSet<u64> = HashSet::new();
@@ -416,24 +442,28 @@ impl Store for RedisStore {
             }
             // Read-your-invalidation: the call returns only when the replicas have the
             // deletes (or the wait times out, which the answer reports).
-            if !job.dry_run && self.wait_replicas > 0 {
+            if !job.dry_run && wait_replicas > 0 {
                 // WAIT itself blocks for up to wait_timeout: the connection's read
                 // timeout must outlast it, then go back to what every call gets.
                 conn.set_read_timeout(Some(self.wait_timeout + self.read_timeout))?;
                 let acked: redis::RedisResult<u64> = redis::cmd("WAIT")
-                    .arg(self.wait_replicas)
+                    .arg(wait_replicas)
                     .arg(millis(self.wait_timeout))
                     .query(conn);
                 conn.set_read_timeout(Some(self.read_timeout))?;
-                outcome.replicas = Some((acked?, self.wait_replicas));
+                outcome.replicas = Some((acked?, wait_replicas));
             }
             Ok(())
-        })?;
+        });
+        if let Err(e) = &result {
+            self.topology.suspect(e);
+        }
+        result?;
         Ok(outcome)
     }
 
     fn lock_fill(&self, key: &CacheKey, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
-        self.fills.lock(&self.master, key, owner, ttl)
+        self.on_master(|m| self.fills.lock(m, key, owner, ttl))
     }
 
     /// One round trip: SET NX and, after it on the same connection, the MGET of the
@@ -450,7 +480,8 @@ impl Store for RedisStore {
             .arg(redis_key(key))
             .arg(GENERATION_KEY);
         type Answer = (Option<String>, (Option<Vec<u8>>, Option<u64>));
-        let (locked, (value, generation)): Answer = self.master.with_conn(|c| pipe.query(c))?;
+        let (locked, (value, generation)): Answer =
+            self.on_master(|m| m.with_conn(|c| pipe.query(c)))?;
         if locked.is_none() {
             return Ok((false, None));
         }
@@ -458,7 +489,7 @@ impl Store for RedisStore {
     }
 
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
-        self.fills.unlock(&self.master, key, owner)
+        self.on_master(|m| self.fills.unlock(m, key, owner))
     }
 
     fn fill_waiter(&self, key: &CacheKey) -> FillWaiter {
