@@ -71,6 +71,8 @@ pub struct Report {
     pub changed: u64,
     pub sample: Vec<String>,
     pub replicas: Option<(u64, u64)>,
+    /// Other Echo nodes that acknowledged the job (Redis), and how many were waited for.
+    pub nodes: Option<(u64, u64)>,
     pub elapsed: Duration,
     pub error: Option<String>,
     /// A running job was asked to stop and has not reached its next check yet.
@@ -265,6 +267,7 @@ impl Invalidator {
             changed: 0,
             sample: Vec::new(),
             replicas: None,
+            nodes: None,
             elapsed: Duration::ZERO,
             error: None,
             cancel_requested: false,
@@ -409,6 +412,7 @@ fn run(
                 report.changed = outcome.changed;
                 report.sample = outcome.sample;
                 report.replicas = outcome.replicas;
+                report.nodes = outcome.nodes;
                 let mut stopped = outcome.stopped;
                 if stopped.is_none() && q.job.mode == Mode::Refresh && !q.job.dry_run {
                     // One fetch at a time: a refresh never floods the origin.
@@ -443,17 +447,18 @@ fn run(
             report.error = Some(stop.to_string());
         }
         report.elapsed = started.elapsed();
-        let replicas = match report.replicas {
-            Some((acked, wanted)) if acked < wanted => {
-                warn!(
-                    "invalidation {}: only {acked} of {wanted} replicas acknowledged in time",
-                    report.id
-                );
-                format!(" replicas={acked}/{wanted}")
+        let mut reach = String::new();
+        for (what, counts) in [("replicas", report.replicas), ("nodes", report.nodes)] {
+            if let Some((acked, wanted)) = counts {
+                if acked < wanted {
+                    warn!(
+                        "invalidation {}: only {acked} of {wanted} {what} acknowledged in time",
+                        report.id
+                    );
+                }
+                reach.push_str(&format!(" {what}={acked}/{wanted}"));
             }
-            Some((acked, wanted)) => format!(" replicas={acked}/{wanted}"),
-            None => String::new(),
-        };
+        }
         info!(
             "invalidation {} by {}: {} mode={}{} matched={} changed={} scanned={} {} in {} ms{}{}",
             report.id,
@@ -466,7 +471,7 @@ fn run(
             report.scanned,
             report.state.as_str(),
             report.elapsed.as_millis(),
-            replicas,
+            reach,
             report
                 .error
                 .as_ref()

@@ -242,7 +242,17 @@ fn report_json(r: &Report) -> Value {
         v["replicas"] = json!({ "acknowledged": acked, "expected": wanted });
         if acked < wanted {
             v["warning"] = json!(format!(
-                "only {acked} of {wanted} replicas acknowledged in time: a lagging replica may serve deleted entries briefly"
+                "only {acked} of {wanted} replicas acknowledged in time: Echo reads from \
+                 the master until they catch up"
+            ));
+        }
+    }
+    if let Some((acked, wanted)) = r.nodes {
+        v["nodes"] = json!({ "acknowledged": acked, "expected": wanted });
+        if acked < wanted {
+            v["warning"] = json!(format!(
+                "only {acked} of {wanted} other Echo nodes acknowledged in time: the \
+                 others may read a replica behind this job until their lease runs out (2 s)"
             ));
         }
     }

@@ -168,6 +168,9 @@ pub struct JobOutcome {
     pub to_refresh: Vec<String>,
     /// Replicas that acknowledged the changes (Redis), and how many were asked for.
     pub replicas: Option<(u64, u64)>,
+    /// Other Echo nodes that acknowledged the job before it returned (Redis), and how
+    /// many were waited for.
+    pub nodes: Option<(u64, u64)>,
     /// Why the job stopped before it was done; the counts are what it did until then.
     pub stopped: Option<Stop>,
 }

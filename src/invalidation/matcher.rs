@@ -115,6 +115,24 @@ impl Matcher {
         })
     }
 
+    /// Exactly one cache key (every Vary variant under it): what an unsafe method's
+    /// answer invalidates. A target too long to compile as a pattern names the whole
+    /// host instead: broader, never narrower.
+    pub(crate) fn for_key(key: &crate::key::CacheKey) -> Matcher {
+        let exact = format!("^{}$", regex::escape(key.target()));
+        let regex = regex::RegexBuilder::new(&exact)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_DFA_LIMIT)
+            .build()
+            .ok();
+        Matcher {
+            prefix: regex.as_ref().map(|_| key.target().to_string()),
+            regex,
+            host: Some(key.host().to_string()),
+            tag: None,
+        }
+    }
+
     pub fn pattern(&self) -> Option<&str> {
         self.regex.as_ref().map(|r| r.as_str())
     }
@@ -216,6 +234,16 @@ fn literal_prefix(pattern: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_matcher_names_that_key_only() {
+        let key = crate::key::CacheKey::new("http", "a.example", "/x?q=(1)+[2]");
+        let m = Matcher::for_key(&key);
+        assert!(m.matches_key("http://a.example/x?q=(1)+[2]"));
+        assert!(!m.matches_key("http://a.example/x?q=(1)+[2]&more"));
+        assert!(!m.matches_key("http://b.example/x?q=(1)+[2]"));
+        assert!(!m.matches_key("http://a.example/x"));
+    }
 
     #[test]
     fn literal_prefixes_are_exact() {

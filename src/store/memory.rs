@@ -207,8 +207,12 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
+    /// An invalidation of one key: banned (a fill of it in flight is not stored after)
+    /// and removed under one lock.
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
-        Ok(self.lock().take(key.as_str()).map_or(0, |old| old.len()))
+        let mut inner = self.lock();
+        inner.bans.add(&Matcher::for_key(key));
+        Ok(inner.take(key.as_str()).map_or(0, |old| old.len()))
     }
 
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {

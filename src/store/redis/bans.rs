@@ -3,22 +3,23 @@
 //! before newer invalidations against them (`invalidation::Bans` is the same within one
 //! process).
 //!
-//! Invariants: the generation (`echo:v1:generation`) is incremented on the master by
-//! every invalidation, and the ban is recorded with it before the job touches any entry,
-//! so an entry written after it is checked against it; the bans are one sorted set on
-//! the master scored by when each expires (`ban_ttl` after it was made), trimmed on
-//! every write and expiring as a whole; a ban keeps its source (pattern, host, tag),
-//! never a compiled regex, and one that no longer compiles names everything (a refused
-//! fill costs a miss, a stored one could resurrect an entry).
+//! Invariants: the generation (`g` in the control hash, `echo:v1:control`) is
+//! incremented on the master by every invalidation, and the ban is recorded with it
+//! before the job touches any entry, so an entry written after it is checked against
+//! it; the bans are one sorted set on the master scored by when each expires (`ban_ttl`
+//! after it was made), trimmed on every write; neither has a TTL, so a `volatile-*`
+//! eviction policy never evicts them, and a fill whose newer bans are not all there
+//! (evicted after all, or forgotten) is refused: it cannot be shown safe; a ban keeps its
+//! source (pattern, host, tag), never a compiled regex, and one that no longer compiles
+//! names everything (a refused fill costs a miss, a stored one could resurrect an entry).
 
 use std::time::{Duration, SystemTime};
 
 use super::endpoint::{millis, Endpoint};
+use super::fence::CONTROL_KEY;
 use crate::invalidation::{ban_names, Matcher};
 use crate::store::StoreError;
 
-/// The invalidation generation: incremented by every invalidation.
-pub(super) const GENERATION_KEY: &str = "echo:v1:generation";
 /// Recent invalidations, scored by the time they expire (see `invalidation::Bans`).
 const BANS_KEY: &str = "echo:v1:bans";
 
@@ -28,7 +29,7 @@ pub(super) fn record(
     matcher: &Matcher,
     ttl: Duration,
 ) -> Result<u64, StoreError> {
-    let generation: u64 = master.run(redis::cmd("INCR").arg(GENERATION_KEY))?;
+    let generation: u64 = master.run(redis::cmd("HINCRBY").arg(CONTROL_KEY).arg("g").arg(1))?;
     let expires = now_millis() + millis(ttl);
     let member = serde_json::to_string(&Ban {
         generation,
@@ -51,45 +52,54 @@ pub(super) fn record(
         .arg(BANS_KEY)
         .arg("-inf")
         .arg(now_millis())
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(BANS_KEY)
-        .arg(millis(ttl))
         .ignore();
     master.with_conn(|c| pipe.query::<()>(c))?;
     Ok(generation)
 }
 
-/// Would an invalidation recorded after generation `since` refuse this entry?
+/// Would an invalidation recorded after generation `since` (up to `now`, the
+/// generation the store script saw) refuse this entry? True too when the bans of those
+/// generations are not all there: lost control state cannot show a fill safe.
 pub(super) fn banned_since(
     master: &Endpoint,
     since: u64,
+    now: u64,
     key: &str,
     tags: &[String],
 ) -> Result<bool, StoreError> {
+    if now < since {
+        // The generation went back: the control hash was lost (evicted, flushed).
+        return Ok(true);
+    }
     let mut range = redis::cmd("ZRANGEBYSCORE");
     range.arg(BANS_KEY).arg(now_millis()).arg("+inf");
     let bans: Vec<String> = master.run(&range)?;
+    let mut covered = std::collections::HashSet::new();
+    let mut refuse = false;
     for ban in bans {
         let Ok(ban) = serde_json::from_str::<Ban>(&ban) else {
             continue;
         };
-        if ban.generation <= since {
+        if ban.generation <= since || ban.generation > now {
+            continue;
+        }
+        covered.insert(ban.generation);
+        if refuse {
             continue;
         }
         // Host and tag first; the pattern is compiled only when they pass, and one
         // Echo cannot compile is taken to name everything: refuse.
-        if ban_names(
+        refuse = ban_names(
             ban.pattern.as_deref(),
             ban.host.as_deref(),
             ban.tag.as_deref(),
             key,
             tags,
-        ) {
-            return Ok(true);
-        }
+        );
     }
-    Ok(false)
+    // Every generation in (since, now] has its ban, or one is missing (evicted, expired,
+    // or a dry run's number): then nothing can be shown safe.
+    Ok(refuse || covered.len() as u64 != now - since)
 }
 
 /// A ban as kept in Redis.

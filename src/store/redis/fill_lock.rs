@@ -7,7 +7,8 @@
 //! `echo:v1:filled:<cache key>`. Each store runs one subscriber thread on its own
 //! connection to the master (`PSUBSCRIBE echo:v1:filled:*`) that wakes the local
 //! waiters of that key; when the master changes (a failover), it subscribes on the new
-//! one.
+//! one. The same subscription carries the announcements of completed invalidations, and
+//! its thread writes the node's heartbeat (see `fence`).
 //!
 //! Invariants: locks are taken and released on the master only; waiting never polls
 //! Redis; after every (re)subscription the subscriber wakes every registered waiter,
@@ -24,6 +25,7 @@ use crossbeam_channel::{RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, info, warn};
 
 use super::endpoint::{millis, Endpoint};
+use super::fence::{Fence, APPLIED_CHANNEL, CONTROL_KEY, HEARTBEAT};
 use super::topology::Topology;
 use crate::config::RedisConfig;
 use crate::key::CacheKey;
@@ -36,11 +38,8 @@ const FILLED_PREFIX: &str = "echo:v1:filled:";
 /// What the fill subscriber listens to.
 const FILLED_PATTERN: &str = "echo:v1:filled:*";
 /// The subscriber's read timeout: how often it looks up from an idle connection to
-/// notice that its store was dropped.
-const SUBSCRIBER_TICK: Duration = Duration::from_secs(1);
-/// An idle subscription is PINGed this often, so a connection that died silently
-/// (no reset) is noticed and replaced.
-const SUBSCRIBER_KEEPALIVE: Duration = Duration::from_secs(10);
+/// beat, and to notice that its store was dropped or the master changed.
+const SUBSCRIBER_TICK: Duration = Duration::from_millis(100);
 /// Reconnection backoff of the subscriber: doubles from the first to the last.
 const SUBSCRIBER_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(2));
@@ -90,14 +89,16 @@ pub(super) struct FillLocks {
 }
 
 impl FillLocks {
-    /// Starts the subscriber thread, on its own connection to the master of `topology`.
+    /// Starts the subscriber thread, on its own connection to the master of `topology`;
+    /// it also keeps `fence` up (announcements and heartbeats).
     pub(super) fn start(
         cfg: &RedisConfig,
         topology: Arc<Topology>,
+        fence: Arc<Fence>,
     ) -> Result<FillLocks, StoreError> {
         Ok(FillLocks {
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
-            listener: FillListener::start(cfg, topology)?,
+            listener: FillListener::start(cfg, topology, fence)?,
         })
     }
 
@@ -231,7 +232,9 @@ impl Drop for Registration {
 struct FillSubscriber {
     /// Where the master is; the subscription follows it.
     topology: Arc<Topology>,
+    fence: Arc<Fence>,
     connect_timeout: Duration,
+    read_timeout: Duration,
     write_timeout: Duration,
     waiters: Arc<FillWaiters>,
     stop: crossbeam_channel::Receiver<()>,
@@ -250,7 +253,10 @@ impl FillSubscriber {
         let mut recovering = false;
         loop {
             let mut subscribed = false;
-            let error = match self.listen(&mut subscribed, recovering) {
+            let result = self.listen(&mut subscribed, recovering);
+            // Not listening: this node stops trusting replicas (see `fence`).
+            self.fence.set_subscribed(false);
+            let error = match result {
                 Ok(()) => return,
                 Err(e) => e,
             };
@@ -292,6 +298,17 @@ impl FillSubscriber {
         conn.set_write_timeout(Some(self.write_timeout))?;
         let mut pubsub = conn.as_pubsub();
         pubsub.psubscribe(FILLED_PATTERN)?;
+        pubsub.subscribe(APPLIED_CHANNEL)?;
+        // Invalidations completed before the subscription: the fence catches up with
+        // the master before this node trusts a replica again.
+        let applied: Option<u64> = master
+            .run(redis::cmd("HGET").arg(CONTROL_KEY).arg("a"))
+            .map_err(store_error)?;
+        self.fence.raise(applied.unwrap_or(0));
+        self.fence.sync_clock(master).map_err(store_error)?;
+        self.fence.beat(master).map_err(store_error)?;
+        self.fence.set_subscribed(true);
+        let mut last_beat = Instant::now();
         *subscribed = true;
         // A release published while this node was not listening is lost: every waiter
         // re-checks now rather than sleeping out its whole timeout.
@@ -302,7 +319,6 @@ impl FillSubscriber {
                  woken to re-check)"
             );
         }
-        let mut last_heard = Instant::now();
         loop {
             if self.stopped() {
                 return Ok(());
@@ -313,23 +329,48 @@ impl FillSubscriber {
                     "the master changed",
                 )));
             }
+            let mut beat = false;
             match pubsub.get_message() {
                 Ok(message) => {
-                    last_heard = Instant::now();
-                    if let Some(key) = message.get_channel_name().strip_prefix(FILLED_PREFIX) {
+                    let channel = message.get_channel_name();
+                    if let Some(key) = channel.strip_prefix(FILLED_PREFIX) {
                         self.waiters.wake(key);
+                    } else if channel == APPLIED_CHANNEL {
+                        // An invalidation completed: raise the fence, and acknowledge it
+                        // with a heartbeat now (the message itself shows the
+                        // subscription delivers).
+                        let applied: u64 = message.get_payload().unwrap_or(0);
+                        self.fence.raise(applied);
+                        beat = true;
                     }
                 }
-                Err(e) if e.is_timeout() => {
-                    if last_heard.elapsed() >= SUBSCRIBER_KEEPALIVE {
-                        pubsub.ping::<redis::Value>()?;
-                        last_heard = Instant::now();
-                    }
-                }
+                Err(e) if e.is_timeout() => {}
                 Err(e) => return Err(e),
+            }
+            if !beat && last_beat.elapsed() >= HEARTBEAT {
+                // A heartbeat says "this node hears every announcement": only after a
+                // round trip on the subscription itself, which delivers everything
+                // published before it. A subscription that died silently stops the
+                // heartbeats, and with them this node's trust in replicas.
+                pubsub.set_read_timeout(Some(self.read_timeout))?;
+                pubsub.ping::<redis::Value>()?;
+                pubsub.set_read_timeout(Some(SUBSCRIBER_TICK))?;
+                beat = true;
+            }
+            if beat {
+                if let Err(e) = self.fence.beat(master) {
+                    // The fence's own clock stops trusting replicas if beats keep failing.
+                    debug!("redis master {name}: heartbeat failed: {e}");
+                }
+                last_beat = Instant::now();
             }
         }
     }
+}
+
+/// A store error where the subscriber's loop expects a redis one.
+fn store_error(e: StoreError) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "redis master", e.to_string()))
 }
 
 /// The store's side of the subscriber: dropping it stops the thread (within one tick).
@@ -339,12 +380,18 @@ struct FillListener {
 }
 
 impl FillListener {
-    fn start(cfg: &RedisConfig, topology: Arc<Topology>) -> Result<FillListener, StoreError> {
+    fn start(
+        cfg: &RedisConfig,
+        topology: Arc<Topology>,
+        fence: Arc<Fence>,
+    ) -> Result<FillListener, StoreError> {
         let waiters = Arc::new(FillWaiters::default());
         let (stop_tx, stop) = crossbeam_channel::bounded(0);
         let subscriber = FillSubscriber {
             topology,
+            fence,
             connect_timeout: cfg.connect_timeout,
+            read_timeout: cfg.read_timeout,
             write_timeout: cfg.write_timeout,
             waiters: Arc::clone(&waiters),
             stop,

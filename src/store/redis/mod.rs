@@ -21,6 +21,7 @@
 
 mod bans;
 mod endpoint;
+mod fence;
 mod fill_lock;
 mod topology;
 
@@ -35,8 +36,8 @@ use crate::config::RedisConfig;
 use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, SAMPLE};
 use crate::key::CacheKey;
 use crate::policy;
-use bans::GENERATION_KEY;
 use endpoint::{millis, Endpoint};
+use fence::{Fence, CONTROL_KEY};
 pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
 use topology::Topology;
@@ -51,10 +52,11 @@ const TAG_PREFIX: &str = "echo:v1:tag:";
 const BATCH: usize = 500;
 
 /// Stores an entry only if no invalidation happened since the fill began; indexes its
-/// tags in the same step. KEYS: entry, generation, tag sets. ARGV: the generation the
-/// fill saw, the value, the TTL in ms. Returns -1 when stored, else the generation now.
+/// tags in the same step. KEYS: entry, the control hash, tag sets. ARGV: the generation
+/// the fill saw, the value, the TTL in ms. Returns -1 when stored, else the generation
+/// now.
 const STORE_SCRIPT: &str = r#"
-local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
+local generation = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 if generation ~= tonumber(ARGV[1]) then return generation end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 for i = 3, #KEYS do
@@ -70,8 +72,24 @@ pub fn redis_key(key: &CacheKey) -> String {
     format!("{KEY_PREFIX}{}", key.as_str())
 }
 
-/// What an MGET of an entry and the generation read. A value Echo cannot decode
-/// (another version, a hand-made key) is a miss.
+/// What a lookup reads in one round trip: the entry, and the control hash's generation
+/// and completed jobs (see `fence`).
+type Look = (Option<Vec<u8>>, (Option<u64>, Option<u64>));
+
+/// The lookup of `key`: GET of the entry, HMGET of the control hash.
+fn look_pipe(key: &CacheKey) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET")
+        .arg(redis_key(key))
+        .cmd("HMGET")
+        .arg(CONTROL_KEY)
+        .arg("g")
+        .arg("a");
+    pipe
+}
+
+/// What a lookup read. A value Echo cannot decode (another version, a hand-made key) is
+/// a miss.
 fn lookup_of(value: Option<Vec<u8>>, generation: Option<u64>) -> Lookup {
     Lookup {
         variants: value
@@ -84,6 +102,8 @@ fn lookup_of(value: Option<Vec<u8>>, generation: Option<u64>) -> Lookup {
 pub struct RedisStore {
     /// Where the master and the replicas are (listed, or followed through Sentinel).
     topology: Arc<Topology>,
+    /// What replicas must have applied to be read from (see `fence`).
+    fence: Arc<Fence>,
     next_replica: AtomicUsize,
     ttl_margin: Duration,
     max_variants: usize,
@@ -111,9 +131,18 @@ impl RedisStore {
         max_stale: Duration,
     ) -> Result<RedisStore, StoreError> {
         let topology = Topology::start(cfg)?;
-        let fills = FillLocks::start(cfg, Arc::clone(&topology))?;
+        let node = format!(
+            "{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let fence = Arc::new(Fence::new(node));
+        let fills = FillLocks::start(cfg, Arc::clone(&topology), Arc::clone(&fence))?;
         Ok(RedisStore {
             topology,
+            fence,
             next_replica: AtomicUsize::new(0),
             ttl_margin: cfg.ttl_margin,
             max_variants: max_variants.max(1),
@@ -149,30 +178,6 @@ impl RedisStore {
             self.topology.suspect(e);
         }
         result
-    }
-
-    /// Runs a read on the replicas in turn, then on the master.
-    fn read<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
-        let servers = self.topology.servers();
-        let n = servers.replicas.len();
-        let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
-        let mut last_error = None;
-        for i in 0..n {
-            match servers.replicas[(start + i) % n].run(command) {
-                Ok(v) => return Ok(v),
-                Err(e) => last_error = Some(e),
-            }
-        }
-        match self.on_master(|m| m.run(command)) {
-            Ok(v) => Ok(v),
-            Err(e) => Err(match last_error {
-                Some(r) => StoreError::AllFailed {
-                    master: Box::new(e),
-                    replica: Box::new(r),
-                },
-                None => e,
-            }),
-        }
     }
 
     /// The SCAN glob for a matcher: the literal prefix of the pattern narrows it.
@@ -273,19 +278,33 @@ impl Store for RedisStore {
             .collect()
     }
 
-    /// One round trip: the entry and the generation together.
+    /// One round trip: the entry and the control hash together, from a replica that has
+    /// applied every invalidation this node knows of (else from the master).
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let mut mget = redis::cmd("MGET");
-        mget.arg(redis_key(key)).arg(GENERATION_KEY);
-        let (value, generation): (Option<Vec<u8>>, Option<u64>) = self.read(&mget)?;
-        Ok(lookup_of(value, generation))
+        let pipe = look_pipe(key);
+        let servers = self.topology.servers();
+        let n = servers.replicas.len();
+        if n > 0 && self.fence.trusted() {
+            let fence = self.fence.current();
+            let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
+            for i in 0..n {
+                let replica = &servers.replicas[(start + i) % n];
+                match replica.with_conn(|c| pipe.query::<Look>(c)) {
+                    Ok((value, (generation, applied))) if applied.unwrap_or(0) >= fence => {
+                        return Ok(lookup_of(value, generation));
+                    }
+                    // Behind an invalidation this node knows of: not for this read.
+                    Ok(_) => {}
+                    Err(_) => {}
+                }
+            }
+        }
+        self.get_latest(key)
     }
 
     fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let mut mget = redis::cmd("MGET");
-        mget.arg(redis_key(key)).arg(GENERATION_KEY);
-        let (value, generation): (Option<Vec<u8>>, Option<u64>) =
-            self.on_master(|m| m.run(&mget))?;
+        let pipe = look_pipe(key);
+        let (value, (generation, _)): Look = self.on_master(|m| m.with_conn(|c| pipe.query(c)))?;
         Ok(lookup_of(value, generation))
     }
 
@@ -319,7 +338,7 @@ impl Store for RedisStore {
             let result: i64 = self.on_master(|m| {
                 m.with_conn(|c| {
                     let mut invocation = self.store_script.prepare_invoke();
-                    invocation.key(&rkey).key(GENERATION_KEY);
+                    invocation.key(&rkey).key(CONTROL_KEY);
                     for tag in &tags {
                         invocation.key(tag);
                     }
@@ -330,8 +349,9 @@ impl Store for RedisStore {
             if result < 0 {
                 return Ok(true);
             }
+            let now = result as u64;
             let banned =
-                self.on_master(|m| bans::banned_since(m, since, key.as_str(), &entry_tags))?;
+                self.on_master(|m| bans::banned_since(m, since, now, key.as_str(), &entry_tags))?;
             if banned {
                 return Ok(false);
             }
@@ -340,10 +360,33 @@ impl Store for RedisStore {
         Ok(false)
     }
 
+    /// An invalidation of one key, as a job's: banned first (a fill of it in flight is
+    /// not stored after), deleted, waited for on the replicas, and announced to every
+    /// node before it returns.
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
-        let mut unlink = redis::cmd("UNLINK");
-        unlink.arg(redis_key(key));
-        self.on_master(|m| m.run::<usize>(&unlink))
+        let servers = self.topology.servers();
+        let master = servers.master()?;
+        let wait_replicas = self.wait_replicas.unwrap_or(servers.replicas.len() as u64);
+        let result = bans::record(master, &Matcher::for_key(key), self.ban_ttl).and_then(|_| {
+            master.with_conn(|conn| {
+                let removed: usize = redis::cmd("UNLINK").arg(redis_key(key)).query(conn)?;
+                if wait_replicas > 0 {
+                    conn.set_read_timeout(Some(self.wait_timeout + self.read_timeout))?;
+                    let acked: redis::RedisResult<u64> = redis::cmd("WAIT")
+                        .arg(wait_replicas)
+                        .arg(millis(self.wait_timeout))
+                        .query(conn);
+                    conn.set_read_timeout(Some(self.read_timeout))?;
+                    acked?;
+                }
+                Ok(removed)
+            })
+        });
+        let removed = result.inspect_err(|e| self.topology.suspect(e))?;
+        self.fence
+            .complete(master)
+            .inspect_err(|e| self.topology.suspect(e))?;
+        Ok(removed)
     }
 
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
@@ -459,6 +502,15 @@ impl Store for RedisStore {
             self.topology.suspect(e);
         }
         result?;
+        // Done: every node hears of it (and stops reading replicas that have not
+        // applied it) before the job returns.
+        if !job.dry_run && outcome.stopped.is_none() {
+            outcome.nodes = Some(
+                self.fence
+                    .complete(master)
+                    .inspect_err(|e| self.topology.suspect(e))?,
+            );
+        }
         Ok(outcome)
     }
 
@@ -476,11 +528,14 @@ impl Store for RedisStore {
     ) -> Result<(bool, Option<Lookup>), StoreError> {
         let mut pipe = redis::pipe();
         pipe.add_command(fill_lock::lock_command(key, owner, ttl))
-            .cmd("MGET")
+            .cmd("GET")
             .arg(redis_key(key))
-            .arg(GENERATION_KEY);
-        type Answer = (Option<String>, (Option<Vec<u8>>, Option<u64>));
-        let (locked, (value, generation)): Answer =
+            .cmd("HMGET")
+            .arg(CONTROL_KEY)
+            .arg("g")
+            .arg("a");
+        type Answer = (Option<String>, Option<Vec<u8>>, (Option<u64>, Option<u64>));
+        let (locked, value, (generation, _)): Answer =
             self.on_master(|m| m.with_conn(|c| pipe.query(c)))?;
         if locked.is_none() {
             return Ok((false, None));

@@ -13,6 +13,7 @@ mod gate;
 pub mod origin;
 pub mod raw_origin;
 pub mod redis;
+pub mod relay;
 
 pub use client::RawClient;
 pub use echo::EchoUnderTest;
