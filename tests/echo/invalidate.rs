@@ -1,7 +1,7 @@
 //! Invalidation over the admin API, on both stores: what a pattern, host or tag names
 //! is gone (or refreshed, or marked stale) when the call returns, through the replicas
 //! too; nothing else is touched; fills in flight are not resurrected; bad input and
-//! bad tokens change nothing.
+//! bad tokens change nothing. `tags`: the Redis tag index never names a gone entry.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +14,8 @@ use crate::support::client::{self, RawClient, RawResponse};
 use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, Gate, Hold, OriginResponse, TestOrigin};
+
+mod tags;
 
 const TOKEN: &str = "s3cret-token";
 

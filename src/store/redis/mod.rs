@@ -15,6 +15,9 @@
 //!   when no replica answers;
 //! - an entry is stored only if no invalidation since its fill began names it: the store
 //!   script compares the generation, and newer bans are checked before it tries again;
+//! - a tag set (`echo:v1:tag:<tag>`) may still name entries deleted or expired since it
+//!   indexed them: a tag job matches only members whose entry exists, checked on the
+//!   master by a script that removes the missing ones from the set in the same step;
 //! - every error is returned as a [`StoreError`] for the caller to treat as a miss, and
 //!   a value that does not decode is a miss too;
 //! - redis and r2d2 types stay in `store/redis/`.
@@ -33,7 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
 use crate::config::RedisConfig;
-use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, SAMPLE};
+use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, Stop, SAMPLE};
 use crate::key::CacheKey;
 use crate::policy;
 use endpoint::{millis, Endpoint};
@@ -65,6 +68,23 @@ for i = 3, #KEYS do
   redis.call('PEXPIRE', KEYS[i], ARGV[3], 'GT')
 end
 return -1
+"#;
+
+/// Of some members of a tag set, those whose entry is still stored. The others (deleted
+/// or expired since: nothing takes them out of their sets then) are removed from the set
+/// too when ARGV[1] is 1, atomically with the check, so a fill storing one of them again
+/// (SET and SADD, one step) is either seen or keeps its SADD. KEYS: the tag set, then the
+/// members. ARGV: 1 to remove the missing, 0 to leave the set alone (dry runs).
+const TAG_MEMBERS_SCRIPT: &str = r#"
+local present = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    present[#present + 1] = KEYS[i]
+  elseif ARGV[1] == '1' then
+    redis.call('SREM', KEYS[1], KEYS[i])
+  end
+end
+return present
 "#;
 
 /// The Redis key for a cache key.
@@ -108,6 +128,7 @@ pub struct RedisStore {
     ttl_margin: Duration,
     max_variants: usize,
     store_script: redis::Script,
+    tag_members_script: redis::Script,
     ban_ttl: Duration,
     /// Replicas a job's WAIT asks for; None: every replica known then.
     wait_replicas: Option<u64>,
@@ -147,6 +168,7 @@ impl RedisStore {
             ttl_margin: cfg.ttl_margin,
             max_variants: max_variants.max(1),
             store_script: redis::Script::new(STORE_SCRIPT),
+            tag_members_script: redis::Script::new(TAG_MEMBERS_SCRIPT),
             ban_ttl,
             wait_replicas: cfg.wait_replicas,
             wait_timeout: cfg.wait_timeout,
@@ -187,6 +209,35 @@ impl RedisStore {
         format!("{ENTRY_PREFIX}://{host}{prefix}*")
     }
 
+    /// The members of a tag set (one SSCAN reply) whose entries are still stored, checked
+    /// on the master `BATCH` at a time, with the job's progress checked between batches;
+    /// the missing ones are removed from the set unless `keep_missing` (a dry run).
+    fn present_members(
+        &self,
+        conn: &mut redis::Connection,
+        tag_set: &str,
+        members: Vec<String>,
+        keep_missing: bool,
+        progress: &Progress,
+    ) -> redis::RedisResult<Result<Vec<String>, Stop>> {
+        let mut present = Vec::with_capacity(members.len());
+        for (i, batch) in members.chunks(BATCH).enumerate() {
+            if i > 0 {
+                if let Err(stop) = progress.check() {
+                    return Ok(Err(stop));
+                }
+            }
+            let mut invocation = self.tag_members_script.prepare_invoke();
+            invocation.key(tag_set);
+            for member in batch {
+                invocation.key(member);
+            }
+            invocation.arg(u8::from(!keep_missing));
+            present.extend(invocation.invoke::<Vec<String>>(conn)?);
+        }
+        Ok(Ok(present))
+    }
+
     /// Applies a job's mode to one batch of matching Redis keys, on the job's connection.
     fn apply(
         &self,
@@ -194,9 +245,27 @@ impl RedisStore {
         job: &Job,
         keys: &[String],
     ) -> redis::RedisResult<u64> {
-        match job.mode {
-            Mode::Delete => redis::cmd("UNLINK").arg(keys).query(conn),
-            Mode::Stale => {
+        // UNLINK and MGET with no keys, or an empty pipeline, are errors.
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        match (job.mode, job.matcher.tag()) {
+            // Deleted through their tag: out of its set too, in one transaction (a fill
+            // storing one again in between would lose its SADD to the SREM otherwise).
+            (Mode::Delete, Some(tag)) => {
+                let (deleted,): (u64,) = redis::pipe()
+                    .atomic()
+                    .cmd("UNLINK")
+                    .arg(keys)
+                    .cmd("SREM")
+                    .arg(format!("{TAG_PREFIX}{tag}"))
+                    .arg(keys)
+                    .ignore()
+                    .query(conn)?;
+                Ok(deleted)
+            }
+            (Mode::Delete, None) => redis::cmd("UNLINK").arg(keys).query(conn),
+            (Mode::Stale, _) => {
                 let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query(conn)?;
                 let mut pipe = redis::pipe();
                 let mut marked = 0;
@@ -215,10 +284,13 @@ impl RedisStore {
                         .ignore();
                     marked += 1;
                 }
-                pipe.query::<()>(conn)?;
+                // Every one may have gone since it was matched (deleted, expired).
+                if marked > 0 {
+                    pipe.query::<()>(conn)?;
+                }
                 Ok(marked)
             }
-            Mode::Refresh => Ok(0),
+            (Mode::Refresh, _) => Ok(0),
         }
     }
 }
@@ -415,7 +487,7 @@ impl Store for RedisStore {
                     outcome.stopped = Some(stop);
                     break 'scan;
                 }
-                let (next, keys): (u64, Vec<String>) = match matcher.tag() {
+                let (next, mut keys): (u64, Vec<String>) = match matcher.tag() {
                     Some(tag) => redis::cmd("SSCAN")
                         .arg(format!("{TAG_PREFIX}{tag}"))
                         .arg(cursor)
@@ -433,6 +505,18 @@ impl Store for RedisStore {
                 progress
                     .scanned
                     .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                // A tag set still names the entries deleted or expired since they were
+                // stored: only those still stored are matched (issue 15).
+                if let Some(tag) = matcher.tag() {
+                    let set = format!("{TAG_PREFIX}{tag}");
+                    match self.present_members(conn, &set, keys, job.dry_run, progress)? {
+                        Ok(present) => keys = present,
+                        Err(stop) => {
+                            outcome.stopped = Some(stop);
+                            break 'scan;
+                        }
+                    }
+                }
                 for rkey in keys {
                     if let Err(stop) = checkpoint.key(rkey.len()) {
                         outcome.stopped = Some(stop);
