@@ -73,6 +73,8 @@ pub struct Report {
     pub replicas: Option<(u64, u64)>,
     /// Other Echo nodes that acknowledged the job (Redis), and how many were waited for.
     pub nodes: Option<(u64, u64)>,
+    /// What the job could not do as asked (Redis full), for the answer and the log.
+    pub warnings: Vec<String>,
     pub elapsed: Duration,
     pub error: Option<String>,
     /// A running job was asked to stop and has not reached its next check yet.
@@ -268,6 +270,7 @@ impl Invalidator {
             sample: Vec::new(),
             replicas: None,
             nodes: None,
+            warnings: Vec::new(),
             elapsed: Duration::ZERO,
             error: None,
             cancel_requested: false,
@@ -378,6 +381,9 @@ fn count(metrics: &Metrics, report: &Report) {
     }
 }
 
+/// How long the invalidation thread idles before it does some of the store's upkeep.
+const TIDY_EVERY: Duration = Duration::from_secs(1);
+
 fn run(
     rx: &Receiver<Queued>,
     store: &dyn Store,
@@ -386,7 +392,16 @@ fn run(
     job_timeout: Duration,
     metrics: &Metrics,
 ) {
-    for q in rx.iter() {
+    loop {
+        // Between jobs, the store's upkeep (Redis: tag sets trimmed of gone entries).
+        let q = match rx.recv_timeout(TIDY_EVERY) {
+            Ok(q) => q,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                store.tidy();
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
         let started = Instant::now();
         let mut report = {
             let mut jobs = lock(jobs);
@@ -413,6 +428,7 @@ fn run(
                 report.sample = outcome.sample;
                 report.replicas = outcome.replicas;
                 report.nodes = outcome.nodes;
+                report.warnings = outcome.warnings;
                 let mut stopped = outcome.stopped;
                 if stopped.is_none() && q.job.mode == Mode::Refresh && !q.job.dry_run {
                     // One fetch at a time: a refresh never floods the origin.
@@ -447,6 +463,9 @@ fn run(
             report.error = Some(stop.to_string());
         }
         report.elapsed = started.elapsed();
+        for w in &report.warnings {
+            warn!("invalidation {}: {w}", report.id);
+        }
         let mut reach = String::new();
         for (what, counts) in [("replicas", report.replicas), ("nodes", report.nodes)] {
             if let Some((acked, wanted)) = counts {

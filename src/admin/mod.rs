@@ -238,10 +238,11 @@ fn report_json(r: &Report) -> Value {
     if r.dry_run {
         v["sample"] = json!(r.sample);
     }
+    let mut warnings = r.warnings.clone();
     if let Some((acked, wanted)) = r.replicas {
         v["replicas"] = json!({ "acknowledged": acked, "expected": wanted });
         if acked < wanted {
-            v["warning"] = json!(format!(
+            warnings.push(format!(
                 "only {acked} of {wanted} replicas acknowledged in time: Echo reads from \
                  the master until they catch up"
             ));
@@ -250,11 +251,14 @@ fn report_json(r: &Report) -> Value {
     if let Some((acked, wanted)) = r.nodes {
         v["nodes"] = json!({ "acknowledged": acked, "expected": wanted });
         if acked < wanted {
-            v["warning"] = json!(format!(
+            warnings.push(format!(
                 "only {acked} of {wanted} other Echo nodes acknowledged in time: the \
                  others may read a replica behind this job until their lease runs out (2 s)"
             ));
         }
+    }
+    if !warnings.is_empty() {
+        v["warning"] = json!(warnings.join("; "));
     }
     if let Some(e) = &r.error {
         v["error"] = json!(e);

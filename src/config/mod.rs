@@ -122,6 +122,9 @@ pub struct RedisConfig {
     pub wait_timeout: Duration,
     /// Keys asked for per SCAN call.
     pub scan_count: usize,
+    /// Tag-set members (or keys walked) checked per second while the invalidation
+    /// thread idles, trimming tag sets of gone entries; 0: never.
+    pub tag_sweep_per_sec: usize,
 }
 
 /// Where Echo finds the Redis master and its replicas.

@@ -343,6 +343,7 @@ pub(super) struct RawRedis {
     pub(super) wait_replicas: Option<u64>,
     pub(super) wait_timeout_ms: u64,
     pub(super) scan_count: u64,
+    pub(super) tag_sweep_per_sec: u64,
 }
 
 impl Default for RawRedis {
@@ -368,6 +369,7 @@ impl Default for RawRedis {
             wait_replicas: None,
             wait_timeout_ms: 1_000,
             scan_count: 1_000,
+            tag_sweep_per_sec: 1_000,
         }
     }
 }

@@ -598,6 +598,7 @@ fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigErro
         },
         wait_timeout: ms("redis.wait_timeout_ms", r.wait_timeout_ms)?,
         scan_count: ranged("redis.scan_count", r.scan_count, 10, 100_000)?,
+        tag_sweep_per_sec: ranged("redis.tag_sweep_per_sec", r.tag_sweep_per_sec, 0, 1_000_000)?,
     })
 }
 

@@ -173,6 +173,8 @@ pub struct JobOutcome {
     pub nodes: Option<(u64, u64)>,
     /// Why the job stopped before it was done; the counts are what it did until then.
     pub stopped: Option<Stop>,
+    /// What the job could not do as asked, and what it did instead (Redis full).
+    pub warnings: Vec<String>,
 }
 
 /// Sample size returned by dry runs.

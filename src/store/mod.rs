@@ -136,7 +136,10 @@ pub enum StoreError {
     /// or MASTERDOWN (a replica that lost its master and serves no stale data): where the
     /// master is must be looked up again.
     NotMaster { server: String, detail: String },
-    /// Redis refused the command with an error reply (OOM, NOSCRIPT, ...): `detail` is
+    /// Redis refused a write because it is full (`maxmemory` under `noeviction`):
+    /// deletes still work, and free memory.
+    OutOfMemory { server: String, detail: String },
+    /// Redis refused the command with another error reply (NOSCRIPT, ...): `detail` is
     /// its text.
     Redis { server: String, detail: String },
     /// A read failed on every server it may use: the master's error (tried last), and
@@ -157,6 +160,7 @@ impl fmt::Display for StoreError {
             | StoreError::Unavailable { server, detail }
             | StoreError::Decode { server, detail }
             | StoreError::NotMaster { server, detail }
+            | StoreError::OutOfMemory { server, detail }
             | StoreError::Redis { server, detail } => {
                 write!(f, "store unavailable: {server}: {detail}")
             }
@@ -247,6 +251,9 @@ pub trait Store: Send + Sync {
     fn fill_waiter(&self, _key: &CacheKey) -> FillWaiter {
         FillWaiter::none()
     }
+    /// Some background upkeep, a bounded amount per call, run by the invalidation thread
+    /// between jobs. Default: none.
+    fn tidy(&self) {}
 }
 
 /// Interest in the release of one key's fill lock, registered by [`Store::fill_waiter`];
@@ -394,6 +401,9 @@ impl Store for Instrumented {
     }
     fn fill_waiter(&self, key: &CacheKey) -> FillWaiter {
         self.inner.fill_waiter(key)
+    }
+    fn tidy(&self) {
+        self.inner.tidy()
     }
 }
 

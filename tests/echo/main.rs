@@ -17,5 +17,6 @@ mod proxy;
 mod redis;
 mod redis_fence;
 mod redis_lock;
+mod redis_memory;
 mod security;
 mod stale;

@@ -218,9 +218,16 @@ impl Endpoint {
                 let result = work(&mut conn.inner).map_err(|e| error_of(self.server(), &e));
                 if let Err(e) = &result {
                     // Only a reply error leaves the connection as it was; a demoted
-                    // master's connections are no use for what the store sends them.
-                    conn.broken =
-                        !matches!(e, StoreError::Redis { .. } | StoreError::Decode { .. });
+                    // master's connections are no use for what the store sends them
+                    // (a replica that lost its master is still a replica: MASTERDOWN
+                    // there is an answer, not a broken connection).
+                    conn.broken = match e {
+                        StoreError::Redis { .. }
+                        | StoreError::OutOfMemory { .. }
+                        | StoreError::Decode { .. } => false,
+                        StoreError::NotMaster { .. } => self.role == "master",
+                        _ => true,
+                    };
                 }
                 result
             }
@@ -276,15 +283,27 @@ pub(super) fn address(client: &redis::Client) -> String {
     }
 }
 
+/// Did Redis refuse a write because it is full (OOM), for a command or any command of
+/// a pipeline?
+pub(super) fn is_out_of_memory(e: &redis::RedisError) -> bool {
+    e.code() == Some("OOM")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "OOM"))
+}
+
 /// The kind of a redis error seen on `server`: a timeout or a failed connection is the
 /// server's (these count against its breaker); READONLY and MASTERDOWN say the server
-/// is not (or no longer) a master that can be used; a reply Echo cannot read is a decode
-/// error; anything else is Redis refusing the command, with its text.
+/// is not (or no longer) a master that can be used; OOM that it is full; a reply Echo
+/// cannot read is a decode error; anything else is Redis refusing the command, with its
+/// text.
 fn error_of(server: String, e: &redis::RedisError) -> StoreError {
     let detail = e.to_string();
     let code = e.code().unwrap_or("");
     if code == "READONLY" || code == "MASTERDOWN" {
         StoreError::NotMaster { server, detail }
+    } else if is_out_of_memory(e) {
+        StoreError::OutOfMemory { server, detail }
     } else if e.is_timeout() {
         StoreError::Timeout { server, detail }
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
@@ -336,7 +355,12 @@ mod tests {
             Some("command not allowed when used memory > 'maxmemory'.".into()),
         );
         let e = error_of(server(), &oom);
-        assert!(matches!(e, StoreError::Redis { .. }), "{e:?}");
+        assert!(matches!(e, StoreError::OutOfMemory { .. }), "{e:?}");
+        let noscript = redis::make_extension_error("NOSCRIPT".into(), Some("no script".into()));
+        assert!(matches!(
+            error_of(server(), &noscript),
+            StoreError::Redis { .. }
+        ));
         // The reply's text is kept, after the server's name.
         let text = e.to_string();
         assert!(

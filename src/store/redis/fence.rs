@@ -78,6 +78,23 @@ const ACKED: u8 = 0;
 const MISSING: u8 = 1;
 const SILENT: u8 = 2;
 
+/// What a job's WAIT asks of the replicas.
+pub(super) struct ReplicaWait {
+    /// How many must have the job; 0: no WAIT.
+    pub(super) replicas: u64,
+    pub(super) timeout: Duration,
+    /// What every call gets as its read timeout.
+    pub(super) read_timeout: Duration,
+}
+
+/// How far a completed job reached.
+pub(super) struct Reach {
+    /// Replicas that acknowledged it, of those asked for (None: no WAIT).
+    pub(super) replicas: Option<(u64, u64)>,
+    /// Other nodes that acknowledged it, of those waited for.
+    pub(super) nodes: (u64, u64),
+}
+
 /// This node's fence and its standing.
 pub(super) struct Fence {
     /// This node's name among the nodes (unique per process start).
@@ -174,16 +191,22 @@ impl Fence {
     }
 
     /// Completes a job on `master` after its deletes: bumps the completed-jobs counter,
-    /// announces it, and waits for every live node to acknowledge it. A node that neither
-    /// acknowledges nor beats drops out of the live ones a lease after its last beat (by
-    /// then it has stopped trusting replicas), so the wait ends within about a lease.
-    /// Returns the other nodes that acknowledged and those that were waited for.
-    pub(super) fn complete(&self, master: &Endpoint) -> Result<(u64, u64), StoreError> {
+    /// announces it, waits for the replicas to have it (WAIT: replication is one ordered
+    /// stream, so a replica that has the counter has the deletes that came before it,
+    /// whichever connection sent them), and waits for every live node to acknowledge it.
+    /// A node that neither acknowledges nor beats drops out of the live ones a lease
+    /// after its last beat (by then it has stopped trusting replicas), so the wait ends
+    /// within about a lease.
+    pub(super) fn complete(
+        &self,
+        master: &Endpoint,
+        wait: &ReplicaWait,
+    ) -> Result<Reach, StoreError> {
         // A node beats only after a round trip on its subscription, so a node that beats
         // after the announcement has heard it; one that stops beating drops out a lease
         // after its last beat, at most a heartbeat (and a round trip) after this.
         let deadline = Instant::now() + LEASE + 2 * HEARTBEAT;
-        let applied: u64 = master.with_conn(|c| {
+        let (applied, replicas) = master.with_conn(|c| {
             let applied: u64 = redis::cmd("HINCRBY")
                 .arg(CONTROL_KEY)
                 .arg("a")
@@ -193,7 +216,18 @@ impl Fence {
                 .arg(APPLIED_CHANNEL)
                 .arg(applied)
                 .query::<()>(c)?;
-            Ok(applied)
+            if wait.replicas == 0 {
+                return Ok((applied, None));
+            }
+            // WAIT itself blocks for up to its timeout: the connection's read timeout
+            // must outlast it, then go back to what every call gets.
+            c.set_read_timeout(Some(wait.timeout + wait.read_timeout))?;
+            let acked: redis::RedisResult<u64> = redis::cmd("WAIT")
+                .arg(wait.replicas)
+                .arg(millis(wait.timeout))
+                .query(c);
+            c.set_read_timeout(Some(wait.read_timeout))?;
+            Ok((applied, Some((acked?, wait.replicas))))
         })?;
         self.raise(applied);
         // The other nodes live when the job was announced are waited for; nodes that
@@ -223,8 +257,12 @@ impl Fence {
             };
             let (acked, missing) = (of(ACKED), of(MISSING));
             let all = waited.len() as u64;
+            let reach = Reach {
+                replicas,
+                nodes: (acked, all),
+            };
             if missing == 0 {
-                return Ok((acked, all));
+                return Ok(reach);
             }
             if Instant::now() >= deadline {
                 log::warn!(
@@ -237,7 +275,7 @@ impl Fence {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                return Ok((acked, all));
+                return Ok(reach);
             }
             std::thread::sleep(ACK_POLL);
         }

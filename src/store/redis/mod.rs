@@ -3,16 +3,21 @@
 //! same Redis shares one cache.
 //!
 //! A key's variants are one STRING (`echo:v1:<cache key>`, see `codec`), so a hit is one
-//! GET; every value is written with a TTL (freshness + `ttl_margin`): nothing is immortal.
+//! round trip (the entry and the control hash, pipelined); every entry is written with a
+//! TTL (freshness + `ttl_margin`): nothing Echo caches is immortal. Control state (the
+//! control hash, bans, node records, tag sets) has no TTL, so a `volatile-*` eviction
+//! policy evicts entries only.
 //!
-//! This file is the [`Store`]; its mechanisms have their own files: `endpoint` (one
-//! server: its pool and its circuit breaker), `fill_lock` (one fetch per key across
-//! nodes), `bans` (the generation and the bans that keep an invalidation from being
-//! undone).
+//! This file is the [`Store`]; its mechanisms have their own files: `topology` (where
+//! the master and replicas are, listed or through Sentinel), `endpoint` (one server: its
+//! pool and its circuit breaker), `fill_lock` (one fetch per key across nodes), `bans`
+//! (the generation and the bans that keep an invalidation from being undone), `fence`
+//! (an invalidation's reach over replicas and nodes), `jobs` (invalidation jobs and the
+//! tag sets' upkeep).
 //!
 //! Invariants:
-//! - all writes and deletes go to the master pool; reads go to replicas, then the master
-//!   when no replica answers;
+//! - all writes and deletes go to the master pool; reads go to replicas that have
+//!   applied every invalidation this node knows of, else to the master;
 //! - an entry is stored only if no invalidation since its fill began names it: the store
 //!   script compares the generation, and newer bans are checked before it tries again;
 //! - a tag set (`echo:v1:tag:<tag>`) may still name entries deleted or expired since it
@@ -26,17 +31,16 @@ mod bans;
 mod endpoint;
 mod fence;
 mod fill_lock;
+mod jobs;
 mod topology;
 
-use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
 use crate::config::RedisConfig;
-use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, Stop, SAMPLE};
+use crate::invalidation::{Job, JobOutcome, Matcher, Progress};
 use crate::key::CacheKey;
 use crate::policy;
 use endpoint::{millis, Endpoint};
@@ -57,34 +61,23 @@ const BATCH: usize = 500;
 /// Stores an entry only if no invalidation happened since the fill began; indexes its
 /// tags in the same step. KEYS: entry, the control hash, tag sets. ARGV: the generation
 /// the fill saw, the value, the TTL in ms. Returns -1 when stored, else the generation
-/// now.
+/// now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
+/// from its entries): each addition checks two random members and drops those whose
+/// entry is gone, so a set written to holds at most about twice its live entries (and
+/// `tidy` walks the others).
 const STORE_SCRIPT: &str = r#"
 local generation = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 if generation ~= tonumber(ARGV[1]) then return generation end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 for i = 3, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
-  redis.call('PEXPIRE', KEYS[i], ARGV[3], 'NX')
-  redis.call('PEXPIRE', KEYS[i], ARGV[3], 'GT')
-end
-return -1
-"#;
-
-/// Of some members of a tag set, those whose entry is still stored. The others (deleted
-/// or expired since: nothing takes them out of their sets then) are removed from the set
-/// too when ARGV[1] is 1, atomically with the check, so a fill storing one of them again
-/// (SET and SADD, one step) is either seen or keeps its SADD. KEYS: the tag set, then the
-/// members. ARGV: 1 to remove the missing, 0 to leave the set alone (dry runs).
-const TAG_MEMBERS_SCRIPT: &str = r#"
-local present = {}
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    present[#present + 1] = KEYS[i]
-  elseif ARGV[1] == '1' then
-    redis.call('SREM', KEYS[1], KEYS[i])
+  for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[i], 2)) do
+    if member ~= KEYS[1] and redis.call('EXISTS', member) == 0 then
+      redis.call('SREM', KEYS[i], member)
+    end
   end
 end
-return present
+return -1
 "#;
 
 /// The Redis key for a cache key.
@@ -135,9 +128,12 @@ pub struct RedisStore {
     wait_timeout: Duration,
     read_timeout: Duration,
     scan_count: usize,
+    tag_sweep_per_sec: usize,
     /// For the stale window in TTLs: only `max_stale` is used.
     stale_options: policy::PolicyOptions,
     fills: FillLocks,
+    /// How far the walk that trims tag sets has got.
+    tag_tidy: std::sync::Mutex<jobs::TagTidy>,
 }
 
 impl RedisStore {
@@ -168,17 +164,19 @@ impl RedisStore {
             ttl_margin: cfg.ttl_margin,
             max_variants: max_variants.max(1),
             store_script: redis::Script::new(STORE_SCRIPT),
-            tag_members_script: redis::Script::new(TAG_MEMBERS_SCRIPT),
+            tag_members_script: redis::Script::new(jobs::TAG_MEMBERS_SCRIPT),
             ban_ttl,
             wait_replicas: cfg.wait_replicas,
             wait_timeout: cfg.wait_timeout,
             read_timeout: cfg.read_timeout,
             scan_count: cfg.scan_count,
+            tag_sweep_per_sec: cfg.tag_sweep_per_sec,
             stale_options: policy::PolicyOptions {
                 max_stale,
                 ..policy::PolicyOptions::default()
             },
             fills,
+            tag_tidy: Default::default(),
         })
     }
 
@@ -201,118 +199,6 @@ impl RedisStore {
         }
         result
     }
-
-    /// The SCAN glob for a matcher: the literal prefix of the pattern narrows it.
-    fn scan_glob(matcher: &Matcher) -> String {
-        let host = matcher.host().map_or("*".to_string(), glob_escape);
-        let prefix = matcher.prefix().map(glob_escape).unwrap_or_default();
-        format!("{ENTRY_PREFIX}://{host}{prefix}*")
-    }
-
-    /// The members of a tag set (one SSCAN reply) whose entries are still stored, checked
-    /// on the master `BATCH` at a time, with the job's progress checked between batches;
-    /// the missing ones are removed from the set unless `keep_missing` (a dry run).
-    fn present_members(
-        &self,
-        conn: &mut redis::Connection,
-        tag_set: &str,
-        members: Vec<String>,
-        keep_missing: bool,
-        progress: &Progress,
-    ) -> redis::RedisResult<Result<Vec<String>, Stop>> {
-        let mut present = Vec::with_capacity(members.len());
-        for (i, batch) in members.chunks(BATCH).enumerate() {
-            if i > 0 {
-                if let Err(stop) = progress.check() {
-                    return Ok(Err(stop));
-                }
-            }
-            let mut invocation = self.tag_members_script.prepare_invoke();
-            invocation.key(tag_set);
-            for member in batch {
-                invocation.key(member);
-            }
-            invocation.arg(u8::from(!keep_missing));
-            present.extend(invocation.invoke::<Vec<String>>(conn)?);
-        }
-        Ok(Ok(present))
-    }
-
-    /// Applies a job's mode to one batch of matching Redis keys, on the job's connection.
-    fn apply(
-        &self,
-        conn: &mut redis::Connection,
-        job: &Job,
-        keys: &[String],
-    ) -> redis::RedisResult<u64> {
-        // UNLINK and MGET with no keys, or an empty pipeline, are errors.
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        match (job.mode, job.matcher.tag()) {
-            // Deleted through their tag: out of its set too, in one transaction (a fill
-            // storing one again in between would lose its SADD to the SREM otherwise).
-            (Mode::Delete, Some(tag)) => {
-                let (deleted,): (u64,) = redis::pipe()
-                    .atomic()
-                    .cmd("UNLINK")
-                    .arg(keys)
-                    .cmd("SREM")
-                    .arg(format!("{TAG_PREFIX}{tag}"))
-                    .arg(keys)
-                    .ignore()
-                    .query(conn)?;
-                Ok(deleted)
-            }
-            (Mode::Delete, None) => redis::cmd("UNLINK").arg(keys).query(conn),
-            (Mode::Stale, _) => {
-                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query(conn)?;
-                let mut pipe = redis::pipe();
-                let mut marked = 0;
-                for (key, value) in keys.iter().zip(values) {
-                    let Some(variants) = value.and_then(|v| codec::decode(&v).ok()) else {
-                        continue;
-                    };
-                    let stale = super::mark_stale(&variants);
-                    // KEEPTTL: a stale entry lives as long as it would have; XX: never
-                    // recreate one deleted meanwhile.
-                    pipe.cmd("SET")
-                        .arg(key)
-                        .arg(codec::encode(&stale))
-                        .arg("KEEPTTL")
-                        .arg("XX")
-                        .ignore();
-                    marked += 1;
-                }
-                // Every one may have gone since it was matched (deleted, expired).
-                if marked > 0 {
-                    pipe.query::<()>(conn)?;
-                }
-                Ok(marked)
-            }
-            (Mode::Refresh, _) => Ok(0),
-        }
-    }
-}
-
-/// A 64-bit fingerprint of a key: remembering these (not the keys) bounds the memory a
-/// job needs to count each match once.
-fn fingerprint(key: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
-}
-
-/// Escapes Redis glob characters so a literal matches itself.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 impl RedisStore {
@@ -438,164 +324,32 @@ impl Store for RedisStore {
     fn remove(&self, key: &CacheKey) -> Result<usize, StoreError> {
         let servers = self.topology.servers();
         let master = servers.master()?;
-        let wait_replicas = self.wait_replicas.unwrap_or(servers.replicas.len() as u64);
-        let result = bans::record(master, &Matcher::for_key(key), self.ban_ttl).and_then(|_| {
-            master.with_conn(|conn| {
-                let removed: usize = redis::cmd("UNLINK").arg(redis_key(key)).query(conn)?;
-                if wait_replicas > 0 {
-                    conn.set_read_timeout(Some(self.wait_timeout + self.read_timeout))?;
-                    let acked: redis::RedisResult<u64> = redis::cmd("WAIT")
-                        .arg(wait_replicas)
-                        .arg(millis(self.wait_timeout))
-                        .query(conn);
-                    conn.set_read_timeout(Some(self.read_timeout))?;
-                    acked?;
+        let matcher = Matcher::for_key(key);
+        let unlink = || master.run::<usize>(redis::cmd("UNLINK").arg(redis_key(key)));
+        let result = (|| {
+            let removed = match bans::record(master, &matcher, self.ban_ttl) {
+                Ok(_) => unlink()?,
+                // Full (noeviction): the delete first, which frees memory, then the ban,
+                // then the delete again for a fill that stored in between.
+                Err(StoreError::OutOfMemory { .. }) => {
+                    let removed = unlink()?;
+                    bans::record(master, &matcher, self.ban_ttl)?;
+                    removed.max(unlink()?)
                 }
-                Ok(removed)
-            })
-        });
-        let removed = result.inspect_err(|e| self.topology.suspect(e))?;
-        self.fence
-            .complete(master)
-            .inspect_err(|e| self.topology.suspect(e))?;
-        Ok(removed)
+                Err(e) => return Err(e),
+            };
+            self.fence.complete(master, &self.replica_wait(&servers))?;
+            Ok(removed)
+        })();
+        result.inspect_err(|e| self.topology.suspect(e))
     }
 
     fn invalidate(&self, job: &Job, progress: &Progress) -> Result<JobOutcome, StoreError> {
         // One master for the whole job (a failover meanwhile fails it: it is not done).
         let servers = self.topology.servers();
         let master = servers.master()?;
-        if !job.dry_run {
-            bans::record(master, &job.matcher, self.ban_ttl)
-                .inspect_err(|e| self.topology.suspect(e))?;
-        }
-        let wait_replicas = self.wait_replicas.unwrap_or(servers.replicas.len() as u64);
-        let mut outcome = JobOutcome::default();
-        let matcher = &job.matcher;
-        // One connection for the whole job: the WAIT at the end covers every write on it.
-        let result = master.with_conn(|conn| {
-            let mut cursor: u64 = 0;
-            let mut batch: Vec<String> = Vec::with_capacity(BATCH);
-            let mut seen: HashSet<u64> = HashSet::new();
-            let mut checkpoint = Checkpoint::new(progress);
-            // A cancel or the end of the budget stops the job at its next check: before
-            // each SCAN (one may walk many keys and return none) and every few hundred
-            // keys. What it did is reported; the matches not yet applied are left alone,
-            // and there is no WAIT (the job is not done).
-            'scan: loop {
-                if let Err(stop) = progress.check() {
-                    outcome.stopped = Some(stop);
-                    break 'scan;
-                }
-                let (next, mut keys): (u64, Vec<String>) = match matcher.tag() {
-                    Some(tag) => redis::cmd("SSCAN")
-                        .arg(format!("{TAG_PREFIX}{tag}"))
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?,
-                    None => redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(Self::scan_glob(matcher))
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?,
-                };
-                progress
-                    .scanned
-                    .fetch_add(keys.len() as u64, Ordering::Relaxed);
-                // A tag set still names the entries deleted or expired since they were
-                // stored: only those still stored are matched (issue 15).
-                if let Some(tag) = matcher.tag() {
-                    let set = format!("{TAG_PREFIX}{tag}");
-                    match self.present_members(conn, &set, keys, job.dry_run, progress)? {
-                        Ok(present) => keys = present,
-                        Err(stop) => {
-                            outcome.stopped = Some(stop);
-                            break 'scan;
-                        }
-                    }
-                }
-                for rkey in keys {
-                    if let Err(stop) = checkpoint.key(rkey.len()) {
-                        outcome.stopped = Some(stop);
-                        break 'scan;
-                    }
-                    let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
-                        continue;
-                    };
-                    // The tag part is already satisfied by the tag set.
-                    if !matcher.matches_key(key) {
-                        continue;
-                    }
-                    // SCAN may return a key twice (when Redis resizes its table during
-                    // the scan, as this job's own deletes can make it): count it once.
-                    if !seen.insert(fingerprint(&rkey)) {
-                        continue;
-                    }
-                    outcome.matched += 1;
-                    progress.matched.fetch_add(1, Ordering::Relaxed);
-                    if outcome.sample.len() < SAMPLE {
-                        outcome.sample.push(key.to_string());
-                    }
-                    if job.dry_run {
-                        continue;
-                    }
-                    if job.mode == Mode::Refresh {
-                        outcome.to_refresh.push(key.to_string());
-                        continue;
-                    }
-                    batch.push(rkey);
-                    if batch.len() >= BATCH {
-                        let n = self.apply(conn, job, &batch)?;
-                        outcome.changed += n;
-                        progress.changed.fetch_add(n, Ordering::Relaxed);
-                        batch.clear();
-                    }
-                }
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
-            if outcome.stopped.is_some() {
-                return Ok(());
-            }
-            if !batch.is_empty() {
-                let n = self.apply(conn, job, &batch)?;
-                outcome.changed += n;
-                progress.changed.fetch_add(n, Ordering::Relaxed);
-            }
-            // Read-your-invalidation: the call returns only when the replicas have the
-            // deletes (or the wait times out, which the answer reports).
-            if !job.dry_run && wait_replicas > 0 {
-                // WAIT itself blocks for up to wait_timeout: the connection's read
-                // timeout must outlast it, then go back to what every call gets.
-                conn.set_read_timeout(Some(self.wait_timeout + self.read_timeout))?;
-                let acked: redis::RedisResult<u64> = redis::cmd("WAIT")
-                    .arg(wait_replicas)
-                    .arg(millis(self.wait_timeout))
-                    .query(conn);
-                conn.set_read_timeout(Some(self.read_timeout))?;
-                outcome.replicas = Some((acked?, wait_replicas));
-            }
-            Ok(())
-        });
-        if let Err(e) = &result {
-            self.topology.suspect(e);
-        }
-        result?;
-        // Done: every node hears of it (and stops reading replicas that have not
-        // applied it) before the job returns.
-        if !job.dry_run && outcome.stopped.is_none() {
-            outcome.nodes = Some(
-                self.fence
-                    .complete(master)
-                    .inspect_err(|e| self.topology.suspect(e))?,
-            );
-        }
-        Ok(outcome)
+        self.run_job(master, &servers, job, progress)
+            .inspect_err(|e| self.topology.suspect(e))
     }
 
     fn lock_fill(&self, key: &CacheKey, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -629,6 +383,10 @@ impl Store for RedisStore {
 
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
         self.on_master(|m| self.fills.unlock(m, key, owner))
+    }
+
+    fn tidy(&self) {
+        self.tidy_tags();
     }
 
     fn fill_waiter(&self, key: &CacheKey) -> FillWaiter {

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use super::{invalidate, redis_echo, status_of, warm_with};
+use super::{invalidate, redis_echo_with, status_of, warm_with};
 use crate::support::client::RawClient;
 use crate::support::echo::EchoUnderTest;
 use crate::support::redis::RedisServer;
@@ -32,7 +32,13 @@ struct Tagged {
     echo: EchoUnderTest,
 }
 
+/// The tag sets' background sweep is off here, so what a tag job does to its set is
+/// all that changes it (the sweep has its own tests).
 fn tagged() -> Tagged {
+    tagged_with("tag_sweep_per_sec = 0\n")
+}
+
+fn tagged_with(redis: &str) -> Tagged {
     let master = RedisServer::master();
     let replica = RedisServer::replica_of(&master);
     let origin = TestOrigin::start(|req| {
@@ -40,7 +46,7 @@ fn tagged() -> Tagged {
             .header("Cache-Control", "max-age=600")
             .header("Surrogate-Key", "t")
     });
-    let echo = redis_echo(&origin, &master, &[&replica]);
+    let echo = redis_echo_with(&origin, &master, &[&replica], redis);
     Tagged {
         master,
         replica,
@@ -210,4 +216,50 @@ fn a_tag_with_many_members_some_gone_matches_every_entry_still_stored() {
     for t in targets.iter().step_by(50) {
         assert_eq!(status_of(&c.echo, t, HOST), "MISS", "{t}");
     }
+}
+
+#[test]
+fn expired_entries_leave_their_tag_set_by_themselves() {
+    // Tag sets have no TTL (eviction must never take an index away from its entries):
+    // the sweep between invalidation jobs drops the members whose entry is gone, and
+    // an emptied set is gone with them.
+    let c = tagged_with("");
+    c.warm(PAIR);
+    c.expire(PAIR);
+    crate::support::wait_until(
+        "the sweep empties the tag set",
+        Duration::from_secs(10),
+        || c.members() == 0,
+    );
+    // Entries stored since are indexed as before.
+    c.warm(&["/t/3"]);
+}
+
+#[test]
+fn adding_to_a_tag_set_trims_members_whose_entry_is_gone() {
+    let c = tagged();
+    let old: Vec<String> = (0..10).map(|i| format!("/t/old/{i}")).collect();
+    let old: Vec<&str> = old.iter().map(String::as_str).collect();
+    c.warm(&old);
+    c.delete(&old[..8]);
+    let new: Vec<String> = (0..20).map(|i| format!("/t/new/{i}")).collect();
+    let new: Vec<&str> = new.iter().map(String::as_str).collect();
+    warm_with(&c.echo, &new, HOST, &|key| c.replica.wait_for_key(key));
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(TAG_SET)
+        .query(&mut c.master.connection())
+        .expect("SMEMBERS");
+    for live in old[8..].iter().chain(&new) {
+        assert!(
+            members.contains(&entry_key(live)),
+            "{live} is stored and indexed"
+        );
+    }
+    // Each addition checks two random members: 20 additions among a set with 8 gone
+    // members leave all 8 with a chance of about (1 - 8/30)^40, one in 250,000.
+    assert!(
+        members.len() < 30,
+        "{} members: none of the gone ones was trimmed",
+        members.len()
+    );
 }

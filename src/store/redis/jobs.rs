@@ -1,0 +1,422 @@
+//! Invalidation jobs on Redis: a job's ban, its sweep over what it matches (a SCAN
+//! narrowed by the pattern's literal prefix, or the tag's set) in batches on one
+//! connection, and its completion (see `fence`).
+//!
+//! Invariants:
+//! - the ban is recorded before the first delete, except with Redis full (`maxmemory`
+//!   under `noeviction`): then deletes come first (they free memory), the ban next, and a
+//!   second sweep removes what a fill stored in between; what could not be done is in
+//!   the outcome's warnings;
+//! - a key SCAN returns twice is counted once; a tag set's members are matched only if
+//!   their entry exists (checked on the master, the missing ones removed from the set);
+//! - a cancel or the job's budget stops it at its next check, with what it did reported
+//!   and no completion (the job is not done).
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+
+use super::endpoint::{is_out_of_memory, Endpoint};
+use super::fence::ReplicaWait;
+use super::topology::Servers;
+use super::{bans, codec, RedisStore, BATCH, ENTRY_PREFIX, KEY_PREFIX, TAG_PREFIX};
+use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, Stop, SAMPLE};
+use crate::store::StoreError;
+
+/// Of some members of a tag set, those whose entry is still stored. The others (deleted
+/// or expired since: nothing takes them out of their sets then) are removed from the set
+/// too when ARGV[1] is 1, atomically with the check, so a fill storing one of them again
+/// (SET and SADD, one step) is either seen or keeps its SADD. KEYS: the tag set, then the
+/// members. ARGV: 1 to remove the missing, 0 to leave the set alone (dry runs).
+pub(super) const TAG_MEMBERS_SCRIPT: &str = r#"
+local present = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    present[#present + 1] = KEYS[i]
+  elseif ARGV[1] == '1' then
+    redis.call('SREM', KEYS[1], KEYS[i])
+  end
+end
+return present
+"#;
+
+impl RedisStore {
+    /// The SCAN glob for a matcher: the literal prefix of the pattern narrows it.
+    fn scan_glob(matcher: &Matcher) -> String {
+        let host = matcher.host().map_or("*".to_string(), glob_escape);
+        let prefix = matcher.prefix().map(glob_escape).unwrap_or_default();
+        format!("{ENTRY_PREFIX}://{host}{prefix}*")
+    }
+
+    /// The members of a tag set (one SSCAN reply) whose entries are still stored, checked
+    /// on the master `BATCH` at a time, with the job's progress checked between batches;
+    /// the missing ones are removed from the set unless `keep_missing` (a dry run).
+    fn present_members(
+        &self,
+        conn: &mut redis::Connection,
+        tag_set: &str,
+        members: Vec<String>,
+        keep_missing: bool,
+        progress: &Progress,
+    ) -> redis::RedisResult<Result<Vec<String>, Stop>> {
+        let mut present = Vec::with_capacity(members.len());
+        for (i, batch) in members.chunks(BATCH).enumerate() {
+            if i > 0 {
+                if let Err(stop) = progress.check() {
+                    return Ok(Err(stop));
+                }
+            }
+            let mut invocation = self.tag_members_script.prepare_invoke();
+            invocation.key(tag_set);
+            for member in batch {
+                invocation.key(member);
+            }
+            invocation.arg(u8::from(!keep_missing));
+            present.extend(invocation.invoke::<Vec<String>>(conn)?);
+        }
+        Ok(Ok(present))
+    }
+
+    /// What a job's WAIT asks of the replicas.
+    pub(super) fn replica_wait(&self, servers: &Servers) -> ReplicaWait {
+        ReplicaWait {
+            replicas: self.wait_replicas.unwrap_or(servers.replicas.len() as u64),
+            timeout: self.wait_timeout,
+            read_timeout: self.read_timeout,
+        }
+    }
+
+    /// A job on `master`: its ban, its sweep, and its completion (replicas and nodes).
+    /// With Redis full (`maxmemory` under `noeviction`) the ban cannot be written before
+    /// the deletes: they come first (they free memory), then the ban, then a second sweep
+    /// for what a fill stored in between; what could not be done is reported.
+    pub(super) fn run_job(
+        &self,
+        master: &Endpoint,
+        servers: &Servers,
+        job: &Job,
+        progress: &Progress,
+    ) -> Result<JobOutcome, StoreError> {
+        let mut outcome = JobOutcome::default();
+        if job.dry_run {
+            self.sweep(master, job, progress, &mut outcome)?;
+            return Ok(outcome);
+        }
+        let banned = match bans::record(master, &job.matcher, self.ban_ttl) {
+            Ok(_) => true,
+            Err(StoreError::OutOfMemory { .. }) => false,
+            Err(e) => return Err(e),
+        };
+        self.sweep(master, job, progress, &mut outcome)?;
+        if outcome.stopped.is_some() {
+            return Ok(outcome);
+        }
+        if !banned {
+            match bans::record(master, &job.matcher, self.ban_ttl) {
+                Ok(_) if job.mode != Mode::Refresh => {
+                    let mut again = JobOutcome::default();
+                    self.sweep(master, job, progress, &mut again)?;
+                    outcome.changed += again.changed;
+                    outcome.stopped = again.stopped;
+                    outcome.warnings.extend(again.warnings);
+                    outcome.warnings.push(
+                        "Redis was full (maxmemory, noeviction): the matched entries were \
+                         deleted before the ban could be recorded, then swept again"
+                            .into(),
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => outcome.warnings.push(format!(
+                    "the ban could not be recorded ({e}): a fill in flight during this job \
+                     may still store a matched entry"
+                )),
+            }
+            if outcome.stopped.is_some() {
+                return Ok(outcome);
+            }
+        }
+        // Done: the replicas and every node have it (nodes stop reading replicas that
+        // have not applied it) before the job returns.
+        match self.fence.complete(master, &self.replica_wait(servers)) {
+            Ok(reach) => {
+                outcome.replicas = reach.replicas;
+                outcome.nodes = Some(reach.nodes);
+            }
+            Err(e @ StoreError::OutOfMemory { .. }) => outcome.warnings.push(format!(
+                "the job could not be announced ({e}): replicas were not waited for, and \
+                 other nodes may read a replica that has not applied it"
+            )),
+            Err(e) => return Err(e),
+        }
+        Ok(outcome)
+    }
+
+    /// One pass over what `job` matches (a SCAN, or its tag set), applying its mode in
+    /// batches on one connection.
+    fn sweep(
+        &self,
+        master: &Endpoint,
+        job: &Job,
+        progress: &Progress,
+        outcome: &mut JobOutcome,
+    ) -> Result<(), StoreError> {
+        let matcher = &job.matcher;
+        let mut deleted_instead = 0;
+        master.with_conn(|conn| {
+            let mut cursor: u64 = 0;
+            let mut batch: Vec<String> = Vec::with_capacity(BATCH);
+            let mut seen: HashSet<u64> = HashSet::new();
+            let mut checkpoint = Checkpoint::new(progress);
+            // A cancel or the end of the budget stops the job at its next check: before
+            // each SCAN (one may walk many keys and return none) and every few hundred
+            // keys. What it did is reported; the matches not yet applied are left alone,
+            // and there is no WAIT (the job is not done).
+            'scan: loop {
+                if let Err(stop) = progress.check() {
+                    outcome.stopped = Some(stop);
+                    break 'scan;
+                }
+                let (next, mut keys): (u64, Vec<String>) = match matcher.tag() {
+                    Some(tag) => redis::cmd("SSCAN")
+                        .arg(format!("{TAG_PREFIX}{tag}"))
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?,
+                    None => redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(Self::scan_glob(matcher))
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?,
+                };
+                progress
+                    .scanned
+                    .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                // A tag set still names the entries deleted or expired since they were
+                // stored: only those still stored are matched (issue 15).
+                if let Some(tag) = matcher.tag() {
+                    let set = format!("{TAG_PREFIX}{tag}");
+                    match self.present_members(conn, &set, keys, job.dry_run, progress)? {
+                        Ok(present) => keys = present,
+                        Err(stop) => {
+                            outcome.stopped = Some(stop);
+                            break 'scan;
+                        }
+                    }
+                }
+                for rkey in keys {
+                    if let Err(stop) = checkpoint.key(rkey.len()) {
+                        outcome.stopped = Some(stop);
+                        break 'scan;
+                    }
+                    let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
+                        continue;
+                    };
+                    // The tag part is already satisfied by the tag set.
+                    if !matcher.matches_key(key) {
+                        continue;
+                    }
+                    // SCAN may return a key twice (when Redis resizes its table during
+                    // the scan, as this job's own deletes can make it): count it once.
+                    if !seen.insert(fingerprint(&rkey)) {
+                        continue;
+                    }
+                    outcome.matched += 1;
+                    progress.matched.fetch_add(1, Ordering::Relaxed);
+                    if outcome.sample.len() < SAMPLE {
+                        outcome.sample.push(key.to_string());
+                    }
+                    if job.dry_run {
+                        continue;
+                    }
+                    if job.mode == Mode::Refresh {
+                        outcome.to_refresh.push(key.to_string());
+                        continue;
+                    }
+                    batch.push(rkey);
+                    if batch.len() >= BATCH {
+                        let n = self.apply(conn, job, &batch, &mut deleted_instead)?;
+                        outcome.changed += n;
+                        progress.changed.fetch_add(n, Ordering::Relaxed);
+                        batch.clear();
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            if outcome.stopped.is_some() {
+                return Ok(());
+            }
+            if !batch.is_empty() {
+                let n = self.apply(conn, job, &batch, &mut deleted_instead)?;
+                outcome.changed += n;
+                progress.changed.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        if deleted_instead > 0 {
+            outcome.warnings.push(format!(
+                "Redis is full (maxmemory, noeviction): {deleted_instead} entries were \
+                 deleted instead of marked stale"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies a job's mode to one batch of matching Redis keys, on the job's connection.
+    fn apply(
+        &self,
+        conn: &mut redis::Connection,
+        job: &Job,
+        keys: &[String],
+        deleted_instead: &mut u64,
+    ) -> redis::RedisResult<u64> {
+        // UNLINK and MGET with no keys, or an empty pipeline, are errors.
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        match (job.mode, job.matcher.tag()) {
+            // Deleted through their tag: out of its set too, in one transaction (a fill
+            // storing one again in between would lose its SADD to the SREM otherwise).
+            (Mode::Delete, Some(tag)) => {
+                let (deleted,): (u64,) = redis::pipe()
+                    .atomic()
+                    .cmd("UNLINK")
+                    .arg(keys)
+                    .cmd("SREM")
+                    .arg(format!("{TAG_PREFIX}{tag}"))
+                    .arg(keys)
+                    .ignore()
+                    .query(conn)?;
+                Ok(deleted)
+            }
+            (Mode::Delete, None) => redis::cmd("UNLINK").arg(keys).query(conn),
+            (Mode::Stale, _) => {
+                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query(conn)?;
+                let mut pipe = redis::pipe();
+                let mut marked = 0;
+                for (key, value) in keys.iter().zip(values) {
+                    let Some(variants) = value.and_then(|v| codec::decode(&v).ok()) else {
+                        continue;
+                    };
+                    let stale = crate::store::mark_stale(&variants);
+                    // KEEPTTL: a stale entry lives as long as it would have; XX: never
+                    // recreate one deleted meanwhile.
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(codec::encode(&stale))
+                        .arg("KEEPTTL")
+                        .arg("XX")
+                        .ignore();
+                    marked += 1;
+                }
+                // Every one may have gone since it was matched (deleted, expired).
+                if marked > 0 {
+                    if let Err(e) = pipe.query::<()>(conn) {
+                        if !is_out_of_memory(&e) {
+                            return Err(e);
+                        }
+                        // Full (noeviction): a stale copy cannot be written, so the
+                        // entries go (which frees memory): never served as fresh.
+                        let deleted: u64 = redis::cmd("UNLINK").arg(keys).query(conn)?;
+                        *deleted_instead += deleted;
+                        return Ok(deleted);
+                    }
+                }
+                Ok(marked)
+            }
+            (Mode::Refresh, _) => Ok(0),
+        }
+    }
+}
+
+/// A 64-bit fingerprint of a key: remembering these (not the keys) bounds the memory a
+/// job needs to count each match once.
+fn fingerprint(key: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Escapes Redis glob characters so a literal matches itself.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Where the walk over the tag sets is: the keyspace SCAN's cursor, the sets it found
+/// and not yet walked, and the set being walked (with its SSCAN cursor).
+#[derive(Default)]
+pub(super) struct TagTidy {
+    scan: u64,
+    sets: std::collections::VecDeque<String>,
+    current: Option<(String, u64)>,
+}
+
+impl RedisStore {
+    /// Walks the tag sets a little further, dropping members whose entry is gone
+    /// (expired or evicted: nothing else takes them out of a set a fill no longer
+    /// writes to). Tag sets have no TTL, so that an eviction policy on volatile keys
+    /// never takes an index away from its entries; this walk, and the trim in the store
+    /// script, keep them about the size of what they index. Errors wait for the next
+    /// call.
+    pub(super) fn tidy_tags(&self) {
+        let servers = self.topology.servers();
+        let Ok(master) = servers.master() else {
+            return;
+        };
+        let mut walk = self.tag_tidy.lock().unwrap_or_else(|e| e.into_inner());
+        let progress = Progress::default();
+        // Called about once a second: the budget is per second.
+        let mut budget = self.tag_sweep_per_sec;
+        if budget == 0 {
+            return;
+        }
+        let _ = master.with_conn(|conn| {
+            while budget > 0 {
+                if let Some((set, cursor)) = walk.current.take() {
+                    let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
+                        .arg(&set)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?;
+                    budget = budget.saturating_sub(members.len().max(1));
+                    let _ = self.present_members(conn, &set, members, false, &progress)?;
+                    if next != 0 {
+                        walk.current = Some((set, next));
+                    }
+                } else if let Some(set) = walk.sets.pop_front() {
+                    walk.current = Some((set, 0));
+                } else {
+                    let (next, sets): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(walk.scan)
+                        .arg("MATCH")
+                        .arg(format!("{TAG_PREFIX}*"))
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?;
+                    // A page of the keyspace costs what its keys would.
+                    budget = budget.saturating_sub(self.scan_count);
+                    walk.scan = next;
+                    walk.sets.extend(sets);
+                    if next == 0 {
+                        // A whole pass: the next starts with the next call.
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+}
