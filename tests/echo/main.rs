@@ -17,4 +17,5 @@ mod proxy;
 mod redis;
 mod redis_lock;
 mod security;
+mod sentinel_fixture;
 mod stale;
