@@ -19,4 +19,5 @@ mod redis_fence;
 mod redis_lock;
 mod redis_memory;
 mod security;
+mod sentinel_fixture;
 mod stale;

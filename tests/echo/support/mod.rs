@@ -13,6 +13,7 @@ mod gate;
 pub mod origin;
 pub mod raw_origin;
 pub mod redis;
+pub mod redis_tls;
 pub mod relay;
 
 pub use client::RawClient;
