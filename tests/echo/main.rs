@@ -15,6 +15,7 @@ mod origins;
 mod props;
 mod proxy;
 mod redis;
+mod redis_failover;
 mod redis_fence;
 mod redis_lock;
 mod redis_memory;
