@@ -330,3 +330,34 @@ fn a_put_during_a_fill_is_not_undone_by_the_fill_in_redis() {
     let echo = node(&origin, &master, &[&replica]);
     check_put_during_fill(&echo, &origin, &gate);
 }
+
+#[test]
+fn a_paused_replica_never_serves_what_an_invalidation_deleted() {
+    // As issue 15 found it: CLIENT PAUSE ... WRITE on a replica stops it applying the
+    // replication stream while it keeps answering reads.
+    let master = RedisServer::master();
+    let paused = RedisServer::replica_of(&master);
+    let other = RedisServer::replica_of(&master);
+    let o = versioned();
+    let a = node(&o.origin, &master, &[&paused, &other]);
+    let b = node(&o.origin, &master, &[&paused, &other]);
+    warm(&a, &b, &[&paused, &other], "/paused/1");
+    wait_for_nodes(&master, 2);
+
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3_000)
+        .arg("WRITE")
+        .query(&mut paused.connection())
+        .expect("CLIENT PAUSE");
+    o.version.store(2, Ordering::SeqCst);
+    let report = invalidate(&a, r#"{"pattern": "^/paused/"}"#);
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["nodes"]["acknowledged"], 1, "{report}");
+    assert!(
+        paused.exists(&redis_key("/paused/1")),
+        "the paused replica has not applied the delete (and is still read from)"
+    );
+    assert_never_old(&b, "/paused/1");
+    assert_never_old(&a, "/paused/1");
+}
