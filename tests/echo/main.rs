@@ -18,6 +18,7 @@ mod redis;
 mod redis_fence;
 mod redis_lock;
 mod redis_memory;
+mod redis_secure;
 mod security;
 mod sentinel_fixture;
 mod stale;
