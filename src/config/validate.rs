@@ -496,14 +496,31 @@ fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigErro
                 "give master (and replicas) or sentinels and sentinel_master, not both",
             ))
         }
-        (Some(m), true, _) => RedisServers::Listed {
-            master: redis_url("redis.master", m)?,
-            replicas: r
-                .replicas
-                .iter()
-                .map(|u| redis_url("redis.replicas", u))
-                .collect::<Result<Vec<_>, _>>()?,
-        },
+        (Some(m), true, _) => {
+            // `tls`, `username` and `password` are for the servers Sentinel names; a
+            // listed URL carries its own (`topology::client_for_url` reads only the URL).
+            // Ignored, `tls = true` would leave a `redis://` master in plain text.
+            let sentinel_only = [
+                ("redis.tls", r.tls),
+                ("redis.username", r.username.is_some()),
+                ("redis.password", r.password.is_some()),
+            ];
+            if let Some((key, _)) = sentinel_only.iter().find(|(_, set)| *set) {
+                return Err(err(
+                    key,
+                    "applies to the servers sentinels name; with master, give TLS and \
+                     credentials in each URL (rediss://[user:password@]host:port)",
+                ));
+            }
+            RedisServers::Listed {
+                master: redis_url("redis.master", m)?,
+                replicas: r
+                    .replicas
+                    .iter()
+                    .map(|u| redis_url("redis.replicas", u))
+                    .collect::<Result<Vec<_>, _>>()?,
+            }
+        }
         (None, false, Some(name)) => {
             if !r.replicas.is_empty() {
                 return Err(err(
@@ -756,6 +773,19 @@ mod tests {
             Some("redis.sentinels".into())
         );
         assert_eq!(key("tls = true\n"), Some("redis.master".into()));
+        // Sentinel-only settings are refused with listed servers, not ignored (issue 15:
+        // `tls = true` beside a `redis://` master was ignored, so Redis was plain text).
+        for (setting, name) in [
+            ("tls = true", "redis.tls"),
+            ("username = \"echo\"", "redis.username"),
+            ("password = \"pw\"", "redis.password"),
+        ] {
+            assert_eq!(
+                key(&format!("master = \"redis://m\"\n{setting}\n")),
+                Some(name.into())
+            );
+        }
+        assert!(with("master = \"redis://m\"\ntls = false\n").is_ok());
         assert_eq!(
             key("master = \"redis://m\"\nca_file = \"/nonexistent.pem\"\n"),
             Some("redis.ca_file".into())

@@ -24,7 +24,7 @@ const DEMO_ORIGIN: &str = env!("CARGO_BIN_EXE_demo-origin");
 const EXIT_WITHIN: Duration = Duration::from_secs(10);
 
 /// A child process that is killed (and reaped) when the guard drops.
-struct ChildGuard {
+pub(crate) struct ChildGuard {
     child: Child,
     name: &'static str,
     /// Where its stderr goes, for failure messages.
@@ -39,7 +39,7 @@ impl ChildGuard {
         ChildGuard { child, name, log }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.log
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -48,7 +48,7 @@ impl ChildGuard {
 
     /// Waits until the process accepts TCP connections on `addr`; panics if it exits
     /// first or the deadline passes.
-    fn wait_listening(&mut self, addr: SocketAddr) {
+    pub(crate) fn wait_listening(&mut self, addr: SocketAddr) {
         let name = self.name;
         wait_until(
             &format!("{name} accepts connections on {addr}"),
@@ -64,7 +64,7 @@ impl ChildGuard {
 }
 
 /// Starts `echod --config <config>` with its stderr logged to `echod.log` in `dir`.
-fn spawn_echod(dir: &TempDir, config: &Path) -> ChildGuard {
+pub(crate) fn spawn_echod(dir: &TempDir, config: &Path) -> ChildGuard {
     let log = dir.0.join("echod.log");
     ChildGuard::spawn(
         "echod",
@@ -124,7 +124,7 @@ fn echod(args: &[&str]) -> Finished {
     }
 }
 
-fn path_str(p: &Path) -> &str {
+pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
 

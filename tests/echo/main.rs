@@ -19,6 +19,7 @@ mod redis_failover;
 mod redis_fence;
 mod redis_lock;
 mod redis_memory;
+mod redis_secure;
 mod security;
 mod sentinel_fixture;
 mod stale;

@@ -355,13 +355,16 @@ fn a_tls_only_master_and_replica_answer_over_tls_and_nothing_else() {
         "{refused:?}"
     );
 
-    // Plain RESP on the TLS port gets no answer; this build of the redis crate cannot
-    // open rediss:// at all (Echo needs the crate's tls-rustls feature).
+    // Plain RESP on the TLS port gets no answer; rediss:// with the system's roots
+    // (which do not hold the test CA) fails the handshake.
     let plain = format!("redis://127.0.0.1:{}", master.port);
     assert_ne!(outcome(&plain, &["PING"]), "ok");
     let rediss = redis::Client::open(master.url())
         .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)));
-    assert!(rediss.is_err(), "rediss:// opened without a TLS feature");
+    assert!(
+        rediss.is_err(),
+        "rediss:// opened though the system roots lack the test CA"
+    );
 
     // A client that does not trust the CA fails the handshake.
     let stranger = TestPki::new();
@@ -371,4 +374,42 @@ fn a_tls_only_master_and_replica_answer_over_tls_and_nothing_else() {
     replica.restart();
     let mut r = TlsClient::connect(&pki, replica.port).expect("TLS to the restarted replica");
     assert_eq!(r.text(&["GET", "k"]), "v");
+}
+
+#[test]
+fn sentinels_watch_a_tls_only_master_over_tls_and_fail_it_over() {
+    let pki = TestPki::new();
+    let master = pki.master();
+    let replica = pki.replica_of(&master);
+    // The fixture's own helpers reach TLS-only servers (trusting the test CA).
+    assert_eq!(master.role(), "master");
+    assert_eq!(replica.master_port(), Some(master.port));
+    let sentinels = Sentinels::start(&master);
+    // Clients ask on the plain port; the sentinels found each other (over TLS) and the
+    // replica.
+    assert_eq!(
+        sentinels.master_addr(),
+        ("127.0.0.1".to_string(), master.port)
+    );
+    let replicas = sentinels.replicas();
+    assert_eq!(replicas.len(), 1, "{replicas:?}");
+    assert_eq!(replicas[0].port, replica.port);
+
+    // A failover: the sentinels command both servers over TLS.
+    let started = Instant::now();
+    sentinels.failover().expect("SENTINEL FAILOVER");
+    let new = sentinels.wait_for_new_master(master.port, FAILOVER_WITHIN);
+    eprintln!(
+        "TLS data servers: quorum reports {new} {:?} after SENTINEL FAILOVER",
+        started.elapsed()
+    );
+    assert_eq!(new, replica.port);
+    replica.wait_role("master", FAILOVER_WITHIN);
+    master.wait_role("slave", FAILOVER_WITHIN);
+    set(&replica, "k", "v");
+    wait_until(
+        "the write reaches the old master over TLS",
+        FAILOVER_WITHIN,
+        || get(&master, "k").ok().flatten().as_deref() == Some("v"),
+    );
 }

@@ -20,9 +20,13 @@
 //! The file stands alone (std and the `redis` crate, nothing from `super`): the benches
 //! include it with `#[path = "../tests/echo/support/redis.rs"] mod redis_fixture;`, so
 //! Redis is started one way everywhere. Certificates for TLS are made elsewhere
-//! (`redis_tls.rs`, with rcgen) and handed in as file paths ([`TlsFiles`]).
+//! (`redis_tls.rs`, with rcgen) and handed in as file paths ([`TlsFiles`]); the
+//! fixture talks to a TLS-only server over the crate's own TLS (`tls-rustls`), trusting
+//! that CA only, so every helper works on it as on a plain one. A group of sentinels
+//! watching a TLS-only master keeps a plain port for clients and links to the servers
+//! and to each other over TLS (`tls-replication`).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -135,10 +139,20 @@ fn signal(pid: u32, which: &str) {
     assert!(status.success(), "kill {which} {pid} failed: {status}");
 }
 
-/// A connection to `url` whose reads and writes time out after `io`; `None` when it
-/// cannot be opened (or the URL's scheme is not supported by this build of the crate).
-fn open(url: &str, io: Duration) -> Option<redis::Connection> {
-    let client = redis::Client::open(url).ok()?;
+/// A connection to `url` whose reads and writes time out after `io`, over TLS trusting
+/// only the CA in `ca` when given (`rediss://`); `None` when it cannot be opened.
+fn open(url: &str, ca: Option<&Path>, io: Duration) -> Option<redis::Connection> {
+    let client = match ca {
+        None => redis::Client::open(url).ok()?,
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(ca).ok()?),
+            },
+        )
+        .ok()?,
+    };
     let conn = client
         .get_connection_with_timeout(Duration::from_secs(1))
         .ok()?;
@@ -195,9 +209,8 @@ impl RedisBuilder {
     }
 
     /// TLS only: `tls-port` on the server's port, `port 0`, clients not asked for a
-    /// certificate, replication over TLS. The fixture's own helpers need a plain
-    /// connection, so on such a server only process control works (see `redis_tls.rs`
-    /// for talking to it).
+    /// certificate, replication over TLS. The fixture's helpers reach it over TLS,
+    /// trusting `files.ca`.
     pub fn tls(mut self, files: TlsFiles) -> RedisBuilder {
         self.tls = Some(files);
         self
@@ -330,10 +343,6 @@ impl RedisServer {
         self.child = Some(child);
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
     fn wait_answering(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
@@ -350,38 +359,14 @@ impl RedisServer {
         false
     }
 
-    /// PING answered; for a TLS server (which this crate build cannot speak to): its log
-    /// says it is ready and its port accepts connections.
+    /// PING answered (over TLS for a TLS server).
     fn answers(&self) -> bool {
-        if self.tls.is_some() {
-            return self.log().contains("Ready to accept connections")
-                && TcpStream::connect(("127.0.0.1", self.port)).is_ok();
-        }
         self.try_connection(IO_TIMEOUT)
             .is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
     }
 
     /// Waits until this replica's link to its master is up (its first sync finished).
     pub fn wait_link_up(&self) {
-        if self.tls.is_some() {
-            // No plain connection to ask INFO on: the log line of a finished full sync,
-            // or of a partial one (a restarted replica reloads the copy its last full
-            // sync left on disk and asks only for what it missed).
-            return poll_for(
-                &format!("TLS replica {} finishes its sync", self.port),
-                LINK_UP_WITHIN,
-                || {
-                    let log = self.log();
-                    if log.contains("MASTER <-> REPLICA sync: Finished with success")
-                        || log.contains("Master accepted a Partial Resynchronization")
-                    {
-                        Ok(())
-                    } else {
-                        Err(format!("log ends {:?}", log.lines().last()))
-                    }
-                },
-            );
-        }
         poll_for(
             &format!("the link of replica {} to its master is up", self.port),
             LINK_UP_WITHIN,
@@ -407,9 +392,10 @@ impl RedisServer {
         self.password.as_deref()
     }
 
-    /// A connection whose reads and writes time out after `io`.
+    /// A connection whose reads and writes time out after `io` (TLS, trusting the
+    /// server's CA, for a TLS server).
     fn try_connection(&self, io: Duration) -> Option<redis::Connection> {
-        open(&self.url(), io)
+        open(&self.url(), self.tls.as_ref().map(|t| t.ca.as_path()), io)
     }
 
     /// A connection for quick commands (5 s read and write timeouts).
@@ -422,12 +408,6 @@ impl RedisServer {
     /// client of a server it reconfigures (`CLIENT KILL TYPE normal`), which must not
     /// fail a test that happened to connect at that moment.
     pub fn connection_with_timeout(&self, io: Duration) -> redis::Connection {
-        assert!(
-            self.tls.is_none(),
-            "redis on {} speaks TLS only, and this build of the redis crate has no TLS \
-             (feature tls-rustls): talk to it with support::redis_tls",
-            self.port
-        );
         poll_for(
             &format!("redis {} accepts a connection", self.port),
             Duration::from_secs(2),
@@ -627,12 +607,7 @@ impl RedisServer {
             self.port,
             self.dir.display()
         );
-        let replica = if self.tls.is_some() {
-            self.replica_of.is_some()
-        } else {
-            self.role() == "slave"
-        };
-        if replica {
+        if self.role() == "slave" {
             self.wait_link_up();
         }
     }
@@ -719,12 +694,11 @@ impl SentinelBuilder<'_> {
     }
 
     /// Starts the sentinels on free ports and returns once every one of them sees the
-    /// master, the other sentinels and every replica the master has now.
+    /// master, the other sentinels and every replica the master has now. For a TLS-only
+    /// master each sentinel also has a TLS port (which it announces to the others) and
+    /// reaches the servers and the other sentinels over TLS (`tls-replication`), with
+    /// the master's certificate files; clients still ask it on its plain port.
     pub fn start(self) -> Sentinels {
-        assert!(
-            self.master.tls.is_none(),
-            "the Sentinel fixture watches plain-TCP masters only"
-        );
         let replicas = self.master.info_u64("replication", "connected_slaves") as usize;
         let mut group = Sentinels {
             nodes: Vec::new(),
@@ -744,10 +718,14 @@ impl SentinelBuilder<'_> {
         let mut node = SentinelNode {
             child: None,
             port: 0,
+            tls_port: 0,
             dir: temp_dir("sentinel"),
         };
         for _ in 0..5 {
             node.port = free_port();
+            if self.master.tls.is_some() {
+                node.tls_port = free_port();
+            }
             std::fs::write(node.dir.join("sentinel.conf"), self.config(&node))
                 .expect("write sentinel.conf");
             node.spawn();
@@ -800,6 +778,16 @@ impl SentinelBuilder<'_> {
         if let Some(password) = &self.password {
             lines.push(format!("requirepass {}", quoted(password)));
         }
+        if let Some(tls) = &self.master.tls {
+            lines.extend([
+                format!("tls-port {}", node.tls_port),
+                format!("tls-cert-file {}", quoted(&tls.cert.to_string_lossy())),
+                format!("tls-key-file {}", quoted(&tls.key.to_string_lossy())),
+                format!("tls-ca-cert-file {}", quoted(&tls.ca.to_string_lossy())),
+                "tls-auth-clients no".to_string(),
+                "tls-replication yes".to_string(),
+            ]);
+        }
         let mut text = lines.join("\n");
         text.push('\n');
         text
@@ -808,7 +796,10 @@ impl SentinelBuilder<'_> {
 
 struct SentinelNode {
     child: Option<Child>,
+    /// Plain: where clients (the fixture, Echo) ask.
     port: u16,
+    /// Watching a TLS-only master: where the other sentinels reach it; else 0.
+    tls_port: u16,
     dir: PathBuf,
 }
 
@@ -834,7 +825,7 @@ impl SentinelNode {
                     return false;
                 }
             }
-            if open(&group.url_of(self.port), IO_TIMEOUT)
+            if open(&group.url_of(self.port), None, IO_TIMEOUT)
                 .is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
             {
                 return true;
@@ -931,7 +922,7 @@ impl Sentinels {
     /// A connection to sentinel `i` (authenticated when the sentinels have a password).
     pub fn connection(&self, i: usize) -> redis::Connection {
         let port = self.nodes[i].port;
-        open(&self.url_of(port), IO_TIMEOUT)
+        open(&self.url_of(port), None, IO_TIMEOUT)
             .unwrap_or_else(|| panic!("cannot connect to sentinel on {port}"))
     }
 
@@ -954,7 +945,7 @@ impl Sentinels {
         cmd: &redis::Cmd,
     ) -> Result<T, String> {
         let port = node.port;
-        let mut conn = open(&self.url_of(port), IO_TIMEOUT)
+        let mut conn = open(&self.url_of(port), None, IO_TIMEOUT)
             .ok_or_else(|| format!("sentinel {port} does not answer"))?;
         cmd.query(&mut conn)
             .map_err(|e| format!("sentinel {port}: {e}"))

@@ -2,10 +2,10 @@
 //! 127.0.0.1 (rcgen), written as PEM files a TLS-only `redis-server` starts with, and a
 //! minimal RESP client over rustls that verifies the server against that CA.
 //!
-//! Why a hand-made client: the `redis` crate in Cargo.toml is built without a TLS
-//! feature, so it cannot open `rediss://` (Echo will need the crate's `tls-rustls`
-//! feature for that). Until then this client is how tests talk to a TLS-only server: it
-//! speaks RESP2 requests and reads the five RESP2 reply types, nothing more.
+//! Why a hand-made client, now that the `redis` crate (and with it the fixture) speaks
+//! TLS through `tls-rustls`: a test of Echo's TLS reads Redis back over a TLS stack of
+//! its own, not the one Echo uses. It speaks RESP2 requests and reads the five RESP2
+//! reply types, nothing more.
 //!
 //! Kept apart from `redis.rs`, which the benches include and which may use only std
 //! and the `redis` crate. Every read and write here has a timeout.
