@@ -38,7 +38,10 @@ fn invalidate(echo: &EchoUnderTest, body: &str) -> (u16, Value) {
     let resp = c.request(
         "POST",
         "/invalidate",
-        &[("Content-Type", "application/json"), ("Authorization", &auth)],
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+        ],
         body.as_bytes(),
     );
     let json = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
@@ -97,7 +100,12 @@ impl Load {
 
 /// Requests fresh URLs through `echo` until one is stored on `master`; how long that
 /// took from `since`.
-fn first_stored_on(echo: &EchoUnderTest, master: &RedisServer, label: &str, since: Instant) -> Duration {
+fn first_stored_on(
+    echo: &EchoUnderTest,
+    master: &RedisServer,
+    label: &str,
+    since: Instant,
+) -> Duration {
     let mut n = 0;
     loop {
         let target = format!("/{label}/{n}");
@@ -121,7 +129,11 @@ fn a_sentinel_failover_under_load_costs_no_5xx_and_caching_follows_within_2s() {
     let b = RedisServer::replica_of(&old);
     let sentinels = Sentinels::start(&old);
     let origin = cacheable();
-    let urls: Vec<String> = sentinels.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let urls: Vec<String> = sentinels
+        .urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect();
     let text = format!(
         "{}[cache]\nstore = \"redis\"\n[redis]\nsentinels = [{}]\nsentinel_master = \"{}\"\n",
         admin(),
@@ -139,9 +151,11 @@ fn a_sentinel_failover_under_load_costs_no_5xx_and_caching_follows_within_2s() {
     let new = if a.port == new_port { &a } else { &b };
     assert_eq!(new.port, new_port);
     // The promotion itself: the replica answers as a master.
-    wait_until("the promoted replica is a master", Duration::from_secs(10), || {
-        new.role() == "master"
-    });
+    wait_until(
+        "the promoted replica is a master",
+        Duration::from_secs(10),
+        || new.role() == "master",
+    );
     let promoted = Instant::now();
     let stored_after = first_stored_on(&echo, new, "after", promoted);
     let (status, report) = invalidate(&echo, r#"{"pattern": "^/after/"}"#);
@@ -150,7 +164,9 @@ fn a_sentinel_failover_under_load_costs_no_5xx_and_caching_follows_within_2s() {
     assert_eq!(report["state"], "done", "{report}");
     assert!(report["deleted"].as_u64() >= Some(1), "{report}");
     assert!(!new.exists(&redis_key("/after/0")));
-    eprintln!("after the promotion: stored in {stored_after:?}, invalidated in {invalidated_after:?}");
+    eprintln!(
+        "after the promotion: stored in {stored_after:?}, invalidated in {invalidated_after:?}"
+    );
     assert!(
         stored_after <= RESUMED_WITHIN_FAILOVER,
         "misses stored on the new master {stored_after:?} after the promotion"
@@ -163,9 +179,11 @@ fn a_sentinel_failover_under_load_costs_no_5xx_and_caching_follows_within_2s() {
     // The old master comes back empty, as a master, until Sentinel demotes it: Echo
     // follows the sentinels, so nothing is written there meanwhile.
     old.restart();
-    wait_until("Sentinel demotes the old master", Duration::from_secs(20), || {
-        old.role() == "slave"
-    });
+    wait_until(
+        "Sentinel demotes the old master",
+        Duration::from_secs(20),
+        || old.role() == "slave",
+    );
     let resumed = first_stored_on(&echo, new, "demoted", Instant::now());
     assert!(resumed <= RESUMED_WITHIN_FAILOVER, "{resumed:?}");
     let statuses = load.finish();
@@ -179,16 +197,22 @@ fn caching_resumes_within_1s_of_a_master_restart() {
     let mut master = RedisServer::master();
     let replica = RedisServer::replica_of(&master);
     let origin = cacheable();
-    let text = format!("{}{}", admin(), redis_sections(&master, &[&replica], "", ""));
+    let text = format!(
+        "{}{}",
+        admin(),
+        redis_sections(&master, &[&replica], "", "")
+    );
     let echo = EchoUnderTest::with_config(config(&origin.url(), &text));
     first_stored_on(&echo, &master, "before", Instant::now());
 
     let load = Load::start(&echo, 4);
     // Down long enough for every pooled connection to die and the breaker to open.
     master.kill();
-    wait_until("requests meet the dead master", Duration::from_secs(5), || {
-        load.statuses.lock().unwrap().len() > 50
-    });
+    wait_until(
+        "requests meet the dead master",
+        Duration::from_secs(5),
+        || load.statuses.lock().unwrap().len() > 50,
+    );
     thread::sleep(Duration::from_millis(500));
     master.restart();
     let restarted = Instant::now();
