@@ -62,13 +62,14 @@ bench: redis-server
 	$(CARGO) build --release --locked --bins
 	$(CARGO) bench --locked
 
-# The same load comparison with an older Echo beside this one ("same-run ratio against
-# the previous build"): BASE's release echod is built in a temporary git worktree under
-# target/bench-baseline/ (removed once built, also when the build fails or is
-# interrupted; a leftover from a killed run goes at the next), then the load bench runs
-# with ECHO_BENCH_BASELINE pointing at it. The binary (echod-<commit>) and the build cache
-# stay in target/bench-baseline/ for the next run: remove it to rebuild. ECHO_BENCH_SECONDS and ECHO_BENCH_SCENARIOS pass
-# through, e.g. a quick look at hits only:
+# The same load comparison with an older Echo beside this one, on the memory store and
+# on Redis ("same-run ratio against the previous build"): BASE's release echod is built
+# in a temporary git worktree under target/bench-baseline/ (removed once built, also
+# when the build fails or is interrupted; a leftover from a killed run goes at the
+# next), then the load bench runs with ECHO_BENCH_BASELINE pointing at it. The binary
+# (echod-<commit>) and the build cache stay in target/bench-baseline/ for the next run:
+# remove it to rebuild. ECHO_BENCH_SECONDS and ECHO_BENCH_SCENARIOS pass through, e.g. a
+# quick look at hits only:
 #   make bench-baseline BASE=927cdf0 ECHO_BENCH_SCENARIOS=hit ECHO_BENCH_SECONDS=3
 # By hand, with any echod: ECHO_BENCH_BASELINE=/path/to/echod cargo bench --bench load
 BASE ?= HEAD~1

@@ -6,22 +6,30 @@
 //! `target/release/demo-origin` (`make bench` runs `cargo build --release --bins` first)
 //! and warns when a file under src/ is newer than them. It needs `wrk` (exits with a
 //! message without it); nginx and varnishd are each skipped, with the command that
-//! installs them, when missing or when they fail to start; Echo on Redis is skipped when
-//! redis-server is missing (a redis-server that does not start ends the bench).
+//! installs them, when missing or when they fail to start; Echo on Redis (and the
+//! baseline on Redis) is skipped when redis-server is missing (a redis-server that does
+//! not start ends the bench).
 //!
 //! Against a previous build: `ECHO_BENCH_BASELINE=<path to an echod>` (`make
-//! bench-baseline BASE=<git ref>` builds one) adds that binary as the proxy "echo
-//! (baseline)", with the memory store and the same generated config as Echo memory (only
-//! long-standing config keys, so an older echod accepts it), in every scenario and in the
-//! same rotation as the others. The report then adds a "vs baseline" column and Echo
-//! memory's ratios to it (req/s and p99), also written above the chart's bars. A baseline
-//! named but missing, or that does not start, ends the bench with an error.
+//! bench-baseline BASE=<git ref>` builds one) runs that binary twice, as two more proxies
+//! in every scenario and in the same rotation as the others:
+//! - "echo (baseline)": the memory store, the same generated config as Echo memory;
+//! - "echo redis (baseline)": the Redis store, the same generated config as Echo redis
+//!   but on a Redis master and replica of its own (both builds use the `echo:v1:` key
+//!   prefix, so on a shared pair each would serve entries the other stored).
+//!
+//! Both configs hold only long-standing keys, so an older echod accepts them. The report
+//! then adds a "vs baseline" column (to the memory baseline) and a "vs redis baseline"
+//! column, and the ratios current / baseline (req/s and p99) of Echo memory to "echo
+//! (baseline)" and of Echo redis to "echo redis (baseline)", also written above the
+//! chart's bars ("mem" and "redis"). A baseline named but missing, or that does not start
+//! on either store, ends the bench with an error.
 //!
 //! Every process is started here, on free ports: the origin, Echo twice (memory; Redis
-//! with its own master and one replica), the baseline when asked for, nginx and varnishd,
-//! each in the foreground as a child with its files in one temp dir; the Redis master and
-//! replica are started by the tests' fixture (tests/echo/support/redis.rs), each in a
-//! temp dir of its own. All are stopped (SIGTERM, then SIGKILL; Redis with SIGKILL) and
+//! with its own master and one replica), the baseline twice when asked for (memory;
+//! Redis with another master and replica), nginx and varnishd, each in the foreground as
+//! a child with its files in one temp dir; the Redis masters and replicas are started by
+//! the tests' fixture (tests/echo/support/redis.rs), each in a temp dir of its own. All are stopped (SIGTERM, then SIGKILL; Redis with SIGKILL) and
 //! the temp dirs removed when the bench ends, fails, panics or gets SIGINT/SIGTERM (after
 //! the wrk run under way). The temp dirs are under `TMPDIR` (default /tmp), and nginx's
 //! cache files are in the lab's: `TMPDIR=/dev/shm` puts them on tmpfs.
@@ -44,7 +52,7 @@
 //!   (hits).
 //!
 //! Output: a table (req/s, p50, p99, wrk's errors, req/s relative to nginx, to Varnish and
-//! to the baseline when there is one), Echo's RSS (idle after start, and the peak of the
+//! to each baseline when there is one), the ratios to the baselines, Echo's RSS (idle after start, and the peak of the
 //! run, VmHWM), and the same as `target/bench/load.md` and an SVG chart
 //! `target/bench/load.svg`.
 //!
@@ -62,7 +70,7 @@ mod peers;
 mod report;
 mod wrk;
 
-// The tests' redis-server fixture; the bench starts a master and a replica with it.
+// The tests' redis-server fixture; the bench starts each master and replica with it.
 #[allow(dead_code)]
 #[path = "../../tests/echo/support/redis.rs"]
 mod redis_fixture;
@@ -244,7 +252,8 @@ fn run() -> Res<()> {
             Err(_) => 5,
         };
     let selected = selected_scenarios()?;
-    // An echod to compare with (an older build), run like Echo memory; empty is unset.
+    // An echod to compare with (an older build), run like Echo memory and like Echo redis;
+    // empty is unset.
     let baseline = match std::env::var_os("ECHO_BENCH_BASELINE") {
         Some(p) if !p.is_empty() => {
             let path = PathBuf::from(&p);
@@ -342,10 +351,30 @@ fn run() -> Res<()> {
                 origin_port,
                 Some((master, replica)),
             )?);
+            if let Some(base) = &baseline {
+                // A master and replica of its own: the builds share the key prefix.
+                let pair = start_redis(&mut lab);
+                let t = start_echo(
+                    &mut lab,
+                    base,
+                    Kind::EchoRedisBaseline,
+                    origin_port,
+                    Some(pair),
+                )
+                .map_err(|e| format!("the baseline did not start on the Redis store: {e}"))?;
+                targets.push(t);
+            }
         }
-        None => notes.push(
-            "echo (redis) skipped: redis-server not found (`apt-get install redis-server`)".into(),
-        ),
+        None => {
+            let skipped = if baseline.is_some() {
+                "echo (redis) and echo redis (baseline)"
+            } else {
+                "echo (redis)"
+            };
+            notes.push(format!(
+                "{skipped} skipped: redis-server not found (`apt-get install redis-server`)"
+            ));
+        }
     }
     let mut nginx_cache = None;
     let mut skip = |what: &str, why: String| {
@@ -463,7 +492,7 @@ fn run() -> Res<()> {
             match &result {
                 Ok(w) => {
                     println!(
-                        "  {:<16} {:>9} req/s  p50 {:>9}  p99 {:>9}  errors {}",
+                        "  {:<21} {:>9} req/s  p50 {:>9}  p99 {:>9}  errors {}",
                         t.kind.name(),
                         fmt_rps(w.rps),
                         fmt_us(w.p50_us),
@@ -499,7 +528,7 @@ fn run() -> Res<()> {
                         coalescing.extend(line);
                     }
                 }
-                Err(e) => println!("  {:<16} failed: {e}", t.kind.name()),
+                Err(e) => println!("  {:<21} failed: {e}", t.kind.name()),
             }
             if let Err(e) = &result {
                 notes.push(format!("{} / {}: {e}", s.name, t.kind.name()));
@@ -531,8 +560,9 @@ fn run() -> Res<()> {
     let rss = rss_lines(&targets);
     let overhead = miss_overhead(&rows);
     notes.extend(logged_warnings(&lab));
-    let against_baseline = baseline_lines(&rows);
-    let sections: [Section<'_>; 4] = [
+    let memory_vs_baseline = baseline_lines(&rows, Kind::EchoMemory);
+    let redis_vs_baseline = baseline_lines(&rows, Kind::EchoRedis);
+    let sections: [Section<'_>; 5] = [
         (
             "Miss overhead (p50 through the proxy minus p50 of the same misses sent to the \
              origin):"
@@ -544,12 +574,20 @@ fn run() -> Res<()> {
             &coalescing,
         ),
         (
-            "Echo memory against the baseline (current / baseline: req/s above 1 and p99 \
-             below 1 favour the current build; compare within one run):"
+            "Echo memory against the baseline on the memory store (echo (memory) / echo \
+             (baseline): req/s above 1 and p99 below 1 favour the current build; compare \
+             within one run):"
                 .into(),
-            &against_baseline,
+            &memory_vs_baseline,
         ),
-        ("Echo memory:".into(), &rss),
+        (
+            "Echo redis against the baseline on the Redis store, each on its own master and \
+             replica (echo (redis) / echo redis (baseline): req/s above 1 and p99 below 1 \
+             favour the current build; compare within one run):"
+                .into(),
+            &redis_vs_baseline,
+        ),
+        ("Echo's memory use:".into(), &rss),
     ];
     let report = Report {
         rows: &rows,

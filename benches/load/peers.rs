@@ -1,5 +1,5 @@
-//! The peers under load: Echo (memory store, Redis store, and a baseline build when
-//! asked for), nginx (`proxy_cache`) and Varnish, all in front of one demo origin. Each is
+//! The peers under load: Echo (memory store, Redis store, and a baseline build on each
+//! store when asked for), nginx (`proxy_cache`) and Varnish, all in front of one demo origin. Each is
 //! started in the lab with a generated config, on a free port, and known afterwards as a
 //! `Target`; `Kind` names them for the table and the chart and says what a hit looks like
 //! in each one's answers. Also what the run reads from them besides wrk's figures:
@@ -24,16 +24,19 @@ pub(crate) enum Kind {
     /// `ECHO_BENCH_BASELINE`: another echod (an older build), memory store.
     EchoBaseline,
     EchoRedis,
+    /// The same baseline echod on the Redis store, with a master and replica of its own.
+    EchoRedisBaseline,
     Nginx,
     Varnish,
     Origin,
 }
 
-/// Table and chart order: the baseline next to the build it is compared with.
-pub(crate) const KINDS: [Kind; 6] = [
+/// Table and chart order: each baseline next to the build it is compared with.
+pub(crate) const KINDS: [Kind; 7] = [
     Kind::EchoMemory,
     Kind::EchoBaseline,
     Kind::EchoRedis,
+    Kind::EchoRedisBaseline,
     Kind::Nginx,
     Kind::Varnish,
     Kind::Origin,
@@ -45,6 +48,7 @@ impl Kind {
             Kind::EchoMemory => "echo (memory)",
             Kind::EchoBaseline => "echo (baseline)",
             Kind::EchoRedis => "echo (redis)",
+            Kind::EchoRedisBaseline => "echo redis (baseline)",
             Kind::Nginx => "nginx",
             Kind::Varnish => "varnish",
             Kind::Origin => "origin (direct)",
@@ -54,8 +58,18 @@ impl Kind {
     pub(crate) fn is_echo(self) -> bool {
         matches!(
             self,
-            Kind::EchoMemory | Kind::EchoBaseline | Kind::EchoRedis
+            Kind::EchoMemory | Kind::EchoBaseline | Kind::EchoRedis | Kind::EchoRedisBaseline
         )
+    }
+
+    /// The baseline this peer is compared with: each current Echo with the baseline build
+    /// on its own store.
+    pub(crate) fn baseline(self) -> Option<Kind> {
+        match self {
+            Kind::EchoMemory => Some(Kind::EchoBaseline),
+            Kind::EchoRedis => Some(Kind::EchoRedisBaseline),
+            _ => None,
+        }
     }
 
     /// Echo's config and log file names: `echo-<tag>.toml`, `echo-<tag>.log`.
@@ -63,6 +77,7 @@ impl Kind {
         match self {
             Kind::EchoBaseline => "baseline",
             Kind::EchoRedis => "redis",
+            Kind::EchoRedisBaseline => "redis-baseline",
             _ => "memory",
         }
     }
@@ -70,9 +85,11 @@ impl Kind {
     /// Whether a response says it came from the cache.
     pub(crate) fn is_hit(self, resp: &Response) -> bool {
         match self {
-            Kind::EchoMemory | Kind::EchoBaseline | Kind::EchoRedis | Kind::Nginx => {
-                resp.header("x-cache-status") == Some("HIT")
-            }
+            Kind::EchoMemory
+            | Kind::EchoBaseline
+            | Kind::EchoRedis
+            | Kind::EchoRedisBaseline
+            | Kind::Nginx => resp.header("x-cache-status") == Some("HIT"),
             // Varnish puts the hit's own XID and the one that stored the object.
             Kind::Varnish => resp
                 .header("x-varnish")
@@ -86,6 +103,7 @@ impl Kind {
             Kind::EchoMemory => (31, 119, 180),
             Kind::EchoBaseline => (255, 127, 14),
             Kind::EchoRedis => (107, 174, 214),
+            Kind::EchoRedisBaseline => (253, 174, 107),
             Kind::Nginx => (44, 160, 44),
             Kind::Varnish => (148, 103, 189),
             Kind::Origin => (150, 150, 150),
@@ -155,11 +173,13 @@ pub(crate) fn start_echo(
         };
         // Defaults everywhere else (etc/echo.toml): workers, pools, store size.
         //
-        // The baseline (ECHO_BENCH_BASELINE, maybe an older build) gets this same file, and
-        // echod rejects keys it does not know (deny_unknown_fields). So only long-standing
-        // keys are written: DESIGN.md's contract keys, plus server.drain_timeout_ms and
-        // log.file, which every echod since this bench was added (9bd8324) accepts. A key
-        // added later must be left out when `kind` is `Kind::EchoBaseline`.
+        // The baselines (ECHO_BENCH_BASELINE, maybe an older build, on either store) get
+        // this same file, and echod rejects keys it does not know (deny_unknown_fields).
+        // So only long-standing keys are written: DESIGN.md's contract keys, plus
+        // server.drain_timeout_ms and log.file, which every echod since this bench was
+        // added (9bd8324) accepts; the Redis store's cache.store, redis.master and
+        // redis.replicas are there too. A key added later must be left out when `kind` is
+        // `Kind::EchoBaseline` or `Kind::EchoRedisBaseline`.
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_ms = 1000\n\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{TOKEN}\"\n\n\
@@ -179,9 +199,11 @@ pub(crate) fn start_echo(
     Ok(t)
 }
 
-/// Echo's Redis: a master and one replica, started by the tests' fixture (free ports,
-/// temp dirs of their own, no persistence) and kept by the lab, which stops them after
-/// the Echo on them. Returns their ports. A redis-server that does not start ends the
+/// A Redis master and one replica for one Echo, started by the tests' fixture (free
+/// ports, temp dirs of their own, no persistence) and kept by the lab, which stops them
+/// after the Echo on them. Returns their ports. Every Echo on Redis gets its own pair:
+/// builds share the key prefix (`echo:v1:`), so on one pair the baseline would serve the
+/// current build's entries and the other way round. A redis-server that does not start ends the
 /// bench (the fixture panics with its reason).
 pub(crate) fn start_redis(lab: &mut Lab) -> (u16, u16) {
     let master = RedisServer::master();
@@ -351,6 +373,7 @@ pub(crate) fn logged_warnings(lab: &Lab) -> Vec<String> {
             n if n == Kind::EchoMemory.name() => Some("echo-memory.log"),
             n if n == Kind::EchoBaseline.name() => Some("echo-baseline.log"),
             n if n == Kind::EchoRedis.name() => Some("echo-redis.log"),
+            n if n == Kind::EchoRedisBaseline.name() => Some("echo-redis-baseline.log"),
             "nginx" => Some("nginx/error.log"),
             "varnish" => None,
             _ => continue,

@@ -1,7 +1,9 @@
 //! The report of a load run: the table (req/s, p50, p99, errors, ratios to nginx, to
-//! Varnish and to the baseline when there is one) on stdout and as Markdown, the lines
-//! under it (miss overhead, coalescing, Echo memory against the baseline, RSS), and the
-//! SVG chart; written to `target/bench/load.md` and `load.svg`.
+//! Varnish, and to each baseline that ran: "vs baseline" for the one on the memory
+//! store, "vs redis baseline" for the one on Redis) on stdout and as Markdown, the lines
+//! under it (miss overhead, coalescing, Echo memory and Echo redis each against the
+//! baseline on its store, RSS), and the SVG chart; written to `target/bench/load.md` and
+//! `load.svg`.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -63,12 +65,23 @@ fn p50_of(rows: &[Row], scenario: usize, kind: Kind) -> Option<f64> {
     result_of(rows, scenario, kind).map(|w| w.p50_us)
 }
 
-/// Whether the baseline ran: its column and its comparison are shown only then.
-fn has_baseline(rows: &[Row]) -> bool {
-    rows.iter().any(|r| r.kind == Kind::EchoBaseline)
+/// Whether `kind` ran: a baseline's column and its comparison are shown only then.
+fn ran(rows: &[Row], kind: Kind) -> bool {
+    rows.iter().any(|r| r.kind == kind)
 }
 
-/// The table's column titles; "vs baseline" only when the baseline ran.
+/// The baselines that ran, each with its column title, in column order.
+fn baseline_columns(rows: &[Row]) -> Vec<(Kind, &'static str)> {
+    [
+        (Kind::EchoBaseline, "vs baseline"),
+        (Kind::EchoRedisBaseline, "vs redis baseline"),
+    ]
+    .into_iter()
+    .filter(|(k, _)| ran(rows, *k))
+    .collect()
+}
+
+/// The table's column titles; a baseline's column only when that baseline ran.
 fn header(rows: &[Row]) -> Vec<&'static str> {
     let mut h = vec![
         "scenario",
@@ -80,9 +93,7 @@ fn header(rows: &[Row]) -> Vec<&'static str> {
         "vs nginx",
         "vs Varnish",
     ];
-    if has_baseline(rows) {
-        h.push("vs baseline");
-    }
+    h.extend(baseline_columns(rows).into_iter().map(|(_, title)| title));
     h
 }
 
@@ -90,7 +101,7 @@ fn header(rows: &[Row]) -> Vec<&'static str> {
 fn table_cells(rows: &[Row]) -> Vec<Vec<String>> {
     let ratio =
         |rps: f64, base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.2}x", rps / b));
-    let baseline = has_baseline(rows);
+    let baselines = baseline_columns(rows);
     let mut out = Vec::new();
     for (i, s) in SCENARIOS.iter().enumerate() {
         for kind in KINDS {
@@ -98,9 +109,7 @@ fn table_cells(rows: &[Row]) -> Vec<Vec<String>> {
                 continue;
             };
             let mut bases = vec![rps_of(rows, i, Kind::Nginx), rps_of(rows, i, Kind::Varnish)];
-            if baseline {
-                bases.push(rps_of(rows, i, Kind::EchoBaseline));
-            }
+            bases.extend(baselines.iter().map(|(k, _)| rps_of(rows, i, *k)));
             let mut cells = vec![s.name.to_string(), kind.name().to_string()];
             match &row.result {
                 Ok(w) => {
@@ -123,17 +132,18 @@ fn table_cells(rows: &[Row]) -> Vec<Vec<String>> {
     out
 }
 
-/// Echo memory against the baseline, one line per scenario run (no ratio when either run
-/// failed): current / baseline of req/s (above 1: the current build serves more) and of
-/// p99 (below 1: the current build's tail is shorter). Empty without a baseline.
-pub(crate) fn baseline_lines(rows: &[Row]) -> Vec<String> {
+/// `current` (Echo memory or Echo redis) against the baseline on its store
+/// (`Kind::baseline`), one line per scenario run (no ratio when either run failed):
+/// current / baseline of req/s (above 1: the current build serves more) and of p99 (below
+/// 1: the current build's tail is shorter). Empty when that baseline did not run.
+pub(crate) fn baseline_lines(rows: &[Row], current: Kind) -> Vec<String> {
     let mut out = Vec::new();
-    if !has_baseline(rows) {
+    let Some(baseline) = current.baseline().filter(|b| ran(rows, *b)) else {
         return out;
-    }
+    };
     for (i, s) in SCENARIOS.iter().enumerate() {
-        let mem = result_of(rows, i, Kind::EchoMemory);
-        let base = result_of(rows, i, Kind::EchoBaseline);
+        let mem = result_of(rows, i, current);
+        let base = result_of(rows, i, baseline);
         match (mem, base) {
             (Some(m), Some(b)) => out.push(format!(
                 "{}: req/s {:.2}x ({} vs {}), p99 {:.2}x ({} vs {})",
@@ -154,8 +164,9 @@ pub(crate) fn baseline_lines(rows: &[Row]) -> Vec<String> {
 
 fn print_table(rows: &[Row]) {
     let cells = table_cells(rows);
-    // scenario, proxy, req/s, p50, p99, errors, vs nginx, vs Varnish, vs baseline.
-    const WIDTHS: [usize; 9] = [26, 16, 9, 10, 10, 7, 9, 10, 11];
+    // scenario, proxy, req/s, p50, p99, errors, vs nginx, vs Varnish, vs baseline, vs
+    // redis baseline.
+    const WIDTHS: [usize; 10] = [26, 21, 9, 10, 10, 7, 9, 10, 11, 17];
     let line = |c: &[String]| {
         let mut text = String::new();
         for (j, (cell, width)) in c.iter().zip(WIDTHS).enumerate() {
@@ -304,7 +315,8 @@ impl Report<'_> {
 
 // -----------------------------------------------------------------------------------------
 // The SVG chart: one panel per measure, scenarios along x, one bar per proxy. With a
-// baseline, the req/s and p99 panels carry Echo memory's ratio to it above each scenario.
+// baseline, the req/s and p99 panels carry, above each scenario, Echo memory's ratio to
+// the baseline on memory ("mem") and Echo redis's to the one on Redis ("redis").
 
 fn nice_log_bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
@@ -325,7 +337,7 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-    // Title, value, axis labels, and whether Echo memory / baseline is written above.
+    // Title, value, axis labels, and whether the ratios to the baselines are written above.
     type Measure = (&'static str, fn(&WrkResult) -> f64, fn(f64) -> String, bool);
     let measures: [Measure; 3] = [
         (
@@ -365,12 +377,17 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
         .collect();
     let slot_of = |s: usize| slots.iter().position(|&i| i == s).unwrap_or(0) as f64;
     let n = slots.len().max(1);
-    let baseline = ok.iter().any(|(_, k, _)| *k == Kind::EchoBaseline);
+    // The ratios written above each scenario: a label, and Echo against its baseline.
+    let pairs: Vec<(&str, Kind, Kind)> = [("mem", Kind::EchoMemory), ("redis", Kind::EchoRedis)]
+        .into_iter()
+        .filter_map(|(label, current)| Some((label, current, current.baseline()?)))
+        .filter(|(_, _, b)| ok.iter().any(|(_, k, _)| k == b))
+        .collect();
     let root = SVGBackend::new(path, (1280, 1150)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
     // The legend in a column of its own on the right, clear of the bars.
-    let (plots, legend) = root.split_horizontally(1130);
+    let (plots, legend) = root.split_horizontally(1100);
     for (i, kind) in KINDS
         .into_iter()
         .filter(|k| ok.iter().any(|(_, k2, _)| k2 == k))
@@ -384,22 +401,31 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
         ))?;
         legend.draw(&Text::new(kind.name(), (24, y), ("sans-serif", 13)))?;
     }
-    if baseline {
+    if !pairs.is_empty() {
+        let mut lines = vec![
+            "above req/s and p99,".to_string(),
+            "current / baseline:".to_string(),
+        ];
+        for (label, current, baseline) in &pairs {
+            lines.push(format!("{label}: {} /", current.name()));
+            lines.push(format!("   {}", baseline.name()));
+        }
         let y = 60 + 22 * KINDS.len() as i32;
-        for (i, line) in ["above req/s and p99:", "echo (memory) /", "echo (baseline)"]
-            .into_iter()
-            .enumerate()
-        {
-            legend.draw(&Text::new(line, (4, y + 16 * i as i32), ("sans-serif", 12)))?;
+        for (i, line) in lines.iter().enumerate() {
+            legend.draw(&Text::new(
+                line.as_str(),
+                (4, y + 16 * i as i32),
+                ("sans-serif", 12),
+            ))?;
         }
     }
     let panels = plots.split_evenly((measures.len(), 1));
     for (panel, (label, value, fmt, compared)) in panels.iter().zip(measures) {
-        let annotate = baseline && compared;
+        let annotate = !pairs.is_empty() && compared;
         let (lo, mut hi) = nice_log_bounds(ok.iter().map(|(_, _, w)| value(w)));
         if annotate {
-            // Headroom for the ratios, above the tallest bar.
-            hi *= (hi / lo).powf(0.12);
+            // Headroom for the ratios, one line each, above the tallest bar.
+            hi *= (hi / lo).powf(0.12 * pairs.len() as f64);
         }
         let mut chart = ChartBuilder::on(panel)
             .caption(label, ("sans-serif", 15))
@@ -441,13 +467,19 @@ fn draw_chart(rows: &[Row], title: &str, path: &Path) -> Result<(), Box<dyn std:
         if annotate {
             let style = TextStyle::from(("sans-serif", 13).into_font())
                 .pos(Pos::new(HPos::Center, VPos::Top));
-            let ratios = slots.iter().filter_map(|&s| {
-                let m = result_of(rows, s, Kind::EchoMemory)?;
-                let b = result_of(rows, s, Kind::EchoBaseline)?;
-                let text = format!("{:.2}x", value(m) / value(b));
-                Some(Text::new(text, (slot_of(s), hi), style.clone()))
-            });
-            chart.draw_series(ratios)?;
+            for (line, (label, current, baseline)) in pairs.iter().enumerate() {
+                let ratios = slots.iter().filter_map(|&s| {
+                    let c = result_of(rows, s, *current)?;
+                    let b = result_of(rows, s, *baseline)?;
+                    let text = format!("{label} {:.2}x", value(c) / value(b));
+                    // Each pair on a line of its own, from the top of the panel down.
+                    let offset = (0, 16 * line as i32);
+                    Some(
+                        EmptyElement::at((slot_of(s), hi)) + Text::new(text, offset, style.clone()),
+                    )
+                });
+                chart.draw_series(ratios)?;
+            }
         }
     }
     root.present()?;
