@@ -318,6 +318,10 @@ pub fn start_on(
                 m.stored_bytes.set(bytes as i64);
                 m.stored_objects.set(objects as i64);
             }
+            let servers = store.servers();
+            if !servers.is_empty() {
+                m.redis.set(&servers);
+            }
         });
     }
     let upstreams = Arc::new(live::Live::new(Arc::new(

@@ -4,6 +4,7 @@
 //! Invariants: label values are lower case; a metric is registered once, here, with its
 //! help text; recording never blocks a request for long (atomic counters).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +50,114 @@ fn latency_histogram() -> Histogram {
     ])
 }
 
+/// The Redis servers' gauges, by `server` (`host:port`).
+pub struct RedisMetrics {
+    /// `echo_redis_server_up{server, role}`: 1 while the monitor reaches it.
+    pub up: Family<Labels, Gauge>,
+    /// `echo_redis_replica_lag_seconds{server}`: how far a replica is behind the master.
+    pub lag: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// `echo_redis_replica_readable{server}`: 1 while a replica is read from.
+    pub readable: Family<Labels, Gauge>,
+    /// `echo_redis_degraded{server, reason}`: 1 for each reason a server is degraded.
+    pub degraded: Family<Labels, Gauge>,
+    /// `echo_redis_used_memory_bytes{server}` and `echo_redis_maxmemory_bytes{server}`.
+    pub used_memory: Family<Labels, Gauge>,
+    pub maxmemory: Family<Labels, Gauge>,
+}
+
+impl RedisMetrics {
+    fn register(r: &mut Registry) -> RedisMetrics {
+        let m = RedisMetrics {
+            up: Family::default(),
+            lag: Family::default(),
+            readable: Family::default(),
+            degraded: Family::default(),
+            used_memory: Family::default(),
+            maxmemory: Family::default(),
+        };
+        r.register(
+            "echo_redis_server_up",
+            "Whether the Redis monitor reaches a server (1) or not (0), by server and the role Echo uses it as",
+            m.up.clone(),
+        );
+        r.register(
+            "echo_redis_replica_lag_seconds",
+            "How far a Redis replica is behind its master, in time",
+            m.lag.clone(),
+        );
+        r.register(
+            "echo_redis_replica_readable",
+            "Whether Echo reads from a Redis replica now (1: reachable, linked, not lagging)",
+            m.readable.clone(),
+        );
+        r.register(
+            "echo_redis_degraded",
+            "1 for each reason a Redis server is degraded (unreachable, breaker_open, readonly, not_replica, link_down, not_replicating, lagging, out_of_memory, evicting_control_state)",
+            m.degraded.clone(),
+        );
+        r.register(
+            "echo_redis_used_memory_bytes",
+            "Memory a Redis server uses (INFO used_memory)",
+            m.used_memory.clone(),
+        );
+        r.register(
+            "echo_redis_maxmemory_bytes",
+            "A Redis server's maxmemory (0: no limit)",
+            m.maxmemory.clone(),
+        );
+        m
+    }
+
+    /// Sets every gauge from `servers`, dropping those of servers and reasons gone.
+    pub fn set(&self, servers: &[crate::store::ServerHealth]) {
+        for family in [
+            &self.up,
+            &self.readable,
+            &self.degraded,
+            &self.used_memory,
+            &self.maxmemory,
+        ] {
+            family.clear();
+        }
+        self.lag.clear();
+        for s in servers.iter().filter(|s| s.checked) {
+            let server = || vec![("server", s.server.clone())];
+            self.up
+                .get_or_create(&vec![
+                    ("server", s.server.clone()),
+                    ("role", s.role.to_string()),
+                ])
+                .set(i64::from(s.reachable));
+            if let Some(lag) = s.lag {
+                self.lag.get_or_create(&server()).set(lag.as_secs_f64());
+            }
+            if let Some(readable) = s.readable {
+                self.readable
+                    .get_or_create(&server())
+                    .set(i64::from(readable));
+            }
+            for (reason, _) in &s.degraded {
+                self.degraded
+                    .get_or_create(&vec![
+                        ("server", s.server.clone()),
+                        ("reason", reason.to_string()),
+                    ])
+                    .set(1);
+            }
+            if let Some(used) = s.used_memory {
+                self.used_memory
+                    .get_or_create(&server())
+                    .set(i64::try_from(used).unwrap_or(i64::MAX));
+            }
+            if let Some(max) = s.maxmemory {
+                self.maxmemory
+                    .get_or_create(&server())
+                    .set(i64::try_from(max).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
 /// Read at each scrape (gauges whose truth lives elsewhere: the store's size, the
 /// server's connections and queues).
 type Sampler = Box<dyn Fn(&Metrics) + Send + Sync>;
@@ -85,6 +194,8 @@ pub struct Metrics {
     pub queue_depth: Family<Labels, Gauge>,
     /// `echo_access_log_dropped_lines_total`: lines lost because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Each Redis server as the store's monitor last found it (set at each scrape).
+    pub redis: RedisMetrics,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -184,6 +295,7 @@ impl Metrics {
             "Access log lines dropped because the writer could not keep up",
             access_log_dropped.clone(),
         );
+        let redis = RedisMetrics::register(&mut r);
         Arc::new(Metrics {
             registry: r,
             requests,
@@ -201,6 +313,7 @@ impl Metrics {
             connections_open,
             queue_depth,
             access_log_dropped,
+            redis,
             samplers: Mutex::new(Vec::new()),
         })
     }

@@ -144,6 +144,10 @@ impl Admin {
         if !store_errors.is_empty() {
             store["errors"] = json!(store_errors);
         }
+        let servers = self.store.servers();
+        if !servers.is_empty() {
+            store["servers"] = servers.iter().map(server_json).collect();
+        }
         let mut inv = json!({
             "status": if invalidation.is_none() { "ok" } else { "degraded" },
             "queued": self.invalidator.queued(),
@@ -458,6 +462,44 @@ impl Admin {
             _ => error(ex, 404, "no such admin endpoint"),
         }
     }
+}
+
+/// One store server in `/health`: what Echo uses it as, what it says it is, and why it
+/// is degraded (`status`: `ok`, `degraded`, or `unknown` before its first check).
+fn server_json(s: &crate::store::ServerHealth) -> Value {
+    let status = if !s.checked {
+        "unknown"
+    } else if s.degraded.is_empty() {
+        "ok"
+    } else {
+        "degraded"
+    };
+    let mut o = json!({
+        "server": s.server,
+        "role": s.role,
+        "status": status,
+        "reachable": s.reachable,
+        "reasons": s.degraded.iter().map(|(kind, _)| *kind).collect::<Vec<_>>(),
+        "degraded": s.degraded.iter().map(|(_, text)| text.as_str()).collect::<Vec<_>>(),
+    });
+    let optional = [
+        ("reported_role", s.reported_role.as_ref().map(|v| json!(v))),
+        ("link", s.link.as_ref().map(|v| json!(v))),
+        ("lag_ms", s.lag.map(|v| json!(v.as_millis() as u64))),
+        ("readable", s.readable.map(|v| json!(v))),
+        (
+            "maxmemory_policy",
+            s.maxmemory_policy.as_ref().map(|v| json!(v)),
+        ),
+        ("used_memory", s.used_memory.map(|v| json!(v))),
+        ("maxmemory", s.maxmemory.map(|v| json!(v))),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            o[name] = value;
+        }
+    }
+    o
 }
 
 #[cfg(test)]

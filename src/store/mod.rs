@@ -177,6 +177,35 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// One server of a networked store (a Redis master or replica) as its monitor last
+/// found it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerHealth {
+    /// `host:port` (never a URL: it may carry a password).
+    pub server: String,
+    /// What Echo uses it as: `master` or `replica`.
+    pub role: &'static str,
+    /// False until the monitor's first look at it: nothing else is known yet.
+    pub checked: bool,
+    pub reachable: bool,
+    /// What the server says it is (`master`, `replica`), when it answered.
+    pub reported_role: Option<String>,
+    /// A replica's link to its master: `up` or `down`.
+    pub link: Option<String>,
+    /// How far a replica is behind the master, when both answered.
+    pub lag: Option<Duration>,
+    /// A replica Echo reads from now.
+    pub readable: Option<bool>,
+    pub maxmemory_policy: Option<String>,
+    pub used_memory: Option<u64>,
+    /// 0: no limit.
+    pub maxmemory: Option<u64>,
+    /// Why it is degraded: a fixed reason (a metric label: `unreachable`,
+    /// `breaker_open`, `readonly`, `not_replica`, `link_down`, `not_replicating`,
+    /// `lagging`, `out_of_memory`, `evicting_control_state`) and what was seen.
+    pub degraded: Vec<(&'static str, String)>,
+}
+
 /// What a lookup found, and the invalidation generation it saw (a fill started from
 /// this lookup passes it back to `put`).
 #[derive(Debug, Clone, Default)]
@@ -196,6 +225,11 @@ pub trait Store: Send + Sync {
     /// Accounted bytes and entries, for stores that hold them in-process.
     fn usage(&self) -> Option<(usize, usize)> {
         None
+    }
+    /// Each server of a networked store as its monitor last found it (`/health`,
+    /// metrics). Default: none.
+    fn servers(&self) -> Vec<ServerHealth> {
+        Vec::new()
     }
     /// Every stored variant of `key` (empty when none), and the current generation.
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
@@ -367,6 +401,9 @@ impl Store for Instrumented {
     }
     fn usage(&self) -> Option<(usize, usize)> {
         self.inner.usage()
+    }
+    fn servers(&self) -> Vec<ServerHealth> {
+        self.inner.servers()
     }
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         self.timed("get", || self.inner.get(key))

@@ -472,8 +472,8 @@ fn a_frozen_redis_costs_requests_no_more_than_its_timeouts() {
     master.resume();
     replica.resume();
     // Answers to requests that timed out arrive late on pooled connections: bodies must
-    // still belong to their URLs.
-    load.run_for(500, Duration::ZERO, "load runs after Redis thawed");
+    // still belong to their URLs. Caching resumes within a second of the thaw.
+    load.run_for(500, Duration::from_secs(1), "load runs after Redis thawed");
     let mut stats = load.finish();
     stats.report("redis frozen", &["healthy", "frozen", "thawed"]);
 
@@ -498,7 +498,7 @@ fn a_frozen_redis_costs_requests_no_more_than_its_timeouts() {
     );
     assert!(
         stats.phase(2).count("HIT") > 0,
-        "caching resumed after the thaw"
+        "caching resumed within a second of the thaw"
     );
 }
 

@@ -17,6 +17,7 @@ mod proxy;
 mod redis;
 mod redis_failover;
 mod redis_fence;
+mod redis_health;
 mod redis_lock;
 mod redis_memory;
 mod redis_secure;

@@ -17,7 +17,7 @@
 //! - every call returns a [`StoreError`], never a redis error: this is the one place
 //!   redis errors are turned into kinds (timeout, unavailable, decode, a Redis reply).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,11 @@ impl Breaker {
             .is_ok()
     }
 
+    /// Is the endpoint being skipped now?
+    fn is_open(&self) -> bool {
+        self.open_until.load(Ordering::Acquire) != 0
+    }
+
     /// Records a success; true if this closed an open breaker.
     fn success(&self) -> bool {
         self.failures.store(0, Ordering::Release);
@@ -148,6 +153,14 @@ pub(super) struct Endpoint {
     breaker: Breaker,
     /// Failures of the server so far: connections made before the last are dropped.
     epoch: Arc<AtomicU64>,
+    /// A replica the monitor found fit to read from (reachable, linked to its master,
+    /// not lagging); set by the monitor, true until its first check.
+    readable: AtomicBool,
+    /// When the server last refused a write as full (ms on the breaker's clock, 0: never).
+    last_oom: AtomicU64,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    write_timeout: Duration,
 }
 
 impl Endpoint {
@@ -186,6 +199,11 @@ impl Endpoint {
                 epoch: Instant::now(),
             },
             epoch,
+            readable: AtomicBool::new(true),
+            last_oom: AtomicU64::new(0),
+            connect_timeout: cfg.connect_timeout,
+            read_timeout: cfg.read_timeout,
+            write_timeout: cfg.write_timeout,
         }
     }
 
@@ -257,6 +275,10 @@ impl Endpoint {
                         );
                     }
                 }
+                if let StoreError::OutOfMemory { .. } = &e {
+                    self.last_oom
+                        .store(self.breaker.now().max(1), Ordering::Release);
+                }
                 Err(e)
             }
         }
@@ -271,6 +293,54 @@ impl Endpoint {
     /// (the fill subscriber's).
     pub(super) fn client(&self) -> redis::Client {
         self.client.clone()
+    }
+
+    /// A connection of its own outside the pool and its breaker (the monitor's), with
+    /// the pool's timeouts.
+    pub(super) fn connect(&self) -> Result<redis::Connection, StoreError> {
+        let connect = || {
+            let conn = self
+                .client
+                .get_connection_with_timeout(self.connect_timeout)?;
+            conn.set_read_timeout(Some(self.read_timeout))?;
+            conn.set_write_timeout(Some(self.write_timeout))?;
+            Ok(conn)
+        };
+        connect().map_err(|e| error_of(self.server(), &e))
+    }
+
+    /// Is this replica fit to read from, as the monitor last found it?
+    pub(super) fn readable(&self) -> bool {
+        self.readable.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_readable(&self, readable: bool) {
+        self.readable.store(readable, Ordering::Release);
+    }
+
+    /// Is the breaker skipping this server now?
+    pub(super) fn breaker_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// Did the server refuse a write as full within `within`?
+    pub(super) fn refused_as_full_within(&self, within: Duration) -> bool {
+        let at = self.last_oom.load(Ordering::Acquire);
+        at != 0 && self.breaker.now().saturating_sub(at) <= millis(within)
+    }
+
+    /// The monitor reached the server: an open breaker closes now (caching resumes
+    /// without waiting for the open period and a request to probe it).
+    pub(super) fn reached(&self) {
+        if self.breaker.success() {
+            info!("redis {} {} is answering again", self.role, self.name);
+        }
+    }
+
+    /// The monitor could not reach the server: every pooled connection made before now
+    /// is dropped at its next checkout (after an outage they are dead).
+    pub(super) fn unreached(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -32,13 +32,14 @@ mod endpoint;
 mod fence;
 mod fill_lock;
 mod jobs;
+mod monitor;
 mod topology;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{codec, Entry, FillWaiter, Lookup, Store, StoreError};
+use super::{codec, Entry, FillWaiter, Lookup, ServerHealth, Store, StoreError};
 use crate::config::RedisConfig;
 use crate::invalidation::{Job, JobOutcome, Matcher, Progress};
 use crate::key::CacheKey;
@@ -47,6 +48,7 @@ use endpoint::{millis, Endpoint};
 use fence::{Fence, CONTROL_KEY};
 pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
+use monitor::Monitor;
 use topology::Topology;
 
 /// Every key Echo writes starts with this: namespaced, and versioned with the codec.
@@ -134,6 +136,8 @@ pub struct RedisStore {
     fills: FillLocks,
     /// How far the walk that trims tag sets has got.
     tag_tidy: std::sync::Mutex<jobs::TagTidy>,
+    /// What each server is doing (roles, links, lag, memory), looked at twice a second.
+    monitor: Monitor,
 }
 
 impl RedisStore {
@@ -157,6 +161,7 @@ impl RedisStore {
         );
         let fence = Arc::new(Fence::new(node));
         let fills = FillLocks::start(cfg, Arc::clone(&topology), Arc::clone(&fence))?;
+        let monitor = Monitor::start(Arc::clone(&topology), cfg)?;
         Ok(RedisStore {
             topology,
             fence,
@@ -177,6 +182,7 @@ impl RedisStore {
             },
             fills,
             tag_tidy: Default::default(),
+            monitor,
         })
     }
 
@@ -223,21 +229,34 @@ impl Store for RedisStore {
         "redis"
     }
 
-    /// A PING to every server (through its breaker: one skipped for failing is down).
+    /// Each degraded server and why, as the monitor last found them (no round trip).
     fn health(&self) -> Vec<String> {
-        let servers = self.topology.servers();
-        if let Err(e) = servers.master() {
+        if let Err(e) = self.topology.servers().master() {
             return vec![e.to_string()];
         }
-        servers
-            .all()
-            .filter_map(|e| e.run::<String>(&redis::cmd("PING")).err())
-            .map(|e| e.to_string())
+        self.monitor
+            .found()
+            .iter()
+            .filter(|s| !s.degraded.is_empty())
+            .map(|s| {
+                let why: Vec<&str> = s.degraded.iter().map(|(_, text)| text.as_str()).collect();
+                format!(
+                    "store degraded: redis {} {}: {}",
+                    s.role,
+                    s.server,
+                    why.join("; ")
+                )
+            })
             .collect()
     }
 
-    /// One round trip: the entry and the control hash together, from a replica that has
-    /// applied every invalidation this node knows of (else from the master).
+    fn servers(&self) -> Vec<ServerHealth> {
+        self.monitor.found().to_vec()
+    }
+
+    /// One round trip: the entry and the control hash together, from a replica fit to
+    /// read from that has applied every invalidation this node knows of (else from the
+    /// master).
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         let pipe = look_pipe(key);
         let servers = self.topology.servers();
@@ -247,6 +266,9 @@ impl Store for RedisStore {
             let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
             for i in 0..n {
                 let replica = &servers.replicas[(start + i) % n];
+                if !replica.readable() {
+                    continue;
+                }
                 match replica.with_conn(|c| pipe.query::<Look>(c)) {
                     Ok((value, (generation, applied))) if applied.unwrap_or(0) >= fence => {
                         return Ok(lookup_of(value, generation));
