@@ -183,6 +183,12 @@ pub struct Metrics {
     pub invalidated_entries: Family<Labels, Counter>,
     /// `echo_coalesced_requests_total`: requests answered from another's fetch.
     pub coalesced: Counter,
+    /// `echo_fill_lock_takeovers_total`: fills that took a key over from a node whose
+    /// fill lock lease ran out (the node died or stalled mid-fetch).
+    pub fill_lock_takeovers: Counter,
+    /// `echo_hit_for_pass_total`: requests sent to the origin without waiting on others
+    /// because their key's answer could not be shared a moment ago.
+    pub hit_for_pass: Counter,
     /// `echo_origin_server_up{server}`: 1 while a server is in rotation, 0 while out.
     pub origin_server_up: Family<Labels, Gauge>,
     /// `echo_stored_bytes` / `echo_stored_objects`: the memory store's contents.
@@ -259,6 +265,18 @@ impl Metrics {
             "Requests answered from another request's origin fetch of the same key",
             coalesced.clone(),
         );
+        let fill_lock_takeovers = Counter::default();
+        r.register(
+            "echo_fill_lock_takeovers",
+            "Fills that took a key over from a node whose fill lock lease ran out (it died or stalled mid-fetch)",
+            fill_lock_takeovers.clone(),
+        );
+        let hit_for_pass = Counter::default();
+        r.register(
+            "echo_hit_for_pass",
+            "Requests sent to the origin side by side, without waiting on each other, because their key's answer could not be shared a moment ago",
+            hit_for_pass.clone(),
+        );
         let origin_server_up = Family::<Labels, Gauge>::default();
         r.register(
             "echo_origin_server_up",
@@ -307,6 +325,8 @@ impl Metrics {
             invalidations,
             invalidated_entries,
             coalesced,
+            fill_lock_takeovers,
+            hit_for_pass,
             origin_server_up,
             stored_bytes,
             stored_objects,

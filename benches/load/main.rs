@@ -49,7 +49,12 @@
 //! - coalesced misses [`coalesced-64`]: 64 connections, and the script changes the URL
 //!   every 50 requests, so a new URL's first request is a miss and most of the rest of its
 //!   batch arrive while that fetch is in flight (they wait on it: coalesced) or just after
-//!   (hits).
+//!   (hits);
+//! - herds [`herd-64`, `herd-1024`] (`herd.rs`, not wrk): N clients, each on a connection
+//!   opened beforehand, ask for one new URL of the origin's `/slow/200/...` (200 ms) at
+//!   the same moment, five times; reported: the origin's fetches per herd (its own count)
+//!   and each answer's time beyond the origin's 200 ms (p50, p99, max). nginx runs with
+//!   `proxy_cache_lock on` (5 s), Varnish with its default waiting list.
 //!
 //! Output: a table (req/s, p50, p99, wrk's errors, req/s relative to nginx, to Varnish and
 //! to each baseline when there is one), the ratios to the baselines, Echo's RSS (idle after start, and the peak of the
@@ -65,6 +70,7 @@
 //! and what is read from them), `wrk.rs` (running wrk, reading its output), `report.rs`
 //! (table, Markdown, SVG chart).
 
+mod herd;
 mod lab;
 mod peers;
 mod report;
@@ -110,6 +116,8 @@ enum Load {
     Miss,
     /// `BATCH` requests in a row share a new URL.
     Coalesced,
+    /// This many clients ask for one new URL of a slow origin at once (`herd`).
+    Herd(usize),
 }
 
 struct Scenario {
@@ -122,7 +130,7 @@ struct Scenario {
     with_origin: bool,
 }
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         id: "hit-1k-16",
         name: "hit 1 KiB, 16 conns",
@@ -170,6 +178,20 @@ const SCENARIOS: [Scenario; 7] = [
         name: "coalesced miss, 64 conns",
         connections: 64,
         load: Load::Coalesced,
+        with_origin: false,
+    },
+    Scenario {
+        id: "herd-64",
+        name: "herd of 64 on one new URL",
+        connections: 64,
+        load: Load::Herd(64),
+        with_origin: false,
+    },
+    Scenario {
+        id: "herd-1024",
+        name: "herd of 1024 on one new URL",
+        connections: 1024,
+        load: Load::Herd(1024),
         with_origin: false,
     },
 ];
@@ -454,6 +476,12 @@ fn run() -> Res<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut run_id = 0u32;
     let mut coalescing: Vec<String> = Vec::new();
+    let mut herds: Vec<String> = Vec::new();
+    let origin_port = targets
+        .iter()
+        .find(|t| t.kind == Kind::Origin)
+        .map(|t| t.port)
+        .ok_or("no origin")?;
     for (nth, &i) in selected.iter().enumerate() {
         let s = &SCENARIOS[i];
         let mut order: Vec<usize> = (0..targets.len())
@@ -473,6 +501,21 @@ fn run() -> Res<()> {
             }
             run_id += 1;
             let run = format!("r{run_id}");
+            if let Load::Herd(n) = s.load {
+                match herd::run(t.port, origin_port, n, &run) {
+                    Ok(h) => {
+                        let line = h.line(t.kind.name(), n);
+                        println!("  {line}");
+                        herds.push(line);
+                    }
+                    Err(e) => {
+                        println!("  {:<21} failed: {e}", t.kind.name());
+                        notes.push(format!("{} / {}: {e}", s.name, t.kind.name()));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                continue;
+            }
             let mut before = None;
             let result = match s.load {
                 Load::Hit(path) => {
@@ -480,6 +523,7 @@ fn run() -> Res<()> {
                 }
                 Load::Miss => miss_script(lab.dir(), &run)
                     .and_then(|script| wrk(t.port, "/", s.connections, seconds, Some(&script))),
+                Load::Herd(_) => unreachable!("herds are run above"),
                 Load::Coalesced => coalesced_script(lab.dir(), &run).and_then(|script| {
                     before = if t.kind.is_echo() {
                         echo_coalesced(t)
@@ -562,7 +606,7 @@ fn run() -> Res<()> {
     notes.extend(logged_warnings(&lab));
     let memory_vs_baseline = baseline_lines(&rows, Kind::EchoMemory);
     let redis_vs_baseline = baseline_lines(&rows, Kind::EchoRedis);
-    let sections: [Section<'_>; 5] = [
+    let sections: [Section<'_>; 6] = [
         (
             "Miss overhead (p50 through the proxy minus p50 of the same misses sent to the \
              origin):"
@@ -572,6 +616,15 @@ fn run() -> Res<()> {
         (
             format!("Coalesced misses ({BATCH} requests in a row share a URL):"),
             &coalescing,
+        ),
+        (
+            format!(
+                "Herds (N clients ask for one new URL at once, the origin takes {} ms; \
+                 fetches per herd over the rounds, and each answer's time beyond the \
+                 origin's delay):",
+                herd::ORIGIN_DELAY.as_millis()
+            ),
+            &herds,
         ),
         (
             "Echo memory against the baseline on the memory store (echo (memory) / echo \

@@ -7,6 +7,9 @@
 //! - `PUT /data`: replaces the document (Echo invalidates its cached copy).
 //! - `GET /bytes/N`: N bytes (at most 16 MiB), `Cache-Control: public, max-age=60`, for
 //!   benchmarks.
+//! - `GET /slow/MS/...`: a small body after MS milliseconds (at most 60 s),
+//!   `Cache-Control: public, max-age=60`: a slow origin, for the herd benchmark.
+//! - `GET /counts`: how many `/slow/` requests it has answered (not cacheable).
 //! - `GET /health-check`: `ok`.
 //! - anything else: 404.
 //!
@@ -26,23 +29,45 @@ use echo::server;
 struct Demo {
     data: Mutex<(u64, String)>,
     hits: AtomicU64,
+    /// `/slow/` requests answered.
+    slow: AtomicU64,
 }
 
 fn field(name: &str, value: &str) -> (String, Vec<u8>) {
     (name.to_string(), value.as_bytes().to_vec())
 }
 
+/// A `/slow/` request: how long to wait before answering, on a fetch worker (so the
+/// few workers stay free).
+struct Slow(u64);
+
 impl Handler for Demo {
-    /// The demo origin answers everything at once.
-    type Job = std::convert::Infallible;
+    type Job = Slow;
 
     fn handle(&self, ex: &mut Exchange<'_>) -> Step<Self::Job> {
+        if let Some(rest) = ex.req.target.strip_prefix("/slow/") {
+            let ms = rest
+                .split('/')
+                .next()
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .filter(|ms| *ms <= 60_000);
+            if let Some(ms) = ms {
+                return Step::Defer(Slow(ms));
+            }
+        }
         self.answer(ex);
         Step::Answered
     }
 
-    fn fetch(&self, _: &mut Exchange<'_>, job: Self::Job) {
-        match job {}
+    fn fetch(&self, ex: &mut Exchange<'_>, Slow(ms): Slow) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        self.slow.fetch_add(1, Ordering::Relaxed);
+        let headers = [
+            field("content-type", "text/plain"),
+            field("cache-control", "public, max-age=60"),
+        ];
+        let body = format!("slow {}\n", ex.req.target);
+        let _ = ex.respond(200, &headers, body.as_bytes());
     }
 }
 
@@ -97,6 +122,18 @@ impl Demo {
                     }
                 }
             }
+            ("GET" | "HEAD", p) if p.starts_with("/slow/") => {
+                let headers = [field("content-type", "text/plain")];
+                let _ = ex.respond(400, &headers, b"usage: /slow/MS/... (MS <= 60000)\n");
+            }
+            ("GET" | "HEAD", "/counts") => {
+                let headers = [
+                    field("content-type", "text/plain"),
+                    field("cache-control", "no-store"),
+                ];
+                let body = format!("slow {}\n", self.slow.load(Ordering::Relaxed));
+                let _ = ex.respond(200, &headers, body.as_bytes());
+            }
             ("GET" | "HEAD", "/health-check") => {
                 let headers = [
                     field("content-type", "text/plain"),
@@ -134,6 +171,7 @@ fn main() -> ExitCode {
     let demo = Arc::new(Demo {
         data: Mutex::new((1, "hello from the demo origin".to_string())),
         hits: AtomicU64::new(0),
+        slow: AtomicU64::new(0),
     });
     let cfg = ServerConfig {
         workers: 4,

@@ -3,7 +3,9 @@
 //! The first request to [`Coalescer::join`] a key leads and gets a [`Permit`]; later
 //! requests for the same key block on the flight's condition variable until the leader
 //! finishes, then act on its [`Outcome`] (look the response up in the store, or go to
-//! the origin themselves).
+//! the origin themselves). Followers wait on the thread that already serves their
+//! client (its connection's), never on a fetch-pool thread: there is no cap on how many
+//! wait, beyond the connections a server takes.
 //!
 //! Invariants:
 //! - One leader per key: a flight is inserted into the map only when the key has none,
@@ -11,8 +13,9 @@
 //! - A finished flight is never joined: the permit removes its flight from the map
 //!   *before* publishing the outcome, so a request arriving afterwards leads a new
 //!   flight, and a waiter woken with an outcome returns it without waiting again.
-//! - Every waiter has a deadline (`wait` from `new`) and a bounded queue (`max_waiters`
-//!   per flight; beyond it [`Join::Overflow`] is returned at once).
+//! - Followers wait as long as the leader is alive: every flight has a deadline, which
+//!   the leader pushes on as it makes progress ([`Permit::extend`]: the origin's own
+//!   timeouts, each body read); a leader stuck past it is left ([`Join::TimedOut`]).
 //! - A dropped leader never wedges a key: dropping a [`Permit`] without `finish` (error
 //!   path, panic unwinding) releases the flight with [`Outcome::Failed`].
 //! - No lost wake-ups: the outcome lives under the flight's mutex and waiters re-check
@@ -24,6 +27,7 @@
 //!
 //! It must not do I/O, and knows nothing of HTTP or stores: keys are opaque strings.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +40,7 @@ pub enum Outcome {
     /// The response was stored: followers look it up in the store.
     Stored,
     /// The response may not be shared (private, Set-Cookie, uncacheable, too large):
-    /// followers go to the origin themselves.
+    /// followers go to the origin themselves, at once and side by side.
     NotShared,
     /// The fetch failed, or the leader went away (panic, dropped permit): followers fetch
     /// themselves.
@@ -51,10 +55,9 @@ pub enum Join {
     Leader(Permit),
     /// The leader finished with this outcome while this request waited `waited`.
     Followed { outcome: Outcome, waited: Duration },
-    /// The leader did not finish within the wait timeout.
-    TimedOut,
-    /// Too many requests already wait on this key (`max_waiters`): do not wait.
-    Overflow,
+    /// The leader made no progress within its deadline (stuck past the origin's own
+    /// timeouts) while this request waited `waited`.
+    TimedOut { waited: Duration },
 }
 
 /// The flights in progress, by cache key.
@@ -70,16 +73,19 @@ struct Flight {
 struct FlightState {
     /// Set once by the permit, after the flight has left the map.
     outcome: Option<Outcome>,
-    /// Followers blocked on this flight right now (bounded by `max_waiters`).
+    /// Followers blocked on this flight right now.
     waiters: usize,
+    /// Followers give up waiting at this time, unless the leader pushes it on.
+    deadline: Instant,
 }
 
 impl Flight {
-    fn new() -> Flight {
+    fn new(deadline: Instant) -> Flight {
         Flight {
             state: Mutex::new(FlightState {
                 outcome: None,
                 waiters: 0,
+                deadline,
             }),
             done: Condvar::new(),
         }
@@ -100,19 +106,18 @@ fn lock_flights(flights: &Flights) -> MutexGuard<'_, HashMap<String, Arc<Flight>
 pub struct Coalescer {
     /// Shared with every [`Permit`], which removes its own flight.
     flights: Arc<Flights>,
-    max_waiters: usize,
-    wait: Duration,
+    /// A new flight's deadline, from its start: the leader pushes it on from there.
+    allowance: Duration,
     coalesced: AtomicU64,
 }
 
 impl Coalescer {
-    /// A coalescer letting at most `max_waiters` requests wait on one key, each for at
-    /// most `wait` (zero: followers time out at once).
-    pub fn new(max_waiters: usize, wait: Duration) -> Coalescer {
+    /// A coalescer whose followers wait for a leader `allowance` from its start, and
+    /// longer as the leader extends it (zero: followers time out at once).
+    pub fn new(allowance: Duration) -> Coalescer {
         Coalescer {
             flights: Arc::new(Mutex::new(HashMap::new())),
-            max_waiters,
-            wait,
+            allowance,
             coalesced: AtomicU64::new(0),
         }
     }
@@ -125,24 +130,20 @@ impl Coalescer {
         let flight = match flights.get(key) {
             Some(flight) => Arc::clone(flight),
             None => {
-                let flight = Arc::new(Flight::new());
+                let flight = Arc::new(Flight::new(start + self.allowance));
                 flights.insert(key.to_owned(), Arc::clone(&flight));
                 drop(flights);
                 return Join::Leader(Permit {
                     flight,
                     key: key.to_owned(),
                     flights: Arc::clone(&self.flights),
-                    released: false,
+                    released: Cell::new(false),
                 });
             }
         };
-        // Counted under the map lock, so the check and the increment cannot race another
-        // joiner; the map lock is released before waiting.
+        // Counted under the map lock; the map lock is released before waiting.
         let mut state = flight.lock();
         drop(flights);
-        if state.waiters >= self.max_waiters {
-            return Join::Overflow;
-        }
         state.waiters += 1;
         loop {
             // Checked before the deadline: an outcome that arrived is always taken.
@@ -154,10 +155,13 @@ impl Coalescer {
                     waited: start.elapsed(),
                 };
             }
-            let remaining = self.wait.saturating_sub(start.elapsed());
+            // Read again after every wake-up: the leader may have pushed it on.
+            let remaining = state.deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 state.waiters -= 1;
-                return Join::TimedOut;
+                return Join::TimedOut {
+                    waited: start.elapsed(),
+                };
             }
             state = match flight.done.wait_timeout(state, remaining) {
                 Ok((guard, _)) => guard,
@@ -192,26 +196,17 @@ pub struct Permit {
     flight: Arc<Flight>,
     key: String,
     flights: Arc<Flights>,
-    released: bool,
+    released: Cell<bool>,
 }
 
 impl Permit {
     /// Ends the flight: removes it from the map, then wakes the waiters with `outcome`.
-    pub fn finish(mut self, outcome: Outcome) {
-        self.release(outcome);
-    }
-
-    /// The cache key this permit leads.
-    #[cfg(test)]
-    fn key(&self) -> &str {
-        &self.key
-    }
-
-    fn release(&mut self, outcome: Outcome) {
-        if self.released {
+    /// Only the first call counts (a leader that knows early that its answer cannot be
+    /// shared releases its followers then, and finishes again at the end).
+    pub fn finish(&self, outcome: Outcome) {
+        if self.released.replace(true) {
             return;
         }
-        self.released = true;
         {
             let mut flights = lock_flights(&self.flights);
             // Only this permit removes its flight, so the entry is ours; the check keeps
@@ -228,13 +223,34 @@ impl Permit {
         drop(state);
         self.flight.done.notify_all();
     }
+
+    /// The leader is alive and making progress: its followers wait `by` from now at
+    /// least (a deadline is never moved earlier).
+    pub fn extend(&self, by: Duration) {
+        let until = Instant::now() + by;
+        let mut state = self.flight.lock();
+        if until > state.deadline {
+            state.deadline = until;
+        }
+    }
+
+    /// Whether `finish` was called.
+    pub fn finished(&self) -> bool {
+        self.released.get()
+    }
+
+    /// The cache key this permit leads.
+    #[cfg(test)]
+    fn key(&self) -> &str {
+        &self.key
+    }
 }
 
 impl Drop for Permit {
     /// A leader that never finished (error path, panic unwinding) failed: release its
     /// waiters so they fetch themselves, and free the key for a new leader.
     fn drop(&mut self) {
-        self.release(Outcome::Failed);
+        self.finish(Outcome::Failed);
     }
 }
 
@@ -242,7 +258,7 @@ impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
             .field("key", &self.key)
-            .field("released", &self.released)
+            .field("released", &self.released.get())
             .finish()
     }
 }
@@ -261,6 +277,7 @@ mod tests {
     const DEADLINE: Duration = Duration::from_secs(10);
 
     fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
 
     /// Waits until `n` followers block on `key`; panics after `DEADLINE`.
     fn wait_for_waiters(c: &Coalescer, key: &str, n: usize) {
@@ -294,13 +311,13 @@ mod tests {
     #[test]
     fn shared_across_threads() {
         assert_send_sync::<Coalescer>();
-        assert_send_sync::<Permit>();
+        assert_send::<Permit>();
     }
 
     #[test]
     fn fifty_requests_one_fetch() {
         const N: usize = 50;
-        let c = Arc::new(Coalescer::new(64, LONG));
+        let c = Arc::new(Coalescer::new(LONG));
         let barrier = Arc::new(Barrier::new(N));
         let (lead_tx, lead_rx) = unbounded();
         let (go_tx, go_rx) = bounded::<Outcome>(1);
@@ -341,7 +358,7 @@ mod tests {
 
     #[test]
     fn arrival_after_finish_leads_a_new_flight() {
-        let c = Coalescer::new(8, LONG);
+        let c = Coalescer::new(LONG);
         leader(c.join("k")).finish(Outcome::NotShared);
         assert_eq!(c.in_flight(), 0);
         let permit = leader(c.join("k"));
@@ -351,7 +368,7 @@ mod tests {
 
     #[test]
     fn not_shared_reaches_followers() {
-        let c = Arc::new(Coalescer::new(8, LONG));
+        let c = Arc::new(Coalescer::new(LONG));
         let permit = leader(c.join("k"));
         let follower = spawn_join(&c, "k");
         wait_for_waiters(&c, "k", 1);
@@ -361,7 +378,7 @@ mod tests {
 
     #[test]
     fn dropped_permit_releases_waiters_with_failed() {
-        let c = Arc::new(Coalescer::new(8, LONG));
+        let c = Arc::new(Coalescer::new(LONG));
         let permit = leader(c.join("k"));
         let followers: Vec<_> = (0..3).map(|_| spawn_join(&c, "k")).collect();
         wait_for_waiters(&c, "k", 3);
@@ -382,7 +399,7 @@ mod tests {
 
     #[test]
     fn panicking_leader_releases_waiters_with_failed() {
-        let c = Arc::new(Coalescer::new(8, LONG));
+        let c = Arc::new(Coalescer::new(LONG));
         let (lead_tx, lead_rx) = bounded(1);
         let (go_tx, go_rx) = bounded::<()>(1);
         let leader_thread = {
@@ -406,7 +423,7 @@ mod tests {
 
     #[test]
     fn panic_caught_in_place_releases_waiters() {
-        let c = Arc::new(Coalescer::new(8, LONG));
+        let c = Arc::new(Coalescer::new(LONG));
         let permit = leader(c.join("k"));
         let follower = spawn_join(&c, "k");
         wait_for_waiters(&c, "k", 1);
@@ -422,7 +439,7 @@ mod tests {
     #[test]
     fn follower_times_out() {
         let wait = Duration::from_millis(100);
-        let c = Arc::new(Coalescer::new(8, wait));
+        let c = Arc::new(Coalescer::new(wait));
         let permit = leader(c.join("k"));
         let follower = {
             let c = Arc::clone(&c);
@@ -432,9 +449,10 @@ mod tests {
             })
         };
         let (join, took) = follower.join().unwrap();
-        assert!(matches!(join, Join::TimedOut), "got {join:?}");
+        assert!(matches!(join, Join::TimedOut { .. }), "got {join:?}");
+        // The leader's deadline, counted from its start (a moment before this join).
         assert!(
-            took >= wait && took < Duration::from_secs(1),
+            took >= wait / 2 && took < Duration::from_secs(1),
             "took {took:?}"
         );
         // The timed-out follower left the queue; the flight goes on.
@@ -447,37 +465,63 @@ mod tests {
 
     #[test]
     fn zero_wait_times_out_at_once() {
-        let c = Coalescer::new(8, Duration::ZERO);
+        let c = Coalescer::new(Duration::ZERO);
         let _permit = leader(c.join("k"));
-        assert!(matches!(c.join("k"), Join::TimedOut));
+        assert!(matches!(c.join("k"), Join::TimedOut { .. }));
     }
 
     #[test]
-    fn waiters_beyond_the_cap_overflow() {
-        let c = Arc::new(Coalescer::new(2, LONG));
+    fn a_leader_that_extends_keeps_its_followers_past_the_first_deadline() {
+        let first = Duration::from_millis(100);
+        let c = Arc::new(Coalescer::new(first));
         let permit = leader(c.join("k"));
-        let followers: Vec<_> = (0..2).map(|_| spawn_join(&c, "k")).collect();
-        wait_for_waiters(&c, "k", 2);
-        let start = Instant::now();
-        assert!(matches!(c.join("k"), Join::Overflow));
-        assert!(start.elapsed() < Duration::from_secs(1));
+        let follower = spawn_join(&c, "k");
+        wait_for_waiters(&c, "k", 1);
+        // Alive for three times the first deadline, pushing it on as a fetch does.
+        let started = Instant::now();
+        while started.elapsed() < first * 3 {
+            permit.extend(first);
+            thread::sleep(first / 4);
+        }
+        assert_eq!(c.waiting("k"), 1, "the follower left a live leader");
+        permit.finish(Outcome::Stored);
+        assert_eq!(followed(follower.join().unwrap()), Outcome::Stored);
+    }
+
+    #[test]
+    fn finishing_early_releases_followers_once() {
+        let c = Arc::new(Coalescer::new(LONG));
+        let permit = leader(c.join("k"));
+        let follower = spawn_join(&c, "k");
+        wait_for_waiters(&c, "k", 1);
+        permit.finish(Outcome::NotShared);
+        assert!(permit.finished());
+        assert_eq!(followed(follower.join().unwrap()), Outcome::NotShared);
+        // A new flight began meanwhile: the old permit's later calls leave it alone.
+        let next = leader(c.join("k"));
+        permit.finish(Outcome::Failed);
+        drop(permit);
+        assert_eq!(c.in_flight(), 1);
+        next.finish(Outcome::Stored);
+    }
+
+    /// Many more followers than any pool has threads all follow one leader.
+    #[test]
+    fn three_hundred_followers_one_leader() {
+        let c = Arc::new(Coalescer::new(LONG));
+        let permit = leader(c.join("k"));
+        let followers: Vec<_> = (0..300).map(|_| spawn_join(&c, "k")).collect();
+        wait_for_waiters(&c, "k", 300);
         permit.finish(Outcome::Stored);
         for f in followers {
             assert_eq!(followed(f.join().unwrap()), Outcome::Stored);
         }
-        assert_eq!(c.coalesced(), 2);
-    }
-
-    #[test]
-    fn zero_waiters_allowed_overflows_every_follower() {
-        let c = Coalescer::new(0, LONG);
-        let _permit = leader(c.join("k"));
-        assert!(matches!(c.join("k"), Join::Overflow));
+        assert_eq!(c.coalesced(), 300);
     }
 
     #[test]
     fn different_keys_do_not_block_each_other() {
-        let c = Arc::new(Coalescer::new(8, LONG));
+        let c = Arc::new(Coalescer::new(LONG));
         let a = leader(c.join("a"));
         let follower = spawn_join(&c, "a");
         wait_for_waiters(&c, "a", 1);
@@ -494,7 +538,7 @@ mod tests {
     /// Runs `flights` flights with `followers` follower threads each and returns, per
     /// flight, how long after `finish` was called the *last* follower woke.
     fn wake_latencies(followers: usize, flights: usize) -> Vec<Duration> {
-        let c = Arc::new(Coalescer::new(followers, LONG));
+        let c = Arc::new(Coalescer::new(LONG));
         let (woke_tx, woke_rx) = unbounded::<(Join, Instant)>();
         let (key_txs, threads): (Vec<_>, Vec<_>) = (0..followers)
             .map(|_| {

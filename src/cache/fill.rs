@@ -9,23 +9,29 @@
 //! store checks the generation the fill began at), nor after `invalidation.ban_ttl`;
 //! a fill request carries none of the client's preconditions (see `forward`).
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::debug;
 
-use super::coalesce::{Join, Outcome as FlightOutcome};
+use super::coalesce::{Join, Outcome as FlightOutcome, Permit};
 use super::forward::{final_response, response_headers};
 use super::hit::{serve_stale_on_error, serve_stored};
 use super::outcome::{Fwd, OriginTrouble, Outcome};
-use super::{Cache, Since};
+use super::{Cache, Job, Since, StaleCopy};
 use crate::http::exchange::Exchange;
+use crate::http::handler::Step;
 use crate::http::{headers, Headers};
 use crate::key::CacheKey;
 use crate::policy::{self, AfterNotModified, Storability};
-use crate::store::{Entry, Store};
+use crate::store::{Entry, FillLockAttempt, Store};
 use crate::upstream::{OriginError, OriginRequest, Phase};
+
+/// How long after a lease's announced end a waiting node looks again (the holder's
+/// renewal in flight, clocks).
+const LEASE_SLACK: Duration = Duration::from_millis(50);
 
 /// What may answer if revalidation fails (RFC 5861 stale-if-error; RFC 9111 §5.2.2.2).
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,6 +48,8 @@ pub(super) struct Fill<'k> {
     pub(super) key: &'k CacheKey,
     pub(super) since: Since,
     pub(super) entry: Entry,
+    /// Whom it fills for: its waiters wait on while the body arrives.
+    pub(super) lead: &'k Lead,
 }
 
 /// A stored entry for a response (its body still to come): the stored fields, the Vary
@@ -108,72 +116,256 @@ pub(super) fn freshened(
     entry
 }
 
+/// Whom a fill fetches for.
+pub(crate) enum Lead {
+    /// Every request for its key: this request leads the key's flight on this node, and
+    /// holds the cluster-wide fill lock when there is one (None: the store could not
+    /// be asked; this node alone is coalesced).
+    Leader {
+        permit: Permit,
+        lock: Option<FillLock>,
+    },
+    /// Itself only: the flight it followed failed or was left, or what it stored does
+    /// not answer this request.
+    Alone,
+    /// Itself, side by side with the others: the key's answers were found not to be
+    /// shareable a moment ago (hit-for-pass).
+    Pass,
+}
+
+impl Lead {
+    /// The fill learned its answer cannot be shared: the key is remembered as such, and
+    /// the waiters (here and on other nodes) are released at once to fetch side by side.
+    pub(super) fn not_shared(&self, cache: &Cache, key: &CacheKey) {
+        if let Lead::Leader { permit, lock } = self {
+            if !permit.finished() {
+                cache.remember_pass(key);
+                permit.finish(FlightOutcome::NotShared);
+                if let Some(lock) = lock {
+                    lock.release();
+                }
+            }
+        }
+    }
+
+    /// The fill is alive and making progress (a body read): its waiters wait on.
+    pub(super) fn progress(&self, by: Duration) {
+        if let Lead::Leader { permit, .. } = self {
+            permit.extend(by);
+        }
+    }
+}
+
 impl Cache {
-    /// One origin fetch per key at a time. The first request leads: with a shared store
-    /// it also takes the cluster-wide fill lock, or, when another node holds it, waits
-    /// for that node's fill. The others wait for the leader and answer from the store
-    /// (`collapsed`), or fetch themselves when its answer may not be shared (private,
-    /// Set-Cookie, uncacheable), it failed, or they waited too long.
-    pub(super) fn fetch_once(
+    /// One origin fetch per key at a time, decided before the fetch pool is involved:
+    /// on the thread that already serves this client (its connection's), so a request
+    /// that waits for another's fetch holds no fetch-pool thread, and any number may
+    /// wait. The first request for a key leads (with a shared store it also takes the
+    /// cluster-wide fill lock, or waits for the node that holds it); the others wait
+    /// for it and answer from the store (`collapsed`), or fetch themselves when its
+    /// answer may not be shared (at once, side by side), it failed, or it stopped making
+    /// progress. A key remembered as uncacheable is fetched without waiting.
+    pub(super) fn coalesce(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: CacheKey,
+        fwd: Fwd,
+        since: Since,
+        stale: Option<StaleCopy>,
+    ) -> Step<Job> {
+        let fill = |lead| {
+            Step::Defer(Job::Fill {
+                key: key.clone(),
+                fwd,
+                since,
+                stale: stale.clone(),
+                lead,
+            })
+        };
+        if self.is_pass(&key) {
+            self.metrics.hit_for_pass.inc();
+            return fill(Lead::Pass);
+        }
+        match self.coalescer.join(key.as_str()) {
+            Join::Leader(permit) => self.lead(ex, &key, permit, fill),
+            Join::Followed {
+                outcome: FlightOutcome::Stored,
+                waited,
+            } => {
+                if self.serve_collapsed(ex, &key, waited) {
+                    Step::Answered
+                } else {
+                    fill(Lead::Alone)
+                }
+            }
+            Join::Followed {
+                outcome: FlightOutcome::NotShared,
+                ..
+            } => {
+                self.metrics.hit_for_pass.inc();
+                fill(Lead::Pass)
+            }
+            Join::Followed {
+                outcome: FlightOutcome::Failed,
+                ..
+            } => fill(Lead::Alone),
+            Join::TimedOut { waited } => {
+                debug!("{key}: its leader made no progress for {waited:?}; fetching");
+                fill(Lead::Alone)
+            }
+        }
+    }
+
+    /// This node's leader of `key`: with a shared store, takes the cluster-wide fill
+    /// lock, or waits for the node that holds it (woken by its release, or at the end of
+    /// its lease, which a live holder renews: a dead one is taken over) and answers from
+    /// what it stored. Then fills with `fill`.
+    fn lead(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: &CacheKey,
+        permit: Permit,
+        fill: impl Fn(Lead) -> Step<Job>,
+    ) -> Step<Job> {
+        let started = Instant::now();
+        let mut took_over = false;
+        loop {
+            // Registered before the lock is tried, so no release can be missed.
+            let waiter = self.store.fill_waiter(key);
+            let owner = self.next_owner();
+            let attempt = self
+                .store
+                .lock_fill_and_look(key, &owner, self.coalesce_lock_ttl);
+            match attempt {
+                Ok(FillLockAttempt::Taken(look)) => {
+                    drop(waiter);
+                    // Released on every path (drop), after the fill has stored.
+                    let lock = FillLock {
+                        store: Arc::clone(&self.store),
+                        key: key.clone(),
+                        owner,
+                        released: Cell::new(false),
+                    };
+                    if took_over {
+                        self.metrics.fill_lock_takeovers.inc();
+                    }
+                    // A fill that finished between this request's lookup and its lock
+                    // (here or on another node) has left what it fetched: the look
+                    // taken with the lock, where writes land, before fetching again.
+                    if look.is_some_and(|l| self.serve_lookup(ex, key, &l, started.elapsed())) {
+                        permit.finish(FlightOutcome::Stored);
+                        return Step::Answered;
+                    }
+                    return fill(Lead::Leader {
+                        permit,
+                        lock: Some(lock),
+                    });
+                }
+                Ok(FillLockAttempt::Pass) => {
+                    self.remember_pass_locally(key);
+                    permit.finish(FlightOutcome::NotShared);
+                    self.metrics.hit_for_pass.inc();
+                    return fill(Lead::Pass);
+                }
+                Ok(FillLockAttempt::Held { expires_in }) => {
+                    // Another node fetches: this node's followers wait as long as it may.
+                    let until_end = expires_in + LEASE_SLACK;
+                    permit.extend(until_end + self.lead_allowance);
+                    let woken = waiter.wait(until_end);
+                    if let Ok(look) = self.store.get_latest(key) {
+                        if self.serve_lookup(ex, key, &look, started.elapsed()) {
+                            permit.finish(FlightOutcome::Stored);
+                            return Step::Answered;
+                        }
+                    }
+                    // Released without storing (its answer not shareable: the next try
+                    // says pass; or it failed: this node takes over), or its lease ran
+                    // out (its holder is gone): try again.
+                    took_over = !woken;
+                    if started.elapsed() > self.lead_allowance * 2 {
+                        // A holder that keeps renewing past the origin's own limits is
+                        // stuck: fetch without it rather than wait on.
+                        return fill(Lead::Leader { permit, lock: None });
+                    }
+                }
+                // The store cannot be asked: this node's requests are still coalesced.
+                Err(_) => return fill(Lead::Leader { permit, lock: None }),
+            }
+        }
+    }
+
+    /// Runs a fill job on the fetch pool, for whom `lead` says, and ends its flight.
+    pub(super) fn fill_for(
         &self,
         ex: &mut Exchange<'_>,
         key: &CacheKey,
         fwd: Fwd,
         since: Since,
         stale: Option<(&Entry, Fallback)>,
+        lead: Lead,
     ) {
-        match self.coalescer.join(key.as_str()) {
-            Join::Leader(permit) => {
-                // Registered before the lock is tried, so no release can be missed.
-                let waiter = self.store.fill_waiter(key);
-                let owner = self.next_owner();
-                let locked = self
-                    .store
-                    .lock_fill_and_look(key, &owner, self.coalesce_lock_ttl);
-                let outcome = match locked {
-                    Ok((false, _)) => {
-                        let started = Instant::now();
-                        waiter.wait(self.coalesce_wait);
-                        if self.serve_collapsed(ex, key, started.elapsed()) {
-                            FlightOutcome::Stored
-                        } else {
-                            self.fill(ex, key, fwd, since, stale)
-                        }
-                    }
-                    locked => {
-                        drop(waiter);
-                        let taken = matches!(locked, Ok((true, _)));
-                        // Released on every path (drop), after the fill has stored.
-                        let _lock = taken.then(|| FillLock {
-                            store: self.store.as_ref(),
-                            key,
-                            owner,
-                        });
-                        // A fill that finished between this request's lookup and its lock
-                        // (here or on another node) has left what it fetched: the look
-                        // taken with the lock, where writes land, before fetching again.
-                        let look = locked.ok().and_then(|(_, look)| look);
-                        if look.is_some_and(|l| self.serve_lookup(ex, key, &l, Duration::ZERO)) {
-                            FlightOutcome::Stored
-                        } else {
-                            self.fill(ex, key, fwd, since, stale)
-                        }
-                    }
-                };
-                permit.finish(outcome);
-            }
-            Join::Followed {
-                outcome: FlightOutcome::Stored,
-                waited,
-            } => {
-                if !self.serve_collapsed(ex, key, waited) {
-                    self.fill(ex, key, fwd, since, stale);
-                }
-            }
-            Join::Followed { .. } | Join::TimedOut | Join::Overflow => {
-                self.fill(ex, key, fwd, since, stale);
-            }
+        // The job may have waited in the fetch queue: the origin's limits start now.
+        lead.progress(self.lead_allowance);
+        let outcome = self.fill(ex, key, fwd, since, stale, &lead);
+        match outcome {
+            FlightOutcome::Stored => self.forget_pass(key),
+            FlightOutcome::NotShared => lead.not_shared(self, key),
+            FlightOutcome::Failed => {}
         }
+        if let Lead::Leader { permit, lock } = lead {
+            permit.finish(outcome);
+            drop(lock);
+        }
+    }
+
+    /// Is `key` remembered as uncacheable on this node?
+    fn is_pass(&self, key: &CacheKey) -> bool {
+        if self.uncacheable_ttl.is_zero() {
+            return false;
+        }
+        let mut passes = self.passes.lock().unwrap_or_else(|p| p.into_inner());
+        match passes.get(key.as_str()) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                passes.pop(key.as_str());
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers `key` as uncacheable here and, through the store, on every node.
+    fn remember_pass(&self, key: &CacheKey) {
+        if self.uncacheable_ttl.is_zero() {
+            return;
+        }
+        self.remember_pass_locally(key);
+        if let Err(e) = self.store.mark_uncacheable(key, self.uncacheable_ttl) {
+            debug!("{key}: hit-for-pass not shared with other nodes: {e}");
+        }
+    }
+
+    fn remember_pass_locally(&self, key: &CacheKey) {
+        if self.uncacheable_ttl.is_zero() {
+            return;
+        }
+        let until = Instant::now() + self.uncacheable_ttl;
+        self.passes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(key.as_str().to_string(), until);
+    }
+
+    /// A response for `key` was stored: it is cacheable again (the store forgets its
+    /// own marker when it stores).
+    fn forget_pass(&self, key: &CacheKey) {
+        if self.uncacheable_ttl.is_zero() {
+            return;
+        }
+        self.passes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop(key.as_str());
     }
 
     /// A unique id for one fetch, naming the holder of a fill lock.
@@ -193,6 +385,7 @@ impl Cache {
         fwd: Fwd,
         since: Since,
         stale: Option<(&Entry, Fallback)>,
+        lead: &Lead,
     ) -> FlightOutcome {
         let fallback = stale;
         let stale = stale.map(|(e, _)| e);
@@ -281,7 +474,7 @@ impl Cache {
             else {
                 // The 304 names another representation; the client asked unconditionally.
                 debug!("304 for {key} names another representation; fetching it whole");
-                return self.fill(ex, key, fwd, since, None);
+                return self.fill(ex, key, fwd, since, None, lead);
             };
             let times = (request_time, response_time);
             return self.freshen(
@@ -309,10 +502,15 @@ impl Cache {
             Storability::Store { .. } => (None, Some("too-large")),
             Storability::DoNotStore(why) => (None, Some(why.as_str())),
         };
+        if reason.is_some() {
+            // Known at the head: the waiters need not wait for the body.
+            lead.not_shared(self, key);
+        }
         let base = response_headers(&response.headers, response_time);
         let fill = freshness.map(|freshness| Fill {
             key,
             since,
+            lead,
             entry: new_entry(
                 &sent,
                 &base,
@@ -322,6 +520,10 @@ impl Cache {
                 response_time,
             ),
         });
+        let fwd = match lead {
+            Lead::Pass => fwd.passed(),
+            _ => fwd,
+        };
         if self.stream_body(ex, response, &base, fwd, reason, fill) {
             FlightOutcome::Stored
         } else {
@@ -397,16 +599,27 @@ impl Cache {
 }
 
 /// The cluster-wide fill lock of one key while this node fetches it; released (and the
-/// waiting nodes woken) when dropped, on every path.
-struct FillLock<'a> {
-    store: &'a dyn Store,
-    key: &'a CacheKey,
+/// waiting nodes woken) early when the answer turns out not shareable, or when dropped,
+/// on every path.
+pub(crate) struct FillLock {
+    store: Arc<dyn Store>,
+    key: CacheKey,
     owner: String,
+    released: Cell<bool>,
 }
 
-impl Drop for FillLock<'_> {
+impl FillLock {
+    fn release(&self) {
+        if !self.released.replace(true) {
+            // A lock that cannot be released expires at the end of its lease (no longer
+            // renewed).
+            let _ = self.store.unlock_fill(&self.key, &self.owner);
+        }
+    }
+}
+
+impl Drop for FillLock {
     fn drop(&mut self) {
-        // A lock that cannot be released expires after coalesce_lock_ttl.
-        let _ = self.store.unlock_fill(self.key, &self.owner);
+        self.release();
     }
 }

@@ -57,7 +57,7 @@ impl Cache {
                 }
                 let outcome = Outcome::Hit {
                     ttl,
-                    collapsed: false,
+                    collapsed: None,
                 };
                 serve_stored(ex, entry, age, outcome);
                 None
@@ -166,7 +166,7 @@ impl Cache {
         debug!("HIT {key} (collapsed, waited {waited:?})");
         let outcome = Outcome::Hit {
             ttl: ttl(entry, age),
-            collapsed: true,
+            collapsed: Some(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)),
         };
         serve_stored(ex, entry, age, outcome);
         true

@@ -22,11 +22,13 @@ mod outcome;
 mod refresh;
 mod stream;
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, warn};
+use lru::LruCache;
 
 use crate::access_log::{AccessLog, Record};
 use crate::config::Config;
@@ -43,9 +45,15 @@ use crate::upstream::Upstreams;
 use coalesce::Coalescer;
 pub(crate) use outcome::{Bypass, Fwd, Outcome, OwnAnswer};
 
-use fill::Fallback;
+use fill::{Fallback, Lead};
 use forward::VIA;
 use refresh::Background;
+
+/// Keys remembered as uncacheable per node, at most (each a few hundred bytes).
+const PASSES: NonZeroUsize = match NonZeroUsize::new(65_536) {
+    Some(n) => n,
+    None => unreachable!(),
+};
 
 /// When a fill began: the store's invalidation generation then, and the time.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +79,8 @@ pub enum Job {
         fwd: Fwd,
         since: Since,
         stale: Option<StaleCopy>,
+        /// Whom it fetches for: its key's waiters (leading their flight), or itself.
+        lead: Lead,
     },
 }
 
@@ -88,8 +98,21 @@ pub struct Cache {
     refresh_ahead: Duration,
     background: OnceLock<Background>,
     coalescer: Coalescer,
-    coalesce_wait: Duration,
+    /// The cross-node fill lock's lease (renewed while its holder fetches).
     coalesce_lock_ttl: Duration,
+    /// How long a leader may take to get the origin's answer head (every origin
+    /// service's connect, send and response timeouts, over its tries): its waiters
+    /// wait that long from its start.
+    lead_allowance: Duration,
+    /// How long a leader may take for each read of a body (the origin's read timeout,
+    /// and the client's write timeout it streams to): its waiters wait on that long
+    /// after each.
+    body_allowance: Duration,
+    /// Hit-for-pass: how long a key whose answer may not be shared is remembered.
+    uncacheable_ttl: Duration,
+    /// Keys remembered as uncacheable on this node, until when (bounded, least
+    /// recently used dropped first).
+    passes: Mutex<LruCache<String, Instant>>,
     /// Identifies this Echo process in fill-lock owner ids.
     node_id: String,
     fetches: AtomicU64,
@@ -115,6 +138,25 @@ impl Cache {
         metrics: Arc<Metrics>,
     ) -> Cache {
         let c = &cfg.cache;
+        for key in &c.retired {
+            warn!(
+                "{key} is no longer used and is ignored: a request waits for another's \
+                 fetch of the same key as long as that fetch makes progress, with no cap \
+                 on how many wait"
+            );
+        }
+        let services = std::iter::once(&cfg.origin).chain(cfg.routes.iter().map(|r| &r.origin));
+        let lead_allowance = services
+            .clone()
+            .map(|o| {
+                o.total_timeout.unwrap_or(
+                    (o.connect_timeout + o.send_timeout + o.response_timeout)
+                        * u32::try_from(o.retries + 1).unwrap_or(u32::MAX),
+                )
+            })
+            .max()
+            .unwrap_or_default();
+        let max_read = services.map(|o| o.read_timeout).max().unwrap_or_default();
         Cache {
             store,
             origin,
@@ -123,9 +165,12 @@ impl Cache {
             ban_ttl: cfg.invalidation.ban_ttl,
             refresh_ahead: c.refresh_ahead,
             background: OnceLock::new(),
-            coalescer: Coalescer::new(c.coalesce_max_waiters, c.coalesce_wait),
-            coalesce_wait: c.coalesce_wait,
+            coalescer: Coalescer::new(lead_allowance),
             coalesce_lock_ttl: c.coalesce_lock_ttl,
+            lead_allowance,
+            body_allowance: max_read + cfg.server.write_timeout,
+            uncacheable_ttl: c.uncacheable_ttl,
+            passes: Mutex::new(LruCache::new(PASSES)),
             node_id: format!(
                 "{}-{}",
                 std::process::id(),
@@ -245,12 +290,7 @@ impl Cache {
             return Step::Answered;
         }
         debug!("{} {key}", fwd.params());
-        Step::Defer(Job::Fill {
-            key,
-            fwd,
-            since,
-            stale,
-        })
+        self.coalesce(ex, key, fwd, since, stale)
     }
 
     /// Counts the request and writes its access log line; `label` is what was done
@@ -287,9 +327,10 @@ impl Handler for Cache {
                 fwd,
                 since,
                 stale,
+                lead,
             } => {
                 let stale = stale.as_ref().map(|(e, f)| (&**e, *f));
-                self.fetch_once(ex, &key, fwd, since, stale);
+                self.fill_for(ex, &key, fwd, since, stale, lead);
             }
         }
     }

@@ -23,6 +23,9 @@ pub enum Fwd {
     VaryMiss,
     /// The stored response was stale.
     Stale,
+    /// The key is remembered as uncacheable (its answer a moment ago could not be
+    /// shared): fetched without waiting on other requests for it (hit-for-pass).
+    Pass,
     /// The cache was not consulted, for this reason.
     Bypass(Bypass),
 }
@@ -72,8 +75,8 @@ pub enum OwnAnswer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// A fresh stored response answered; `collapsed`: it was stored by another request's
-    /// fetch, which this one waited for.
-    Hit { ttl: i64, collapsed: bool },
+    /// fetch, which this one waited for (this long, in ms).
+    Hit { ttl: i64, collapsed: Option<u64> },
     /// A stale stored response answered.
     Stale { ttl: i64, why: StaleReason },
     /// The origin's answer was passed on; `stored` only when the entry was stored, and
@@ -94,12 +97,22 @@ pub enum Outcome {
 }
 
 impl Fwd {
+    /// How a fill for a key remembered as uncacheable goes to the origin.
+    pub fn passed(self) -> Fwd {
+        match self {
+            Fwd::Bypass(_) => self,
+            _ => Fwd::Pass,
+        }
+    }
+
     /// The member's `fwd` parameter (and, for bypasses, a `detail`).
     pub fn params(self) -> &'static str {
         match self {
             Fwd::UriMiss => "fwd=uri-miss",
             Fwd::VaryMiss => "fwd=vary-miss",
             Fwd::Stale => "fwd=stale",
+            // RFC 9211 has no `fwd` of its own for it: nothing usable was stored.
+            Fwd::Pass => "fwd=uri-miss",
             Fwd::Bypass(Bypass::Method) => "fwd=method",
             Fwd::Bypass(Bypass::Range) => "fwd=bypass; detail=range",
             Fwd::Bypass(Bypass::StoreError) => "fwd=bypass; detail=store-error",
@@ -108,7 +121,7 @@ impl Fwd {
 
     fn x_cache_status(self) -> &'static str {
         match self {
-            Fwd::UriMiss | Fwd::VaryMiss | Fwd::Stale => "MISS",
+            Fwd::UriMiss | Fwd::VaryMiss | Fwd::Stale | Fwd::Pass => "MISS",
             Fwd::Bypass(_) => "BYPASS",
         }
     }
@@ -142,8 +155,10 @@ impl Outcome {
         match *self {
             Outcome::Hit { ttl, collapsed } => {
                 let _ = write!(m, "hit; ttl={ttl}");
-                if collapsed {
-                    m.push_str("; collapsed");
+                // RFC 9211 §2.7: "collapsed: ... the request was collapsed with
+                // another request"; how long it waited goes in `detail`.
+                if let Some(waited) = collapsed {
+                    let _ = write!(m, "; collapsed; detail=waited-{waited}ms");
                 }
             }
             Outcome::Stale { ttl, why } => {
@@ -169,7 +184,9 @@ impl Outcome {
                 if stored {
                     m.push_str("; stored");
                 }
-                if let Some(why) = not_stored {
+                if fwd == Fwd::Pass {
+                    m.push_str("; detail=hit-for-pass");
+                } else if let Some(why) = not_stored {
                     let _ = write!(m, "; detail={why}");
                 }
             }
@@ -216,7 +233,7 @@ mod tests {
             (
                 Outcome::Hit {
                     ttl: 42,
-                    collapsed: false,
+                    collapsed: None,
                 },
                 "HIT",
                 "echo; hit; ttl=42",
@@ -225,10 +242,10 @@ mod tests {
             (
                 Outcome::Hit {
                     ttl: 7,
-                    collapsed: true,
+                    collapsed: Some(1250),
                 },
                 "HIT",
-                "echo; hit; ttl=7; collapsed",
+                "echo; hit; ttl=7; collapsed; detail=waited-1250ms",
                 "hit",
             ),
             (
@@ -289,6 +306,17 @@ mod tests {
                 },
                 "MISS",
                 "echo; fwd=vary-miss; fwd-status=200; detail=private",
+                "miss",
+            ),
+            (
+                Outcome::Fetched {
+                    fwd: Fwd::Pass,
+                    status: 200,
+                    stored: false,
+                    not_stored: Some("private"),
+                },
+                "MISS",
+                "echo; fwd=uri-miss; fwd-status=200; detail=hit-for-pass",
                 "miss",
             ),
             (

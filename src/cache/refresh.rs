@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use log::debug;
 
-use super::fill::{freshened, new_entry, Fill};
+use super::fill::{freshened, new_entry, Fill, Lead};
 use super::forward::{final_response, response_headers, VIA};
 use super::{Cache, Since};
 use crate::http::{Headers, Request};
@@ -147,7 +147,13 @@ impl Cache {
             return false;
         }
         entry.body = body;
-        self.store(Fill { key, since, entry })
+        let alone = Lead::Alone;
+        self.store(Fill {
+            key,
+            since,
+            entry,
+            lead: &alone,
+        })
     }
 
     /// Queues a background revalidation of `entry` (one per key at a time; none when the

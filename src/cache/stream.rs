@@ -97,12 +97,19 @@ impl Cache {
                         ended = true;
                         break;
                     }
-                    Ok(n) => body.extend_from_slice(&current[..n]),
+                    Ok(n) => {
+                        if let Some(f) = &fill {
+                            f.lead.progress(self.body_allowance);
+                        }
+                        body.extend_from_slice(&current[..n]);
+                    }
                     Err(e) => return self.origin_body_broke(ex, &e),
                 }
             }
             if body.len() > self.max_object_bytes {
-                fill = None;
+                if let Some(f) = fill.take() {
+                    f.lead.not_shared(self, f.key);
+                }
             }
             if ended {
                 let Some(f) = fill.take() else {
@@ -138,9 +145,14 @@ impl Cache {
                 Ok(n) => n,
                 Err(e) => return self.origin_body_broke(ex, &e),
             };
+            if let Some(f) = &fill {
+                f.lead.progress(self.body_allowance);
+            }
             if fill.is_some() {
                 if body.len() + n > self.max_object_bytes {
-                    fill = None;
+                    if let Some(f) = fill.take() {
+                        f.lead.not_shared(self, f.key);
+                    }
                     body = Vec::new();
                 } else {
                     body.extend_from_slice(&current[..n]);

@@ -312,24 +312,26 @@ pub struct CacheConfig {
     /// Threads and queue for background refreshes (stale-while-revalidate, refresh-ahead).
     pub background_workers: usize,
     pub background_queue: usize,
-    /// How long a request waits for another's fetch of the same key before fetching itself.
-    pub coalesce_wait: Duration,
-    /// Requests allowed to wait on one key; more fetch themselves.
-    pub coalesce_max_waiters: usize,
-    /// Lifetime of the cross-node fill lock (Redis), in case its holder dies.
+    /// The lease of the cross-node fill lock (Redis): renewed while its holder fetches,
+    /// so a holder that dies is noticed within one.
     pub coalesce_lock_ttl: Duration,
+    /// How long a key whose answer may not be shared is remembered as such
+    /// (hit-for-pass: its requests go to the origin side by side); zero: never.
+    pub uncacheable_ttl: Duration,
+    /// Retired keys the file still sets (`cache.coalesce_wait_ms`,
+    /// `cache.coalesce_max_waiters`): ignored, named in a warning at start.
+    pub retired: Vec<&'static str>,
     /// Request fields removed from requests that may fill the cache (folded: lower
     /// case, `_` as `-`).
     pub strip_request_headers: Vec<String>,
 }
 
-/// `[cache]` as the file has it when the section (and `server.workers`, which
-/// `coalesce_max_waiters` defaults to) is left out: the defaults a component or a test
-/// takes instead of inventing its own.
+/// `[cache]` as the file has it when the section is left out: the defaults a component
+/// or a test takes instead of inventing its own.
 impl Default for CacheConfig {
     fn default() -> Self {
         // The defaults are valid by construction; a test checks it.
-        validate::validate_cache(&raw::RawCache::default(), ServerConfig::default().workers)
+        validate::validate_cache(&raw::RawCache::default())
             .unwrap_or_else(|e| panic!("default cache config invalid: {e}"))
     }
 }
@@ -435,7 +437,8 @@ mod tests {
         assert_eq!(c.cache, CacheConfig::default());
         assert_eq!(c.invalidation, InvalidationConfig::default());
         assert_eq!(c.log, LogConfig::default());
-        assert_eq!(c.cache.coalesce_max_waiters, c.server.workers);
+        assert_eq!(c.cache.coalesce_lock_ttl, Duration::from_secs(1));
+        assert_eq!(c.cache.uncacheable_ttl, Duration::from_secs(30));
         assert_eq!(c.cache.strip_request_headers, raw::DEFAULT_STRIPPED);
     }
 

@@ -272,10 +272,13 @@ pub(super) struct RawCache {
     pub(super) refresh_ahead_ms: u64,
     pub(super) background_workers: u64,
     pub(super) background_queue: u64,
-    pub(super) coalesce_wait_ms: u64,
-    /// Unset: see [`RawCache::coalesce_max_waiters_or_workers`].
+    /// Retired (issue 16): followers wait as long as their leader is alive. Accepted,
+    /// ignored, named in a warning at start.
+    pub(super) coalesce_wait_ms: Option<u64>,
+    /// Retired (issue 16): there is no cap on followers. Accepted, ignored, warned of.
     pub(super) coalesce_max_waiters: Option<u64>,
     pub(super) coalesce_lock_ttl_ms: u64,
+    pub(super) uncacheable_ttl_ms: u64,
     pub(super) strip_request_headers: Vec<String>,
 }
 
@@ -293,19 +296,12 @@ impl Default for RawCache {
             refresh_ahead_ms: 0,
             background_workers: 4,
             background_queue: 256,
-            coalesce_wait_ms: 5_000,
+            coalesce_wait_ms: None,
             coalesce_max_waiters: None,
-            coalesce_lock_ttl_ms: 30_000,
+            coalesce_lock_ttl_ms: 1_000,
+            uncacheable_ttl_ms: 30_000,
             strip_request_headers: DEFAULT_STRIPPED.iter().map(|h| h.to_string()).collect(),
         }
-    }
-}
-
-impl RawCache {
-    /// `coalesce_max_waiters`, by default `server.workers`: every worker may wait on
-    /// one key's fetch rather than fetch it again.
-    pub(super) fn coalesce_max_waiters_or_workers(&self, workers: u64) -> u64 {
-        self.coalesce_max_waiters.unwrap_or(workers)
     }
 }
 

@@ -151,7 +151,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "\"redis\" needs a [redis] section with a master",
         ));
     }
-    let cache = validate_cache(&raw.cache, server.workers)?;
+    let cache = validate_cache(&raw.cache)?;
     let invalidation = validate_invalidation(&raw.invalidation)?;
     let log = validate_log(raw.log)?;
 
@@ -418,9 +418,9 @@ fn store_kind(store: &str) -> Result<StoreKind, ConfigError> {
     }
 }
 
-/// `[cache]`; `workers` is the validated `server.workers`. Whether `store = "redis"` has
+/// `[cache]`. Whether `store = "redis"` has
 /// a `[redis]` section is the whole file's business ([`validate`]).
-pub(super) fn validate_cache(c: &RawCache, workers: usize) -> Result<CacheConfig, ConfigError> {
+pub(super) fn validate_cache(c: &RawCache) -> Result<CacheConfig, ConfigError> {
     let store = store_kind(&c.store)?;
     let memory_max_bytes = ranged(
         "cache.memory_max_bytes",
@@ -447,14 +447,24 @@ pub(super) fn validate_cache(c: &RawCache, workers: usize) -> Result<CacheConfig
         refresh_ahead: Duration::from_millis(c.refresh_ahead_ms),
         background_workers: ranged("cache.background_workers", c.background_workers, 1, 256)?,
         background_queue: ranged("cache.background_queue", c.background_queue, 1, 100_000)?,
-        coalesce_wait: ms("cache.coalesce_wait_ms", c.coalesce_wait_ms)?,
-        coalesce_max_waiters: ranged(
-            "cache.coalesce_max_waiters",
-            c.coalesce_max_waiters_or_workers(workers as u64),
-            0,
-            100_000,
-        )?,
-        coalesce_lock_ttl: ms("cache.coalesce_lock_ttl_ms", c.coalesce_lock_ttl_ms)?,
+        // A lease is renewed every third of it: a round trip to Redis.
+        coalesce_lock_ttl: Duration::from_millis(ranged(
+            "cache.coalesce_lock_ttl_ms",
+            c.coalesce_lock_ttl_ms,
+            100,
+            3_600_000,
+        )? as u64),
+        uncacheable_ttl: Duration::from_millis(c.uncacheable_ttl_ms),
+        retired: [
+            ("cache.coalesce_wait_ms", c.coalesce_wait_ms.is_some()),
+            (
+                "cache.coalesce_max_waiters",
+                c.coalesce_max_waiters.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect(),
         strip_request_headers: c
             .strip_request_headers
             .iter()

@@ -206,6 +206,18 @@ pub struct ServerHealth {
     pub degraded: Vec<(&'static str, String)>,
 }
 
+/// What a try for a key's cluster-wide fill lock found.
+#[derive(Debug)]
+pub enum FillLockAttempt {
+    /// Taken: this fetch fills the key; with what the store holds for it now, read where
+    /// writes land (None when that could not be read).
+    Taken(Option<Lookup>),
+    /// Another fetch holds it; its lease ends within `expires_in` unless renewed.
+    Held { expires_in: Duration },
+    /// The key is remembered as uncacheable: fetch without the lock, beside the others.
+    Pass,
+}
+
 /// What a lookup found, and the invalidation generation it saw (a fill started from
 /// this lookup passes it back to `put`).
 #[derive(Debug, Clone, Default)]
@@ -258,19 +270,29 @@ pub trait Store: Send + Sync {
         Ok(true)
     }
 
-    /// `lock_fill`, and when it is taken, `get_latest` after it: the look for a fill
-    /// that finished between a request's lookup and its lock. Stores where these are
-    /// round trips send them together.
+    /// Tries to take the cluster-wide fill lock of `key` as `owner` for a lease of
+    /// `lease`, which the store renews until `unlock_fill` (so a holder that dies is
+    /// noticed within a lease). When taken, the look for a fill that finished between a
+    /// request's lookup and its lock comes with it; when another fetch holds it, when its
+    /// lease ends; and a key remembered as uncacheable (`mark_uncacheable`) is a pass.
+    /// Stores where these are round trips send them together. Default (single-node
+    /// stores): taken, with `get_latest`.
     fn lock_fill_and_look(
         &self,
         key: &CacheKey,
         owner: &str,
-        ttl: Duration,
-    ) -> Result<(bool, Option<Lookup>), StoreError> {
-        if !self.lock_fill(key, owner, ttl)? {
-            return Ok((false, None));
+        lease: Duration,
+    ) -> Result<FillLockAttempt, StoreError> {
+        if !self.lock_fill(key, owner, lease)? {
+            return Ok(FillLockAttempt::Held { expires_in: lease });
         }
-        Ok((true, self.get_latest(key).ok()))
+        Ok(FillLockAttempt::Taken(self.get_latest(key).ok()))
+    }
+    /// Remembers for `ttl` that `key`'s answers may not be shared (hit-for-pass), for
+    /// every node: their lock attempts answer `Pass`. Storing an entry for the key
+    /// forgets it. Default (single-node stores): nothing (the cache remembers it).
+    fn mark_uncacheable(&self, _key: &CacheKey, _ttl: Duration) -> Result<(), StoreError> {
+        Ok(())
     }
     /// Releases the fill lock if `owner` still holds it, and wakes the nodes waiting for
     /// it. The lock holder calls this on every path, whether or not the fill stored
@@ -369,6 +391,7 @@ impl Instrumented {
             "invalidate",
             "lock_fill",
             "unlock_fill",
+            "mark_uncacheable",
         ] {
             let labels = crate::metrics::StoreLabels {
                 store: inner.name(),
@@ -427,11 +450,14 @@ impl Store for Instrumented {
         &self,
         key: &CacheKey,
         owner: &str,
-        ttl: Duration,
-    ) -> Result<(bool, Option<Lookup>), StoreError> {
+        lease: Duration,
+    ) -> Result<FillLockAttempt, StoreError> {
         self.timed("lock_fill", || {
-            self.inner.lock_fill_and_look(key, owner, ttl)
+            self.inner.lock_fill_and_look(key, owner, lease)
         })
+    }
+    fn mark_uncacheable(&self, key: &CacheKey, ttl: Duration) -> Result<(), StoreError> {
+        self.timed("mark_uncacheable", || self.inner.mark_uncacheable(key, ttl))
     }
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
         self.timed("unlock_fill", || self.inner.unlock_fill(key, owner))

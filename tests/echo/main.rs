@@ -8,6 +8,7 @@ mod cli;
 mod coalesce;
 mod faults;
 mod frontend;
+mod herd;
 mod install;
 mod invalidate;
 mod operations;

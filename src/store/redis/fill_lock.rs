@@ -10,8 +10,16 @@
 //! one. The same subscription carries the announcements of completed invalidations, and
 //! its thread writes the node's heartbeat (see `fence`).
 //!
+//! A lock is a lease: `cache.coalesce_lock_ttl_ms` long, renewed by this store's lease
+//! thread (a third of the lease at a time) for as long as the fetch holding it runs, so
+//! a node that dies mid-fetch leaves its lock for at most one lease; the nodes waiting
+//! on it wake at the release's publish, or when the lease they were told of ends, and
+//! try again (one of them takes over). A key whose answers may not be shared is
+//! remembered as `echo:v1:pass:<cache key>` (hit-for-pass, with its own TTL): a lock
+//! attempt on it answers "pass", and storing an entry for the key deletes it.
+//!
 //! Invariants: locks are taken and released on the master only; waiting never polls
-//! Redis; after every (re)subscription the subscriber wakes every registered waiter,
+//! Redis (a waiter looks again once per lease at most); after every (re)subscription the subscriber wakes every registered waiter,
 //! since a release may have been published while it was not listening (a waiter woken
 //! early only re-checks); a waiter is unregistered when its `FillWaiter` is dropped, so
 //! none outlives it; the thread stops when the store is dropped (within one tick).
@@ -35,6 +43,10 @@ use crate::store::{FillWaiter, StoreError};
 const LOCK_PREFIX: &str = "echo:v1:lock:";
 /// Fill-lock releases are published on this prefix and the cache key.
 const FILLED_PREFIX: &str = "echo:v1:filled:";
+/// Hit-for-pass markers: the prefix, then the readable cache key.
+const PASS_PREFIX: &str = "echo:v1:pass:";
+/// How often the lease thread looks for leases to renew.
+const LEASE_TICK: Duration = Duration::from_millis(50);
 /// What the fill subscriber listens to.
 const FILLED_PATTERN: &str = "echo:v1:filled:*";
 /// The subscriber's read timeout: how often it looks up from an idle connection to
@@ -58,6 +70,44 @@ redis.call('PUBLISH', ARGV[2], '')
 if holder then return 1 end
 return 0
 "#;
+
+/// Takes a fill lock unless the key is remembered as uncacheable. KEYS: the lock, the
+/// pass marker. ARGV: the owner, the lease (ms). Returns TAKEN, PASS, or the lease left
+/// to the holder (ms).
+const LOCK_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then return -20 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -10 end
+return math.max(redis.call('PTTL', KEYS[1]), 0)
+"#;
+/// What `LOCK_SCRIPT` answers when it took the lock, and for a pass.
+pub(super) const TAKEN: i64 = -10;
+pub(super) const PASS: i64 = -20;
+
+/// Renews a lease for its owner only. KEYS: the lock. ARGV: the owner, the lease (ms).
+const RENEW_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+/// The Redis key of a cache key's hit-for-pass marker.
+pub(super) fn pass_key(key: &CacheKey) -> String {
+    format!("{PASS_PREFIX}{}", key.as_str())
+}
+
+/// The lock attempt of `key` for `owner` with a lease of `lease` (see `LOCK_SCRIPT`),
+/// as a command for a pipeline.
+pub(super) fn lock_or_pass_command(key: &CacheKey, owner: &str, lease: Duration) -> redis::Cmd {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(LOCK_SCRIPT)
+        .arg(2)
+        .arg(fill_lock_key(key))
+        .arg(pass_key(key))
+        .arg(owner)
+        .arg(millis(lease).max(1));
+    eval
+}
 
 /// The Redis key of a cache key's fill lock.
 pub fn fill_lock_key(key: &CacheKey) -> String {
@@ -86,6 +136,67 @@ pub(super) fn lock_command(key: &CacheKey, owner: &str, ttl: Duration) -> redis:
 pub(super) struct FillLocks {
     unlock_script: redis::Script,
     listener: FillListener,
+    /// The locks this store holds, renewed by its lease thread.
+    leases: Arc<Leases>,
+    _stop_leases: Sender<()>,
+}
+
+/// A held lock: its owner, its lease, and when it was last renewed.
+struct Held {
+    owner: String,
+    lease: Duration,
+    renewed: Instant,
+}
+
+/// The locks this store holds, by lock key.
+#[derive(Default)]
+struct Leases {
+    held: Mutex<HashMap<String, Held>>,
+}
+
+impl Leases {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Renews, on the master, every lease a third or more of which has passed.
+    fn renew_due(&self, topology: &Topology) {
+        let due: Vec<(String, String, Duration)> = {
+            let mut held = self.lock();
+            held.iter_mut()
+                .filter(|(_, h)| h.renewed.elapsed() >= h.lease / 3)
+                .map(|(key, h)| {
+                    h.renewed = Instant::now();
+                    (key.clone(), h.owner.clone(), h.lease)
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let servers = topology.servers();
+        let Ok(master) = servers.master() else {
+            return;
+        };
+        let renewed = master.with_conn(|c| {
+            let mut pipe = redis::pipe();
+            for (key, owner, lease) in &due {
+                pipe.cmd("EVAL")
+                    .arg(RENEW_SCRIPT)
+                    .arg(1)
+                    .arg(key)
+                    .arg(owner)
+                    .arg(millis(*lease).max(1))
+                    .ignore();
+            }
+            pipe.query::<()>(c)
+        });
+        // A lease that could not be renewed ends by itself: another node may take the
+        // key over (two fetches at most, never a wedged key).
+        if let Err(e) = renewed {
+            debug!("fill lock leases not renewed: {e}");
+        }
+    }
 }
 
 impl FillLocks {
@@ -96,10 +207,43 @@ impl FillLocks {
         topology: Arc<Topology>,
         fence: Arc<Fence>,
     ) -> Result<FillLocks, StoreError> {
+        let leases = Arc::new(Leases::default());
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        {
+            let leases = Arc::clone(&leases);
+            let topology = Arc::clone(&topology);
+            std::thread::Builder::new()
+                .name("echo-fill-leases".into())
+                .spawn(move || loop {
+                    leases.renew_due(&topology);
+                    if !matches!(
+                        stopped.recv_timeout(LEASE_TICK),
+                        Err(RecvTimeoutError::Timeout)
+                    ) {
+                        return;
+                    }
+                })
+                .map_err(|e| StoreError::Setup(format!("cannot start the lease thread: {e}")))?;
+        }
         Ok(FillLocks {
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
             listener: FillListener::start(cfg, topology, fence)?,
+            leases,
+            _stop_leases: stop,
         })
+    }
+
+    /// Keeps the lock of `key` held by `owner` (just taken) until `unlock`: its lease is
+    /// renewed meanwhile.
+    pub(super) fn hold(&self, key: &CacheKey, owner: &str, lease: Duration) {
+        self.leases.lock().insert(
+            fill_lock_key(key),
+            Held {
+                owner: owner.to_string(),
+                lease,
+                renewed: Instant::now(),
+            },
+        );
     }
 
     /// Tries to take the lock of `key` as `owner` for `ttl`: true when taken.
@@ -123,6 +267,13 @@ impl FillLocks {
         key: &CacheKey,
         owner: &str,
     ) -> Result<(), StoreError> {
+        {
+            let mut held = self.leases.lock();
+            let lock = fill_lock_key(key);
+            if held.get(&lock).is_some_and(|h| h.owner == owner) {
+                held.remove(&lock);
+            }
+        }
         let released: i64 = master.with_conn(|c| {
             self.unlock_script
                 .key(fill_lock_key(key))

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{codec, Entry, FillWaiter, Lookup, ServerHealth, Store, StoreError};
+use super::{codec, Entry, FillLockAttempt, FillWaiter, Lookup, ServerHealth, Store, StoreError};
 use crate::config::RedisConfig;
 use crate::invalidation::{Job, JobOutcome, Matcher, Progress};
 use crate::key::CacheKey;
@@ -61,9 +61,9 @@ const TAG_PREFIX: &str = "echo:v1:tag:";
 const BATCH: usize = 500;
 
 /// Stores an entry only if no invalidation happened since the fill began; indexes its
-/// tags in the same step. KEYS: entry, the control hash, tag sets. ARGV: the generation
-/// the fill saw, the value, the TTL in ms. Returns -1 when stored, else the generation
-/// now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
+/// tags and forgets the key's hit-for-pass marker in the same step. KEYS: entry, the
+/// control hash, the pass marker, tag sets. ARGV: the generation the fill saw, the
+/// value, the TTL in ms. Returns -1 when stored, else the generation now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
 /// from its entries): each addition checks two random members and drops those whose
 /// entry is gone, so a set written to holds at most about twice its live entries (and
 /// `tidy` walks the others).
@@ -71,7 +71,8 @@ const STORE_SCRIPT: &str = r#"
 local generation = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 if generation ~= tonumber(ARGV[1]) then return generation end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-for i = 3, #KEYS do
+redis.call('DEL', KEYS[3])
+for i = 4, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
   for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[i], 2)) do
     if member ~= KEYS[1] and redis.call('EXISTS', member) == 0 then
@@ -318,7 +319,10 @@ impl Store for RedisStore {
             let result: i64 = self.on_master(|m| {
                 m.with_conn(|c| {
                     let mut invocation = self.store_script.prepare_invoke();
-                    invocation.key(&rkey).key(CONTROL_KEY);
+                    invocation
+                        .key(&rkey)
+                        .key(CONTROL_KEY)
+                        .key(fill_lock::pass_key(key));
                     for tag in &tags {
                         invocation.key(tag);
                     }
@@ -378,29 +382,45 @@ impl Store for RedisStore {
         self.on_master(|m| self.fills.lock(m, key, owner, ttl))
     }
 
-    /// One round trip: SET NX and, after it on the same connection, the MGET of the
-    /// entry and the generation (its answer is used only when the lock was taken).
+    /// One round trip: the lock attempt (see `fill_lock`) and, after it on the same
+    /// connection, the look at the entry and the generation (used only when the lock was
+    /// taken). A lock taken is renewed until `unlock_fill`.
     fn lock_fill_and_look(
         &self,
         key: &CacheKey,
         owner: &str,
-        ttl: Duration,
-    ) -> Result<(bool, Option<Lookup>), StoreError> {
+        lease: Duration,
+    ) -> Result<FillLockAttempt, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.add_command(fill_lock::lock_command(key, owner, ttl))
+        pipe.add_command(fill_lock::lock_or_pass_command(key, owner, lease))
             .cmd("GET")
             .arg(redis_key(key))
             .cmd("HMGET")
             .arg(CONTROL_KEY)
             .arg("g")
             .arg("a");
-        type Answer = (Option<String>, Option<Vec<u8>>, (Option<u64>, Option<u64>));
-        let (locked, value, (generation, _)): Answer =
+        type Answer = (i64, Option<Vec<u8>>, (Option<u64>, Option<u64>));
+        let (attempt, value, (generation, _)): Answer =
             self.on_master(|m| m.with_conn(|c| pipe.query(c)))?;
-        if locked.is_none() {
-            return Ok((false, None));
-        }
-        Ok((true, Some(lookup_of(value, generation))))
+        Ok(match attempt {
+            fill_lock::TAKEN => {
+                self.fills.hold(key, owner, lease);
+                FillLockAttempt::Taken(Some(lookup_of(value, generation)))
+            }
+            fill_lock::PASS => FillLockAttempt::Pass,
+            left => FillLockAttempt::Held {
+                expires_in: Duration::from_millis(left.max(0) as u64),
+            },
+        })
+    }
+
+    fn mark_uncacheable(&self, key: &CacheKey, ttl: Duration) -> Result<(), StoreError> {
+        let mut set = redis::cmd("SET");
+        set.arg(fill_lock::pass_key(key))
+            .arg(1)
+            .arg("PX")
+            .arg(millis(ttl).max(1));
+        self.on_master(|m| m.run::<()>(&set))
     }
 
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
