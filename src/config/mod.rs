@@ -394,6 +394,26 @@ mod tests {
     const MINIMAL: &str = "[origin]\nurl = \"http://127.0.0.1:9000\"\n";
 
     #[test]
+    fn retired_coalescing_keys_are_accepted_and_named() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}[cache]\ncoalesce_wait_ms = 300\ncoalesce_max_waiters = 8\n\
+             uncacheable_ttl_ms = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.cache.retired,
+            ["cache.coalesce_wait_ms", "cache.coalesce_max_waiters"]
+        );
+        assert_eq!(c.cache.uncacheable_ttl, Duration::ZERO, "0 turns hit-for-pass off");
+        assert!(Config::parse(MINIMAL).unwrap().cache.retired.is_empty());
+        let short = Config::parse(&format!("{MINIMAL}[cache]\ncoalesce_lock_ttl_ms = 50\n"));
+        assert!(
+            short.is_err_and(|e| e.to_string().contains("cache.coalesce_lock_ttl_ms")),
+            "a lease too short to renew is refused"
+        );
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.server.workers, 64);
