@@ -404,7 +404,11 @@ mod tests {
             c.cache.retired,
             ["cache.coalesce_wait_ms", "cache.coalesce_max_waiters"]
         );
-        assert_eq!(c.cache.uncacheable_ttl, Duration::ZERO, "0 turns hit-for-pass off");
+        assert_eq!(
+            c.cache.uncacheable_ttl,
+            Duration::ZERO,
+            "0 turns hit-for-pass off"
+        );
         assert!(Config::parse(MINIMAL).unwrap().cache.retired.is_empty());
         let short = Config::parse(&format!("{MINIMAL}[cache]\ncoalesce_lock_ttl_ms = 50\n"));
         assert!(
