@@ -47,14 +47,18 @@ fn a_hit_after_a_miss_is_read_from_a_replica_and_lives_on_the_master_with_a_ttl(
     assert!(ttl > 100_000 && ttl <= 120_000, "ttl {ttl} ms");
 
     replica.wait_for_key(&key);
-    let hits_before = replica.info_u64("stats", "keyspace_hits");
-    let hit = client::get(echo.addr, "/orgs/42/users?page=2", &[]);
-    assert_eq!(hit.header("x-cache-status"), Some("HIT"));
-    assert_eq!(hit.body, miss.body);
-    assert_eq!(
-        replica.info_u64("stats", "keyspace_hits"),
-        hits_before + 1,
-        "read on the replica"
+    // A node reads replicas once it hears the master's announcements (its fence, at
+    // start within a heartbeat or two); until then hits come from the master.
+    wait_until(
+        "a hit is read on the replica",
+        Duration::from_secs(5),
+        || {
+            let hits_before = replica.info_u64("stats", "keyspace_hits");
+            let hit = client::get(echo.addr, "/orgs/42/users?page=2", &[]);
+            assert_eq!(hit.header("x-cache-status"), Some("HIT"));
+            assert_eq!(hit.body, miss.body);
+            replica.info_u64("stats", "keyspace_hits") == hits_before + 1
+        },
     );
     assert_eq!(origin.total_hits(), 1);
 }

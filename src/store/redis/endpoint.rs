@@ -296,14 +296,14 @@ impl Endpoint {
     }
 
     /// A connection of its own outside the pool and its breaker (the monitor's), with
-    /// the pool's timeouts.
-    pub(super) fn connect(&self) -> Result<redis::Connection, StoreError> {
+    /// the pool's timeouts, or `at_least` when they are shorter.
+    pub(super) fn connect(&self, at_least: Duration) -> Result<redis::Connection, StoreError> {
         let connect = || {
             let conn = self
                 .client
-                .get_connection_with_timeout(self.connect_timeout)?;
-            conn.set_read_timeout(Some(self.read_timeout))?;
-            conn.set_write_timeout(Some(self.write_timeout))?;
+                .get_connection_with_timeout(self.connect_timeout.max(at_least))?;
+            conn.set_read_timeout(Some(self.read_timeout.max(at_least)))?;
+            conn.set_write_timeout(Some(self.write_timeout.max(at_least)))?;
             Ok(conn)
         };
         connect().map_err(|e| error_of(self.server(), &e))

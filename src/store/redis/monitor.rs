@@ -37,6 +37,10 @@ use crate::store::{ServerHealth, StoreError};
 
 /// How often every server is looked at.
 pub(super) const EVERY: Duration = Duration::from_millis(500);
+/// The monitor's connect and read timeouts at least (the `[redis]` ones when longer):
+/// a server that is merely busy is not reported unreachable (which drops its pooled
+/// connections).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A server that refused a write as full this recently is reported out of memory.
 const OOM_SHOWN_FOR: Duration = Duration::from_secs(5);
 /// Master offsets kept to measure lag by (a minute of rounds).
@@ -242,10 +246,8 @@ impl Watch {
             return;
         }
         let Some(master) = master else {
-            // Its lag cannot be measured: the master did not answer this round.
-            health
-                .degraded
-                .push(("lagging", "lag unknown: the master did not answer".into()));
+            // Its lag cannot be measured this round (the master did not answer): no
+            // verdict. Invalidations stay safe through the fence whatever it does.
             return;
         };
         if master.replid.is_none() || info.replid != master.replid {
@@ -279,7 +281,7 @@ impl Watch {
                 // A new connection: the eviction policy is checked (and warned about)
                 // again.
                 self.policies.remove(&key);
-                endpoint.connect()?
+                endpoint.connect(PROBE_TIMEOUT)?
             }
         };
         let mut pipe = redis::pipe();
