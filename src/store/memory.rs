@@ -9,7 +9,10 @@
 //! small batches, each under the lock briefly (tags are checked there: they live on the
 //! entries). Each chunk resumes after the last key seen, so every key present from the
 //! ban to the walk's end is visited; one stored after the ban is covered by it. A job
-//! that names a host walks only that host's keys (and its pattern's literal prefix).
+//! that names a host walks only that host's keys (and its pattern's literal prefix); a
+//! pattern with a literal prefix and no host walks that prefix on each site
+//! (`scheme://host`), the sites found one seek at a time: its cost is what it matches
+//! plus one seek per site, not the size of the store.
 //!
 //! Invariants: the accounted size never exceeds the bound after a `put` returns; the
 //! index holds exactly the map's keys; no regex runs and no ban is compiled under the
@@ -70,6 +73,32 @@ impl Inner {
         }
     }
 
+    /// The site (`scheme://host`) of the first key at or after `from`, and where the
+    /// next site's keys begin: every key of a site starts with `scheme://host/`, and
+    /// `scheme://host0` (`0` follows `/`) sorts after all of them and before any other
+    /// site's. One seek in the ordered index.
+    fn next_site(&self, from: &str) -> Option<(String, String)> {
+        let mut from = from.to_string();
+        loop {
+            let key = self
+                .keys
+                .range::<str, _>((Bound::Included(from.as_str()), Bound::Unbounded))
+                .next()?;
+            let site_end = key
+                .find("://")
+                .and_then(|i| key[i + 3..].find('/').map(|j| i + 3 + j));
+            match site_end {
+                Some(end) => {
+                    let site = key[..end].to_string();
+                    let next = format!("{site}0");
+                    return Some((site, next));
+                }
+                // Not a key of a site (no path): skip it.
+                None => from = format!("{key}\u{0}"),
+            }
+        }
+    }
+
     /// The next `CHUNK` keys that start with `prefix`, after `after` (from the start of
     /// the range when None).
     fn chunk(&self, prefix: &str, after: Option<&str>) -> Vec<Arc<str>> {
@@ -87,20 +116,22 @@ impl Inner {
 }
 
 /// The ranges of keys (by prefix) a job can match: those of its host, and of its
-/// pattern's literal prefix, when it names a host; else every key. Sound because
-/// `Matcher::matches_key` takes only `http://` and `https://` keys and compares their
-/// host exactly (a range may hold other hosts that share the prefix: the matcher drops
-/// them).
-fn key_ranges(matcher: &Matcher) -> Vec<String> {
-    match matcher.host() {
-        Some(host) => {
-            let target = matcher.prefix().unwrap_or("");
-            vec![
+/// pattern's literal prefix, when it names a host; with a literal prefix and no host,
+/// that prefix on every site (None: found site by site, see `Inner::next_site`); else
+/// every key. Sound because `Matcher::matches_key` takes only `http://` and `https://`
+/// keys and compares their host exactly (a range may hold other hosts that share the
+/// prefix: the matcher drops them).
+fn key_ranges(matcher: &Matcher) -> Option<Vec<String>> {
+    match (matcher.host(), matcher.prefix()) {
+        (Some(host), target) => {
+            let target = target.unwrap_or("");
+            Some(vec![
                 format!("http://{host}{target}"),
                 format!("https://{host}{target}"),
-            ]
+            ])
         }
-        None => vec![String::new()],
+        (None, Some(prefix)) if !prefix.is_empty() => None,
+        (None, _) => Some(vec![String::new()]),
     }
 }
 
@@ -224,7 +255,25 @@ impl Store for MemoryStore {
         let mut outcome = JobOutcome::default();
         let mut batch: Vec<Arc<str>> = Vec::with_capacity(BATCH);
         let mut checkpoint = Checkpoint::new(progress);
-        for prefix in key_ranges(&job.matcher) {
+        // The ranges to walk: known up front, or (a literal prefix on every site) one
+        // site at a time, each found by one seek under the lock.
+        let mut fixed = key_ranges(&job.matcher).map(Vec::into_iter);
+        let mut next_site = Some(String::new());
+        loop {
+            let prefix = match &mut fixed {
+                Some(ranges) => match ranges.next() {
+                    Some(p) => p,
+                    None => break,
+                },
+                None => {
+                    let Some(from) = next_site.take() else { break };
+                    let Some((site, next)) = self.lock().next_site(&from) else {
+                        break;
+                    };
+                    next_site = Some(next);
+                    format!("{site}{}", job.matcher.prefix().unwrap_or(""))
+                }
+            };
             let mut after: Option<Arc<str>> = None;
             loop {
                 let chunk = self.lock().chunk(&prefix, after.as_deref());
@@ -434,7 +483,8 @@ mod tests {
             (dry.matched, dry.changed, dry.sample.len()),
             (300, 0, SAMPLE)
         );
-        assert_eq!(progress.scanned.load(Ordering::Relaxed), 600);
+        // Only the prefix's range is walked, not the other 300 keys.
+        assert_eq!(progress.scanned.load(Ordering::Relaxed), 300);
         assert_eq!(store.usage().1, 600);
         let stale = store
             .invalidate(&job("^/b/1", Mode::Stale, false), &Progress::default())
@@ -451,6 +501,48 @@ mod tests {
             .invalidate(&job("^/b/2", Mode::Refresh, false), &Progress::default())
             .unwrap();
         assert_eq!(refresh.to_refresh.len(), 111);
+    }
+
+    proptest::proptest! {
+        /// A job with a literal prefix walks only that prefix on each site, and finds
+        /// exactly what a walk over every key finds: sites whose names share a start
+        /// (`a`, `a-b`, `a0`, `a:81`), targets that share a start, patterns anchored or
+        /// not, with a host or without.
+        #[test]
+        fn ranged_walks_find_what_a_full_walk_finds(
+            keys in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["http", "https"]),
+                    proptest::sample::select(vec!["a", "a-b", "a0", "a.b", "a:81", "b", "ab"]),
+                    proptest::sample::select(vec!["/o/1", "/o/1/x", "/o/12", "/o/2", "/p", "/o/1?q=1", "/"]),
+                    0u8..4,
+                ),
+                0..60,
+            ),
+            pattern in proptest::sample::select(vec![
+                "^/o/1", "^/o/1/", "^/o/", "^/p", "/x", "^/o/1\\?q", "1", "^/$", "^/o/(1|2)",
+            ]),
+            host in proptest::option::of(proptest::sample::select(vec!["a", "a-b", "a0", "b"])),
+        ) {
+            let store = MemoryStore::new(1 << 24, 4, Duration::from_secs(60));
+            let mut stored = std::collections::BTreeSet::new();
+            for (scheme, site, target, n) in &keys {
+                let k = CacheKey::new(scheme, site, &format!("{target}{}", "/z".repeat(*n as usize)));
+                store.put(&k, entry(1, &[]), 0).unwrap();
+                stored.insert(k.as_str().to_string());
+            }
+            let matcher = Matcher::new(Some(pattern), host, None).unwrap();
+            let expected: std::collections::BTreeSet<String> =
+                stored.iter().filter(|k| matcher.matches_key(k)).cloned().collect();
+            let job = Job { matcher: Arc::new(matcher), mode: Mode::Delete, dry_run: false };
+            let outcome = store.invalidate(&job, &Progress::default()).unwrap();
+            proptest::prop_assert_eq!(outcome.matched as usize, expected.len());
+            let left: std::collections::BTreeSet<String> =
+                store.lock().keys.iter().map(|k| k.to_string()).collect();
+            let want: std::collections::BTreeSet<String> =
+                stored.difference(&expected).cloned().collect();
+            proptest::prop_assert_eq!(left, want);
+        }
     }
 
     /// The index holds exactly the map's keys.
