@@ -15,6 +15,7 @@ use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, Gate, Hold, OriginResponse, TestOrigin};
 
+mod index;
 mod tags;
 
 const TOKEN: &str = "s3cret-token";

@@ -18,8 +18,12 @@ use std::sync::atomic::Ordering;
 
 use super::endpoint::{is_out_of_memory, Endpoint};
 use super::fence::ReplicaWait;
+use super::fence::CONTROL_KEY;
 use super::topology::Servers;
-use super::{bans, codec, RedisStore, BATCH, ENTRY_PREFIX, KEY_PREFIX, TAG_PREFIX};
+use super::{
+    bans, codec, index_key, site_and_target, unlink_indexed, RedisStore, BATCH, ENTRY_PREFIX,
+    KEY_PREFIX, SITES_KEY, TAG_PREFIX,
+};
 use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, Stop, SAMPLE};
 use crate::store::StoreError;
 
@@ -40,12 +44,55 @@ end
 return present
 "#;
 
+/// Of some members of a site's path index, the entry keys still stored. The others
+/// (expired or evicted since) are removed from the index too when ARGV[1] is 1,
+/// atomically with the check. KEYS: the index, then entry keys. ARGV: 1 or 0, then each
+/// entry key's member (its target), in the same order.
+pub(super) const INDEX_MEMBERS_SCRIPT: &str = r#"
+local present = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    present[#present + 1] = KEYS[i]
+  elseif ARGV[1] == '1' then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return present
+"#;
+
+/// The control hash's field set once a pass of the index walk found every stored entry
+/// in its site's index: from then on, jobs with a literal prefix read index ranges.
+const INDEX_COMPLETE: &str = "ix";
+
+/// Keys the index walks look at per second while the invalidation thread idles.
+const INDEX_SWEEP_PER_SEC: usize = 10_000;
+
+/// Does the path index hold every entry (see `INDEX_COMPLETE`)?
+fn index_complete(conn: &mut redis::Connection) -> redis::RedisResult<bool> {
+    let done: Option<u8> = redis::cmd("HGET")
+        .arg(CONTROL_KEY)
+        .arg(INDEX_COMPLETE)
+        .query(conn)?;
+    Ok(done == Some(1))
+}
+
+/// One sweep's state: the batch waiting for its mode, the keys already counted (as
+/// fingerprints), its checkpoint, and the entries deleted where a stale copy could not
+/// be written.
+struct Pass<'p> {
+    batch: Vec<String>,
+    seen: HashSet<u64>,
+    checkpoint: Checkpoint<'p>,
+    deleted_instead: u64,
+}
+
 impl RedisStore {
     /// The SCAN glob for a matcher: the literal prefix of the pattern narrows it.
     fn scan_glob(matcher: &Matcher) -> String {
         let host = matcher.host().map_or("*".to_string(), glob_escape);
         let prefix = matcher.prefix().map(glob_escape).unwrap_or_default();
-        format!("{ENTRY_PREFIX}://{host}{prefix}*")
+        // `http*`: both schemes (`https` keys too).
+        format!("{ENTRY_PREFIX}*://{host}{prefix}*")
     }
 
     /// The members of a tag set (one SSCAN reply) whose entries are still stored, checked
@@ -151,8 +198,9 @@ impl RedisStore {
         Ok(outcome)
     }
 
-    /// One pass over what `job` matches (a SCAN, or its tag set), applying its mode in
-    /// batches on one connection.
+    /// One pass over what `job` matches (its sites' path index ranges when its pattern
+    /// has a literal prefix and the index is complete; else its tag set, or a SCAN),
+    /// applying its mode in batches on one connection.
     fn sweep(
         &self,
         master: &Endpoint,
@@ -163,99 +211,28 @@ impl RedisStore {
         let matcher = &job.matcher;
         let mut deleted_instead = 0;
         master.with_conn(|conn| {
-            let mut cursor: u64 = 0;
-            let mut batch: Vec<String> = Vec::with_capacity(BATCH);
-            let mut seen: HashSet<u64> = HashSet::new();
-            let mut checkpoint = Checkpoint::new(progress);
-            // A cancel or the end of the budget stops the job at its next check: before
-            // each SCAN (one may walk many keys and return none) and every few hundred
-            // keys. What it did is reported; the matches not yet applied are left alone,
-            // and there is no WAIT (the job is not done).
-            'scan: loop {
-                if let Err(stop) = progress.check() {
-                    outcome.stopped = Some(stop);
-                    break 'scan;
-                }
-                let (next, mut keys): (u64, Vec<String>) = match matcher.tag() {
-                    Some(tag) => redis::cmd("SSCAN")
-                        .arg(format!("{TAG_PREFIX}{tag}"))
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?,
-                    None => redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(Self::scan_glob(matcher))
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?,
-                };
-                progress
-                    .scanned
-                    .fetch_add(keys.len() as u64, Ordering::Relaxed);
-                // A tag set still names the entries deleted or expired since they were
-                // stored: only those still stored are matched (issue 15).
-                if let Some(tag) = matcher.tag() {
-                    let set = format!("{TAG_PREFIX}{tag}");
-                    match self.present_members(conn, &set, keys, job.dry_run, progress)? {
-                        Ok(present) => keys = present,
-                        Err(stop) => {
-                            outcome.stopped = Some(stop);
-                            break 'scan;
-                        }
-                    }
-                }
-                for rkey in keys {
-                    if let Err(stop) = checkpoint.key(rkey.len()) {
-                        outcome.stopped = Some(stop);
-                        break 'scan;
-                    }
-                    let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
-                        continue;
-                    };
-                    // The tag part is already satisfied by the tag set.
-                    if !matcher.matches_key(key) {
-                        continue;
-                    }
-                    // SCAN may return a key twice (when Redis resizes its table during
-                    // the scan, as this job's own deletes can make it): count it once.
-                    if !seen.insert(fingerprint(&rkey)) {
-                        continue;
-                    }
-                    outcome.matched += 1;
-                    progress.matched.fetch_add(1, Ordering::Relaxed);
-                    if outcome.sample.len() < SAMPLE {
-                        outcome.sample.push(key.to_string());
-                    }
-                    if job.dry_run {
-                        continue;
-                    }
-                    if job.mode == Mode::Refresh {
-                        outcome.to_refresh.push(key.to_string());
-                        continue;
-                    }
-                    batch.push(rkey);
-                    if batch.len() >= BATCH {
-                        let n = self.apply(conn, job, &batch, &mut deleted_instead)?;
-                        outcome.changed += n;
-                        progress.changed.fetch_add(n, Ordering::Relaxed);
-                        batch.clear();
-                    }
-                }
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
+            let mut pass = Pass {
+                batch: Vec::with_capacity(BATCH),
+                seen: HashSet::new(),
+                checkpoint: Checkpoint::new(progress),
+                deleted_instead: 0,
+            };
+            let ranged = matcher.tag().is_none()
+                && matcher.prefix().is_some_and(|p| !p.is_empty())
+                && index_complete(conn)?;
+            if ranged {
+                self.walk_index(conn, job, progress, outcome, &mut pass)?;
+            } else {
+                self.walk_keys(conn, job, progress, outcome, &mut pass)?;
             }
+            deleted_instead = pass.deleted_instead;
             if outcome.stopped.is_some() {
                 return Ok(());
             }
-            if !batch.is_empty() {
-                let n = self.apply(conn, job, &batch, &mut deleted_instead)?;
-                outcome.changed += n;
-                progress.changed.fetch_add(n, Ordering::Relaxed);
-            }
+            let n = self.apply(conn, job, &pass.batch, &mut pass.deleted_instead)?;
+            deleted_instead = pass.deleted_instead;
+            outcome.changed += n;
+            progress.changed.fetch_add(n, Ordering::Relaxed);
             Ok(())
         })?;
         if deleted_instead > 0 {
@@ -265,6 +242,198 @@ impl RedisStore {
             ));
         }
         Ok(())
+    }
+
+    /// The literal prefix's range of each site's path index (the job's host's, or every
+    /// site's): the cost is what the range holds, not the size of the keyspace. Members
+    /// whose entry is gone (expired, evicted) are dropped from the index as they are met,
+    /// never counted.
+    fn walk_index(
+        &self,
+        conn: &mut redis::Connection,
+        job: &Job,
+        progress: &Progress,
+        outcome: &mut JobOutcome,
+        pass: &mut Pass<'_>,
+    ) -> redis::RedisResult<()> {
+        let matcher = &job.matcher;
+        let prefix = matcher.prefix().unwrap_or("");
+        let sites: Vec<String> = match matcher.host() {
+            Some(host) => vec![format!("http://{host}"), format!("https://{host}")],
+            None => redis::cmd("SMEMBERS").arg(SITES_KEY).query(conn)?,
+        };
+        // Past every target that starts with the prefix: no UTF-8 string holds 0xFF.
+        let mut end = b"(".to_vec();
+        end.extend_from_slice(prefix.as_bytes());
+        end.push(0xFF);
+        for site in sites {
+            let index = index_key(&site);
+            let mut start = format!("[{prefix}").into_bytes();
+            loop {
+                if let Err(stop) = progress.check() {
+                    outcome.stopped = Some(stop);
+                    return Ok(());
+                }
+                let targets: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                    .arg(&index)
+                    .arg(&start)
+                    .arg(&end)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(BATCH)
+                    .query(conn)?;
+                let Some(last) = targets.last() else {
+                    break;
+                };
+                start = format!("({last}").into_bytes();
+                let full = targets.len() == BATCH;
+                progress
+                    .scanned
+                    .fetch_add(targets.len() as u64, Ordering::Relaxed);
+                let mut rkeys = Vec::new();
+                let mut members = Vec::new();
+                for target in targets {
+                    if let Err(stop) = pass.checkpoint.key(site.len() + target.len()) {
+                        outcome.stopped = Some(stop);
+                        return Ok(());
+                    }
+                    if matcher.matches_key(&format!("{site}{target}")) {
+                        rkeys.push(format!("{KEY_PREFIX}{site}{target}"));
+                        members.push(target);
+                    }
+                }
+                if !rkeys.is_empty() {
+                    let mut invocation = self.index_members_script.prepare_invoke();
+                    invocation.key(&index).arg(u8::from(!job.dry_run));
+                    for (rkey, member) in rkeys.iter().zip(&members) {
+                        invocation.key(rkey).arg(member);
+                    }
+                    let present: Vec<String> = invocation.invoke(conn)?;
+                    for rkey in present {
+                        if !self.take(conn, job, rkey, progress, outcome, pass)? {
+                            return Ok(());
+                        }
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every key (a SCAN narrowed by the pattern's literal prefix and host), or the
+    /// job's tag set.
+    fn walk_keys(
+        &self,
+        conn: &mut redis::Connection,
+        job: &Job,
+        progress: &Progress,
+        outcome: &mut JobOutcome,
+        pass: &mut Pass<'_>,
+    ) -> redis::RedisResult<()> {
+        let matcher = &job.matcher;
+        let mut cursor: u64 = 0;
+        // A cancel or the end of the budget stops the job at its next check: before
+        // each SCAN (one may walk many keys and return none) and every few hundred
+        // keys. What it did is reported; the matches not yet applied are left alone,
+        // and there is no WAIT (the job is not done).
+        loop {
+            if let Err(stop) = progress.check() {
+                outcome.stopped = Some(stop);
+                return Ok(());
+            }
+            let (next, mut keys): (u64, Vec<String>) = match matcher.tag() {
+                Some(tag) => redis::cmd("SSCAN")
+                    .arg(format!("{TAG_PREFIX}{tag}"))
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(self.scan_count)
+                    .query(conn)?,
+                None => redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(Self::scan_glob(matcher))
+                    .arg("COUNT")
+                    .arg(self.scan_count)
+                    .query(conn)?,
+            };
+            progress
+                .scanned
+                .fetch_add(keys.len() as u64, Ordering::Relaxed);
+            // A tag set still names the entries deleted or expired since they were
+            // stored: only those still stored are matched (issue 15).
+            if let Some(tag) = matcher.tag() {
+                let set = format!("{TAG_PREFIX}{tag}");
+                match self.present_members(conn, &set, keys, job.dry_run, progress)? {
+                    Ok(present) => keys = present,
+                    Err(stop) => {
+                        outcome.stopped = Some(stop);
+                        return Ok(());
+                    }
+                }
+            }
+            for rkey in keys {
+                // A cancel or the end of the budget stops the job here, before the regex.
+                if let Err(stop) = pass.checkpoint.key(rkey.len()) {
+                    outcome.stopped = Some(stop);
+                    return Ok(());
+                }
+                let Some(key) = rkey.strip_prefix(KEY_PREFIX) else {
+                    continue;
+                };
+                // The tag part is already satisfied by the tag set.
+                if !matcher.matches_key(key) {
+                    continue;
+                }
+                if !self.take(conn, job, rkey, progress, outcome, pass)? {
+                    return Ok(());
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One matching entry key: counted once (a SCAN may return a key twice, when Redis
+    /// resizes its table during the scan, as this job's own deletes can make it),
+    /// sampled, and batched for the job's mode. False when the job must stop.
+    fn take(
+        &self,
+        conn: &mut redis::Connection,
+        job: &Job,
+        rkey: String,
+        progress: &Progress,
+        outcome: &mut JobOutcome,
+        pass: &mut Pass<'_>,
+    ) -> redis::RedisResult<bool> {
+        if !pass.seen.insert(fingerprint(&rkey)) {
+            return Ok(true);
+        }
+        let key = rkey.strip_prefix(KEY_PREFIX).unwrap_or(&rkey);
+        outcome.matched += 1;
+        progress.matched.fetch_add(1, Ordering::Relaxed);
+        if outcome.sample.len() < SAMPLE {
+            outcome.sample.push(key.to_string());
+        }
+        if job.dry_run {
+            return Ok(true);
+        }
+        if job.mode == Mode::Refresh {
+            outcome.to_refresh.push(key.to_string());
+            return Ok(true);
+        }
+        pass.batch.push(rkey);
+        if pass.batch.len() >= BATCH {
+            let n = self.apply(conn, job, &pass.batch, &mut pass.deleted_instead)?;
+            outcome.changed += n;
+            progress.changed.fetch_add(n, Ordering::Relaxed);
+            pass.batch.clear();
+        }
+        Ok(true)
     }
 
     /// Applies a job's mode to one batch of matching Redis keys, on the job's connection.
@@ -280,21 +449,12 @@ impl RedisStore {
             return Ok(0);
         }
         match (job.mode, job.matcher.tag()) {
-            // Deleted through their tag: out of its set too, in one transaction (a fill
-            // storing one again in between would lose its SADD to the SREM otherwise).
-            (Mode::Delete, Some(tag)) => {
-                let (deleted,): (u64,) = redis::pipe()
-                    .atomic()
-                    .cmd("UNLINK")
-                    .arg(keys)
-                    .cmd("SREM")
-                    .arg(format!("{TAG_PREFIX}{tag}"))
-                    .arg(keys)
-                    .ignore()
-                    .query(conn)?;
-                Ok(deleted)
+            // Out of their path index (and tag set) too, in one transaction (a fill
+            // storing one again in between would otherwise lose its ZADD or SADD).
+            (Mode::Delete, tag) => {
+                let set = tag.map(|t| format!("{TAG_PREFIX}{t}"));
+                unlink_indexed(conn, keys, set.as_deref())
             }
-            (Mode::Delete, None) => redis::cmd("UNLINK").arg(keys).query(conn),
             (Mode::Stale, _) => {
                 let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query(conn)?;
                 let mut pipe = redis::pipe();
@@ -414,6 +574,122 @@ impl RedisStore {
                         // A whole pass: the next starts with the next call.
                         break;
                     }
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Where the path index walks are: the backfill's SCAN (entries stored before the index
+/// existed, or by an older Echo) and what it added this pass; the prune's sites left and
+/// the site index being walked (with its ZSCAN cursor).
+#[derive(Default)]
+pub(super) struct IndexTidy {
+    scan: u64,
+    added: u64,
+    sites: std::collections::VecDeque<String>,
+    current: Option<(String, u64)>,
+}
+
+/// Forgets a site whose index is empty, atomically with the check (a fill indexing it
+/// again runs wholly before or after). KEYS: the index, the sites. ARGV: the site.
+const FORGET_SITE_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
+"#;
+
+impl RedisStore {
+    /// Walks the path index a little further, a budget of keys per call (about once a
+    /// second). Until the index is complete, a SCAN adds every entry it finds to its
+    /// site's index, and a pass that had nothing to add marks it complete. Then a walk
+    /// over each site's index drops members whose entry expired or was evicted, and
+    /// sites left with none. Errors wait for the next call.
+    pub(super) fn tidy_index(&self) {
+        let servers = self.topology.servers();
+        let Ok(master) = servers.master() else {
+            return;
+        };
+        let mut walk = self.index_tidy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut budget = INDEX_SWEEP_PER_SEC;
+        let _ = master.with_conn(|conn| {
+            if !index_complete(conn)? {
+                while budget > 0 {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(walk.scan)
+                        .arg("MATCH")
+                        .arg(format!("{ENTRY_PREFIX}*"))
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?;
+                    budget = budget.saturating_sub(self.scan_count);
+                    let mut pipe = redis::pipe();
+                    let mut indexed = 0;
+                    for rkey in &keys {
+                        let key = rkey.strip_prefix(KEY_PREFIX).unwrap_or(rkey);
+                        if let Some((site, target)) = site_and_target(key) {
+                            pipe.cmd("ZADD").arg(index_key(site)).arg(0).arg(target);
+                            pipe.cmd("SADD").arg(SITES_KEY).arg(site).ignore();
+                            indexed += 1;
+                        }
+                    }
+                    if indexed > 0 {
+                        let added: Vec<u64> = pipe.query(conn)?;
+                        walk.added += added.iter().sum::<u64>();
+                    }
+                    walk.scan = next;
+                    if next == 0 {
+                        if walk.added == 0 {
+                            let _: () = redis::cmd("HSET")
+                                .arg(CONTROL_KEY)
+                                .arg(INDEX_COMPLETE)
+                                .arg(1)
+                                .query(conn)?;
+                        }
+                        walk.added = 0;
+                        return Ok(());
+                    }
+                }
+                return Ok(());
+            }
+            while budget > 0 {
+                if let Some((site, cursor)) = walk.current.take() {
+                    let index = index_key(&site);
+                    let (next, flat): (u64, Vec<String>) = redis::cmd("ZSCAN")
+                        .arg(&index)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(self.scan_count)
+                        .query(conn)?;
+                    let members: Vec<&String> = flat.iter().step_by(2).collect();
+                    budget = budget.saturating_sub(members.len().max(1));
+                    for chunk in members.chunks(BATCH) {
+                        let mut invocation = self.index_members_script.prepare_invoke();
+                        invocation.key(&index).arg(1);
+                        for member in chunk {
+                            invocation
+                                .key(format!("{KEY_PREFIX}{site}{member}"))
+                                .arg(member.as_str());
+                        }
+                        let _: Vec<String> = invocation.invoke(conn)?;
+                    }
+                    if next != 0 {
+                        walk.current = Some((site, next));
+                    } else {
+                        let _: i64 = redis::Script::new(FORGET_SITE_SCRIPT)
+                            .key(&index)
+                            .key(SITES_KEY)
+                            .arg(&site)
+                            .invoke(conn)?;
+                    }
+                } else if let Some(site) = walk.sites.pop_front() {
+                    walk.current = Some((site, 0));
+                } else {
+                    let sites: Vec<String> = redis::cmd("SMEMBERS").arg(SITES_KEY).query(conn)?;
+                    budget = budget.saturating_sub(sites.len().max(1));
+                    walk.sites.extend(sites);
+                    // A whole pass: the next starts with the next call.
+                    break;
                 }
             }
             Ok(())

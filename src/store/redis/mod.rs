@@ -44,7 +44,7 @@ use crate::config::RedisConfig;
 use crate::invalidation::{Job, JobOutcome, Matcher, Progress};
 use crate::key::CacheKey;
 use crate::policy;
-use endpoint::{millis, Endpoint};
+use endpoint::{is_out_of_memory, millis, Endpoint};
 use fence::{Fence, CONTROL_KEY};
 pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
@@ -57,13 +57,19 @@ const KEY_PREFIX: &str = "echo:v1:";
 const ENTRY_PREFIX: &str = "echo:v1:http";
 /// Tag index: one set of entry keys per `Surrogate-Key` tag.
 const TAG_PREFIX: &str = "echo:v1:tag:";
+/// Path index: per site (`scheme://host`), a sorted set of its stored targets (score 0,
+/// read by lexical range), so a pattern with a literal prefix reads only its range.
+const INDEX_PREFIX: &str = "echo:v1:idx:";
+/// Every site with an index.
+const SITES_KEY: &str = "echo:v1:sites";
 /// Keys deleted or rewritten per round trip.
 const BATCH: usize = 500;
 
 /// Stores an entry only if no invalidation happened since the fill began; indexes its
-/// tags and forgets the key's hit-for-pass marker in the same step. KEYS: entry, the
-/// control hash, the pass marker, tag sets. ARGV: the generation the fill saw, the
-/// value, the TTL in ms. Returns -1 when stored, else the generation now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
+/// path and tags and forgets the key's hit-for-pass marker in the same step. KEYS:
+/// entry, the control hash, the pass marker, the site's path index, the sites, tag
+/// sets. ARGV: the generation the fill saw, the value, the TTL in ms, the target, the
+/// site. Returns -1 when stored, else the generation now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
 /// from its entries): each addition checks two random members and drops those whose
 /// entry is gone, so a set written to holds at most about twice its live entries (and
 /// `tidy` walks the others).
@@ -72,7 +78,9 @@ local generation = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 if generation ~= tonumber(ARGV[1]) then return generation end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[3])
-for i = 4, #KEYS do
+redis.call('ZADD', KEYS[4], 0, ARGV[4])
+redis.call('SADD', KEYS[5], ARGV[5])
+for i = 6, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
   for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[i], 2)) do
     if member ~= KEYS[1] and redis.call('EXISTS', member) == 0 then
@@ -86,6 +94,60 @@ return -1
 /// The Redis key for a cache key.
 pub fn redis_key(key: &CacheKey) -> String {
     format!("{KEY_PREFIX}{}", key.as_str())
+}
+
+/// A cache key's site (`scheme://host`) and target (from the first `/` after the host).
+fn site_and_target(key: &str) -> Option<(&str, &str)> {
+    let host = key.find("://")? + 3;
+    let slash = host + key[host..].find('/')?;
+    Some((&key[..slash], &key[slash..]))
+}
+
+/// The path index of a site.
+fn index_key(site: &str) -> String {
+    format!("{INDEX_PREFIX}{site}")
+}
+
+/// Removes `rkeys` (Redis entry keys) and their path index members, in one transaction
+/// (a fill storing one again runs wholly before or after: entry and member stay
+/// together); with `tag_set`, from that tag set too. Returns how many entries existed.
+fn unlink_indexed(
+    conn: &mut redis::Connection,
+    rkeys: &[String],
+    tag_set: Option<&str>,
+) -> redis::RedisResult<u64> {
+    let mut pipe = redis::pipe();
+    pipe.atomic().cmd("UNLINK").arg(rkeys);
+    let mut by_index: std::collections::HashMap<String, Vec<&str>> = Default::default();
+    for rkey in rkeys {
+        if let Some((site, target)) = rkey.strip_prefix(KEY_PREFIX).and_then(site_and_target) {
+            by_index.entry(index_key(site)).or_default().push(target);
+        }
+    }
+    for (index, members) in &by_index {
+        pipe.cmd("ZREM").arg(index).arg(members).ignore();
+    }
+    if let Some(set) = tag_set {
+        pipe.cmd("SREM").arg(set).arg(rkeys).ignore();
+    }
+    match pipe.query::<(u64,)>(conn) {
+        Ok((deleted,)) => Ok(deleted),
+        // Full (noeviction): Redis refuses the transaction, not the deletes. A fill
+        // cannot store meanwhile (its write is refused too): one after the other.
+        Err(e) if is_out_of_memory(&e) => {
+            let mut pipe = redis::pipe();
+            pipe.cmd("UNLINK").arg(rkeys);
+            for (index, members) in &by_index {
+                pipe.cmd("ZREM").arg(index).arg(members).ignore();
+            }
+            if let Some(set) = tag_set {
+                pipe.cmd("SREM").arg(set).arg(rkeys).ignore();
+            }
+            let (deleted,): (u64,) = pipe.query(conn)?;
+            Ok(deleted)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What a lookup reads in one round trip: the entry, and the control hash's generation
@@ -137,6 +199,9 @@ pub struct RedisStore {
     fills: FillLocks,
     /// How far the walk that trims tag sets has got.
     tag_tidy: std::sync::Mutex<jobs::TagTidy>,
+    /// How far the walks that fill and trim the path index have got.
+    index_tidy: std::sync::Mutex<jobs::IndexTidy>,
+    index_members_script: redis::Script,
     /// What each server is doing (roles, links, lag, memory), looked at twice a second.
     monitor: Monitor,
 }
@@ -183,6 +248,8 @@ impl RedisStore {
             },
             fills,
             tag_tidy: Default::default(),
+            index_tidy: Default::default(),
+            index_members_script: redis::Script::new(jobs::INDEX_MEMBERS_SCRIPT),
             monitor,
         })
     }
@@ -291,6 +358,10 @@ impl Store for RedisStore {
 
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
         let rkey = redis_key(key);
+        let Some((site, target)) = site_and_target(key.as_str()) else {
+            // Every cache key has a site and a path; one without is not stored.
+            return Ok(false);
+        };
         let tags: Vec<String> = entry
             .tags
             .iter()
@@ -322,11 +393,18 @@ impl Store for RedisStore {
                     invocation
                         .key(&rkey)
                         .key(CONTROL_KEY)
-                        .key(fill_lock::pass_key(key));
+                        .key(fill_lock::pass_key(key))
+                        .key(index_key(site))
+                        .key(SITES_KEY);
                     for tag in &tags {
                         invocation.key(tag);
                     }
-                    invocation.arg(since).arg(&value).arg(millis(ttl));
+                    invocation
+                        .arg(since)
+                        .arg(&value)
+                        .arg(millis(ttl))
+                        .arg(target)
+                        .arg(site);
                     invocation.invoke(c)
                 })
             })?;
@@ -351,7 +429,8 @@ impl Store for RedisStore {
         let servers = self.topology.servers();
         let master = servers.master()?;
         let matcher = Matcher::for_key(key);
-        let unlink = || master.run::<usize>(redis::cmd("UNLINK").arg(redis_key(key)));
+        let rkeys = [redis_key(key)];
+        let unlink = || master.with_conn(|c| unlink_indexed(c, &rkeys, None).map(|n| n as usize));
         let result = (|| {
             let removed = match bans::record(master, &matcher, self.ban_ttl) {
                 Ok(_) => unlink()?,
@@ -428,6 +507,7 @@ impl Store for RedisStore {
     }
 
     fn tidy(&self) {
+        self.tidy_index();
         self.tidy_tags();
     }
 
