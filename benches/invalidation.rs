@@ -17,6 +17,7 @@
 //!
 //! Each deletion is timed `RUNS` times (the deleted keys are written back between runs)
 //! and the median and minimum are printed. "scanned" is `Progress.scanned`: the keys SCAN
+//! (or, for a pattern with a literal prefix, the path index range)
 //! returned to Echo (after the glob); "keyspace/s" is every key in the store divided by
 //! the time, which is what Redis walks through whatever the glob (SCAN MATCH filters
 //! server-side, after the walk); "SCANs" is the SCAN calls Redis counted, i.e. round trips.
@@ -58,12 +59,25 @@ const PIPELINE: u64 = 10_000;
 const TTL_MS: u64 = 3_600_000;
 /// Timed runs of each deletion.
 const RUNS: usize = 3;
-/// Keys Echo itself keeps next to the entries once an invalidation ran.
-const AUX_KEYS: [&str; 2] = ["echo:v1:generation", "echo:v1:bans"];
+/// Keys Echo itself keeps next to the entries: the control hash, bans, node records,
+/// the site list and the path index of the bench's site.
+const AUX_KEYS: [&str; 6] = [
+    "echo:v1:control",
+    "echo:v1:bans",
+    "echo:v1:nodes",
+    "echo:v1:seen",
+    "echo:v1:sites",
+    "echo:v1:idx:http://api.example.com",
+];
+/// The bench's one site.
+const SITE: &str = "http://api.example.com";
 
 const SMALL: &str = r"^/orgs/7/";
 const UNANCHORED: &str = r"/orgs/8/";
 const LARGE: &str = r"^/orgs/1\d\d/";
+/// Ten keys whatever the size of the store (`users/1`, pages 1 to 10): a narrow job's
+/// time against the keyspace's size.
+const TEN: &str = r"^/orgs/9/users/1\?";
 
 // -----------------------------------------------------------------------------------------
 // The key space.
@@ -74,6 +88,14 @@ fn key(org: u64, j: u64) -> CacheKey {
         HOST,
         &format!("/orgs/{org}/users/{}?page={}", j / 10, j % 10 + 1),
     )
+}
+
+/// The keys a case names: every key of its orgs; with none, `TEN`'s ten keys.
+fn named(orgs: &[u64], per_org: u64) -> Vec<CacheKey> {
+    if orgs.is_empty() {
+        return (10..20).map(|j| key(9, j)).collect();
+    }
+    keys_of(orgs.iter().copied(), per_org).collect()
 }
 
 /// Every key of the given orgs.
@@ -130,37 +152,58 @@ fn entries(server: &RedisServer) -> u64 {
     dbsize(server) - aux
 }
 
-/// Writes `keys` with pipelined `SET key value PX ttl`, `PIPELINE` per round trip, then
-/// waits (WAIT) until `replicas` have them. Returns how many were written.
+/// What a populate writes: the entries (as Echo's store script does, `SET PX`), their
+/// path index members (`ZADD` to the site's index and `SADD` of the site), or both.
+#[derive(Clone, Copy, PartialEq)]
+enum Write {
+    Entries,
+    Index,
+    Both,
+}
+
+/// Writes `keys` pipelined, `PIPELINE` per round trip, then waits (WAIT) until
+/// `replicas` have them. Returns how many were written.
 fn redis_populate(
     master: &RedisServer,
     replicas: u64,
     value: &[u8],
     keys: impl Iterator<Item = CacheKey>,
+    write: Write,
 ) -> u64 {
     let mut conn = master.connection_with_timeout(SLOW_IO);
     let mut pipe = redis::pipe();
     let mut in_pipe = 0;
     let mut written = 0;
+    let index = format!("echo:v1:idx:{SITE}");
     for k in keys {
-        pipe.cmd("SET")
-            .arg(redis_key(&k))
-            .arg(value)
-            .arg("PX")
-            .arg(TTL_MS)
-            .ignore();
+        let rkey = redis_key(&k);
+        if write != Write::Index {
+            pipe.cmd("SET")
+                .arg(&rkey)
+                .arg(value)
+                .arg("PX")
+                .arg(TTL_MS)
+                .ignore();
+        }
+        if write != Write::Entries {
+            let target = rkey.strip_prefix(&format!("echo:v1:{SITE}")).expect("site");
+            pipe.cmd("ZADD").arg(&index).arg(0).arg(target).ignore();
+        }
         in_pipe += 1;
         if in_pipe == PIPELINE {
-            pipe.query::<()>(&mut conn).expect("pipelined SET");
+            pipe.query::<()>(&mut conn).expect("pipelined writes");
             pipe.clear();
             written += in_pipe;
             in_pipe = 0;
         }
     }
-    if in_pipe > 0 {
-        pipe.query::<()>(&mut conn).expect("pipelined SET");
-        written += in_pipe;
+    if write != Write::Entries {
+        pipe.cmd("SADD").arg("echo:v1:sites").arg(SITE).ignore();
     }
+    if in_pipe > 0 || write != Write::Entries {
+        pipe.query::<()>(&mut conn).expect("pipelined writes");
+    }
+    written += in_pipe;
     if replicas > 0 {
         let acked: u64 = redis::cmd("WAIT")
             .arg(replicas)
@@ -170,6 +213,10 @@ fn redis_populate(
         assert_eq!(acked, replicas, "the replica did not get the keys");
     }
     written
+}
+
+fn used_memory(server: &RedisServer) -> u64 {
+    server.info_u64("memory", "used_memory")
 }
 
 // -----------------------------------------------------------------------------------------
@@ -285,12 +332,33 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
         value.len(),
     ));
 
-    let all = keys_of(0..ORGS, per_org);
     let start = Instant::now();
-    let written = redis_populate(&master, replicas, &value, all);
+    let written = redis_populate(
+        &master,
+        replicas,
+        &value,
+        keys_of(0..ORGS, per_org),
+        Write::Entries,
+    );
     let took = start.elapsed();
     assert_eq!(written, n);
-    assert_eq!(dbsize(&master), n);
+    assert_eq!(entries(&master), n);
+    let before_index = used_memory(&master);
+    redis_populate(
+        &master,
+        replicas,
+        &value,
+        keys_of(0..ORGS, per_org),
+        Write::Index,
+    );
+    let index_bytes = used_memory(&master).saturating_sub(before_index);
+    // What Echo's background pass would conclude after finding every entry indexed.
+    let _: () = redis::cmd("HSET")
+        .arg("echo:v1:control")
+        .arg("ix")
+        .arg(1)
+        .query(&mut master.connection())
+        .expect("HSET");
     println!(
         "{:<44} {:>9} {:>9} {:>9.1} {:>9} {:>9} {:>12.0}   ({} per pipeline, used_memory {})",
         "populate: pipelined SET PX",
@@ -303,9 +371,20 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
         PIPELINE,
         master.info_field("memory", "used_memory_human"),
     );
+    println!(
+        "{:<44} {:.0} bytes per entry ({} MB for {n} entries)",
+        "path index memory (ZADD of every target)",
+        index_bytes as f64 / n as f64,
+        index_bytes >> 20
+    );
 
     let check_left = |left: u64, what: &str| {
         assert_eq!(entries(&master), left, "{what}: keys left on the master");
+        let indexed: u64 = redis::cmd("ZCARD")
+            .arg(format!("echo:v1:idx:{SITE}"))
+            .query(&mut master.connection())
+            .expect("ZCARD");
+        assert_eq!(indexed, left, "{what}: index members left");
         if let Some(r) = &replica {
             // WAIT returned: the replica has applied every delete already.
             assert_eq!(entries(r), left, "{what}: keys left on the replica");
@@ -314,9 +393,10 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
 
     let mut left = n;
     // (pattern, what, dry run, orgs it names)
-    let cases: [(&str, &str, bool, Vec<u64>); 4] = [
+    let cases: [(&str, &str, bool, Vec<u64>); 5] = [
         (LARGE, "dry run, 10 %", true, (100..200).collect()),
-        (SMALL, "delete 0.1 % (prefix /orgs/7/)", false, vec![7]),
+        (TEN, "delete 10 (index range)", false, vec![]),
+        (SMALL, "delete 0.1 % (index range /orgs/7/)", false, vec![7]),
         (
             UNANCHORED,
             "delete 0.1 % unanchored (full SCAN)",
@@ -325,13 +405,13 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
         ),
         (
             LARGE,
-            "delete 10 % (prefix /orgs/1)",
+            "delete 10 % (index range /orgs/1)",
             false,
             (100..200).collect(),
         ),
     ];
     for (pattern, what, dry_run, orgs) in cases {
-        let want = orgs.len() as u64 * per_org;
+        let want = named(&orgs, per_org).len() as u64;
         let mut row = Row {
             what: format!("{what} {pattern}"),
             keys: left,
@@ -343,8 +423,11 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
         for run in 0..RUNS {
             if run > 0 && !dry_run {
                 // Put back what the last run deleted.
-                let keys = keys_of(orgs.iter().copied(), per_org);
-                assert_eq!(redis_populate(&master, replicas, &value, keys), want);
+                let keys = named(&orgs, per_org).into_iter();
+                assert_eq!(
+                    redis_populate(&master, replicas, &value, keys, Write::Both),
+                    want
+                );
                 check_left(left, "re-populated");
             }
             master.reset_stats();
@@ -389,14 +472,15 @@ fn memory_bench(n: u64, per_org: u64) {
     );
 
     let mut left = n;
-    let cases: [(&str, &str, bool, Vec<u64>); 4] = [
+    let cases: [(&str, &str, bool, Vec<u64>); 5] = [
         (LARGE, "dry run, 10 %", true, (100..200).collect()),
+        (TEN, "delete 10", false, vec![]),
         (SMALL, "delete 0.1 %", false, vec![7]),
         (UNANCHORED, "delete 0.1 % unanchored", false, vec![8]),
         (LARGE, "delete 10 %", false, (100..200).collect()),
     ];
     for (pattern, what, dry_run, orgs) in cases {
-        let want = orgs.len() as u64 * per_org;
+        let want = named(&orgs, per_org).len() as u64;
         let mut row = Row {
             what: format!("{what} {pattern}"),
             keys: left,
@@ -409,8 +493,8 @@ fn memory_bench(n: u64, per_org: u64) {
         for run in 0..RUNS {
             if run > 0 && !dry_run {
                 // Put back what the last run deleted (a fill from the current generation).
-                let since = store.get(&key(orgs[0], 0)).expect("get").generation;
-                for k in keys_of(orgs.iter().copied(), per_org) {
+                let since = store.get(&key(9, 0)).expect("get").generation;
+                for k in named(&orgs, per_org) {
                     assert!(store.put(&k, Arc::clone(&e), since).expect("put"));
                 }
             }

@@ -17,14 +17,17 @@
 //! Invariants: the accounted size never exceeds the bound after a `put` returns; the
 //! index holds exactly the map's keys; no regex runs and no ban is compiled under the
 //! lock, which an invalidation holds for one chunk or one batch at a time (hits never
-//! wait on a pattern, nor on the size of the store); a lock poisoned by a panic
-//! elsewhere is recovered (the map holds no partial updates: each operation leaves it
-//! consistent before anything can panic).
+//! wait on a pattern, nor on the size of the store), and hands it over fairly after each
+//! (a waiting lookup goes before the job's next chunk); the map holds no partial
+//! updates: each operation leaves it consistent before anything can panic (the lock,
+//! parking_lot's, is not poisoned by a panic elsewhere).
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use lru::LruCache;
@@ -161,7 +164,7 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// Accounted bytes and number of keys, for tests and metrics.
@@ -276,7 +279,10 @@ impl Store for MemoryStore {
             };
             let mut after: Option<Arc<str>> = None;
             loop {
-                let chunk = self.lock().chunk(&prefix, after.as_deref());
+                // Handed over fairly: a lookup waiting for the lock goes first.
+                let inner = self.lock();
+                let chunk = inner.chunk(&prefix, after.as_deref());
+                MutexGuard::unlock_fair(inner);
                 let Some(last) = chunk.last() else {
                     break;
                 };
@@ -346,7 +352,7 @@ impl MemoryStore {
             outcome.changed += 1;
             progress.changed.fetch_add(1, Ordering::Relaxed);
         }
-        drop(inner);
+        MutexGuard::unlock_fair(inner);
         drop(released);
     }
 }
