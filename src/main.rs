@@ -25,11 +25,16 @@ usage:
                                       API named in FILE (admin.listen, admin.token);
                                       a pattern that matches every entry (^/, .)
                                       needs --all
+  echod invalidate [--config FILE] --url URL [--url URL ...] [--mode ...]
+        [--dry-run] [--async]         purge exactly these URLs (http://host/path?q,
+                                      every Vary variant; up to 1000)
   echod invalidate [--config FILE] --status ID
                                       the report of invalidation job ID
   echod invalidate [--config FILE] --cancel ID
                                       cancel job ID (a running one stops at its
                                       next check: follow it with --status ID)
+  echod inspect [--config FILE] URL  what is cached for URL (each Vary variant:
+                                      age, freshness, validators, tags, size)
   echod --version
   echod --help
 
@@ -84,6 +89,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
             "invalidate" if !check => return parse_invalidate(config, args),
+            "inspect" if !check => return parse_inspect(config, args),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
@@ -92,6 +98,29 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
     } else {
         Command::Run(config)
     })
+}
+
+/// The arguments after `inspect`: the URL, and maybe `--config FILE`.
+fn parse_inspect(
+    mut config: PathBuf,
+    mut args: impl Iterator<Item = String>,
+) -> Result<Command, String> {
+    let mut url = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => config = PathBuf::from(value_of(&mut args, "--config")?),
+            "--help" | "-h" => return Ok(Command::Help),
+            other if other.starts_with('-') => {
+                return Err(format!(
+                    "unknown argument {other:?} to inspect (see --help)"
+                ))
+            }
+            _ if url.is_some() => return Err("inspect takes one URL".into()),
+            _ => url = Some(arg),
+        }
+    }
+    let url = url.ok_or("inspect needs a URL: echod inspect http://host/path")?;
+    Ok(Command::Admin(config, AdminCall::Inspect(url)))
 }
 
 /// The arguments after `invalidate`.
@@ -114,6 +143,7 @@ fn parse_invalidate(
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" | "-c" => config = PathBuf::from(value_of(&mut args, "--config")?),
+            "--url" => request.urls.push(value_of(&mut args, &arg)?),
             "--pattern" => once(&mut request.pattern, &arg, value_of(&mut args, &arg)?)?,
             "--tag" => once(&mut request.tag, &arg, value_of(&mut args, &arg)?)?,
             "--host" => once(&mut request.host, &arg, value_of(&mut args, &arg)?)?,
@@ -161,9 +191,10 @@ fn parse_invalidate(
         }
         Some(("--status", id)) => AdminCall::Status(id),
         Some((_, id)) => AdminCall::Cancel(id),
-        None if request.pattern.is_none() && request.tag.is_none() => {
+        None if request.pattern.is_none() && request.tag.is_none() && request.urls.is_empty() => {
             return Err(
-                "invalidate needs --pattern, --tag, --status or --cancel (see --help)".into(),
+                "invalidate needs --pattern, --tag, --url, --status or --cancel (see --help)"
+                    .into(),
             )
         }
         None => AdminCall::Invalidate(request),

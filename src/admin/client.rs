@@ -36,6 +36,8 @@ const MAX_BODY: u64 = 4 * 1024 * 1024;
 /// What `POST /invalidate` is asked to do; `None` and `false` are left out of the body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InvalidateRequest {
+    /// Exact URLs to purge (`--url`, repeatable): sent as `url` (one) or `urls`.
+    pub urls: Vec<String>,
     pub pattern: Option<String>,
     pub tag: Option<String>,
     pub host: Option<String>,
@@ -53,6 +55,11 @@ impl InvalidateRequest {
         let mut put = |key: &str, value: Value| {
             body.insert(key.to_string(), value);
         };
+        match self.urls.as_slice() {
+            [] => {}
+            [one] => put("url", json!(one)),
+            many => put("urls", json!(many)),
+        }
         if let Some(p) = &self.pattern {
             put("pattern", json!(p));
         }
@@ -87,13 +94,15 @@ pub enum AdminCall {
     Status(u64),
     /// `DELETE /invalidate/<id>`: cancels a job.
     Cancel(u64),
+    /// `GET /cache?url=<URL>`: what is stored for a URL.
+    Inspect(String),
 }
 
 impl AdminCall {
     fn method(&self) -> &'static str {
         match self {
             AdminCall::Invalidate(_) => "POST",
-            AdminCall::Status(_) => "GET",
+            AdminCall::Status(_) | AdminCall::Inspect(_) => "GET",
             AdminCall::Cancel(_) => "DELETE",
         }
     }
@@ -102,13 +111,19 @@ impl AdminCall {
         match self {
             AdminCall::Invalidate(_) => "/invalidate".to_string(),
             AdminCall::Status(id) | AdminCall::Cancel(id) => format!("/invalidate/{id}"),
+            AdminCall::Inspect(url) => {
+                let query: String = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("url", url)
+                    .finish();
+                format!("/cache?{query}")
+            }
         }
     }
 
     fn body(&self) -> Option<Vec<u8>> {
         match self {
             AdminCall::Invalidate(r) => Some(r.to_json().to_string().into_bytes()),
-            AdminCall::Status(_) | AdminCall::Cancel(_) => None,
+            AdminCall::Status(_) | AdminCall::Cancel(_) | AdminCall::Inspect(_) => None,
         }
     }
 
@@ -437,6 +452,7 @@ mod tests {
         };
         assert_eq!(request.to_json(), json!({ "pattern": "^/orgs/42/" }));
         let request = InvalidateRequest {
+            urls: Vec::new(),
             pattern: None,
             tag: Some("org-42".into()),
             host: Some("api.example.com".into()),

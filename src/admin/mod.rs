@@ -72,6 +72,10 @@ pub struct AdminParts {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InvalidateRequest {
+    /// Exactly this URL (`http://host/path?query`), every Vary variant under it.
+    url: Option<String>,
+    /// Exactly these URLs, at most 1,000.
+    urls: Option<Vec<String>>,
     pattern: Option<String>,
     tag: Option<String>,
     host: Option<String>,
@@ -300,11 +304,29 @@ impl Admin {
                 }
             },
         };
-        let matcher = match Matcher::new(
-            request.pattern.as_deref(),
-            request.host.as_deref(),
-            request.tag.as_deref(),
-        ) {
+        let urls: Option<Vec<String>> = match (request.url, request.urls) {
+            (Some(_), Some(_)) => return error(ex, 400, "give \"url\" or \"urls\", not both"),
+            (Some(url), None) => Some(vec![url]),
+            (None, urls) => urls,
+        };
+        let matcher = match urls {
+            Some(_)
+                if request.pattern.is_some() || request.tag.is_some() || request.host.is_some() =>
+            {
+                return error(
+                    ex,
+                    400,
+                    "a purge by URL names its URLs exactly: give no pattern, tag or host with it",
+                )
+            }
+            Some(urls) => Matcher::for_urls(&urls),
+            None => Matcher::new(
+                request.pattern.as_deref(),
+                request.host.as_deref(),
+                request.tag.as_deref(),
+            ),
+        };
+        let matcher = match matcher {
             Ok(m) => m,
             Err(e) => return error(ex, 400, &e.0),
         };
@@ -455,6 +477,8 @@ impl Admin {
                 }
             }
             ("DELETE", p) if p.starts_with("/invalidate/") => self.cancel(ex, job_id(p)),
+            ("GET", "/cache") => self.inspect(ex),
+            (_, "/cache") => error(ex, 405, "use GET /cache?url=<URL>"),
             (_, "/invalidate") => error(ex, 405, "use POST /invalidate"),
             (_, p) if p.starts_with("/invalidate/") => {
                 error(ex, 405, "use GET or DELETE /invalidate/<id>")
@@ -462,6 +486,81 @@ impl Admin {
             _ => error(ex, 404, "no such admin endpoint"),
         }
     }
+}
+
+impl Admin {
+    /// `GET /cache?url=<URL>`: what is stored for that URL, each Vary variant, read
+    /// where writes land (the Redis master); 404 when nothing is.
+    fn inspect(&self, ex: &mut Exchange<'_>) {
+        let query = ex.req.target.split_once('?').map_or("", |(_, q)| q);
+        let url = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "url")
+            .map(|(_, v)| v.into_owned());
+        let Some(url) = url else {
+            return error(ex, 400, "give the URL: GET /cache?url=http://host/path");
+        };
+        let Some(key) = crate::invalidation::url_cache_key(&url) else {
+            return error(
+                ex,
+                400,
+                &format!("invalid URL {url:?}: give http://host/path?query"),
+            );
+        };
+        let lookup = match self.store.get_latest(&key) {
+            Ok(l) => l,
+            Err(e) => return error(ex, 503, &e.to_string()),
+        };
+        if lookup.variants.is_empty() {
+            return reply(
+                ex,
+                404,
+                &json!({ "error": "nothing is stored for this URL", "url": url, "key": key.to_string() }),
+            );
+        }
+        let now = std::time::SystemTime::now();
+        let variants: Vec<Value> = lookup
+            .variants
+            .iter()
+            .map(|e| variant_json(e, now))
+            .collect();
+        reply(
+            ex,
+            200,
+            &json!({ "url": url, "key": key.to_string(), "store": self.store.name(), "variants": variants }),
+        );
+    }
+}
+
+/// One stored variant in `GET /cache`: its status, when it was stored, its age and
+/// freshness, the stale windows its fields allow, validators, tags, size and the
+/// request values of the fields it varies on.
+fn variant_json(e: &crate::store::Entry, now: std::time::SystemTime) -> Value {
+    use crate::http::headers::header_joined;
+    let age = crate::policy::current_age(e.initial_age, e.response_time, now);
+    let cc = crate::policy::CacheControl::parse(&e.headers);
+    let text = |name: &str| header_joined(&e.headers, name);
+    let vary: serde_json::Map<String, Value> = e
+        .vary
+        .iter()
+        .map(|(name, value)| (name.clone(), json!(value)))
+        .collect();
+    json!({
+        "status": e.status,
+        "stored_at": httpdate::fmt_http_date(e.response_time),
+        "age_s": age.as_secs(),
+        "freshness_lifetime_s": e.freshness.as_secs(),
+        "fresh": e.freshness > age,
+        "ttl_s": e.freshness.as_secs() as i64 - age.as_secs() as i64,
+        "stale_while_revalidate_s": cc.stale_while_revalidate,
+        "stale_if_error_s": cc.stale_if_error,
+        "etag": text("etag"),
+        "last_modified": text("last-modified"),
+        "content_type": text("content-type"),
+        "tags": e.tags,
+        "size_bytes": e.size(),
+        "body_bytes": e.file.as_ref().map_or(e.body.len() as u64, |f| f.len()),
+        "vary": vary,
+    })
 }
 
 /// One store server in `/health`: what Echo uses it as, what it says it is, and why it

@@ -31,6 +31,8 @@ pub(crate) struct Ban {
     pattern: Option<String>,
     host: Option<String>,
     tag: Option<String>,
+    /// A purge by URL: exactly these keys.
+    urls: Option<Arc<std::collections::BTreeSet<String>>>,
 }
 
 impl Ban {
@@ -41,6 +43,7 @@ impl Ban {
             pattern: matcher.pattern().map(str::to_string),
             host: matcher.host().map(str::to_string),
             tag: matcher.tag().map(str::to_string),
+            urls: matcher.urls().map(|u| Arc::new(u.clone())),
         }
     }
 
@@ -52,10 +55,17 @@ impl Ban {
             + text(&self.pattern)
             + text(&self.host)
             + text(&self.tag)
+            + self
+                .urls
+                .as_ref()
+                .map_or(0, |u| u.iter().map(|k| k.len() + 32).sum())
     }
 
     /// Does this ban name the entry stored under `key` with `tags`?
     pub(crate) fn names(&self, key: &str, tags: &[String]) -> bool {
+        if let Some(urls) = &self.urls {
+            return urls.contains(key);
+        }
         ban_names(
             self.pattern.as_deref(),
             self.host.as_deref(),

@@ -8,11 +8,16 @@
 //! data: it does no I/O and takes no lock, so a store decides where it runs (never under
 //! a lock that lookups need).
 
+use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
 use regex::Regex;
 
 use crate::key::split_key;
+
+/// Most URLs one exact-URL purge names.
+pub const MAX_URLS: usize = 1000;
 
 /// Longest pattern accepted, in bytes.
 pub(crate) const MAX_PATTERN_BYTES: usize = 4096;
@@ -40,6 +45,9 @@ pub struct Matcher {
     prefix: Option<String>,
     host: Option<String>,
     tag: Option<String>,
+    /// Exact cache keys (`http://host/target`), for a purge by URL: these and nothing
+    /// else, with no pattern.
+    urls: Option<Arc<BTreeSet<String>>>,
 }
 
 /// Why an invalidation request was refused.
@@ -59,7 +67,9 @@ impl Matcher {
         tag: Option<&str>,
     ) -> Result<Matcher, BadRequest> {
         if pattern.is_none() && tag.is_none() {
-            return Err(BadRequest("give a pattern, a tag, or both".into()));
+            return Err(BadRequest(
+                "give a pattern, a tag, or both; or a url or urls".into(),
+            ));
         }
         let (regex, prefix) = match pattern {
             None => (None, None),
@@ -112,7 +122,45 @@ impl Matcher {
             prefix,
             host,
             tag,
+            urls: None,
         })
+    }
+
+    /// Exactly these URLs (`http://host/path?query` or `https://`), every Vary variant
+    /// under each, at most [`MAX_URLS`]: no regex, no escaping. A URL's key is the one a
+    /// request for it is cached under: the host lower-cased without a default port
+    /// (`:80`, and `:443` for https), the target as given (`/` when it has none); the
+    /// scheme is not part of it (Echo's listener is plain HTTP: TLS ends in front of it).
+    pub fn for_urls(urls: &[String]) -> Result<Matcher, BadRequest> {
+        if urls.is_empty() {
+            return Err(BadRequest("give at least one URL".into()));
+        }
+        if urls.len() > MAX_URLS {
+            return Err(BadRequest(format!(
+                "{} URLs: at most {MAX_URLS} per call",
+                urls.len()
+            )));
+        }
+        let keys = urls
+            .iter()
+            .map(|u| {
+                url_key(u).ok_or_else(|| {
+                    BadRequest(format!("invalid URL {u:?}: give http://host/path?query"))
+                })
+            })
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        Ok(Matcher {
+            regex: None,
+            prefix: None,
+            host: None,
+            tag: None,
+            urls: Some(Arc::new(keys)),
+        })
+    }
+
+    /// The exact keys of a purge by URL.
+    pub(crate) fn urls(&self) -> Option<&BTreeSet<String>> {
+        self.urls.as_deref()
     }
 
     /// Exactly one cache key (every Vary variant under it): what an unsafe method's
@@ -130,6 +178,7 @@ impl Matcher {
             regex,
             host: Some(key.host().to_string()),
             tag: None,
+            urls: None,
         }
     }
 
@@ -153,6 +202,9 @@ impl Matcher {
     /// Does a cache key (`http://host/target`) match the pattern and host parts?
     /// The tag part is the store's to check (it knows where tags live).
     pub fn matches_key(&self, key: &str) -> bool {
+        if let Some(urls) = &self.urls {
+            return urls.contains(key);
+        }
         let Some((host, target)) = split_key(key) else {
             return false;
         };
@@ -180,7 +232,7 @@ impl Matcher {
     /// `^/$` do not. A pattern that matches both probes without matching everything
     /// (`^/(?:$|~)`) also needs `all`: refusing is the safe side.
     pub(crate) fn matches_every_target(&self) -> bool {
-        if self.tag.is_some() {
+        if self.tag.is_some() || self.urls.is_some() {
             return false;
         }
         let Some(regex) = &self.regex else {
@@ -207,8 +259,46 @@ impl Matcher {
         if let Some(t) = &self.tag {
             parts.push(format!("tag={t}"));
         }
+        if let Some(urls) = &self.urls {
+            match urls.len() {
+                1 => parts.push(format!("url={}", urls.iter().next().map_or("", |u| u))),
+                n => parts.push(format!("urls={n}")),
+            }
+        }
         parts.join(" ")
     }
+}
+
+/// The cache key a request for `url` is stored under (see [`Matcher::for_urls`]).
+pub(crate) fn url_cache_key(url: &str) -> Option<crate::key::CacheKey> {
+    crate::key::CacheKey::parse(&url_key(url)?)
+}
+
+/// The cache key of a URL (see [`Matcher::for_urls`]); None when it is not an absolute
+/// http(s) URL with a host.
+fn url_key(url: &str) -> Option<String> {
+    let (https, rest) = match url.split_once("://") {
+        Some((s, rest)) if s.eq_ignore_ascii_case("http") => (false, rest),
+        Some((s, rest)) if s.eq_ignore_ascii_case("https") => (true, rest),
+        _ => return None,
+    };
+    let (authority, target) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+        Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+        None => (rest, "/".to_string()),
+    };
+    // No fragment: it is never sent; no user info, spaces or controls.
+    let target = target.split('#').next().unwrap_or("/").to_string();
+    if authority.is_empty()
+        || authority.contains(['@', ' ', '\\'])
+        || target.bytes().any(|b| b <= b' ' || b == 0x7F)
+    {
+        return None;
+    }
+    let host = authority.to_ascii_lowercase();
+    let default_port = if https { ":443" } else { ":80" };
+    let host = host.strip_suffix(default_port).unwrap_or(&host);
+    Some(format!("http://{host}{target}"))
 }
 
 /// Request targets with nothing in common but their leading `/`: a pattern that matches

@@ -13,7 +13,8 @@ mod matcher;
 pub(crate) use bans::{ban_names, BanCheck, Bans};
 pub(crate) use job::{Checkpoint, SAMPLE};
 pub use job::{Job, JobOutcome, Mode, Progress, Stop};
+pub(crate) use matcher::url_cache_key;
 /// The tests of the bans and of the invalidator build patterns of the longest length.
 #[cfg(test)]
 pub(crate) use matcher::MAX_PATTERN_BYTES;
-pub use matcher::{BadRequest, Matcher};
+pub use matcher::{BadRequest, Matcher, MAX_URLS};

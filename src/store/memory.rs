@@ -258,6 +258,21 @@ impl Store for MemoryStore {
         let mut outcome = JobOutcome::default();
         let mut batch: Vec<Arc<str>> = Vec::with_capacity(BATCH);
         let mut checkpoint = Checkpoint::new(progress);
+        // A purge by URL names its keys: no walk.
+        if let Some(urls) = job.matcher.urls() {
+            let keys: Vec<Arc<str>> = urls.iter().map(|u| Arc::from(u.as_str())).collect();
+            progress
+                .scanned
+                .fetch_add(keys.len() as u64, Ordering::Relaxed);
+            for batch in keys.chunks(BATCH) {
+                if let Err(stop) = progress.check() {
+                    outcome.stopped = Some(stop);
+                    return Ok(outcome);
+                }
+                self.apply(job, batch, &mut outcome, progress);
+            }
+            return Ok(outcome);
+        }
         // The ranges to walk: known up front, or (a literal prefix on every site) one
         // site at a time, each found by one seek under the lock.
         let mut fixed = key_ranges(&job.matcher).map(Vec::into_iter);

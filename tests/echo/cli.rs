@@ -641,6 +641,43 @@ fn finished_invalidation_jobs_do_not_pin_memory() {
     );
 }
 
+/// `echod inspect URL` prints what is stored for a URL (exit 1 and a 404 when nothing
+/// is); `echod invalidate --url URL` purges exactly that URL.
+#[test]
+fn inspect_and_purge_by_url_from_the_command_line() {
+    let echo = Binaries::start("inspect", Some(ADMIN_TOKEN));
+    let config = path_str(&echo.config);
+    assert_eq!(echo.cache_status("/data"), "MISS");
+    assert_eq!(echo.cache_status("/bytes/10"), "MISS");
+    let out = echod(&["inspect", "--config", config, "http://test.local/data"]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_no_token(&out, ADMIN_TOKEN);
+    let stored = stdout_json(&out);
+    assert_eq!(stored["key"], "http://test.local/data", "{stored}");
+    assert_eq!(stored["variants"][0]["status"], 200, "{stored}");
+    assert_eq!(stored["variants"][0]["fresh"], true, "{stored}");
+
+    let out = echod(&[
+        "invalidate",
+        "--config",
+        config,
+        "--url",
+        "http://test.local/data",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let report = stdout_json(&out);
+    assert_eq!(
+        (report["matched"].as_u64(), report["deleted"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    assert_eq!(echo.cache_status("/bytes/10"), "HIT");
+
+    let out = echod(&["inspect", "--config", config, "http://test.local/data"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("404"), "{}", out.stderr);
+}
+
 #[test]
 fn invalidate_without_an_admin_section_exits_2() {
     let dir = TempDir::new("no-admin");
@@ -672,14 +709,17 @@ fn invalidate_with_no_echod_listening_exits_2() {
 fn invalidate_usage_errors_exit_2_before_reading_the_config() {
     // The config does not exist: a usage error is reported before it is read.
     let cases: &[(&[&str], &str)] = &[
-        (&["invalidate"], "--pattern, --tag, --status or --cancel"),
+        (
+            &["invalidate"],
+            "--pattern, --tag, --url, --status or --cancel",
+        ),
         (
             &["invalidate", "--dry-run", "--async"],
-            "--pattern, --tag, --status or --cancel",
+            "--pattern, --tag, --url, --status or --cancel",
         ),
         (
             &["invalidate", "--host", "a.example"],
-            "--pattern, --tag, --status or --cancel",
+            "--pattern, --tag, --url, --status or --cancel",
         ),
         (&["invalidate", "--pattern"], "--pattern needs a value"),
         (

@@ -17,6 +17,7 @@ use crate::support::{wait_until, Gate, Hold, OriginResponse, TestOrigin};
 
 mod index;
 mod tags;
+mod urls;
 
 const TOKEN: &str = "s3cret-token";
 

@@ -36,6 +36,7 @@ pub(super) fn record(
         pattern: matcher.pattern().map(str::to_string),
         host: matcher.host().map(str::to_string),
         tag: matcher.tag().map(str::to_string),
+        urls: matcher.urls().map(|u| u.iter().cloned().collect()),
     })
     .map_err(|e| StoreError::Decode {
         server: master.server(),
@@ -87,6 +88,10 @@ pub(super) fn banned_since(
         if refuse {
             continue;
         }
+        if let Some(urls) = &ban.urls {
+            refuse = urls.iter().any(|u| u == key);
+            continue;
+        }
         // Host and tag first; the pattern is compiled only when they pass, and one
         // Echo cannot compile is taken to name everything: refuse.
         refuse = ban_names(
@@ -113,6 +118,9 @@ struct Ban {
     host: Option<String>,
     #[serde(rename = "t", skip_serializing_if = "Option::is_none")]
     tag: Option<String>,
+    /// A purge by URL: exactly these keys.
+    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
+    urls: Option<Vec<String>>,
 }
 
 fn now_millis() -> u64 {

@@ -217,10 +217,12 @@ impl RedisStore {
                 checkpoint: Checkpoint::new(progress),
                 deleted_instead: 0,
             };
-            let ranged = matcher.tag().is_none()
+            if let Some(urls) = matcher.urls() {
+                self.walk_urls(conn, job, urls, progress, outcome, &mut pass)?;
+            } else if matcher.tag().is_none()
                 && matcher.prefix().is_some_and(|p| !p.is_empty())
-                && index_complete(conn)?;
-            if ranged {
+                && index_complete(conn)?
+            {
                 self.walk_index(conn, job, progress, outcome, &mut pass)?;
             } else {
                 self.walk_keys(conn, job, progress, outcome, &mut pass)?;
@@ -317,6 +319,39 @@ impl RedisStore {
                 }
                 if !full {
                     break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A purge by URL: its keys, those still stored.
+    fn walk_urls(
+        &self,
+        conn: &mut redis::Connection,
+        job: &Job,
+        urls: &std::collections::BTreeSet<String>,
+        progress: &Progress,
+        outcome: &mut JobOutcome,
+        pass: &mut Pass<'_>,
+    ) -> redis::RedisResult<()> {
+        let rkeys: Vec<String> = urls.iter().map(|u| format!("{KEY_PREFIX}{u}")).collect();
+        for batch in rkeys.chunks(BATCH) {
+            if let Err(stop) = progress.check() {
+                outcome.stopped = Some(stop);
+                return Ok(());
+            }
+            progress
+                .scanned
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let mut pipe = redis::pipe();
+            for rkey in batch {
+                pipe.cmd("EXISTS").arg(rkey);
+            }
+            let exists: Vec<bool> = pipe.query(conn)?;
+            for (rkey, exists) in batch.iter().zip(exists) {
+                if exists && !self.take(conn, job, rkey.clone(), progress, outcome, pass)? {
+                    return Ok(());
                 }
             }
         }
