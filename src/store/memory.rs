@@ -17,18 +17,16 @@
 //! Invariants: the accounted size never exceeds the bound after a `put` returns; the
 //! index holds exactly the map's keys; no regex runs and no ban is compiled under the
 //! lock, which an invalidation holds for one chunk or one batch at a time (hits never
-//! wait on a pattern, nor on the size of the store), and hands it over fairly after each
-//! (a waiting lookup goes before the job's next chunk); the map holds no partial
-//! updates: each operation leaves it consistent before anything can panic (the lock,
-//! parking_lot's, is not poisoned by a panic elsewhere).
+//! wait on a pattern, nor on the size of the store), and lets the lookups and fills
+//! waiting for it go first before each (they are counted while they wait); a lock
+//! poisoned by a panic elsewhere is recovered (the map holds no partial updates: each
+//! operation leaves it consistent before anything can panic).
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
-use parking_lot::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
@@ -45,6 +43,8 @@ const CHECK_ROUNDS: usize = 3;
 const BATCH: usize = 128;
 /// Keys an invalidation copies out of the index per taking of the lock (tens of µs).
 const CHUNK: usize = 1024;
+/// How long an invalidation lets waiting lookups and fills go first, per chunk or batch.
+const YIELD_AT_MOST: Duration = Duration::from_millis(1);
 
 struct Inner {
     lru: LruCache<Arc<str>, Vec<Arc<Entry>>>,
@@ -140,6 +140,8 @@ fn key_ranges(matcher: &Matcher) -> Option<Vec<String>> {
 
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// Lookups and fills waiting for the lock now: an invalidation lets them go first.
+    waiting: AtomicUsize,
     max_bytes: usize,
     max_variants: usize,
 }
@@ -158,13 +160,40 @@ impl MemoryStore {
                 bytes: 0,
                 bans: Bans::new(ban_ttl),
             }),
+            waiting: AtomicUsize::new(0),
             max_bytes,
             max_variants: max_variants.max(1),
         }
     }
 
+    /// The lock, for a lookup or a fill: counted while it waits, so an invalidation
+    /// between two of its chunks lets it in first.
+    fn lock_first(&self) -> MutexGuard<'_, Inner> {
+        // Uncontended (nearly always): no count kept.
+        match self.inner.try_lock() {
+            Ok(inner) => return inner,
+            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(TryLockError::WouldBlock) => {}
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let inner = self.lock();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        inner
+    }
+
+    /// The lock, for an invalidation's next chunk or batch: after the lookups and fills
+    /// waiting for it (std's mutex would let the job, which just released it, take it
+    /// again before them), for at most `YIELD_AT_MOST`.
+    fn lock_after_others(&self) -> MutexGuard<'_, Inner> {
+        let started = Instant::now();
+        while self.waiting.load(Ordering::Relaxed) > 0 && started.elapsed() < YIELD_AT_MOST {
+            std::thread::yield_now();
+        }
+        self.lock()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Accounted bytes and number of keys, for tests and metrics.
@@ -184,7 +213,7 @@ impl Store for MemoryStore {
     }
 
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_first();
         Ok(Lookup {
             variants: inner.lru.get(key.as_str()).cloned().unwrap_or_default(),
             generation: inner.bans.generation(),
@@ -201,7 +230,7 @@ impl Store for MemoryStore {
         let mut since = since;
         let mut rounds = 0;
         let mut inner = loop {
-            let mut inner = self.lock();
+            let mut inner = self.lock_first();
             match inner.bans.since(since) {
                 BanCheck::Clear => break inner,
                 BanCheck::Forgotten => return Ok(false),
@@ -294,10 +323,7 @@ impl Store for MemoryStore {
             };
             let mut after: Option<Arc<str>> = None;
             loop {
-                // Handed over fairly: a lookup waiting for the lock goes first.
-                let inner = self.lock();
-                let chunk = inner.chunk(&prefix, after.as_deref());
-                MutexGuard::unlock_fair(inner);
+                let chunk = self.lock_after_others().chunk(&prefix, after.as_deref());
                 let Some(last) = chunk.last() else {
                     break;
                 };
@@ -337,7 +363,7 @@ impl MemoryStore {
         }
         // What is deleted or replaced is freed after the lock is released (bodies, memfds).
         let mut released: Vec<Vec<Arc<Entry>>> = Vec::new();
-        let mut inner = self.lock();
+        let mut inner = self.lock_after_others();
         for key in keys {
             let Some(variants) = inner.lru.peek_mut(&**key) else {
                 continue;
@@ -367,7 +393,7 @@ impl MemoryStore {
             outcome.changed += 1;
             progress.changed.fetch_add(1, Ordering::Relaxed);
         }
-        MutexGuard::unlock_fair(inner);
+        drop(inner);
         drop(released);
     }
 }
