@@ -571,16 +571,56 @@ impl Cache {
     /// Stores a filled entry; a store error is logged and costs only a later miss.
     /// Returns whether it was stored.
     pub(super) fn store(&self, fill: Fill<'_>) -> bool {
-        self.store_entry(fill.key, fill.since, Arc::new(fill.entry))
+        self.store_filled(fill.key, fill.since, Arc::new(fill.entry), fill.lead)
+    }
+
+    /// Stores what a fill for `lead` fetched; a leader's cluster-wide lock is released in
+    /// the same step where the store can (one round trip less per Redis miss).
+    pub(super) fn store_filled(
+        &self,
+        key: &CacheKey,
+        since: Since,
+        entry: Arc<Entry>,
+        lead: &Lead,
+    ) -> bool {
+        match lead {
+            Lead::Leader {
+                lock: Some(lock), ..
+            } if !lock.released.get() => {
+                lock.released.set(true);
+                self.put_entry(key, since, entry, Some(&lock.owner))
+            }
+            _ => self.store_entry(key, since, entry),
+        }
     }
 
     /// [`Proxy::store`] for an entry already shared (a freshened one, also being served).
     pub(super) fn store_entry(&self, key: &CacheKey, since: Since, entry: Arc<Entry>) -> bool {
+        self.put_entry(key, since, entry, None)
+    }
+
+    /// Puts `entry`, and with `owner` releases that fill lock (stored or not).
+    fn put_entry(
+        &self,
+        key: &CacheKey,
+        since: Since,
+        entry: Arc<Entry>,
+        owner: Option<&str>,
+    ) -> bool {
         if since.started.elapsed() > self.ban_ttl {
             debug!("not storing {key}: the fill outlasted invalidation.ban_ttl");
+            if let Some(owner) = owner {
+                let _ = self.store.unlock_fill(key, owner);
+            }
             return false;
         }
-        match self.store.put(key, entry, since.generation) {
+        let put = match owner {
+            Some(owner) => self
+                .store
+                .put_and_unlock(key, entry, since.generation, owner),
+            None => self.store.put(key, entry, since.generation),
+        };
+        match put {
             Ok(stored) => {
                 if !stored {
                     debug!("not storing {key}: invalidated while it was fetched");

@@ -118,7 +118,7 @@ impl Cache {
                 };
                 body.shrink_to_fit();
                 let entry = Arc::new(Entry { body, ..f.entry });
-                let stored = self.store_entry(f.key, f.since, Arc::clone(&entry));
+                let stored = self.store_filled(f.key, f.since, Arc::clone(&entry), f.lead);
                 let _ = ex.respond(status, &answer_fields(stored), &entry.body);
                 return stored;
             }

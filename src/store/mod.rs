@@ -294,6 +294,21 @@ pub trait Store: Send + Sync {
     fn mark_uncacheable(&self, _key: &CacheKey, _ttl: Duration) -> Result<(), StoreError> {
         Ok(())
     }
+    /// `put`, then `unlock_fill` for `owner`: one round trip where the store can (the
+    /// Redis store script releases the lock and wakes the waiting nodes in the same
+    /// step as the store). The lock is released whether or not the entry was stored.
+    fn put_and_unlock(
+        &self,
+        key: &CacheKey,
+        entry: Arc<Entry>,
+        since: u64,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        let stored = self.put(key, entry, since);
+        let unlocked = self.unlock_fill(key, owner);
+        let stored = stored?;
+        unlocked.map(|()| stored)
+    }
     /// Releases the fill lock if `owner` still holds it, and wakes the nodes waiting for
     /// it. The lock holder calls this on every path, whether or not the fill stored
     /// anything.
@@ -458,6 +473,17 @@ impl Store for Instrumented {
     }
     fn mark_uncacheable(&self, key: &CacheKey, ttl: Duration) -> Result<(), StoreError> {
         self.timed("mark_uncacheable", || self.inner.mark_uncacheable(key, ttl))
+    }
+    fn put_and_unlock(
+        &self,
+        key: &CacheKey,
+        entry: Arc<Entry>,
+        since: u64,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        self.timed("put", || {
+            self.inner.put_and_unlock(key, entry, since, owner)
+        })
     }
     fn unlock_fill(&self, key: &CacheKey, owner: &str) -> Result<(), StoreError> {
         self.timed("unlock_fill", || self.inner.unlock_fill(key, owner))

@@ -64,7 +64,7 @@ fn a_hit_after_a_miss_is_read_from_a_replica_and_lives_on_the_master_with_a_ttl(
 }
 
 #[test]
-fn a_hit_costs_one_redis_round_trip_and_a_miss_five() {
+fn a_hit_costs_one_redis_round_trip_and_a_miss_three() {
     let master = RedisServer::master();
     let replica = RedisServer::replica_of(&master);
     let origin = cacheable_origin();
@@ -78,13 +78,18 @@ fn a_hit_costs_one_redis_round_trip_and_a_miss_five() {
     replica.reset_stats();
     client::get(echo.addr, "/counted", &[]);
     // A miss: one lookup on a replica (GET of the entry and HMGET of the control hash,
-    // pipelined: one round trip); on the master, the fill lock (SET NX) pipelined with a
-    // second look for a fill that finished meanwhile (GET + HMGET), the
-    // generation-checked store (EVALSHA) and the lock's release, which wakes other nodes
-    // (EVALSHA: DEL + PUBLISH).
+    // pipelined: one round trip); on the master, the fill lock (a script: SET NX unless
+    // the key is marked hit-for-pass) pipelined with a second look for a fill that
+    // finished meanwhile (GET + HMGET), and the generation-checked store, which releases
+    // the lock and wakes other nodes in the same step (EVALSHA: SET, DEL, PUBLISH).
     assert_eq!(replica.calls("get"), 1, "miss: one lookup on a replica");
     assert_eq!(replica.calls("hmget"), 1, "miss: with the control hash");
-    assert_eq!(master.calls("evalsha"), 2, "store script and lock release");
+    assert_eq!(master.calls("eval"), 1, "the lock script");
+    assert_eq!(
+        master.calls("evalsha"),
+        1,
+        "the store script, which releases the lock"
+    );
     assert_eq!(
         master.calls("set"),
         2,

@@ -115,7 +115,7 @@ pub fn fill_lock_key(key: &CacheKey) -> String {
 }
 
 /// The channel a cache key's fill-lock release is published on.
-fn filled_channel(key: &CacheKey) -> String {
+pub(super) fn filled_channel(key: &CacheKey) -> String {
     format!("{FILLED_PREFIX}{}", key.as_str())
 }
 
@@ -233,6 +233,15 @@ impl FillLocks {
         })
     }
 
+    /// Stops renewing the lease of `key` held by `owner` (it is being released).
+    pub(super) fn forget(&self, key: &CacheKey, owner: &str) {
+        let mut held = self.leases.lock();
+        let lock = fill_lock_key(key);
+        if held.get(&lock).is_some_and(|h| h.owner == owner) {
+            held.remove(&lock);
+        }
+    }
+
     /// Keeps the lock of `key` held by `owner` (just taken) until `unlock`: its lease is
     /// renewed meanwhile.
     pub(super) fn hold(&self, key: &CacheKey, owner: &str, lease: Duration) {
@@ -267,13 +276,7 @@ impl FillLocks {
         key: &CacheKey,
         owner: &str,
     ) -> Result<(), StoreError> {
-        {
-            let mut held = self.leases.lock();
-            let lock = fill_lock_key(key);
-            if held.get(&lock).is_some_and(|h| h.owner == owner) {
-                held.remove(&lock);
-            }
-        }
+        self.forget(key, owner);
         let released: i64 = master.with_conn(|c| {
             self.unlock_script
                 .key(fill_lock_key(key))

@@ -67,9 +67,11 @@ const BATCH: usize = 500;
 
 /// Stores an entry only if no invalidation happened since the fill began; indexes its
 /// path and tags and forgets the key's hit-for-pass marker in the same step. KEYS:
-/// entry, the control hash, the pass marker, the site's path index, the sites, tag
-/// sets. ARGV: the generation the fill saw, the value, the TTL in ms, the target, the
-/// site. Returns -1 when stored, else the generation now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
+/// entry, the control hash, the pass marker, the site's path index, the sites, the
+/// key's fill lock, tag sets. ARGV: the generation the fill saw, the value, the TTL in
+/// ms, the target, the site, the fill lock's owner to release it for ("" for none), its
+/// release channel. Returns -1 when stored (and the lock released as `UNLOCK_SCRIPT`
+/// does), else the generation now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
 /// from its entries): each addition checks two random members and drops those whose
 /// entry is gone, so a set written to holds at most about twice its live entries (and
 /// `tidy` walks the others).
@@ -80,7 +82,12 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[3])
 redis.call('ZADD', KEYS[4], 0, ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[5])
-for i = 6, #KEYS do
+if ARGV[6] ~= '' then
+  local holder = redis.call('GET', KEYS[6])
+  if holder == ARGV[6] then redis.call('DEL', KEYS[6]) end
+  if (not holder) or holder == ARGV[6] then redis.call('PUBLISH', ARGV[7], '') end
+end
+for i = 7, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
   for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[i], 2)) do
     if member ~= KEYS[1] and redis.call('EXISTS', member) == 0 then
@@ -292,6 +299,93 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Stores an entry (see `STORE_SCRIPT`); with `unlock`, the script also releases the
+    /// owner's fill lock when it stores at its first try, and says so.
+    fn store_entry(
+        &self,
+        key: &CacheKey,
+        entry: Arc<Entry>,
+        since: u64,
+        mut unlock: Option<(&str, &mut bool)>,
+    ) -> Result<bool, StoreError> {
+        let rkey = redis_key(key);
+        let Some((site, target)) = site_and_target(key.as_str()) else {
+            // Every cache key has a site and a path; one without is not stored.
+            return Ok(false);
+        };
+        let tags: Vec<String> = entry
+            .tags
+            .iter()
+            .map(|t| format!("{TAG_PREFIX}{t}"))
+            .collect();
+        let entry_tags = entry.tags.clone();
+        let mut variants = Vec::new();
+        // Only a response that varies shares its key with other variants; they are read
+        // back from the master and merged (a concurrent fill elsewhere may win the write,
+        // which costs a later miss, never a wrong answer).
+        if !entry.vary.is_empty() {
+            let mut get = redis::cmd("GET");
+            get.arg(&rkey);
+            if let Some(bytes) = self.on_master(|m| m.run::<Option<Vec<u8>>>(&get))? {
+                variants = codec::decode(&bytes).unwrap_or_default();
+            }
+            super::merge_variant(&mut variants, self.max_variants, &entry);
+        }
+        variants.push(entry);
+        let ttl = self.ttl(&variants, SystemTime::now());
+        let value = codec::encode(&variants);
+        let mut since = since;
+        // Invalidations since the fill began may not name this entry; each round checks
+        // the new ones and tries again (a few rounds at most, under heavy invalidation).
+        for _ in 0..3 {
+            let result: i64 = self.on_master(|m| {
+                m.with_conn(|c| {
+                    let mut invocation = self.store_script.prepare_invoke();
+                    invocation
+                        .key(&rkey)
+                        .key(CONTROL_KEY)
+                        .key(fill_lock::pass_key(key))
+                        .key(index_key(site))
+                        .key(SITES_KEY)
+                        .key(fill_lock_key(key));
+                    for tag in &tags {
+                        invocation.key(tag);
+                    }
+                    invocation
+                        .arg(since)
+                        .arg(&value)
+                        .arg(millis(ttl))
+                        .arg(target)
+                        .arg(site)
+                        .arg(unlock.as_ref().map_or("", |(owner, _)| *owner))
+                        .arg(fill_lock::filled_channel(key));
+                    invocation.invoke(c)
+                })
+            })?;
+            if result < 0 {
+                if let Some((owner, released)) = unlock.as_mut() {
+                    self.fills.forget(key, owner);
+                    **released = true;
+                }
+                return Ok(true);
+            }
+            // Not released by the script: the caller releases it.
+            if let Some((_, released)) = unlock.as_mut() {
+                **released = false;
+            }
+            let now = result as u64;
+            let banned =
+                self.on_master(|m| bans::banned_since(m, since, now, key.as_str(), &entry_tags))?;
+            if banned {
+                return Ok(false);
+            }
+            since = result as u64;
+        }
+        Ok(false)
+    }
+}
+
 impl Store for RedisStore {
     fn name(&self) -> &'static str {
         "redis"
@@ -357,69 +451,26 @@ impl Store for RedisStore {
     }
 
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
-        let rkey = redis_key(key);
-        let Some((site, target)) = site_and_target(key.as_str()) else {
-            // Every cache key has a site and a path; one without is not stored.
-            return Ok(false);
-        };
-        let tags: Vec<String> = entry
-            .tags
-            .iter()
-            .map(|t| format!("{TAG_PREFIX}{t}"))
-            .collect();
-        let entry_tags = entry.tags.clone();
-        let mut variants = Vec::new();
-        // Only a response that varies shares its key with other variants; they are read
-        // back from the master and merged (a concurrent fill elsewhere may win the write,
-        // which costs a later miss, never a wrong answer).
-        if !entry.vary.is_empty() {
-            let mut get = redis::cmd("GET");
-            get.arg(&rkey);
-            if let Some(bytes) = self.on_master(|m| m.run::<Option<Vec<u8>>>(&get))? {
-                variants = codec::decode(&bytes).unwrap_or_default();
-            }
-            super::merge_variant(&mut variants, self.max_variants, &entry);
+        self.store_entry(key, entry, since, None)
+    }
+
+    /// The store script releases the lock in the same step (one round trip less per
+    /// miss); when the entry is not stored at its first try, the lock is released after.
+    fn put_and_unlock(
+        &self,
+        key: &CacheKey,
+        entry: Arc<Entry>,
+        since: u64,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        let mut released = false;
+        let stored = self.store_entry(key, entry, since, Some((owner, &mut released)));
+        if !released {
+            let unlocked = self.unlock_fill(key, owner);
+            let stored = stored?;
+            return unlocked.map(|()| stored);
         }
-        variants.push(entry);
-        let ttl = self.ttl(&variants, SystemTime::now());
-        let value = codec::encode(&variants);
-        let mut since = since;
-        // Invalidations since the fill began may not name this entry; each round checks
-        // the new ones and tries again (a few rounds at most, under heavy invalidation).
-        for _ in 0..3 {
-            let result: i64 = self.on_master(|m| {
-                m.with_conn(|c| {
-                    let mut invocation = self.store_script.prepare_invoke();
-                    invocation
-                        .key(&rkey)
-                        .key(CONTROL_KEY)
-                        .key(fill_lock::pass_key(key))
-                        .key(index_key(site))
-                        .key(SITES_KEY);
-                    for tag in &tags {
-                        invocation.key(tag);
-                    }
-                    invocation
-                        .arg(since)
-                        .arg(&value)
-                        .arg(millis(ttl))
-                        .arg(target)
-                        .arg(site);
-                    invocation.invoke(c)
-                })
-            })?;
-            if result < 0 {
-                return Ok(true);
-            }
-            let now = result as u64;
-            let banned =
-                self.on_master(|m| bans::banned_since(m, since, now, key.as_str(), &entry_tags))?;
-            if banned {
-                return Ok(false);
-            }
-            since = result as u64;
-        }
-        Ok(false)
+        stored
     }
 
     /// An invalidation of one key, as a job's: banned first (a fill of it in flight is
