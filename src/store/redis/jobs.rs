@@ -18,11 +18,11 @@ use std::sync::atomic::Ordering;
 
 use super::endpoint::{is_out_of_memory, Endpoint};
 use super::fence::ReplicaWait;
-use super::fence::CONTROL_KEY;
+use super::tidy::index_complete;
 use super::topology::Servers;
 use super::{
-    bans, codec, index_key, site_and_target, unlink_indexed, RedisStore, BATCH, ENTRY_PREFIX,
-    KEY_PREFIX, SITES_KEY, TAG_PREFIX,
+    bans, codec, index_key, unlink_indexed, RedisStore, BATCH, ENTRY_PREFIX, KEY_PREFIX, SITES_KEY,
+    TAG_PREFIX,
 };
 use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, Stop, SAMPLE};
 use crate::store::StoreError;
@@ -60,22 +60,6 @@ end
 return present
 "#;
 
-/// The control hash's field set once a pass of the index walk found every stored entry
-/// in its site's index: from then on, jobs with a literal prefix read index ranges.
-const INDEX_COMPLETE: &str = "ix";
-
-/// Keys the index walks look at per second while the invalidation thread idles.
-const INDEX_SWEEP_PER_SEC: usize = 10_000;
-
-/// Does the path index hold every entry (see `INDEX_COMPLETE`)?
-fn index_complete(conn: &mut redis::Connection) -> redis::RedisResult<bool> {
-    let done: Option<u8> = redis::cmd("HGET")
-        .arg(CONTROL_KEY)
-        .arg(INDEX_COMPLETE)
-        .query(conn)?;
-    Ok(done == Some(1))
-}
-
 /// One sweep's state: the batch waiting for its mode, the keys already counted (as
 /// fingerprints), its checkpoint, and the entries deleted where a stale copy could not
 /// be written.
@@ -98,7 +82,7 @@ impl RedisStore {
     /// The members of a tag set (one SSCAN reply) whose entries are still stored, checked
     /// on the master `BATCH` at a time, with the job's progress checked between batches;
     /// the missing ones are removed from the set unless `keep_missing` (a dry run).
-    fn present_members(
+    pub(super) fn present_members(
         &self,
         conn: &mut redis::Connection,
         tag_set: &str,
@@ -547,187 +531,4 @@ fn glob_escape(s: &str) -> String {
         out.push(c);
     }
     out
-}
-
-/// Where the walk over the tag sets is: the keyspace SCAN's cursor, the sets it found
-/// and not yet walked, and the set being walked (with its SSCAN cursor).
-#[derive(Default)]
-pub(super) struct TagTidy {
-    scan: u64,
-    sets: std::collections::VecDeque<String>,
-    current: Option<(String, u64)>,
-}
-
-impl RedisStore {
-    /// Walks the tag sets a little further, dropping members whose entry is gone
-    /// (expired or evicted: nothing else takes them out of a set a fill no longer
-    /// writes to). Tag sets have no TTL, so that an eviction policy on volatile keys
-    /// never takes an index away from its entries; this walk, and the trim in the store
-    /// script, keep them about the size of what they index. Errors wait for the next
-    /// call.
-    pub(super) fn tidy_tags(&self) {
-        let servers = self.topology.servers();
-        let Ok(master) = servers.master() else {
-            return;
-        };
-        let mut walk = self.tag_tidy.lock().unwrap_or_else(|e| e.into_inner());
-        let progress = Progress::default();
-        // Called about once a second: the budget is per second.
-        let mut budget = self.tag_sweep_per_sec;
-        if budget == 0 {
-            return;
-        }
-        let _ = master.with_conn(|conn| {
-            while budget > 0 {
-                if let Some((set, cursor)) = walk.current.take() {
-                    let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
-                        .arg(&set)
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?;
-                    budget = budget.saturating_sub(members.len().max(1));
-                    let _ = self.present_members(conn, &set, members, false, &progress)?;
-                    if next != 0 {
-                        walk.current = Some((set, next));
-                    }
-                } else if let Some(set) = walk.sets.pop_front() {
-                    walk.current = Some((set, 0));
-                } else {
-                    let (next, sets): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(walk.scan)
-                        .arg("MATCH")
-                        .arg(format!("{TAG_PREFIX}*"))
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?;
-                    // A page of the keyspace costs what its keys would.
-                    budget = budget.saturating_sub(self.scan_count);
-                    walk.scan = next;
-                    walk.sets.extend(sets);
-                    if next == 0 {
-                        // A whole pass: the next starts with the next call.
-                        break;
-                    }
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Where the path index walks are: the backfill's SCAN (entries stored before the index
-/// existed, or by an older Echo) and what it added this pass; the prune's sites left and
-/// the site index being walked (with its ZSCAN cursor).
-#[derive(Default)]
-pub(super) struct IndexTidy {
-    scan: u64,
-    added: u64,
-    sites: std::collections::VecDeque<String>,
-    current: Option<(String, u64)>,
-}
-
-/// Forgets a site whose index is empty, atomically with the check (a fill indexing it
-/// again runs wholly before or after). KEYS: the index, the sites. ARGV: the site.
-const FORGET_SITE_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
-return 0
-"#;
-
-impl RedisStore {
-    /// Walks the path index a little further, a budget of keys per call (about once a
-    /// second). Until the index is complete, a SCAN adds every entry it finds to its
-    /// site's index, and a pass that had nothing to add marks it complete. Then a walk
-    /// over each site's index drops members whose entry expired or was evicted, and
-    /// sites left with none. Errors wait for the next call.
-    pub(super) fn tidy_index(&self) {
-        let servers = self.topology.servers();
-        let Ok(master) = servers.master() else {
-            return;
-        };
-        let mut walk = self.index_tidy.lock().unwrap_or_else(|e| e.into_inner());
-        let mut budget = INDEX_SWEEP_PER_SEC;
-        let _ = master.with_conn(|conn| {
-            if !index_complete(conn)? {
-                while budget > 0 {
-                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(walk.scan)
-                        .arg("MATCH")
-                        .arg(format!("{ENTRY_PREFIX}*"))
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?;
-                    budget = budget.saturating_sub(self.scan_count);
-                    let mut pipe = redis::pipe();
-                    let mut indexed = 0;
-                    for rkey in &keys {
-                        let key = rkey.strip_prefix(KEY_PREFIX).unwrap_or(rkey);
-                        if let Some((site, target)) = site_and_target(key) {
-                            pipe.cmd("ZADD").arg(index_key(site)).arg(0).arg(target);
-                            pipe.cmd("SADD").arg(SITES_KEY).arg(site).ignore();
-                            indexed += 1;
-                        }
-                    }
-                    if indexed > 0 {
-                        let added: Vec<u64> = pipe.query(conn)?;
-                        walk.added += added.iter().sum::<u64>();
-                    }
-                    walk.scan = next;
-                    if next == 0 {
-                        if walk.added == 0 {
-                            let _: () = redis::cmd("HSET")
-                                .arg(CONTROL_KEY)
-                                .arg(INDEX_COMPLETE)
-                                .arg(1)
-                                .query(conn)?;
-                        }
-                        walk.added = 0;
-                        return Ok(());
-                    }
-                }
-                return Ok(());
-            }
-            while budget > 0 {
-                if let Some((site, cursor)) = walk.current.take() {
-                    let index = index_key(&site);
-                    let (next, flat): (u64, Vec<String>) = redis::cmd("ZSCAN")
-                        .arg(&index)
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?;
-                    let members: Vec<&String> = flat.iter().step_by(2).collect();
-                    budget = budget.saturating_sub(members.len().max(1));
-                    for chunk in members.chunks(BATCH) {
-                        let mut invocation = self.index_members_script.prepare_invoke();
-                        invocation.key(&index).arg(1);
-                        for member in chunk {
-                            invocation
-                                .key(format!("{KEY_PREFIX}{site}{member}"))
-                                .arg(member.as_str());
-                        }
-                        let _: Vec<String> = invocation.invoke(conn)?;
-                    }
-                    if next != 0 {
-                        walk.current = Some((site, next));
-                    } else {
-                        let _: i64 = redis::Script::new(FORGET_SITE_SCRIPT)
-                            .key(&index)
-                            .key(SITES_KEY)
-                            .arg(&site)
-                            .invoke(conn)?;
-                    }
-                } else if let Some(site) = walk.sites.pop_front() {
-                    walk.current = Some((site, 0));
-                } else {
-                    let sites: Vec<String> = redis::cmd("SMEMBERS").arg(SITES_KEY).query(conn)?;
-                    budget = budget.saturating_sub(sites.len().max(1));
-                    walk.sites.extend(sites);
-                    // A whole pass: the next starts with the next call.
-                    break;
-                }
-            }
-            Ok(())
-        });
-    }
 }

@@ -12,8 +12,9 @@
 //! the master and replicas are, listed or through Sentinel), `endpoint` (one server: its
 //! pool and its circuit breaker), `fill_lock` (one fetch per key across nodes), `bans`
 //! (the generation and the bans that keep an invalidation from being undone), `fence`
-//! (an invalidation's reach over replicas and nodes), `jobs` (invalidation jobs and the
-//! tag sets' upkeep).
+//! (an invalidation's reach over replicas and nodes), `jobs` (invalidation jobs: tag
+//! sets, path index ranges, URL lists, SCANs), `tidy` (the indexes' background upkeep),
+//! `monitor` (what each server is doing).
 //!
 //! Invariants:
 //! - all writes and deletes go to the master pool; reads go to replicas that have
@@ -33,6 +34,7 @@ mod fence;
 mod fill_lock;
 mod jobs;
 mod monitor;
+mod tidy;
 mod topology;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -205,9 +207,9 @@ pub struct RedisStore {
     stale_options: policy::PolicyOptions,
     fills: FillLocks,
     /// How far the walk that trims tag sets has got.
-    tag_tidy: std::sync::Mutex<jobs::TagTidy>,
+    tag_tidy: std::sync::Mutex<tidy::TagTidy>,
     /// How far the walks that fill and trim the path index have got.
-    index_tidy: std::sync::Mutex<jobs::IndexTidy>,
+    index_tidy: std::sync::Mutex<tidy::IndexTidy>,
     index_members_script: redis::Script,
     /// What each server is doing (roles, links, lag, memory), looked at twice a second.
     monitor: Monitor,
