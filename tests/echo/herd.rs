@@ -9,7 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cli::spawn_echod;
-use crate::support::client::{self, RawClient, RawResponse};
+use crate::support::admin::{self, sample};
+use crate::support::client::{self, RawResponse};
 use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::RedisServer;
 use crate::support::{free_port, wait_until, Gate, Hold, OriginResponse, TempDir, TestOrigin};
@@ -54,11 +55,7 @@ fn admin(extra: &str) -> String {
 }
 
 fn metrics(admin: SocketAddr) -> String {
-    let auth = format!("Bearer {TOKEN}");
-    let resp =
-        RawClient::connect(admin).request("GET", "/metrics", &[("Authorization", &auth)], b"");
-    assert_eq!(resp.status, 200);
-    resp.body_str()
+    admin::metrics(admin, TOKEN)
 }
 
 /// Fill-lock attempts a node has made (each one a round trip, after which it holds the
@@ -69,13 +66,6 @@ fn lock_attempts(admin: SocketAddr) -> f64 {
         "echo_store_operation_duration_seconds_count{store=\"redis\",op=\"lock_fill\"}",
     )
     .unwrap_or(0.0)
-}
-
-/// The value of the sample line that starts with `series` (name and labels).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split(' ').next()?.parse().ok())
 }
 
 fn all_same(responses: &[RawResponse]) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::support::admin::{self, sample};
 use crate::support::client::{self, RawClient};
 use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
 use crate::support::origin::dead_origin_url;
@@ -20,22 +21,7 @@ fn admin_section() -> String {
 }
 
 fn metrics(echo: &EchoUnderTest) -> String {
-    let auth = format!("Bearer {TOKEN}");
-    let resp = RawClient::connect(echo.admin.unwrap()).request(
-        "GET",
-        "/metrics",
-        &[("Authorization", &auth)],
-        b"",
-    );
-    assert_eq!(resp.status, 200);
-    resp.body_str()
-}
-
-/// The value of the sample line that starts with `series` (name and labels).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split(' ').next()?.parse().ok())
+    admin::metrics(echo.admin.expect("admin"), TOKEN)
 }
 
 fn admin_json(echo: &EchoUnderTest, path: &str) -> (u16, Value) {

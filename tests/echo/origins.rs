@@ -11,6 +11,7 @@ use std::time::Duration;
 use echo::config::Config;
 use serde_json::Value;
 
+use crate::support::admin;
 use crate::support::client::{self, RawClient, RawResponse};
 use crate::support::echo::EchoUnderTest;
 use crate::support::origin::dead_origin_url;
@@ -84,11 +85,7 @@ fn server_up(echo: &EchoUnderTest, url: &str) -> Option<bool> {
 }
 
 fn metrics(echo: &EchoUnderTest) -> String {
-    let mut c = RawClient::connect(echo.admin.expect("admin"));
-    let auth = format!("Bearer {TOKEN}");
-    let resp = c.request("GET", "/metrics", &[("Authorization", &auth)], b"");
-    assert_eq!(resp.status, 200);
-    resp.body_str()
+    admin::metrics(echo.admin.expect("admin"), TOKEN)
 }
 
 #[test]

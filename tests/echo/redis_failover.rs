@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::client::{self, RawClient};
+use crate::support::admin;
+use crate::support::client;
 use crate::support::echo::{config, redis_sections, EchoUnderTest};
 use crate::support::redis::{RedisServer, Sentinels};
 use crate::support::{wait_until, OriginResponse, TestOrigin};
@@ -33,19 +34,7 @@ fn admin() -> String {
 }
 
 fn invalidate(echo: &EchoUnderTest, body: &str) -> (u16, Value) {
-    let mut c = RawClient::connect(echo.admin.expect("admin listener"));
-    let auth = format!("Bearer {TOKEN}");
-    let resp = c.request(
-        "POST",
-        "/invalidate",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &auth),
-        ],
-        body.as_bytes(),
-    );
-    let json = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
-    (resp.status, json)
+    admin::invalidate(echo.admin.expect("admin listener"), TOKEN, body)
 }
 
 fn redis_key(target: &str) -> String {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::client::{self, RawClient};
+use crate::support::admin::{self, sample};
+use crate::support::client;
 use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
 use crate::support::redis::RedisServer;
 use crate::support::relay::Relay;
@@ -42,22 +43,7 @@ fn health(echo: &EchoUnderTest) -> Value {
 }
 
 fn metrics(echo: &EchoUnderTest) -> String {
-    let auth = format!("Bearer {TOKEN}");
-    let resp = RawClient::connect(echo.admin.expect("admin")).request(
-        "GET",
-        "/metrics",
-        &[("Authorization", &auth)],
-        b"",
-    );
-    assert_eq!(resp.status, 200);
-    resp.body_str()
-}
-
-/// The value of the sample line that starts with `series` (name and labels).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split(' ').next()?.parse().ok())
+    admin::metrics(echo.admin.expect("admin"), TOKEN)
 }
 
 /// `server`'s entry in `/health`'s `store.servers`.

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::client::{self, RawClient};
+use crate::support::admin;
+use crate::support::client;
 use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, Gate, OriginResponse, TestOrigin};
@@ -29,19 +30,9 @@ fn node(origin: &TestOrigin, master: &RedisServer, replicas: &[&RedisServer]) ->
 }
 
 fn invalidate(echo: &EchoUnderTest, body: &str) -> Value {
-    let mut c = RawClient::connect(echo.admin.expect("admin listener"));
-    let auth = format!("Bearer {TOKEN}");
-    let resp = c.request(
-        "POST",
-        "/invalidate",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &auth),
-        ],
-        body.as_bytes(),
-    );
-    assert_eq!(resp.status, 200, "{}", resp.body_str());
-    serde_json::from_slice(&resp.body).expect("JSON report")
+    let (status, report) = admin::invalidate(echo.admin.expect("admin listener"), TOKEN, body);
+    assert_eq!(status, 200, "{report}");
+    report
 }
 
 fn get(echo: &EchoUnderTest, target: &str) -> (String, String) {

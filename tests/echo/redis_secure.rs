@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cli::{path_str, spawn_echod};
+use crate::support::admin;
 use crate::support::client::{self, RawClient};
 use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
 use crate::support::redis::{RedisServer, Sentinels};
@@ -64,18 +65,9 @@ fn status(echo: &EchoUnderTest, target: &str) -> String {
 
 /// POST /invalidate on `echo`; the job's report.
 fn invalidate(echo: &EchoUnderTest, body: &str) -> Value {
-    let auth = format!("Bearer {TOKEN}");
-    let resp = RawClient::connect(echo.admin.expect("admin listener")).request(
-        "POST",
-        "/invalidate",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &auth),
-        ],
-        body.as_bytes(),
-    );
-    assert_eq!(resp.status, 200, "{}", resp.body_str());
-    serde_json::from_slice(&resp.body).expect("JSON report")
+    let (status, report) = admin::invalidate(echo.admin.expect("admin listener"), TOKEN, body);
+    assert_eq!(status, 200, "{report}");
+    report
 }
 
 /// GET /health on `admin`: its status, JSON and raw text.

@@ -7,6 +7,7 @@
 //! synchronisation (only as the poll interval of `wait_until`), and bounds every
 //! blocking read with a timeout so that no test can hang forever.
 
+pub mod admin;
 pub mod client;
 pub mod echo;
 mod gate;
