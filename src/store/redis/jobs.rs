@@ -21,7 +21,7 @@ use super::fence::ReplicaWait;
 use super::tidy::index_complete;
 use super::topology::Servers;
 use super::{
-    bans, codec, index_key, unlink_indexed, RedisStore, BATCH, ENTRY_PREFIX, KEY_PREFIX, SITES_KEY,
+    bans, codec, index, unlink_indexed, RedisStore, BATCH, ENTRY_PREFIX, KEY_PREFIX, SITES_KEY,
     TAG_PREFIX,
 };
 use crate::invalidation::{Checkpoint, Job, JobOutcome, Matcher, Mode, Progress, Stop, SAMPLE};
@@ -39,22 +39,6 @@ for i = 2, #KEYS do
     present[#present + 1] = KEYS[i]
   elseif ARGV[1] == '1' then
     redis.call('SREM', KEYS[1], KEYS[i])
-  end
-end
-return present
-"#;
-
-/// Of some members of a site's path index, the entry keys still stored. The others
-/// (expired or evicted since) are removed from the index too when ARGV[1] is 1,
-/// atomically with the check. KEYS: the index, then entry keys. ARGV: 1 or 0, then each
-/// entry key's member (its target), in the same order.
-pub(super) const INDEX_MEMBERS_SCRIPT: &str = r#"
-local present = {}
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    present[#present + 1] = KEYS[i]
-  elseif ARGV[1] == '1' then
-    redis.call('ZREM', KEYS[1], ARGV[i])
   end
 end
 return present
@@ -253,30 +237,22 @@ impl RedisStore {
         end.extend_from_slice(prefix.as_bytes());
         end.push(0xFF);
         for site in sites {
-            let index = index_key(&site);
-            let mut start = format!("[{prefix}").into_bytes();
+            let mut last: Option<String> = None;
             loop {
                 if let Err(stop) = progress.check() {
                     outcome.stopped = Some(stop);
                     return Ok(());
                 }
-                let targets: Vec<String> = redis::cmd("ZRANGEBYLEX")
-                    .arg(&index)
-                    .arg(&start)
-                    .arg(&end)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(BATCH)
-                    .query(conn)?;
-                let Some(last) = targets.last() else {
-                    break;
+                let from = match &last {
+                    Some(t) => index::Start::After(t),
+                    None => index::Start::At(prefix),
                 };
-                start = format!("({last}").into_bytes();
+                let targets = index::range(conn, &site, from, &end, BATCH)?;
                 let full = targets.len() == BATCH;
+                last = targets.last().cloned();
                 progress
                     .scanned
                     .fetch_add(targets.len() as u64, Ordering::Relaxed);
-                let mut rkeys = Vec::new();
                 let mut members = Vec::new();
                 for target in targets {
                     if let Err(stop) = pass.checkpoint.key(site.len() + target.len()) {
@@ -284,21 +260,12 @@ impl RedisStore {
                         return Ok(());
                     }
                     if matcher.matches_key(&format!("{site}{target}")) {
-                        rkeys.push(format!("{KEY_PREFIX}{site}{target}"));
                         members.push(target);
                     }
                 }
-                if !rkeys.is_empty() {
-                    let mut invocation = self.index_members_script.prepare_invoke();
-                    invocation.key(&index).arg(u8::from(!job.dry_run));
-                    for (rkey, member) in rkeys.iter().zip(&members) {
-                        invocation.key(rkey).arg(member);
-                    }
-                    let present: Vec<String> = invocation.invoke(conn)?;
-                    for rkey in present {
-                        if !self.take(conn, job, rkey, progress, outcome, pass)? {
-                            return Ok(());
-                        }
+                for rkey in index::present(conn, &site, &members, !job.dry_run)? {
+                    if !self.take(conn, job, rkey, progress, outcome, pass)? {
+                        return Ok(());
                     }
                 }
                 if !full {

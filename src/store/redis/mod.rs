@@ -32,6 +32,7 @@ mod bans;
 mod endpoint;
 mod fence;
 mod fill_lock;
+mod index;
 mod jobs;
 mod monitor;
 mod tidy;
@@ -46,10 +47,12 @@ use crate::config::RedisConfig;
 use crate::invalidation::{Job, JobOutcome, Matcher, Progress};
 use crate::key::CacheKey;
 use crate::policy;
-use endpoint::{is_out_of_memory, millis, Endpoint};
+use endpoint::{millis, Endpoint};
 use fence::{Fence, CONTROL_KEY};
 pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
+pub use index::{index_entries, indexed_targets};
+use index::{unlink_indexed, SITES_KEY};
 use monitor::Monitor;
 use topology::Topology;
 
@@ -59,30 +62,27 @@ const KEY_PREFIX: &str = "echo:v1:";
 const ENTRY_PREFIX: &str = "echo:v1:http";
 /// Tag index: one set of entry keys per `Surrogate-Key` tag.
 const TAG_PREFIX: &str = "echo:v1:tag:";
-/// Path index: per site (`scheme://host`), a sorted set of its stored targets (score 0,
-/// read by lexical range), so a pattern with a literal prefix reads only its range.
-const INDEX_PREFIX: &str = "echo:v1:idx:";
-/// Every site with an index.
-const SITES_KEY: &str = "echo:v1:sites";
 /// Keys deleted or rewritten per round trip.
 const BATCH: usize = 500;
 
 /// Stores an entry only if no invalidation happened since the fill began; indexes its
 /// path and tags and forgets the key's hit-for-pass marker in the same step. KEYS:
-/// entry, the control hash, the pass marker, the site's path index, the sites, the
-/// key's fill lock, tag sets. ARGV: the generation the fill saw, the value, the TTL in
-/// ms, the target, the site, the fill lock's owner to release it for ("" for none), its
-/// release channel. Returns -1 when stored (and the lock released as `UNLOCK_SCRIPT`
-/// does), else the generation now. Tag sets have no TTL (a `volatile-*` eviction policy never takes an index away
-/// from its entries): each addition checks two random members and drops those whose
-/// entry is gone, so a set written to holds at most about twice its live entries (and
-/// `tidy` walks the others).
-const STORE_SCRIPT: &str = r#"
+/// entry, the control hash, the pass marker, the site's index directory (see `index`),
+/// the sites, the key's fill lock, tag sets. ARGV: the generation the fill saw, the
+/// value, the TTL in ms, the target, the site, the fill lock's owner to release it for
+/// ("" for none), its release channel. Returns -1 when stored (and the lock released as
+/// `UNLOCK_SCRIPT` does), else the generation now. Tag sets have no TTL (a `volatile-*`
+/// eviction policy never takes an index away from its entries): each addition checks
+/// two random members and drops those whose entry is gone, so a set written to holds at
+/// most about twice its live entries (and `tidy` walks the others).
+const STORE_SCRIPT: &str = concat!(
+    index::index_lua!(),
+    r#"
 local generation = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 if generation ~= tonumber(ARGV[1]) then return generation end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[3])
-redis.call('ZADD', KEYS[4], 0, ARGV[4])
+index_add(ARGV[5], ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[5])
 if ARGV[6] ~= '' then
   local holder = redis.call('GET', KEYS[6])
@@ -98,7 +98,8 @@ for i = 7, #KEYS do
   end
 end
 return -1
-"#;
+"#
+);
 
 /// The Redis key for a cache key.
 pub fn redis_key(key: &CacheKey) -> String {
@@ -110,53 +111,6 @@ fn site_and_target(key: &str) -> Option<(&str, &str)> {
     let host = key.find("://")? + 3;
     let slash = host + key[host..].find('/')?;
     Some((&key[..slash], &key[slash..]))
-}
-
-/// The path index of a site.
-fn index_key(site: &str) -> String {
-    format!("{INDEX_PREFIX}{site}")
-}
-
-/// Removes `rkeys` (Redis entry keys) and their path index members, in one transaction
-/// (a fill storing one again runs wholly before or after: entry and member stay
-/// together); with `tag_set`, from that tag set too. Returns how many entries existed.
-fn unlink_indexed(
-    conn: &mut redis::Connection,
-    rkeys: &[String],
-    tag_set: Option<&str>,
-) -> redis::RedisResult<u64> {
-    let mut pipe = redis::pipe();
-    pipe.atomic().cmd("UNLINK").arg(rkeys);
-    let mut by_index: std::collections::HashMap<String, Vec<&str>> = Default::default();
-    for rkey in rkeys {
-        if let Some((site, target)) = rkey.strip_prefix(KEY_PREFIX).and_then(site_and_target) {
-            by_index.entry(index_key(site)).or_default().push(target);
-        }
-    }
-    for (index, members) in &by_index {
-        pipe.cmd("ZREM").arg(index).arg(members).ignore();
-    }
-    if let Some(set) = tag_set {
-        pipe.cmd("SREM").arg(set).arg(rkeys).ignore();
-    }
-    match pipe.query::<(u64,)>(conn) {
-        Ok((deleted,)) => Ok(deleted),
-        // Full (noeviction): Redis refuses the transaction, not the deletes. A fill
-        // cannot store meanwhile (its write is refused too): one after the other.
-        Err(e) if is_out_of_memory(&e) => {
-            let mut pipe = redis::pipe();
-            pipe.cmd("UNLINK").arg(rkeys);
-            for (index, members) in &by_index {
-                pipe.cmd("ZREM").arg(index).arg(members).ignore();
-            }
-            if let Some(set) = tag_set {
-                pipe.cmd("SREM").arg(set).arg(rkeys).ignore();
-            }
-            let (deleted,): (u64,) = pipe.query(conn)?;
-            Ok(deleted)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// What a lookup reads in one round trip: the entry, and the control hash's generation
@@ -210,7 +164,6 @@ pub struct RedisStore {
     tag_tidy: std::sync::Mutex<tidy::TagTidy>,
     /// How far the walks that fill and trim the path index have got.
     index_tidy: std::sync::Mutex<tidy::IndexTidy>,
-    index_members_script: redis::Script,
     /// What each server is doing (roles, links, lag, memory), looked at twice a second.
     monitor: Monitor,
 }
@@ -258,7 +211,6 @@ impl RedisStore {
             fills,
             tag_tidy: Default::default(),
             index_tidy: Default::default(),
-            index_members_script: redis::Script::new(jobs::INDEX_MEMBERS_SCRIPT),
             monitor,
         })
     }
@@ -348,7 +300,7 @@ impl RedisStore {
                         .key(&rkey)
                         .key(CONTROL_KEY)
                         .key(fill_lock::pass_key(key))
-                        .key(index_key(site))
+                        .key(index::directory_key(site))
                         .key(SITES_KEY)
                         .key(fill_lock_key(key));
                     for tag in &tags {

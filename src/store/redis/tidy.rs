@@ -7,14 +7,14 @@
 use std::sync::Mutex;
 
 use super::fence::CONTROL_KEY;
-use super::{
-    index_key, site_and_target, RedisStore, BATCH, ENTRY_PREFIX, KEY_PREFIX, SITES_KEY, TAG_PREFIX,
-};
+use super::index::{self, SITES_KEY};
+use super::{RedisStore, ENTRY_PREFIX, TAG_PREFIX};
 use crate::invalidation::Progress;
 
 /// The control hash's field set once a pass of the index walk found every stored entry
 /// in its site's index: from then on, jobs with a literal prefix read index ranges.
-const INDEX_COMPLETE: &str = "ix";
+/// (`ix` meant the same of the index before shards, which a complete pass removes.)
+const INDEX_COMPLETE: &str = "ixs";
 
 /// Keys the index walks look at per second while the invalidation thread idles.
 const INDEX_SWEEP_PER_SEC: usize = 10_000;
@@ -109,21 +109,14 @@ impl RedisStore {
 
 /// Where the path index walks are: the backfill's SCAN (entries stored before the index
 /// existed, or by an older Echo) and what it added this pass; the prune's sites left and
-/// the site index being walked (with its ZSCAN cursor).
+/// the site index being walked (with the last target it read).
 #[derive(Default)]
 pub(super) struct IndexTidy {
     scan: u64,
     added: u64,
     sites: std::collections::VecDeque<String>,
-    current: Option<(String, u64)>,
+    current: Option<(String, Option<String>)>,
 }
-
-/// Forgets a site whose index is empty, atomically with the check (a fill indexing it
-/// again runs wholly before or after). KEYS: the index, the sites. ARGV: the site.
-const FORGET_SITE_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
-return 0
-"#;
 
 impl RedisStore {
     /// Walks the path index a little further, a budget of keys per call (about once a
@@ -144,28 +137,23 @@ impl RedisStore {
                         .arg(self.scan_count)
                         .query(conn)?;
                     budget = budget.saturating_sub(self.scan_count);
-                    let mut pipe = redis::pipe();
-                    let mut indexed = 0;
-                    for rkey in &keys {
-                        let key = rkey.strip_prefix(KEY_PREFIX).unwrap_or(rkey);
-                        if let Some((site, target)) = site_and_target(key) {
-                            pipe.cmd("ZADD").arg(index_key(site)).arg(0).arg(target);
-                            pipe.cmd("SADD").arg(SITES_KEY).arg(site).ignore();
-                            indexed += 1;
-                        }
-                    }
-                    if indexed > 0 {
-                        let added: Vec<u64> = pipe.query(conn)?;
-                        walk.added += added.iter().sum::<u64>();
-                    }
+                    walk.added += index::index_entries(conn, &keys)?;
                     walk.scan = next;
                     if next == 0 {
                         if walk.added == 0 {
-                            let _: () = redis::cmd("HSET")
+                            // The index before shards is no longer read.
+                            let sites: Vec<String> =
+                                redis::cmd("SMEMBERS").arg(SITES_KEY).query(conn)?;
+                            let mut pipe = redis::pipe();
+                            for site in &sites {
+                                pipe.cmd("UNLINK").arg(index::unsharded_key(site)).ignore();
+                            }
+                            pipe.cmd("HSET")
                                 .arg(CONTROL_KEY)
                                 .arg(INDEX_COMPLETE)
                                 .arg(1)
-                                .query(conn)?;
+                                .ignore();
+                            pipe.query::<()>(conn)?;
                         }
                         walk.added = 0;
                         return Ok(());
@@ -174,37 +162,22 @@ impl RedisStore {
                 return Ok(());
             }
             while budget > 0 {
-                if let Some((site, cursor)) = walk.current.take() {
-                    let index = index_key(&site);
-                    let (next, flat): (u64, Vec<String>) = redis::cmd("ZSCAN")
-                        .arg(&index)
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(self.scan_count)
-                        .query(conn)?;
-                    let members: Vec<&String> = flat.iter().step_by(2).collect();
-                    budget = budget.saturating_sub(members.len().max(1));
-                    for chunk in members.chunks(BATCH) {
-                        let mut invocation = self.index_members_script.prepare_invoke();
-                        invocation.key(&index).arg(1);
-                        for member in chunk {
-                            invocation
-                                .key(format!("{KEY_PREFIX}{site}{member}"))
-                                .arg(member.as_str());
-                        }
-                        let _: Vec<String> = invocation.invoke(conn)?;
-                    }
-                    if next != 0 {
-                        walk.current = Some((site, next));
+                if let Some((site, last)) = walk.current.take() {
+                    let from = match &last {
+                        Some(t) => index::Start::After(t),
+                        None => index::Start::At(""),
+                    };
+                    let page = self.scan_count.max(1);
+                    let targets = index::range(conn, &site, from, b"+", page)?;
+                    budget = budget.saturating_sub(targets.len().max(1));
+                    let _ = index::present(conn, &site, &targets, true)?;
+                    if targets.len() == page {
+                        walk.current = Some((site, targets.last().cloned()));
                     } else {
-                        let _: i64 = redis::Script::new(FORGET_SITE_SCRIPT)
-                            .key(&index)
-                            .key(SITES_KEY)
-                            .arg(&site)
-                            .invoke(conn)?;
+                        index::forget_if_empty(conn, &site)?;
                     }
                 } else if let Some(site) = walk.sites.pop_front() {
-                    walk.current = Some((site, 0));
+                    walk.current = Some((site, None));
                 } else {
                     let sites: Vec<String> = redis::cmd("SMEMBERS").arg(SITES_KEY).query(conn)?;
                     budget = budget.saturating_sub(sites.len().max(1));

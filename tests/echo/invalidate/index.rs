@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use echo::config::Config;
 use echo::invalidation::{Job, Matcher, Mode, Progress};
 use echo::key::CacheKey;
-use echo::store::redis::RedisStore;
+use echo::store::redis::{indexed_targets, RedisStore};
 use echo::store::{Entry, Store};
 
 use crate::support::redis::RedisServer;
@@ -64,14 +64,14 @@ fn job(pattern: &str, host: Option<&str>, dry_run: bool) -> Job {
 
 /// The targets in `site`'s index.
 fn indexed(master: &RedisServer, site: &str) -> BTreeSet<String> {
-    redis::cmd("ZRANGE")
-        .arg(format!("echo:v1:idx:{site}"))
-        .arg(0)
-        .arg(-1)
-        .query::<Vec<String>>(&mut master.connection())
-        .expect("ZRANGE")
-        .into_iter()
-        .collect()
+    let targets = indexed_targets(&mut master.connection(), site).expect("index read");
+    let set: BTreeSet<String> = targets.iter().cloned().collect();
+    assert_eq!(set.len(), targets.len(), "each target once, in order");
+    assert!(
+        targets.windows(2).all(|w| w[0] < w[1]),
+        "in order: {targets:?}"
+    );
+    set
 }
 
 /// Runs the store's background upkeep until the index is marked complete.
@@ -80,7 +80,7 @@ fn wait_index_complete(store: &RedisStore, master: &RedisServer) {
         store.tidy();
         redis::cmd("HGET")
             .arg("echo:v1:control")
-            .arg("ix")
+            .arg("ixs")
             .query::<Option<u8>>(&mut master.connection())
             .expect("HGET")
             == Some(1)
@@ -171,8 +171,22 @@ fn a_ranged_job_reads_its_range_not_the_keyspace() {
 #[test]
 fn entries_stored_before_the_index_are_added_to_it_before_it_is_trusted() {
     let master = RedisServer::master();
-    // As an Echo before the index stored them: entries with no index member.
+    // As an Echo before the index stored them: entries with no index member. And an
+    // index of the layout before shards, once complete: not trusted, and removed.
     let mut conn = master.connection();
+    let _: () = redis::pipe()
+        .cmd("ZADD")
+        .arg("echo:v1:idx:http://old.example")
+        .arg(0)
+        .arg("/orgs/7/0")
+        .ignore()
+        .cmd("HSET")
+        .arg("echo:v1:control")
+        .arg("ix")
+        .arg(1)
+        .ignore()
+        .query(&mut conn)
+        .expect("the old index");
     for i in 0..50 {
         let _: () = redis::cmd("SET")
             .arg(format!("echo:v1:http://old.example/orgs/7/{i}"))
@@ -194,6 +208,10 @@ fn entries_stored_before_the_index_are_added_to_it_before_it_is_trusted() {
         indexed(&master, "http://old.example").len(),
         50,
         "backfilled"
+    );
+    assert!(
+        !master.exists("echo:v1:idx:http://old.example"),
+        "the index before shards is gone"
     );
     let outcome = store
         .invalidate(&job("^/orgs/7/", None, false), &Progress::default())
@@ -295,4 +313,82 @@ fn ranged_jobs_match_a_brute_force_walk() {
             );
         }
     }
+}
+
+/// The shard layout under churn: a site's index splits into shards of at most 128 targets
+/// (each in Redis's compact encoding), survives overwrites and deletes that empty whole
+/// shards, always lists exactly the stored targets in order, and ranged jobs over many
+/// shards find what a full walk finds.
+#[test]
+fn the_index_shards_stay_exact_compact_and_ordered_under_churn() {
+    let master = RedisServer::master();
+    let store = store_on(&master, &[]);
+    let long = Duration::from_secs(600);
+    let site = "http://many.example";
+    let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut stored = BTreeSet::new();
+    for round in 0..6 {
+        for _ in 0..400 {
+            let target = format!("/o/{}/u/{}", next(12), next(60));
+            let k = CacheKey::new("http", "many.example", &target);
+            if next(4) == 0 {
+                store.remove(&k).unwrap();
+                stored.remove(&target);
+            } else {
+                // As a fill does: the generation read first (a removal since is a ban).
+                let since = store.get_latest(&k).unwrap().generation;
+                assert!(store.put(&k, entry(long, None), since).unwrap());
+                stored.insert(target);
+            }
+        }
+        assert_eq!(indexed(&master, site), stored, "round {round}");
+        let mut conn = master.connection();
+        let starts: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("echo:v1:ix:{site}"))
+            .arg(0)
+            .arg(-1)
+            .query(&mut conn)
+            .expect("ZRANGE");
+        assert_eq!(starts.first().map(String::as_str), Some(""), "first shard");
+        if round == 0 {
+            assert!(starts.len() > 2, "split into shards: {starts:?}");
+        }
+        for start in &starts {
+            let shard = format!("echo:v1:ixs:{site} {start}");
+            let card: usize = redis::cmd("ZCARD").arg(&shard).query(&mut conn).unwrap();
+            assert!(card < 128, "{shard}: {card} members");
+            assert!(card > 0 || start.is_empty(), "an empty shard left: {shard}");
+            if card > 0 {
+                let encoding: String = redis::cmd("OBJECT")
+                    .arg("ENCODING")
+                    .arg(&shard)
+                    .query(&mut conn)
+                    .unwrap();
+                assert_eq!(encoding, "listpack", "{shard}");
+            }
+        }
+    }
+    wait_index_complete(&store, &master);
+    for pattern in [r"^/o/1/", r"^/o/1", r"^/o/3/u/5\d$", r"^/o/", "^/o/11/u/"] {
+        let expected = stored
+            .iter()
+            .filter(|t| regex::Regex::new(pattern).unwrap().is_match(t))
+            .count();
+        let progress = Progress::default();
+        let outcome = store
+            .invalidate(&job(pattern, None, true), &progress)
+            .unwrap();
+        assert_eq!(outcome.matched as usize, expected, "{pattern}");
+    }
+    let outcome = store
+        .invalidate(&job("^/o/", None, false), &Progress::default())
+        .unwrap();
+    assert_eq!(outcome.changed as usize, stored.len());
+    assert!(indexed(&master, site).is_empty());
 }
