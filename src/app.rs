@@ -322,6 +322,9 @@ pub fn start_on(
             if !servers.is_empty() {
                 m.redis.set(&servers);
             }
+            if let Some(tier) = store.local_tier() {
+                m.redis.set_local(&tier);
+            }
         });
     }
     let upstreams = Arc::new(live::Live::new(Arc::new(

@@ -4,7 +4,7 @@
 //! Invariants: label values are lower case; a metric is registered once, here, with its
 //! help text; recording never blocks a request for long (atomic counters).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,6 +63,16 @@ pub struct RedisMetrics {
     /// `echo_redis_used_memory_bytes{server}` and `echo_redis_maxmemory_bytes{server}`.
     pub used_memory: Family<Labels, Gauge>,
     pub maxmemory: Family<Labels, Gauge>,
+    /// The local tier in front of Redis: `echo_local_cache_{hits,misses,invalidations,
+    /// flushes}_total`, `echo_local_cache_bytes`, `echo_local_cache_entries`, and
+    /// `echo_local_cache_on` (1 while it serves).
+    pub local_hits: Counter,
+    pub local_misses: Counter,
+    pub local_invalidations: Counter,
+    pub local_flushes: Counter,
+    pub local_bytes: Gauge,
+    pub local_entries: Gauge,
+    pub local_on: Gauge,
 }
 
 impl RedisMetrics {
@@ -74,7 +84,57 @@ impl RedisMetrics {
             degraded: Family::default(),
             used_memory: Family::default(),
             maxmemory: Family::default(),
+            local_hits: Counter::default(),
+            local_misses: Counter::default(),
+            local_invalidations: Counter::default(),
+            local_flushes: Counter::default(),
+            local_bytes: Gauge::default(),
+            local_entries: Gauge::default(),
+            local_on: Gauge::default(),
         };
+        for (name, help, counter) in [
+            (
+                "echo_local_cache_hits",
+                "Lookups the local tier in front of Redis answered (no round trip)",
+                &m.local_hits,
+            ),
+            (
+                "echo_local_cache_misses",
+                "Lookups the local tier did not hold (read from Redis)",
+                &m.local_misses,
+            ),
+            (
+                "echo_local_cache_invalidations",
+                "Keys Redis's invalidation messages named to the local tier",
+                &m.local_invalidations,
+            ),
+            (
+                "echo_local_cache_flushes",
+                "Times the local tier was emptied (a tracking connection lost or late, FLUSHALL)",
+                &m.local_flushes,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
+        }
+        for (name, help, gauge) in [
+            (
+                "echo_local_cache_bytes",
+                "Bytes the local tier holds",
+                &m.local_bytes,
+            ),
+            (
+                "echo_local_cache_entries",
+                "Entries (URLs) the local tier holds",
+                &m.local_entries,
+            ),
+            (
+                "echo_local_cache_on",
+                "Whether the local tier serves (1) or not (0: syncing, or Redis refused tracking)",
+                &m.local_on,
+            ),
+        ] {
+            r.register(name, help, gauge.clone());
+        }
         r.register(
             "echo_redis_server_up",
             "Whether the Redis monitor reaches a server (1) or not (0), by server and the role Echo uses it as",
@@ -106,6 +166,25 @@ impl RedisMetrics {
             m.maxmemory.clone(),
         );
         m
+    }
+
+    /// Sets the local tier's series from what it reports (its counters are its own).
+    pub fn set_local(&self, tier: &crate::store::LocalTierReport) {
+        self.local_hits.inner().store(tier.hits, Ordering::Relaxed);
+        self.local_misses
+            .inner()
+            .store(tier.misses, Ordering::Relaxed);
+        self.local_invalidations
+            .inner()
+            .store(tier.invalidations, Ordering::Relaxed);
+        self.local_flushes
+            .inner()
+            .store(tier.flushes, Ordering::Relaxed);
+        self.local_bytes
+            .set(i64::try_from(tier.bytes).unwrap_or(i64::MAX));
+        self.local_entries
+            .set(i64::try_from(tier.entries).unwrap_or(i64::MAX));
+        self.local_on.set(i64::from(tier.state == "on"));
     }
 
     /// Sets every gauge from `servers`, dropping those of servers and reasons gone.

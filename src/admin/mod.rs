@@ -152,6 +152,18 @@ impl Admin {
         if !servers.is_empty() {
             store["servers"] = servers.iter().map(server_json).collect();
         }
+        if let Some(tier) = self.store.local_tier() {
+            store["local_tier"] = json!({
+                "state": tier.state,
+                "reason": tier.reason,
+                "bytes": tier.bytes,
+                "entries": tier.entries,
+                "hits": tier.hits,
+                "misses": tier.misses,
+                "invalidations": tier.invalidations,
+                "flushes": tier.flushes,
+            });
+        }
         let mut inv = json!({
             "status": if invalidation.is_none() { "ok" } else { "degraded" },
             "queued": self.invalidator.queued(),

@@ -34,6 +34,7 @@ impl Cache {
         key: &CacheKey,
         variants: &[Arc<Entry>],
         since: Since,
+        tier: Option<&'static str>,
     ) -> Option<(Fwd, Option<StaleCopy>)> {
         let Some(entry) = self.select(variants, &ex.req) else {
             let fwd = if variants.is_empty() {
@@ -58,6 +59,7 @@ impl Cache {
                 let outcome = Outcome::Hit {
                     ttl,
                     collapsed: None,
+                    tier,
                 };
                 serve_stored(ex, entry, age, outcome);
                 None
@@ -167,6 +169,7 @@ impl Cache {
         let outcome = Outcome::Hit {
             ttl: ttl(entry, age),
             collapsed: Some(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)),
+            tier: None,
         };
         serve_stored(ex, entry, age, outcome);
         true

@@ -255,6 +255,7 @@ impl Cache {
         let Lookup {
             variants,
             generation,
+            local,
         } = match self.store.get(&key) {
             Ok(v) => v,
             Err(e) => {
@@ -269,7 +270,13 @@ impl Cache {
             generation,
             started,
         };
-        let Some((fwd, stale)) = self.answer_from_store(ex, &key, &variants, since) else {
+        // Which tier answered, for a Redis store (the memory store has one).
+        let tier = match (local, self.store.name()) {
+            (true, _) => Some("local"),
+            (false, "redis") => Some("redis"),
+            _ => None,
+        };
+        let Some((fwd, stale)) = self.answer_from_store(ex, &key, &variants, since, tier) else {
             return Step::Answered;
         };
         let req_cc = CacheControl::parse_request(&ex.req.headers);

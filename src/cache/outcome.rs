@@ -75,8 +75,13 @@ pub enum OwnAnswer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// A fresh stored response answered; `collapsed`: it was stored by another request's
-    /// fetch, which this one waited for (this long, in ms).
-    Hit { ttl: i64, collapsed: Option<u64> },
+    /// fetch, which this one waited for (this long, in ms); `tier`: with the Redis store,
+    /// whether it came from the local tier (`local`) or Redis (`redis`).
+    Hit {
+        ttl: i64,
+        collapsed: Option<u64>,
+        tier: Option<&'static str>,
+    },
     /// A stale stored response answered.
     Stale { ttl: i64, why: StaleReason },
     /// The origin's answer was passed on; `stored` only when the entry was stored, and
@@ -153,12 +158,19 @@ impl Outcome {
     pub fn cache_status(&self) -> String {
         let mut m = format!("{CACHE_NAME}; ");
         match *self {
-            Outcome::Hit { ttl, collapsed } => {
+            Outcome::Hit {
+                ttl,
+                collapsed,
+                tier,
+            } => {
                 let _ = write!(m, "hit; ttl={ttl}");
                 // RFC 9211 §2.7: "collapsed: ... the request was collapsed with
                 // another request"; how long it waited goes in `detail`.
                 if let Some(waited) = collapsed {
                     let _ = write!(m, "; collapsed; detail=waited-{waited}ms");
+                } else if let Some(tier) = tier {
+                    // §2.8: "detail: ... implementation-specific information".
+                    let _ = write!(m, "; detail={tier}");
                 }
             }
             Outcome::Stale { ttl, why } => {
@@ -234,6 +246,7 @@ mod tests {
                 Outcome::Hit {
                     ttl: 42,
                     collapsed: None,
+                    tier: None,
                 },
                 "HIT",
                 "echo; hit; ttl=42",
@@ -241,8 +254,19 @@ mod tests {
             ),
             (
                 Outcome::Hit {
+                    ttl: 42,
+                    collapsed: None,
+                    tier: Some("local"),
+                },
+                "HIT",
+                "echo; hit; ttl=42; detail=local",
+                "hit",
+            ),
+            (
+                Outcome::Hit {
                     ttl: 7,
                     collapsed: Some(1250),
+                    tier: None,
                 },
                 "HIT",
                 "echo; hit; ttl=7; collapsed; detail=waited-1250ms",

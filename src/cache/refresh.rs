@@ -186,6 +186,7 @@ impl Refresher for Cache {
         let Ok(Lookup {
             variants,
             generation,
+            ..
         }) = self.store.get(key)
         else {
             return false;

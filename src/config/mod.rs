@@ -125,6 +125,10 @@ pub struct RedisConfig {
     /// Tag-set members (or keys walked) checked per second while the invalidation
     /// thread idles, trimming tag sets of gone entries; 0: never.
     pub tag_sweep_per_sec: usize,
+    /// The in-process tier in front of Redis: its bound in bytes (0: no tier) ...
+    pub local_cache_max_bytes: usize,
+    /// ... and the longest it holds an entry (never past the entry's freshness).
+    pub local_cache_max_ttl: Duration,
 }
 
 /// Where Echo finds the Redis master and its replicas.

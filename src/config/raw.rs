@@ -340,6 +340,8 @@ pub(super) struct RawRedis {
     pub(super) wait_timeout_ms: u64,
     pub(super) scan_count: u64,
     pub(super) tag_sweep_per_sec: u64,
+    pub(super) local_cache_max_bytes: u64,
+    pub(super) local_cache_max_ttl_ms: u64,
 }
 
 impl Default for RawRedis {
@@ -366,6 +368,8 @@ impl Default for RawRedis {
             wait_timeout_ms: 1_000,
             scan_count: 1_000,
             tag_sweep_per_sec: 1_000,
+            local_cache_max_bytes: 64 << 20,
+            local_cache_max_ttl_ms: 60_000,
         }
     }
 }

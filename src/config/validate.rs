@@ -626,6 +626,18 @@ fn validate_redis(r: RawRedis, workers: usize) -> Result<RedisConfig, ConfigErro
         wait_timeout: ms("redis.wait_timeout_ms", r.wait_timeout_ms)?,
         scan_count: ranged("redis.scan_count", r.scan_count, 10, 100_000)?,
         tag_sweep_per_sec: ranged("redis.tag_sweep_per_sec", r.tag_sweep_per_sec, 0, 1_000_000)?,
+        local_cache_max_bytes: ranged(
+            "redis.local_cache_max_bytes",
+            r.local_cache_max_bytes,
+            0,
+            1 << 40,
+        )?,
+        local_cache_max_ttl: Duration::from_millis(ranged(
+            "redis.local_cache_max_ttl_ms",
+            r.local_cache_max_ttl_ms,
+            1,
+            86_400_000,
+        )? as u64),
     })
 }
 

@@ -217,6 +217,7 @@ impl Store for MemoryStore {
         Ok(Lookup {
             variants: inner.lru.get(key.as_str()).cloned().unwrap_or_default(),
             generation: inner.bans.generation(),
+            local: false,
         })
     }
 

@@ -206,6 +206,23 @@ pub struct ServerHealth {
     pub degraded: Vec<(&'static str, String)>,
 }
 
+/// The Redis store's local tier as it stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalTierReport {
+    /// `on`, `syncing` (waiting for its tracking connection to the master), or
+    /// `refused` (Redis refused client tracking: no tier).
+    pub state: &'static str,
+    /// Why, when refused.
+    pub reason: Option<String>,
+    pub bytes: usize,
+    pub entries: usize,
+    pub hits: u64,
+    pub misses: u64,
+    /// Keys named by Redis's invalidation messages.
+    pub invalidations: u64,
+    pub flushes: u64,
+}
+
 /// What a try for a key's cluster-wide fill lock found.
 #[derive(Debug)]
 pub enum FillLockAttempt {
@@ -224,6 +241,8 @@ pub enum FillLockAttempt {
 pub struct Lookup {
     pub variants: Vec<Arc<Entry>>,
     pub generation: u64,
+    /// Found in the Redis store's local tier (no round trip).
+    pub local: bool,
 }
 
 pub trait Store: Send + Sync {
@@ -242,6 +261,10 @@ pub trait Store: Send + Sync {
     /// metrics). Default: none.
     fn servers(&self) -> Vec<ServerHealth> {
         Vec::new()
+    }
+    /// The Redis store's local tier, when it has one (`/health`, metrics).
+    fn local_tier(&self) -> Option<LocalTierReport> {
+        None
     }
     /// Every stored variant of `key` (empty when none), and the current generation.
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
@@ -442,6 +465,9 @@ impl Store for Instrumented {
     }
     fn servers(&self) -> Vec<ServerHealth> {
         self.inner.servers()
+    }
+    fn local_tier(&self) -> Option<LocalTierReport> {
+        self.inner.local_tier()
     }
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         self.timed("get", || self.inner.get(key))

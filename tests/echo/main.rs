@@ -19,6 +19,7 @@ mod redis;
 mod redis_failover;
 mod redis_fence;
 mod redis_health;
+mod redis_local;
 mod redis_lock;
 mod redis_memory;
 mod redis_secure;

@@ -13,34 +13,28 @@ use serde_json::Value;
 
 use crate::support::admin;
 use crate::support::client::{self, RawClient};
-use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
+use crate::support::echo::{config, redis_sections, EchoUnderTest, NO_LOCAL_TIER, QUICK_REDIS};
 use crate::support::redis::RedisServer;
 use crate::support::relay::Relay;
-use crate::support::{free_port, wait_until, Gate, Hold, OriginResponse, TestOrigin};
+use crate::support::{free_port, wait_until, Gate, Hold, OriginResponse, TestOrigin, Versioned};
 
 const TOKEN: &str = "fence-token";
 const HOST: &str = "fence.example";
 
-/// An origin whose bodies carry a version the test bumps behind Echo's back.
-struct Versioned {
-    origin: TestOrigin,
-    version: Arc<AtomicU64>,
-}
-
-fn versioned() -> Versioned {
-    let version = Arc::new(AtomicU64::new(1));
-    let v = Arc::clone(&version);
-    let origin = TestOrigin::start(move |req| {
-        OriginResponse::ok(format!("{} v{}", req.target, v.load(Ordering::SeqCst)))
-            .header("Cache-Control", "max-age=600")
-    });
-    Versioned { origin, version }
-}
-
 /// One Echo node on `master` and `replicas`, with the admin API. WAIT gives up on an
 /// unreachable replica after 300 ms.
 fn node(origin: &TestOrigin, master: &RedisServer, replicas: &[&RedisServer]) -> EchoUnderTest {
-    let redis = format!("{QUICK_REDIS}wait_timeout_ms = 300\n");
+    node_with(origin, master, replicas, "")
+}
+
+/// `node`, with `redis` added to `[redis]`.
+fn node_with(
+    origin: &TestOrigin,
+    master: &RedisServer,
+    replicas: &[&RedisServer],
+    redis: &str,
+) -> EchoUnderTest {
+    let redis = format!("{QUICK_REDIS}wait_timeout_ms = 300\n{redis}");
     let text = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n{}",
         redis_sections(master, replicas, "", &redis)
@@ -105,7 +99,7 @@ fn a_replica_cut_off_from_its_master_never_serves_what_an_invalidation_deleted()
     let master = RedisServer::master();
     let cut = RedisServer::replica_of(&master);
     let healthy = RedisServer::replica_of(&master);
-    let o = versioned();
+    let o = Versioned::start();
     let a = node(&o.origin, &master, &[&cut, &healthy]);
     let b = node(&o.origin, &master, &[&cut, &healthy]);
     warm(&a, &b, &[&cut, &healthy], "/orgs/1");
@@ -160,9 +154,10 @@ fn a_lagging_replica_is_not_read_past_an_invalidation_and_is_read_again_once_cau
         },
     );
     let healthy = RedisServer::replica_of(&master);
-    let o = versioned();
-    let a = node(&o.origin, &master, &[&lagging, &healthy]);
-    let b = node(&o.origin, &master, &[&lagging, &healthy]);
+    let o = Versioned::start();
+    // Which replica answers is the point: no local tier in front.
+    let a = node_with(&o.origin, &master, &[&lagging, &healthy], NO_LOCAL_TIER);
+    let b = node_with(&o.origin, &master, &[&lagging, &healthy], NO_LOCAL_TIER);
     warm(&a, &b, &[&lagging, &healthy], "/users/7");
     wait_for_nodes(&master, 2);
 
@@ -199,7 +194,7 @@ fn a_lagging_replica_is_not_read_past_an_invalidation_and_is_read_again_once_cau
 fn a_node_that_is_gone_holds_an_invalidation_up_for_about_a_lease_at_most() {
     let master = RedisServer::master();
     let replica = RedisServer::replica_of(&master);
-    let o = versioned();
+    let o = Versioned::start();
     let a = node(&o.origin, &master, &[&replica]);
     let b = node(&o.origin, &master, &[&replica]);
     warm(&a, &b, &[&replica], "/gone/1");
@@ -329,7 +324,7 @@ fn a_paused_replica_never_serves_what_an_invalidation_deleted() {
     let master = RedisServer::master();
     let paused = RedisServer::replica_of(&master);
     let other = RedisServer::replica_of(&master);
-    let o = versioned();
+    let o = Versioned::start();
     let a = node(&o.origin, &master, &[&paused, &other]);
     let b = node(&o.origin, &master, &[&paused, &other]);
     warm(&a, &b, &[&paused, &other], "/paused/1");

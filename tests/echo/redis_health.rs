@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::support::admin::{self, sample};
 use crate::support::client;
-use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
+use crate::support::echo::{config, redis_sections, EchoUnderTest, NO_LOCAL_TIER, QUICK_REDIS};
 use crate::support::redis::RedisServer;
 use crate::support::relay::Relay;
 use crate::support::{free_port, wait_until, OriginResponse, TestOrigin};
@@ -96,7 +96,7 @@ fn a_healthy_cluster_reports_each_server_role_link_lag_and_memory() {
     let a = RedisServer::replica_of(&master);
     let b = RedisServer::replica_of(&master);
     let o = origin();
-    let echo = echo_on(&o, &master, &[&a, &b], "");
+    let echo = echo_on(&o, &master, &[&a, &b], NO_LOCAL_TIER);
     let h = wait_health(&echo, "every server checked and ok", |h| {
         h["store"]["servers"]
             .as_array()
@@ -190,7 +190,7 @@ fn a_replica_whose_link_is_down_is_not_read_until_it_is_linked_again() {
         .serve_stale_data(true)
         .start();
     let o = origin();
-    let echo = echo_on(&o, &master, &[&replica], "");
+    let echo = echo_on(&o, &master, &[&replica], NO_LOCAL_TIER);
     wait_health(&echo, "the replica checked and readable", |h| {
         server(h, &replica)["readable"] == true
     });
@@ -198,8 +198,10 @@ fn a_replica_whose_link_is_down_is_not_read_until_it_is_linked_again() {
     replica.wait_for_key("echo:v1:http://test.local/link/1");
 
     replica.replicaof(Some(("127.0.0.1", free_port())));
+    // The server list and the store's status are two looks at the monitor: both see it.
     let h = wait_health(&echo, "the replica reported link down", |h| {
         reasons(server(h, &replica)).contains(&"link_down".to_string())
+            && h["store"]["status"] == "degraded"
     });
     let s = server(&h, &replica);
     assert_eq!(s["link"], "down", "{h}");
@@ -261,7 +263,12 @@ fn a_lagging_replica_is_not_read_past_the_lag_bound() {
         || lagging.master_link_up(),
     );
     let o = origin();
-    let echo = echo_on(&o, &master, &[&lagging], "max_replica_lag_ms = 300\n");
+    let echo = echo_on(
+        &o,
+        &master,
+        &[&lagging],
+        &format!("max_replica_lag_ms = 300\n{NO_LOCAL_TIER}"),
+    );
     wait_health(&echo, "the replica readable", |h| {
         server(h, &lagging)["readable"] == true
     });
@@ -377,7 +384,7 @@ fn a_demoted_master_and_a_promoted_replica_are_reported() {
     let master = RedisServer::master();
     let replica = RedisServer::replica_of(&master);
     let o = origin();
-    let echo = echo_on(&o, &master, &[&replica], "");
+    let echo = echo_on(&o, &master, &[&replica], NO_LOCAL_TIER);
     wait_health(&echo, "ok", |h| {
         h["store"]["servers"]
             .as_array()

@@ -159,13 +159,14 @@ impl Fence {
     }
 
     /// Writes this node's heartbeat (scored in the master's time) and acknowledged fence
-    /// on `master`, and forgets nodes silent for ten leases. Plain commands, not a script:
-    /// they stand apart from what requests send.
-    pub(super) fn beat(&self, master: &Endpoint) -> Result<(), StoreError> {
+    /// `acked` (the fence as it was before the local tier, if any, was synced past it:
+    /// see `tracking`) on `master`, and forgets nodes silent for ten leases. Plain
+    /// commands, not a script: they stand apart from what requests send.
+    pub(super) fn beat(&self, master: &Endpoint, acked: u64) -> Result<(), StoreError> {
         // The time is taken before the call: the lease counts from no later than the
         // write.
         let sent = self.now().max(1);
-        let fence = self.current();
+        let fence = acked;
         let now = wall_millis() + self.master_offset.load(Ordering::Acquire);
         let forget = now - 10 * millis(LEASE) as i64;
         let mut pipe = redis::pipe();

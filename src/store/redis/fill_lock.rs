@@ -35,6 +35,7 @@ use log::{debug, info, warn};
 use super::endpoint::{millis, Endpoint};
 use super::fence::{Fence, APPLIED_CHANNEL, CONTROL_KEY, HEARTBEAT};
 use super::topology::Topology;
+use super::tracking::Tracking;
 use crate::config::RedisConfig;
 use crate::key::CacheKey;
 use crate::store::{FillWaiter, StoreError};
@@ -206,6 +207,7 @@ impl FillLocks {
         cfg: &RedisConfig,
         topology: Arc<Topology>,
         fence: Arc<Fence>,
+        tracking: Option<Arc<Tracking>>,
     ) -> Result<FillLocks, StoreError> {
         let leases = Arc::new(Leases::default());
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
@@ -227,7 +229,7 @@ impl FillLocks {
         }
         Ok(FillLocks {
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
-            listener: FillListener::start(cfg, topology, fence)?,
+            listener: FillListener::start(cfg, topology, fence, tracking)?,
             leases,
             _stop_leases: stop,
         })
@@ -392,9 +394,21 @@ struct FillSubscriber {
     write_timeout: Duration,
     waiters: Arc<FillWaiters>,
     stop: crossbeam_channel::Receiver<()>,
+    /// The local tier's coherence, synced before each heartbeat.
+    tracking: Option<Arc<Tracking>>,
 }
 
 impl FillSubscriber {
+    /// The fence this node may acknowledge: taken before the local tier (if any) is
+    /// synced, so every delete of the jobs it counts has left the tier (see `tracking`).
+    fn sync_tier(&self, master: &Endpoint) -> u64 {
+        let acked = self.fence.current();
+        if let Some(tracking) = &self.tracking {
+            tracking.sync(master);
+        }
+        acked
+    }
+
     fn stopped(&self) -> bool {
         matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
     }
@@ -460,7 +474,9 @@ impl FillSubscriber {
             .map_err(store_error)?;
         self.fence.raise(applied.unwrap_or(0));
         self.fence.sync_clock(master).map_err(store_error)?;
-        self.fence.beat(master).map_err(store_error)?;
+        self.fence
+            .beat(master, self.sync_tier(master))
+            .map_err(store_error)?;
         self.fence.set_subscribed(true);
         let mut last_beat = Instant::now();
         *subscribed = true;
@@ -512,7 +528,7 @@ impl FillSubscriber {
                 beat = true;
             }
             if beat {
-                if let Err(e) = self.fence.beat(master) {
+                if let Err(e) = self.fence.beat(master, self.sync_tier(master)) {
                     // The fence's own clock stops trusting replicas if beats keep failing.
                     debug!("redis master {name}: heartbeat failed: {e}");
                 }
@@ -538,6 +554,7 @@ impl FillListener {
         cfg: &RedisConfig,
         topology: Arc<Topology>,
         fence: Arc<Fence>,
+        tracking: Option<Arc<Tracking>>,
     ) -> Result<FillListener, StoreError> {
         let waiters = Arc::new(FillWaiters::default());
         let (stop_tx, stop) = crossbeam_channel::bounded(0);
@@ -549,6 +566,7 @@ impl FillListener {
             write_timeout: cfg.write_timeout,
             waiters: Arc::clone(&waiters),
             stop,
+            tracking,
         };
         std::thread::Builder::new()
             .name("echo-fill-subscriber".into())

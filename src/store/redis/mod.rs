@@ -34,15 +34,20 @@ mod fence;
 mod fill_lock;
 mod index;
 mod jobs;
+mod local;
 mod monitor;
 mod tidy;
 mod topology;
+mod tracking;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{codec, Entry, FillLockAttempt, FillWaiter, Lookup, ServerHealth, Store, StoreError};
+use super::{
+    codec, Entry, FillLockAttempt, FillWaiter, LocalTierReport, Lookup, ServerHealth, Store,
+    StoreError,
+};
 use crate::config::RedisConfig;
 use crate::invalidation::{Job, JobOutcome, Matcher, Progress};
 use crate::key::CacheKey;
@@ -53,8 +58,10 @@ pub use fill_lock::fill_lock_key;
 use fill_lock::FillLocks;
 pub use index::{index_entries, indexed_targets};
 use index::{unlink_indexed, SITES_KEY};
+use local::LocalTier;
 use monitor::Monitor;
 use topology::Topology;
+use tracking::{TierState, Tracking};
 
 /// Every key Echo writes starts with this: namespaced, and versioned with the codec.
 const KEY_PREFIX: &str = "echo:v1:";
@@ -137,6 +144,7 @@ fn lookup_of(value: Option<Vec<u8>>, generation: Option<u64>) -> Lookup {
             .and_then(|v| codec::decode(&v).ok())
             .unwrap_or_default(),
         generation: generation.unwrap_or(0),
+        local: false,
     }
 }
 
@@ -166,6 +174,17 @@ pub struct RedisStore {
     index_tidy: std::sync::Mutex<tidy::IndexTidy>,
     /// What each server is doing (roles, links, lag, memory), looked at twice a second.
     monitor: Monitor,
+    /// The local tier and what keeps it coherent; None when `local_cache_max_bytes` is 0.
+    tracking: Option<TrackingHandle>,
+}
+
+/// The store's hold on its tracking: dropping the store stops its threads.
+struct TrackingHandle(Arc<Tracking>);
+
+impl Drop for TrackingHandle {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
 }
 
 impl RedisStore {
@@ -187,8 +206,23 @@ impl RedisStore {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         );
+        let tracking = match cfg.local_cache_max_bytes {
+            0 => None,
+            bytes => Some(TrackingHandle(Tracking::start(
+                Arc::new(LocalTier::new(bytes, cfg.local_cache_max_ttl)),
+                Arc::clone(&topology),
+                node.clone(),
+                cfg.connect_timeout,
+                cfg.write_timeout,
+            )?)),
+        };
         let fence = Arc::new(Fence::new(node));
-        let fills = FillLocks::start(cfg, Arc::clone(&topology), Arc::clone(&fence))?;
+        let fills = FillLocks::start(
+            cfg,
+            Arc::clone(&topology),
+            Arc::clone(&fence),
+            tracking.as_ref().map(|t| Arc::clone(&t.0)),
+        )?;
         let monitor = Monitor::start(Arc::clone(&topology), cfg)?;
         Ok(RedisStore {
             topology,
@@ -212,6 +246,7 @@ impl RedisStore {
             tag_tidy: Default::default(),
             index_tidy: Default::default(),
             monitor,
+            tracking,
         })
     }
 
@@ -219,6 +254,43 @@ impl RedisStore {
     #[doc(hidden)]
     pub fn waiters_registered(&self) -> usize {
         self.fills.waiters_registered()
+    }
+
+    /// One round trip: the entry and the control hash together, from a replica fit to
+    /// read from that has applied every invalidation this node knows of (else from the
+    /// master), with the server that answered.
+    fn read(&self, key: &CacheKey) -> Result<(Lookup, String), StoreError> {
+        let pipe = look_pipe(key);
+        let servers = self.topology.servers();
+        let n = servers.replicas.len();
+        if n > 0 && self.fence.trusted() {
+            let fence = self.fence.current();
+            let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
+            for i in 0..n {
+                let replica = &servers.replicas[(start + i) % n];
+                if !replica.readable() {
+                    continue;
+                }
+                match replica.with_conn(|c| pipe.query::<Look>(c)) {
+                    Ok((value, (generation, applied))) if applied.unwrap_or(0) >= fence => {
+                        return Ok((lookup_of(value, generation), replica.name.clone()));
+                    }
+                    // Behind an invalidation this node knows of: not for this read.
+                    Ok(_) => {}
+                    Err(_) => {}
+                }
+            }
+        }
+        self.read_master(key)
+    }
+
+    /// The lookup on the master, with its name.
+    fn read_master(&self, key: &CacheKey) -> Result<(Lookup, String), StoreError> {
+        let pipe = look_pipe(key);
+        self.on_master(|m| {
+            let (value, (generation, _)): Look = m.with_conn(|c| pipe.query(c))?;
+            Ok((lookup_of(value, generation), m.name.clone()))
+        })
     }
 
     /// Runs `work` on the master as the topology has it now; an error that says the
@@ -370,38 +442,49 @@ impl Store for RedisStore {
         self.monitor.found().to_vec()
     }
 
+    fn local_tier(&self) -> Option<LocalTierReport> {
+        let TrackingHandle(tracking) = self.tracking.as_ref()?;
+        let (state, reason) = match tracking.state() {
+            TierState::On => ("on", None),
+            TierState::Syncing => ("syncing", None),
+            TierState::Refused(why) => ("refused", Some(why)),
+        };
+        let (bytes, entries) = tracking.tier.usage();
+        let counts = &tracking.tier.counts;
+        Some(LocalTierReport {
+            state,
+            reason,
+            bytes,
+            entries,
+            hits: counts.hits.load(Ordering::Relaxed),
+            misses: counts.misses.load(Ordering::Relaxed),
+            invalidations: counts.invalidations.load(Ordering::Relaxed),
+            flushes: counts.flushes.load(Ordering::Relaxed),
+        })
+    }
+
     /// One round trip: the entry and the control hash together, from a replica fit to
     /// read from that has applied every invalidation this node knows of (else from the
     /// master).
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let pipe = look_pipe(key);
-        let servers = self.topology.servers();
-        let n = servers.replicas.len();
-        if n > 0 && self.fence.trusted() {
-            let fence = self.fence.current();
-            let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
-            for i in 0..n {
-                let replica = &servers.replicas[(start + i) % n];
-                if !replica.readable() {
-                    continue;
-                }
-                match replica.with_conn(|c| pipe.query::<Look>(c)) {
-                    Ok((value, (generation, applied))) if applied.unwrap_or(0) >= fence => {
-                        return Ok(lookup_of(value, generation));
-                    }
-                    // Behind an invalidation this node knows of: not for this read.
-                    Ok(_) => {}
-                    Err(_) => {}
-                }
-            }
+        let Some(TrackingHandle(tracking)) = &self.tracking else {
+            return self.read(key).map(|(lookup, _)| lookup);
+        };
+        if let Some(held) = tracking.tier.get(key.as_str()) {
+            return Ok(held);
         }
-        self.get_latest(key)
+        // Taken before the read: an invalidation during it keeps the answer out.
+        let ticket = tracking.tier.ticket();
+        let (lookup, server) = self.read(key)?;
+        let synced_since = tracking.synced_since(&server);
+        tracking
+            .tier
+            .insert(key.as_str(), &lookup, ticket, synced_since);
+        Ok(lookup)
     }
 
     fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let pipe = look_pipe(key);
-        let (value, (generation, _)): Look = self.on_master(|m| m.with_conn(|c| pipe.query(c)))?;
-        Ok(lookup_of(value, generation))
+        self.read_master(key).map(|(lookup, _)| lookup)
     }
 
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {

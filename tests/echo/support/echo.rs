@@ -27,6 +27,10 @@ pub fn config(origin_url: &str, extra: &str) -> Config {
 pub const QUICK_REDIS: &str = "connect_timeout_ms = 200\nread_timeout_ms = 200\n\
      write_timeout_ms = 200\npool_timeout_ms = 200\nbreaker_failures = 2\nbreaker_open_ms = 300\n";
 
+/// `[redis]` for tests of where Redis reads go (which server answers a hit): no local
+/// tier, so every hit reaches Redis. The tier has its own tests (`redis_local`).
+pub const NO_LOCAL_TIER: &str = "local_cache_max_bytes = 0\n";
+
 /// The `[cache]` and `[redis]` sections for Echo on `master` and `replicas`: `cache`
 /// goes under `[cache]` (after `store = "redis"`), `redis` under `[redis]`.
 pub fn redis_sections(

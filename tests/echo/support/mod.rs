@@ -20,7 +20,7 @@ pub mod relay;
 pub use client::RawClient;
 pub use echo::EchoUnderTest;
 pub use gate::{Gate, Hold};
-pub use origin::{dead_origin_url, OriginRequest, OriginResponse, TestOrigin};
+pub use origin::{dead_origin_url, OriginRequest, OriginResponse, TestOrigin, Versioned};
 
 use std::net::TcpListener;
 use std::thread;

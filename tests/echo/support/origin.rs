@@ -659,3 +659,32 @@ fn reason(status: u16) -> &'static str {
         known => known,
     }
 }
+
+/// An origin whose bodies (`<target> v<version>`, fresh for 600 s) carry a version a
+/// test bumps behind Echo's back; PUT, POST and DELETE are answered 204.
+pub struct Versioned {
+    pub origin: TestOrigin,
+    pub version: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Versioned {
+    pub fn start() -> Versioned {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let version = std::sync::Arc::new(AtomicU64::new(1));
+        let v = std::sync::Arc::clone(&version);
+        let origin = TestOrigin::start(move |req| {
+            if matches!(req.method.as_str(), "PUT" | "POST" | "DELETE") {
+                return OriginResponse::status(204);
+            }
+            OriginResponse::ok(format!("{} v{}", req.target, v.load(Ordering::SeqCst)))
+                .header("Cache-Control", "max-age=600")
+        });
+        Versioned { origin, version }
+    }
+
+    /// Bodies from now on carry `version`.
+    pub fn set(&self, version: u64) {
+        self.version
+            .store(version, std::sync::atomic::Ordering::SeqCst);
+    }
+}
