@@ -372,6 +372,9 @@ pub fn start_on(
             let admin_cfg = config::ServerConfig {
                 workers: 2,
                 fetch_workers: 1,
+                // Its own listener: clients connect to it directly.
+                proxy_protocol: false,
+                trusted_proxies: Vec::new(),
                 ..server_cfg.clone()
             };
             let handler = Arc::new(admin::Admin::new(admin::AdminParts {

@@ -154,6 +154,10 @@ pub enum RedisServers {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Connections from `trusted_proxies` start with a PROXY protocol header (v1 or
+    /// v2) naming the client; one from anyone else that sends it is closed.
+    pub proxy_protocol: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub workers: usize,
     /// Threads of the fetch stage: requests waiting on the origin.
     pub fetch_workers: usize,

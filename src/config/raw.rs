@@ -39,6 +39,9 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawServer {
     pub(super) listen: String,
+    pub(super) proxy_protocol: bool,
+    /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`).
+    pub(super) trusted_proxies: Vec<String>,
     pub(super) workers: u64,
     pub(super) fetch_workers: u64,
     pub(super) fetch_queue: u64,
@@ -62,6 +65,8 @@ impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             listen: "127.0.0.1:8080".into(),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
             workers: 64,
             fetch_workers: 256,
             fetch_queue: 1024,

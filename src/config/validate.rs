@@ -167,9 +167,38 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     })
 }
 
+/// `server.trusted_proxies`: networks or single addresses, and at least one when
+/// `server.proxy_protocol` is on (a header believed from anyone names any client).
+fn trusted_proxies(s: &RawServer) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let nets = s
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    err(
+                        &format!("server.trusted_proxies[{i}]"),
+                        format!("{text:?} is not an address or a network (10.0.0.0/8)"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if s.proxy_protocol && nets.is_empty() {
+        return Err(err(
+            "server.trusted_proxies",
+            "must name the balancers when server.proxy_protocol is on",
+        ));
+    }
+    Ok(nets)
+}
+
 pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
         listen: socket_addr("server.listen", &s.listen)?,
+        proxy_protocol: s.proxy_protocol,
+        trusted_proxies: trusted_proxies(s)?,
         workers: ranged("server.workers", s.workers, 1, 4096)?,
         fetch_workers: ranged("server.fetch_workers", s.fetch_workers, 1, 4096)?,
         fetch_queue: ranged("server.fetch_queue", s.fetch_queue, 1, 1_000_000)?,

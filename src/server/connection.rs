@@ -46,6 +46,15 @@ pub(super) fn serve_connection<H: Handler>(
         cfg.max_header_bytes + BUFFER_SLACK,
         cfg.write_timeout,
     );
+    if cfg.proxy_protocol {
+        let deadline = Instant::now() + cfg.header_timeout;
+        if let Err(why) = super::proxy_protocol::accept(&mut conn, &cfg.trusted_proxies, deadline) {
+            debug!("{}: {peer}: closed: {why}", shared.name);
+            return;
+        }
+    }
+    // The client a trusted balancer named, or the socket's peer.
+    let peer = conn.peer;
     loop {
         let req = match read_head(shared, &mut conn, idle) {
             Ok(Some(req)) => req,

@@ -29,6 +29,7 @@ use crossbeam_channel::{bounded, Sender};
 use log::{info, warn};
 
 mod connection;
+mod proxy_protocol;
 mod worker;
 
 use crate::config::ServerConfig;

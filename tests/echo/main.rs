@@ -15,6 +15,7 @@ mod operations;
 mod origins;
 mod props;
 mod proxy;
+mod proxy_protocol;
 mod redis;
 mod redis_failover;
 mod redis_fence;
