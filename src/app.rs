@@ -236,12 +236,17 @@ impl Echo {
 
 /// Starts Echo from a validated config: binds its listeners and starts serving.
 pub fn start(cfg: &Config) -> Result<Echo, StartError> {
-    let listener = bind(cfg.server.listen, "server.listen")?;
+    let listeners = cfg
+        .server
+        .listen
+        .iter()
+        .map(|&addr| bind(addr, "server.listen"))
+        .collect::<Result<Vec<_>, _>>()?;
     let admin = match &cfg.admin {
         Some(a) => Some(bind(a.listen, "admin.listen")?),
         None => None,
     };
-    start_on(cfg, listener, admin)
+    start_on(cfg, listeners, admin)
 }
 
 /// Descriptors kept for everything but client connections: an origin or Redis
@@ -282,10 +287,11 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> 
     TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, key, source })
 }
 
-/// Starts Echo on already bound listeners (tests bind port 0 first).
+/// Starts Echo on already bound listeners (tests bind port 0 first): the proxy's (at
+/// least one) and the admin API's.
 pub fn start_on(
     cfg: &Config,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
 ) -> Result<Echo, StartError> {
     let mut server_cfg = cfg.server.clone();
@@ -351,7 +357,7 @@ pub fn start_on(
         Arc::clone(&metrics),
     )?);
     let handler = Arc::clone(&proxy);
-    let proxy_server = server::start("echo", listener, server_cfg.clone(), handler)?;
+    let proxy_server = server::start("echo", listeners, server_cfg.clone(), handler)?;
     {
         let stats = proxy_server.stats();
         metrics.add_sampler(move |m| {
@@ -389,7 +395,7 @@ pub fn start_on(
             (
                 Some(server::start(
                     "echo-admin",
-                    listener,
+                    vec![listener],
                     admin_cfg,
                     Arc::clone(&handler),
                 )?),

@@ -153,7 +153,8 @@ pub enum RedisServers {
 /// The HTTP front end: listener, worker pool, limits and client-side timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
+    /// Every address the proxy listens on (at least one).
+    pub listen: Vec<SocketAddr>,
     /// Connections from `trusted_proxies` start with a PROXY protocol header (v1 or
     /// v2) naming the client; one from anyone else that sends it is closed.
     pub proxy_protocol: bool,

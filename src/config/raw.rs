@@ -35,10 +35,18 @@ pub(super) struct RawConfig {
 // ---------------------------------------------------------------------------------------
 // [server]
 
+/// `server.listen`: one address, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawListen {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawServer {
-    pub(super) listen: String,
+    pub(super) listen: RawListen,
     pub(super) proxy_protocol: bool,
     /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`).
     pub(super) trusted_proxies: Vec<String>,
@@ -64,7 +72,7 @@ pub(super) struct RawServer {
 impl Default for RawServer {
     fn default() -> Self {
         RawServer {
-            listen: "127.0.0.1:8080".into(),
+            listen: RawListen::One("127.0.0.1:8080".into()),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
             workers: 64,

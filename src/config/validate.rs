@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw::{
-    OriginDefaults, RawAdmin, RawCache, RawConfig, RawInvalidation, RawLog, RawOrigin, RawRedis,
-    RawServer,
+    OriginDefaults, RawAdmin, RawCache, RawConfig, RawInvalidation, RawListen, RawLog, RawOrigin,
+    RawRedis, RawServer,
 };
 use super::{
     AdminConfig, Balance, CacheConfig, Config, ConfigError, HealthCheckConfig, InvalidationConfig,
@@ -72,7 +72,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let admin = match raw.admin {
         None => None,
-        Some(a) => Some(validate_admin(a, server.listen)?),
+        Some(a) => Some(validate_admin(a, &server.listen)?),
     };
 
     let Some(raw_origin) = raw.origin else {
@@ -167,6 +167,37 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     })
 }
 
+/// `server.listen`: one address or a list, none twice. Unix sockets (`unix:/path`) are
+/// not served yet: they come with the event-driven front end.
+fn listen_addresses(listen: &RawListen) -> Result<Vec<SocketAddr>, ConfigError> {
+    let (texts, keys): (Vec<&String>, Vec<String>) = match listen {
+        RawListen::One(text) => (vec![text], vec!["server.listen".to_string()]),
+        RawListen::Many(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, text)| (text, format!("server.listen[{i}]")))
+            .unzip(),
+    };
+    if texts.is_empty() {
+        return Err(err("server.listen", "names no address"));
+    }
+    let mut addrs: Vec<SocketAddr> = Vec::with_capacity(texts.len());
+    for (text, key) in texts.into_iter().zip(keys) {
+        if text.starts_with("unix:") {
+            return Err(err(
+                &key,
+                format!("{text:?}: Unix sockets are not supported yet; listen on ip:port"),
+            ));
+        }
+        let addr = socket_addr(&key, text)?;
+        if addrs.contains(&addr) {
+            return Err(err(&key, format!("{addr} is listed twice")));
+        }
+        addrs.push(addr);
+    }
+    Ok(addrs)
+}
+
 /// `server.trusted_proxies`: networks or single addresses, and at least one when
 /// `server.proxy_protocol` is on (a header believed from anyone names any client).
 fn trusted_proxies(s: &RawServer) -> Result<Vec<ipnet::IpNet>, ConfigError> {
@@ -196,7 +227,7 @@ fn trusted_proxies(s: &RawServer) -> Result<Vec<ipnet::IpNet>, ConfigError> {
 
 pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
-        listen: socket_addr("server.listen", &s.listen)?,
+        listen: listen_addresses(&s.listen)?,
         proxy_protocol: s.proxy_protocol,
         trusted_proxies: trusted_proxies(s)?,
         workers: ranged("server.workers", s.workers, 1, 4096)?,
@@ -229,9 +260,9 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
     })
 }
 
-fn validate_admin(a: RawAdmin, proxy: SocketAddr) -> Result<AdminConfig, ConfigError> {
+fn validate_admin(a: RawAdmin, proxy: &[SocketAddr]) -> Result<AdminConfig, ConfigError> {
     let listen = socket_addr("admin.listen", &a.listen)?;
-    if listen == proxy {
+    if proxy.contains(&listen) {
         return Err(err("admin.listen", "must differ from server.listen"));
     }
     let token = match (a.token, a.token_file) {

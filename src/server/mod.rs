@@ -113,14 +113,21 @@ impl ServerStats {
 
 /// A running server; dropping it shuts it down.
 pub struct ServerHandle {
-    addr: SocketAddr,
+    /// Every address it listens on (one acceptor thread each).
+    addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
-    acceptor: Option<JoinHandle<()>>,
+    acceptors: Vec<JoinHandle<()>>,
 }
 
 impl ServerHandle {
+    /// The first address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
+    }
+
+    /// Every address it listens on.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     /// Open client connections right now.
@@ -135,7 +142,7 @@ impl ServerHandle {
 
     /// Blocks until the server stops.
     pub fn join(mut self) {
-        if let Some(acceptor) = self.acceptor.take() {
+        for acceptor in self.acceptors.drain(..) {
             let _ = acceptor.join();
         }
     }
@@ -145,14 +152,19 @@ impl ServerHandle {
         if self.shared.shutting_down.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the acceptor out of accept(); when it ends, the listener closes and new
+        // Wake each acceptor out of accept(); when it ends, its listener closes and new
         // connections are refused.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(acceptor) = self.acceptor.take() {
+        for addr in &self.addrs {
+            let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
+        }
+        for acceptor in self.acceptors.drain(..) {
             let _ = acceptor.join();
         }
         self.close_idle();
-        info!("{}: stopped accepting on {}", self.shared.name, self.addr);
+        info!(
+            "{}: stopped accepting on {:?}",
+            self.shared.name, self.addrs
+        );
     }
 
     /// Closes the connections that wait for a next request; busy ones finish theirs.
@@ -187,14 +199,21 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Starts serving `listener` with `handler`; `name` labels threads and logs.
+/// Starts serving `listeners` (at least one) with `handler`; `name` labels threads and
+/// logs.
 pub fn start<H: Handler>(
     name: &str,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     cfg: ServerConfig,
     handler: Arc<H>,
 ) -> io::Result<ServerHandle> {
-    let addr = listener.local_addr()?;
+    let addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<io::Result<Vec<_>>>()?;
+    if addrs.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener"));
+    }
     let limits = Limits {
         max_header_bytes: cfg.max_header_bytes,
         max_headers: cfg.max_headers,
@@ -235,25 +254,28 @@ pub fn start<H: Handler>(
             .stack_size(FETCH_STACK)
             .spawn(move || worker(&shared, &rx, None, handler.as_ref()))?;
     }
-    let acceptor = {
+    let mut acceptors = Vec::with_capacity(listeners.len());
+    for listener in listeners {
         let shared = Arc::clone(&shared);
         let acceptor_handler = Arc::clone(&handler);
         let queues = Queues {
-            jobs: jobs_tx,
+            jobs: jobs_tx.clone(),
             fetch: fetch_tx.clone(),
         };
-        thread::Builder::new()
-            .name(format!("{name}-acceptor"))
-            .spawn(move || accept_loop(&shared, &acceptor_handler, &listener, &queues))?
-    };
+        acceptors.push(
+            thread::Builder::new()
+                .name(format!("{name}-acceptor"))
+                .spawn(move || accept_loop(&shared, &acceptor_handler, &listener, &queues))?,
+        );
+    }
     info!(
-        "{name}: listening on {addr} with {} workers",
+        "{name}: listening on {addrs:?} with {} workers",
         shared.cfg.workers
     );
     Ok(ServerHandle {
-        addr,
+        addrs,
         shared,
-        acceptor: Some(acceptor),
+        acceptors,
     })
 }
 

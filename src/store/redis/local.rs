@@ -171,7 +171,8 @@ impl LocalTier {
     /// Holds what a Redis read found for `key`, unless an invalidation of it or a flush
     /// came after `ticket`, `synced_since` (the source's tracking was not in sync at the
     /// ticket), it is fresh for no time, or it alone would take more than a shard's
-    /// share. Large bodies go into memfds, for sendfile.
+    /// share (a sixteenth of the bound). Large bodies go into memfds, for sendfile
+    /// (after a first check, so a refused insert seldom makes one).
     pub(super) fn insert(&self, key: &str, lookup: &Lookup, ticket: Ticket, synced_since: u64) {
         if !self.is_on() || lookup.variants.is_empty() || ticket.0 < synced_since {
             return;
@@ -187,7 +188,8 @@ impl LocalTier {
             .min()
             .unwrap_or_default()
             .min(self.max_ttl);
-        if fresh_for.is_zero() {
+        let h = hash(key);
+        if fresh_for.is_zero() || self.invalidated_after(h, ticket) {
             return;
         }
         let variants: Vec<Arc<Entry>> = lookup
@@ -199,13 +201,9 @@ impl LocalTier {
         if bytes > self.max_shard_bytes {
             return;
         }
-        let h = hash(key);
         let mut shard = lock(self.shard(h));
-        // Under the lock: an invalidation marks its stripe before it takes the lock. A
-        // ticket is the last number issued: one after it is larger.
-        if self.stripe(h).load(Ordering::Acquire) > ticket.0
-            || self.flushed.load(Ordering::Acquire) > ticket.0
-        {
+        // Again under the lock: an invalidation marks its stripe before it takes it.
+        if self.invalidated_after(h, ticket) {
             return;
         }
         let slot = Slot {
@@ -224,6 +222,13 @@ impl LocalTier {
                 None => break,
             }
         }
+    }
+
+    /// Did an invalidation of `h`'s stripe, or a flush, come after `ticket`? (A ticket
+    /// is the last number issued: one after it is larger.)
+    fn invalidated_after(&self, h: u64, ticket: Ticket) -> bool {
+        self.stripe(h).load(Ordering::Acquire) > ticket.0
+            || self.flushed.load(Ordering::Acquire) > ticket.0
     }
 
     /// Drops `key` (a cache key), and refuses inserts of it ticketed before now.

@@ -1,7 +1,8 @@
-//! The PROXY protocol from trusted balancers (issue 19): with `server.proxy_protocol`,
-//! a v1 or v2 header from an address in `server.trusted_proxies` names the client (the
-//! origin sees it in `X-Forwarded-For`); a trusted balancer without a valid header, and
-//! an untrusted client that sends one, are closed before any request is read.
+//! The proxy's listeners (issue 19): `server.listen` naming several addresses, and the
+//! PROXY protocol from trusted balancers. With `server.proxy_protocol`, a v1 or v2
+//! header from an address in `server.trusted_proxies` names the client (the origin sees
+//! it in `X-Forwarded-For`); a trusted balancer without a valid header, and an
+//! untrusted client that sends one, are closed before any request is read.
 
 use std::time::Duration;
 
@@ -133,5 +134,54 @@ fn the_proxy_protocol_config_is_checked() {
         let text = format!("[origin]\nurl = \"http://127.0.0.1:9\"\n{extra}");
         let e = Config::parse(&text).expect_err(extra).to_string();
         assert!(e.contains(key), "{extra}: {e}");
+    }
+}
+
+/// `server.listen` as a list: every address serves, and the list is checked.
+#[test]
+fn a_listen_list_serves_on_every_address() {
+    let origin = TestOrigin::start(|req| OriginResponse::ok(req.target.clone()));
+    let ports = [crate::support::free_port(), crate::support::free_port()];
+    let mut echo = None;
+    // A free port can be taken between finding it and binding it: try a few.
+    for _ in 0..5 {
+        let cfg = config(
+            &origin.url(),
+            &format!(
+                "[server]\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
+                ports[0], ports[1]
+            ),
+        );
+        if let Ok(started) = echo::start(&cfg) {
+            echo = Some(started);
+            break;
+        }
+    }
+    let echo = echo.expect("Echo on two ports");
+    assert_eq!(echo.proxy.local_addrs().len(), 2);
+    for addr in echo.proxy.local_addrs() {
+        let resp = crate::support::client::get(*addr, "/both", &[]);
+        assert_eq!(
+            (resp.status, resp.body_str().as_str()),
+            (200, "/both"),
+            "{addr}"
+        );
+    }
+    let cases = [
+        ("listen = []", "server.listen"),
+        (
+            "listen = [\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+            "server.listen[1]",
+        ),
+        (
+            "listen = [\"127.0.0.1:1\", \"nowhere\"]",
+            "server.listen[1]",
+        ),
+        ("listen = \"unix:/run/echo.sock\"", "server.listen"),
+    ];
+    for (line, key) in cases {
+        let text = format!("[origin]\nurl = \"http://127.0.0.1:9\"\n[server]\n{line}\n");
+        let e = Config::parse(&text).expect_err(line).to_string();
+        assert!(e.contains(key), "{line}: {e}");
     }
 }
