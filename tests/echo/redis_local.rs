@@ -4,7 +4,8 @@
 //! through one node, no node serves the old version; a FLUSHALL and a killed tracking
 //! connection empty it; a paused replica cannot leave a stale copy behind an
 //! invalidation; the byte bound holds under a flood of keys; a Redis that refuses
-//! tracking runs Echo without the tier, and says so.
+//! tracking runs Echo without the tier, and says so; a node cut off from Redis empties
+//! its tier before a job stops waiting for it.
 
 use std::time::Duration;
 
@@ -336,4 +337,40 @@ fn a_redis_that_refuses_tracking_runs_echo_without_the_tier() {
     let (status, body) = get(&echo, "/refused");
     assert!(status.contains("detail=redis"), "{status}");
     assert!(body.ends_with("v1"));
+}
+
+/// A node cut off from Redis (every connection of its held in a relay) cannot hear an
+/// invalidation or acknowledge it: the job stops waiting for it after a lease, and by
+/// then the node has found its tracking silent and emptied its tier, so it never serves
+/// the invalidated entry from memory.
+#[test]
+fn a_node_cut_off_from_redis_empties_its_tier_before_a_job_stops_waiting_for_it() {
+    let v = Versioned::start();
+    let master = RedisServer::master();
+    let relay = crate::support::relay::Relay::to(([127, 0, 0, 1], master.port).into());
+    let a = node(&v.origin, &master, &[], "");
+    let text = format!(
+        "[cache]\nstore = \"redis\"\n[redis]\nmaster = \"redis://127.0.0.1:{}\"\n{QUICK_REDIS}",
+        relay.port()
+    );
+    let b = EchoUnderTest::with_config(config(&v.origin.url(), &text));
+    wait_tier_on(&a);
+    let t = "/cut/1";
+    get(&a, t);
+    until_local(&a, t);
+    // b has no admin API: its tier shows in its hits.
+    wait_until("b holds it locally", Duration::from_secs(5), || {
+        get(&b, t).0.contains("detail=local")
+    });
+    relay.hold();
+    v.set(2);
+    let report = invalidate(&a, &format!(r#"{{"url": "http://{HOST}{t}"}}"#));
+    assert_eq!(report["matched"], 1, "{report}");
+    let (status, body) = get(&b, t);
+    assert!(
+        !body.ends_with("v1"),
+        "b served the invalidated entry: {status} {body}"
+    );
+    assert!(!status.contains("detail=local"), "{status}");
+    relay.release();
 }
