@@ -25,7 +25,7 @@ use crate::{access_log, admin, cache, invalidator, live, metrics, upstream};
 pub enum StartError {
     /// A listener could not be bound: its address and the key it came from.
     Bind {
-        addr: SocketAddr,
+        addr: String,
         key: &'static str,
         source: io::Error,
     },
@@ -240,7 +240,7 @@ pub fn start(cfg: &Config) -> Result<Echo, StartError> {
         .server
         .listen
         .iter()
-        .map(|&addr| bind(addr, "server.listen"))
+        .map(|addr| bind_listen(addr, cfg.server.unix_socket_mode))
         .collect::<Result<Vec<_>, _>>()?;
     let admin = match &cfg.admin {
         Some(a) => Some(bind(a.listen, "admin.listen")?),
@@ -284,14 +284,47 @@ fn connections_within_fd_limit(cfg: &config::ServerConfig) -> usize {
 
 /// Binds a listener; the error names the address and the config key it came from.
 fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, key, source })
+    TcpListener::bind(addr).map_err(|source| StartError::Bind {
+        addr: addr.to_string(),
+        key,
+        source,
+    })
+}
+
+/// Binds one of `server.listen`. A Unix socket's path may hold the socket of an Echo
+/// that did not stop cleanly: a socket there is replaced, anything else is an error.
+/// The new socket gets `mode`.
+fn bind_listen(addr: &config::ListenAddr, mode: u32) -> Result<server::Listener, StartError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let path = match addr {
+        config::ListenAddr::Tcp(addr) => return bind(*addr, "server.listen").map(Into::into),
+        config::ListenAddr::Unix(path) => path,
+    };
+    let failed = |source: io::Error| StartError::Bind {
+        addr: addr.to_string(),
+        key: "server.listen",
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(failed)?,
+        Ok(_) => {
+            return Err(failed(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )))
+        }
+        Err(_) => {}
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(failed)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
+    Ok(server::Listener::Unix(listener, path.clone()))
 }
 
 /// Starts Echo on already bound listeners (tests bind port 0 first): the proxy's (at
 /// least one) and the admin API's.
 pub fn start_on(
     cfg: &Config,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<server::Listener>,
     admin: Option<TcpListener>,
 ) -> Result<Echo, StartError> {
     let mut server_cfg = cfg.server.clone();
@@ -395,7 +428,7 @@ pub fn start_on(
             (
                 Some(server::start(
                     "echo-admin",
-                    vec![listener],
+                    vec![listener.into()],
                     admin_cfg,
                     Arc::clone(&handler),
                 )?),

@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -87,7 +87,7 @@ impl BodyFile {
     /// One `sendfile` of the body from `offset` (moved on by what was sent) to `out`, a
     /// blocking socket whose send timeout bounds the call: `TimedOut` when it passes
     /// with nothing sent.
-    pub(crate) fn send_part(&self, out: &TcpStream, offset: &mut u64) -> io::Result<usize> {
+    pub(crate) fn send_part(&self, out: impl AsFd, offset: &mut u64) -> io::Result<usize> {
         let left = usize::try_from(self.len.saturating_sub(*offset)).unwrap_or(usize::MAX);
         match rustix::fs::sendfile(out, &self.file, Some(offset), left) {
             Ok(0) if left > 0 => Err(io::ErrorKind::WriteZero.into()),
@@ -118,7 +118,7 @@ impl Drop for BodyFile {
 mod tests {
     use super::*;
     use std::io::Read;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     #[test]
     fn a_body_file_sends_exactly_its_bytes_and_is_sealed() {

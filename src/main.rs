@@ -319,7 +319,12 @@ fn run() -> Result<ExitCode, String> {
             log::info!(
                 "echod {} proxying {} to {}{}",
                 env!("CARGO_PKG_VERSION"),
-                echo.proxy.local_addr(),
+                echo.proxy
+                    .local_addrs()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 cfg.origin
                     .servers
                     .iter()

@@ -177,7 +177,7 @@ fn main() -> ExitCode {
         workers: 4,
         ..ServerConfig::default()
     };
-    match server::start("demo-origin", vec![listener], cfg, demo) {
+    match server::start("demo-origin", vec![listener.into()], cfg, demo) {
         Ok(handle) => {
             eprintln!("demo-origin: listening on {listen}");
             handle.join();

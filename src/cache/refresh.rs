@@ -183,11 +183,14 @@ impl Refresher for Cache {
     /// Fetches every stored variant of `key` again (its request rebuilt from the Vary
     /// snapshot) and stores what the origin answers, when HTTP allows.
     fn refresh(&self, key: &CacheKey) -> bool {
+        // Read where writes land, not from a replica or the local tier: the generation
+        // must be the one now, after the job's own ban (a local copy keeps the one it was
+        // read with, and a refresh changes nothing that would drop it).
         let Ok(Lookup {
             variants,
             generation,
             ..
-        }) = self.store.get(key)
+        }) = self.store.get_latest(key)
         else {
             return false;
         };

@@ -150,11 +150,30 @@ pub enum RedisServers {
     },
 }
 
+/// One address a listener is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    /// `unix:/path`: a Unix stream socket.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 /// The HTTP front end: listener, worker pool, limits and client-side timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     /// Every address the proxy listens on (at least one).
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
+    /// The permissions of the Unix sockets it creates.
+    pub unix_socket_mode: u32,
     /// Connections from `trusted_proxies` start with a PROXY protocol header (v1 or
     /// v2) naming the client; one from anyone else that sends it is closed.
     pub proxy_protocol: bool,

@@ -47,6 +47,7 @@ pub(super) enum RawListen {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawServer {
     pub(super) listen: RawListen,
+    pub(super) unix_socket_mode: u32,
     pub(super) proxy_protocol: bool,
     /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`).
     pub(super) trusted_proxies: Vec<String>,
@@ -73,6 +74,7 @@ impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             listen: RawListen::One("127.0.0.1:8080".into()),
+            unix_socket_mode: 0o660,
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
             workers: 64,

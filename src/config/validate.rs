@@ -21,8 +21,8 @@ use super::raw::{
 };
 use super::{
     AdminConfig, Balance, CacheConfig, Config, ConfigError, HealthCheckConfig, InvalidationConfig,
-    LogConfig, OriginConfig, RedisConfig, RedisServers, RouteConfig, Scheme, ServerAddr,
-    ServerConfig, StoreKind, MAX_HEADERS_CAP,
+    ListenAddr, LogConfig, OriginConfig, RedisConfig, RedisServers, RouteConfig, Scheme,
+    ServerAddr, ServerConfig, StoreKind, MAX_HEADERS_CAP,
 };
 
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
@@ -167,9 +167,9 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     })
 }
 
-/// `server.listen`: one address or a list, none twice. Unix sockets (`unix:/path`) are
-/// not served yet: they come with the event-driven front end.
-fn listen_addresses(listen: &RawListen) -> Result<Vec<SocketAddr>, ConfigError> {
+/// `server.listen`: one address or a list (`ip:port`, or `unix:` and an absolute path),
+/// none twice.
+fn listen_addresses(listen: &RawListen) -> Result<Vec<ListenAddr>, ConfigError> {
     let (texts, keys): (Vec<&String>, Vec<String>) = match listen {
         RawListen::One(text) => (vec![text], vec!["server.listen".to_string()]),
         RawListen::Many(list) => list
@@ -181,15 +181,18 @@ fn listen_addresses(listen: &RawListen) -> Result<Vec<SocketAddr>, ConfigError> 
     if texts.is_empty() {
         return Err(err("server.listen", "names no address"));
     }
-    let mut addrs: Vec<SocketAddr> = Vec::with_capacity(texts.len());
+    let mut addrs: Vec<ListenAddr> = Vec::with_capacity(texts.len());
     for (text, key) in texts.into_iter().zip(keys) {
-        if text.starts_with("unix:") {
-            return Err(err(
-                &key,
-                format!("{text:?}: Unix sockets are not supported yet; listen on ip:port"),
-            ));
-        }
-        let addr = socket_addr(&key, text)?;
+        let addr = match text.strip_prefix("unix:") {
+            Some(path) if path.starts_with('/') => ListenAddr::Unix(PathBuf::from(path)),
+            Some(_) => {
+                return Err(err(
+                    &key,
+                    format!("{text:?}: a Unix socket needs an absolute path (unix:/run/echo.sock)"),
+                ))
+            }
+            None => ListenAddr::Tcp(socket_addr(&key, text)?),
+        };
         if addrs.contains(&addr) {
             return Err(err(&key, format!("{addr} is listed twice")));
         }
@@ -228,6 +231,15 @@ fn trusted_proxies(s: &RawServer) -> Result<Vec<ipnet::IpNet>, ConfigError> {
 pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
         listen: listen_addresses(&s.listen)?,
+        unix_socket_mode: match s.unix_socket_mode {
+            mode if mode <= 0o777 => mode,
+            mode => {
+                return Err(err(
+                    "server.unix_socket_mode",
+                    format!("must be permission bits like 0o660 (got {mode:#o})"),
+                ))
+            }
+        },
         proxy_protocol: s.proxy_protocol,
         trusted_proxies: trusted_proxies(s)?,
         workers: ranged("server.workers", s.workers, 1, 4096)?,
@@ -260,9 +272,9 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
     })
 }
 
-fn validate_admin(a: RawAdmin, proxy: &[SocketAddr]) -> Result<AdminConfig, ConfigError> {
+fn validate_admin(a: RawAdmin, proxy: &[ListenAddr]) -> Result<AdminConfig, ConfigError> {
     let listen = socket_addr("admin.listen", &a.listen)?;
-    if proxy.contains(&listen) {
+    if proxy.contains(&ListenAddr::Tcp(listen)) {
         return Err(err("admin.listen", "must differ from server.listen"));
     }
     let token = match (a.token, a.token_file) {

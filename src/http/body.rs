@@ -321,7 +321,7 @@ mod tests {
         client.shutdown(std::net::Shutdown::Write).unwrap();
         // Keep the client alive until the server side is done with it.
         std::mem::forget(client);
-        Conn::new(server, peer, 64 * 1024, Duration::from_secs(5))
+        Conn::new(server.into(), peer, 64 * 1024, Duration::from_secs(5))
     }
 
     fn decode(framing: BodyFraming, max: u64, wire: &[u8]) -> (io::Result<Vec<u8>>, Vec<u8>) {

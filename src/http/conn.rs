@@ -22,7 +22,9 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+
+use super::socket::Socket;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,7 +54,7 @@ enum Pending {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Socket,
     buf: Vec<u8>,
     /// First unconsumed byte in `buf`.
     start: usize,
@@ -76,7 +78,7 @@ pub struct Conn {
 impl Conn {
     /// `limit` bounds the buffer (the largest head plus room for pipelined bytes);
     /// `default_write` bounds writes made outside a response.
-    pub fn new(stream: TcpStream, peer: SocketAddr, limit: usize, default_write: Duration) -> Conn {
+    pub fn new(stream: Socket, peer: SocketAddr, limit: usize, default_write: Duration) -> Conn {
         Conn {
             stream,
             buf: Vec::with_capacity(INITIAL_BUFFER.min(limit)),
@@ -93,7 +95,7 @@ impl Conn {
         }
     }
 
-    pub fn stream(&self) -> &TcpStream {
+    pub fn stream(&self) -> &Socket {
         &self.stream
     }
 
@@ -134,7 +136,7 @@ impl Conn {
         }
         let spare = (self.buf.capacity() - used).min(room);
         self.buf.resize(used + spare, 0);
-        let result = self.stream.read(&mut self.buf[used..]);
+        let result = (&self.stream).read(&mut self.buf[used..]);
         let n = *result.as_ref().unwrap_or(&0);
         self.buf.truncate(used + n);
         match result {
@@ -345,7 +347,7 @@ impl Drop for Conn {
 }
 
 /// One `sendmsg`; never raises SIGPIPE. A send timeout that passes is `TimedOut`.
-fn send(stream: &TcpStream, slices: &[IoSlice<'_>], flags: SendFlags) -> io::Result<usize> {
+fn send(stream: &Socket, slices: &[IoSlice<'_>], flags: SendFlags) -> io::Result<usize> {
     let mut control = SendAncillaryBuffer::default();
     rustix::net::sendmsg(stream, slices, &mut control, flags | SendFlags::NOSIGNAL).map_err(|e| {
         let e = io::Error::from(e);
@@ -392,7 +394,7 @@ fn queued_bytes() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     fn pair() -> (Conn, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -400,7 +402,7 @@ mod tests {
         let (server, peer) = listener.accept().unwrap();
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&server, 4096);
         (
-            Conn::new(server, peer, 64 * 1024, Duration::from_secs(5)),
+            Conn::new(server.into(), peer, 64 * 1024, Duration::from_secs(5)),
             client,
         )
     }

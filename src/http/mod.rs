@@ -16,6 +16,7 @@ pub mod handler;
 pub mod headers;
 pub mod parse;
 pub mod response;
+pub mod socket;
 
 use std::net::SocketAddr;
 

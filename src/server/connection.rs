@@ -8,7 +8,7 @@
 //! its channel disconnects) before the next request is read.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,21 +23,20 @@ use crate::http::conn::Conn;
 use crate::http::exchange::{Exchange, ExchangeTimeouts};
 use crate::http::handler::{Handler, Step};
 use crate::http::parse::{parse_head, HttpError, Parsed};
+use crate::http::socket::Socket;
 use crate::http::{BodyFraming, Request};
 
 /// Reads requests from one client and hands each to the worker pool, in order.
 pub(super) fn serve_connection<H: Handler>(
     shared: &Shared,
     handler: &H,
-    stream: TcpStream,
+    stream: Socket,
     peer: SocketAddr,
     queues: &Queues<H::Job>,
     idle: &AtomicBool,
 ) {
     let cfg = &shared.cfg;
-    if stream.set_nodelay(true).is_err()
-        || stream.set_write_timeout(Some(cfg.write_timeout)).is_err()
-    {
+    if stream.set_nodelay().is_err() || stream.set_write_timeout(Some(cfg.write_timeout)).is_err() {
         return;
     }
     let mut conn = Conn::new(

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,11 +33,12 @@ mod connection;
 mod proxy_protocol;
 mod worker;
 
-use crate::config::ServerConfig;
+use crate::config::{ListenAddr, ServerConfig};
 use crate::http::conn::Conn;
 use crate::http::exchange::ExchangeTimeouts;
 use crate::http::handler::Handler;
 use crate::http::parse::{HttpError, Limits};
+use crate::http::socket::Socket;
 use crate::http::Request;
 
 use connection::serve_connection;
@@ -78,13 +80,13 @@ struct Shared {
     next_id: AtomicU64,
     /// Every open client socket (a clone), and whether it is idle between requests, so
     /// shutdown can close the idle ones at once and let the busy ones finish.
-    conns: Mutex<HashMap<u64, (TcpStream, Arc<AtomicBool>)>>,
+    conns: Mutex<HashMap<u64, (Socket, Arc<AtomicBool>)>>,
     /// The depths of the worker and fetch queues.
     queued: Box<dyn Fn() -> (usize, usize) + Send + Sync>,
 }
 
 impl Shared {
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, (TcpStream, Arc<AtomicBool>)>> {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, (Socket, Arc<AtomicBool>)>> {
         // A panic elsewhere cannot leave the map inconsistent: recover it.
         self.conns
             .lock()
@@ -111,22 +113,63 @@ impl ServerStats {
     }
 }
 
+/// A bound listener: TCP, or a Unix stream socket.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// With the path it is bound to (removed when the server stops).
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+/// What a Unix socket's client is reported as (access log, `X-Forwarded-For`, the
+/// PROXY protocol's trust check): a process on this machine, with no address of its own.
+pub const UNIX_PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+impl Listener {
+    fn accept(&self) -> io::Result<(Socket, SocketAddr)> {
+        match self {
+            Listener::Tcp(l) => l.accept().map(|(s, peer)| (Socket::Tcp(s), peer)),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| (Socket::Unix(s), UNIX_PEER)),
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Listener::Unix(_, path) => Ok(ListenAddr::Unix(path.clone())),
+        }
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Listener {
+        Listener::Tcp(l)
+    }
+}
+
 /// A running server; dropping it shuts it down.
 pub struct ServerHandle {
     /// Every address it listens on (one acceptor thread each).
-    addrs: Vec<SocketAddr>,
+    addrs: Vec<ListenAddr>,
     shared: Arc<Shared>,
     acceptors: Vec<JoinHandle<()>>,
 }
 
 impl ServerHandle {
-    /// The first address it listens on.
+    /// The first TCP address it listens on (`0.0.0.0:0` when it listens on Unix
+    /// sockets only).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addrs[0]
+        self.addrs
+            .iter()
+            .find_map(|a| match a {
+                ListenAddr::Tcp(addr) => Some(*addr),
+                ListenAddr::Unix(_) => None,
+            })
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Every address it listens on.
-    pub fn local_addrs(&self) -> &[SocketAddr] {
+    pub fn local_addrs(&self) -> &[ListenAddr] {
         &self.addrs
     }
 
@@ -155,10 +198,23 @@ impl ServerHandle {
         // Wake each acceptor out of accept(); when it ends, its listener closes and new
         // connections are refused.
         for addr in &self.addrs {
-            let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
+            match addr {
+                ListenAddr::Tcp(addr) => {
+                    let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
+                }
+                ListenAddr::Unix(path) => {
+                    let _ = UnixStream::connect(path);
+                }
+            }
         }
         for acceptor in self.acceptors.drain(..) {
             let _ = acceptor.join();
+        }
+        // A Unix socket's file goes with its listener (as nginx removes its own).
+        for addr in &self.addrs {
+            if let ListenAddr::Unix(path) = addr {
+                let _ = std::fs::remove_file(path);
+            }
         }
         self.close_idle();
         info!(
@@ -203,13 +259,13 @@ impl Drop for ServerHandle {
 /// logs.
 pub fn start<H: Handler>(
     name: &str,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     cfg: ServerConfig,
     handler: Arc<H>,
 ) -> io::Result<ServerHandle> {
     let addrs = listeners
         .iter()
-        .map(TcpListener::local_addr)
+        .map(Listener::local_addr)
         .collect::<io::Result<Vec<_>>>()?;
     if addrs.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener"));
@@ -269,7 +325,12 @@ pub fn start<H: Handler>(
         );
     }
     info!(
-        "{name}: listening on {addrs:?} with {} workers",
+        "{name}: listening on {} with {} workers",
+        addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         shared.cfg.workers
     );
     Ok(ServerHandle {
@@ -282,7 +343,7 @@ pub fn start<H: Handler>(
 fn accept_loop<H: Handler>(
     shared: &Arc<Shared>,
     handler: &Arc<H>,
-    listener: &TcpListener,
+    listener: &Listener,
     queues: &Queues<H::Job>,
 ) {
     let mut last_warning: Option<Instant> = None;
@@ -370,12 +431,12 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-fn refuse_over_limit(stream: TcpStream) {
+fn refuse_over_limit(stream: Socket) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
     let _ = write_refusal(&stream, &HttpError::new(503, "too many connections"));
 }
 
-fn write_refusal(mut stream: &TcpStream, e: &HttpError) -> io::Result<()> {
+fn write_refusal(mut stream: &Socket, e: &HttpError) -> io::Result<()> {
     use std::io::Write;
     let body = format!("echo: {}\n", e.reason);
     let retry = if e.status == 503 {

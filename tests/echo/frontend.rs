@@ -1028,7 +1028,7 @@ mod any_handler {
             workers: 1,
             ..ServerConfig::default()
         };
-        server::start("quirky", vec![listener], cfg, Arc::new(Quirky)).expect("start")
+        server::start("quirky", vec![listener.into()], cfg, Arc::new(Quirky)).expect("start")
     }
 
     #[test]

@@ -137,36 +137,85 @@ fn the_proxy_protocol_config_is_checked() {
     }
 }
 
-/// `server.listen` as a list: every address serves, and the list is checked.
+/// `server.listen` as a list of TCP addresses and a Unix socket: every one serves; the
+/// socket gets `server.unix_socket_mode`, replaces a stale socket left at its path,
+/// refuses to replace anything else, and goes when Echo stops; the list is checked.
 #[test]
-fn a_listen_list_serves_on_every_address() {
-    let origin = TestOrigin::start(|req| OriginResponse::ok(req.target.clone()));
+fn a_listen_list_serves_on_every_address_and_unix_socket() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let origin = TestOrigin::start(|req| {
+        let xff = req.header("x-forwarded-for").unwrap_or("-");
+        OriginResponse::ok(format!("{} {xff}", req.target))
+    });
+    let dir = std::env::temp_dir().join(format!("echo-listen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("echo.sock");
+    // A socket left by an Echo that did not stop cleanly: replaced.
+    drop(UnixListener::bind(&socket).expect("stale socket"));
     let ports = [crate::support::free_port(), crate::support::free_port()];
+    let text = |ports: [u16; 2]| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\", \"unix:{}\"]\n\
+             unix_socket_mode = 0o600\n",
+            ports[0],
+            ports[1],
+            socket.display()
+        )
+    };
     let mut echo = None;
     // A free port can be taken between finding it and binding it: try a few.
     for _ in 0..5 {
-        let cfg = config(
-            &origin.url(),
-            &format!(
-                "[server]\nlisten = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
-                ports[0], ports[1]
-            ),
-        );
-        if let Ok(started) = echo::start(&cfg) {
+        if let Ok(started) = echo::start(&config(&origin.url(), &text(ports))) {
             echo = Some(started);
             break;
         }
     }
-    let echo = echo.expect("Echo on two ports");
-    assert_eq!(echo.proxy.local_addrs().len(), 2);
-    for addr in echo.proxy.local_addrs() {
-        let resp = crate::support::client::get(*addr, "/both", &[]);
+    let echo = echo.expect("Echo on two ports and a socket");
+    assert_eq!(echo.proxy.local_addrs().len(), 3);
+    for port in ports {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let resp = crate::support::client::get(addr, "/tcp", &[]);
         assert_eq!(
             (resp.status, resp.body_str().as_str()),
-            (200, "/both"),
+            (200, "/tcp 127.0.0.1"),
             "{addr}"
         );
     }
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut c = UnixStream::connect(&socket).expect("connect to the socket");
+    c.write_all(&build_request(
+        "GET",
+        "/unix",
+        &[("Host", "pp.example"), ("Connection", "close")],
+        b"",
+    ))
+    .expect("send");
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A Unix socket's client is a local process.
+    assert!(answer.ends_with("/unix 127.0.0.1"), "{answer}");
+    drop(echo);
+    assert!(!socket.exists(), "the socket goes with Echo");
+
+    // Anything but a socket at the path is left alone, and Echo says why.
+    std::fs::write(&socket, "not a socket").expect("a file in the way");
+    let ports = [crate::support::free_port(), crate::support::free_port()];
+    let e = echo::start(&config(&origin.url(), &text(ports)))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains(&socket.display().to_string()), "{e}");
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
+    let _ = std::fs::remove_dir_all(&dir);
+
     let cases = [
         ("listen = []", "server.listen"),
         (
@@ -177,7 +226,8 @@ fn a_listen_list_serves_on_every_address() {
             "listen = [\"127.0.0.1:1\", \"nowhere\"]",
             "server.listen[1]",
         ),
-        ("listen = \"unix:/run/echo.sock\"", "server.listen"),
+        ("listen = \"unix:echo.sock\"", "server.listen"),
+        ("unix_socket_mode = 0o1777", "server.unix_socket_mode"),
     ];
     for (line, key) in cases {
         let text = format!("[origin]\nurl = \"http://127.0.0.1:9\"\n[server]\n{line}\n");

@@ -383,7 +383,7 @@ fn conn_with(bytes: &[u8]) -> (Conn, TcpStream) {
     client.write_all(bytes).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     (
-        Conn::new(server, peer, 64 * 1024, Duration::from_secs(5)),
+        Conn::new(server.into(), peer, 64 * 1024, Duration::from_secs(5)),
         client,
     )
 }

@@ -67,7 +67,7 @@ impl EchoUnderTest {
             }
             None => (None, None),
         };
-        let echo = echo::start_on(&cfg, vec![listener], admin_listener).expect("start echo");
+        let echo = echo::start_on(&cfg, vec![listener.into()], admin_listener).expect("start echo");
         EchoUnderTest { echo, addr, admin }
     }
 }
