@@ -40,8 +40,8 @@
 //! scenario the proxies run back to back (the starting one rotates), so they share the
 //! machine's conditions. Before each hit run the object is fetched through that proxy
 //! until the proxy says it is a hit.
-//! - hits on `/bytes/1024` with 16, 64 and 256 connections, on `/bytes/65536` with 64
-//!   [`hit-1k-16`, `hit-1k-64`, `hit-1k-256`, `hit-64k-64`];
+//! - hits on `/bytes/1024` with 16, 64, 256 and 1024 connections, on `/bytes/65536` with
+//!   64 [`hit-1k-16`, `hit-1k-64`, `hit-1k-256`, `hit-1k-1024`, `hit-64k-64`];
 //! - misses [`miss-1`, `miss-16`]: a wrk script puts a counter in the query
 //!   (`?r=<run>&n=<counter>`), so every request is a new URL; with 1 connection (pure
 //!   per-request overhead) and with 16. The origin is run directly with the same script,
@@ -54,7 +54,10 @@
 //!   opened beforehand, ask for one new URL of the origin's `/slow/200/...` (200 ms) at
 //!   the same moment, five times; reported: the origin's fetches per herd (its own count)
 //!   and each answer's time beyond the origin's 200 ms (p50, p99, max). nginx runs with
-//!   `proxy_cache_lock on` (5 s), Varnish with its default waiting list.
+//!   `proxy_cache_lock on` (5 s), Varnish with its default waiting list;
+//! - idle connections [`idle-2000`, `idle-10000`] (`idle.rs`, not wrk): N connections,
+//!   each after one request, held open; reported: the proxy's threads and RSS (its child
+//!   processes' included) with none and with them held.
 //!
 //! Output: a table (req/s, p50, p99, wrk's errors, req/s relative to nginx, to Varnish and
 //! to each baseline when there is one), the ratios to the baselines, Echo's RSS (idle after start, and the peak of the
@@ -71,9 +74,11 @@
 //! (table, Markdown, SVG chart).
 
 mod herd;
+mod idle;
 mod lab;
 mod peers;
 mod report;
+mod scenarios;
 mod wrk;
 
 // The tests' redis-server fixture; the bench starts each master and replica with it.
@@ -93,6 +98,7 @@ use peers::{
     start_varnish, varnish_backend_reqs, warm, Kind,
 };
 use report::{baseline_lines, fmt_rps, fmt_us, miss_overhead, Report, Row, Section};
+use scenarios::{Load, SCENARIOS};
 use wrk::{coalesced_script, miss_script, wrk};
 
 /// What every step of the bench returns: an error is a sentence for the terminal.
@@ -107,94 +113,6 @@ const MISS_PATH: &str = "/bytes/1024";
 
 // -----------------------------------------------------------------------------------------
 // The scenarios.
-
-#[derive(Clone, Copy)]
-enum Load {
-    /// Every request the same, warmed object.
-    Hit(&'static str),
-    /// Every request a new URL.
-    Miss,
-    /// `BATCH` requests in a row share a new URL.
-    Coalesced,
-    /// This many clients ask for one new URL of a slow origin at once (`herd`).
-    Herd(usize),
-}
-
-struct Scenario {
-    /// What `ECHO_BENCH_SCENARIOS` names it by (the name has commas).
-    id: &'static str,
-    name: &'static str,
-    connections: u32,
-    load: Load,
-    /// The origin is driven directly too (misses: the baseline of the overhead).
-    with_origin: bool,
-}
-
-const SCENARIOS: [Scenario; 9] = [
-    Scenario {
-        id: "hit-1k-16",
-        name: "hit 1 KiB, 16 conns",
-        connections: 16,
-        load: Load::Hit("/bytes/1024"),
-        with_origin: false,
-    },
-    Scenario {
-        id: "hit-1k-64",
-        name: "hit 1 KiB, 64 conns",
-        connections: 64,
-        load: Load::Hit("/bytes/1024"),
-        with_origin: false,
-    },
-    Scenario {
-        id: "hit-1k-256",
-        name: "hit 1 KiB, 256 conns",
-        connections: 256,
-        load: Load::Hit("/bytes/1024"),
-        with_origin: false,
-    },
-    Scenario {
-        id: "hit-64k-64",
-        name: "hit 64 KiB, 64 conns",
-        connections: 64,
-        load: Load::Hit("/bytes/65536"),
-        with_origin: false,
-    },
-    Scenario {
-        id: "miss-1",
-        name: "miss 1 KiB, 1 conn",
-        connections: 1,
-        load: Load::Miss,
-        with_origin: true,
-    },
-    Scenario {
-        id: "miss-16",
-        name: "miss 1 KiB, 16 conns",
-        connections: 16,
-        load: Load::Miss,
-        with_origin: true,
-    },
-    Scenario {
-        id: "coalesced-64",
-        name: "coalesced miss, 64 conns",
-        connections: 64,
-        load: Load::Coalesced,
-        with_origin: false,
-    },
-    Scenario {
-        id: "herd-64",
-        name: "herd of 64 on one new URL",
-        connections: 64,
-        load: Load::Herd(64),
-        with_origin: false,
-    },
-    Scenario {
-        id: "herd-1024",
-        name: "herd of 1024 on one new URL",
-        connections: 1024,
-        load: Load::Herd(1024),
-        with_origin: false,
-    },
-];
 
 /// The scenarios to run, as indices into `SCENARIOS`: `ECHO_BENCH_SCENARIOS` is a comma
 /// list of ids, each matching the scenario of that id and those it is a `-`-ended prefix
@@ -266,6 +184,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Res<()> {
+    // The proxies inherit it: the idle scenarios hold thousands of connections.
+    let _ = rlimit::increase_nofile_limit(65_536);
     let seconds: u64 =
         match std::env::var("ECHO_BENCH_SECONDS") {
             Ok(v) => v.trim().parse().ok().filter(|s| *s > 0).ok_or_else(|| {
@@ -477,6 +397,7 @@ fn run() -> Res<()> {
     let mut run_id = 0u32;
     let mut coalescing: Vec<String> = Vec::new();
     let mut herds: Vec<String> = Vec::new();
+    let mut idles: Vec<String> = Vec::new();
     let origin_port = targets
         .iter()
         .find(|t| t.kind == Kind::Origin)
@@ -516,6 +437,15 @@ fn run() -> Res<()> {
                 std::thread::sleep(Duration::from_millis(300));
                 continue;
             }
+            if let Load::Idle(n) = s.load {
+                let line = match idle::run(t.pid, t.port, n, "/bytes/1024") {
+                    Ok(r) => r.line(t.kind.name(), n),
+                    Err(e) => format!("{:<21} failed: {e}", t.kind.name()),
+                };
+                println!("  {line}");
+                idles.push(line);
+                continue;
+            }
             let mut before = None;
             let result = match s.load {
                 Load::Hit(path) => {
@@ -523,7 +453,7 @@ fn run() -> Res<()> {
                 }
                 Load::Miss => miss_script(lab.dir(), &run)
                     .and_then(|script| wrk(t.port, "/", s.connections, seconds, Some(&script))),
-                Load::Herd(_) => unreachable!("herds are run above"),
+                Load::Herd(_) | Load::Idle(_) => unreachable!("herds and idles are run above"),
                 Load::Coalesced => coalesced_script(lab.dir(), &run).and_then(|script| {
                     before = if t.kind.is_echo() {
                         echo_coalesced(t)
@@ -606,7 +536,7 @@ fn run() -> Res<()> {
     notes.extend(logged_warnings(&lab));
     let memory_vs_baseline = baseline_lines(&rows, Kind::EchoMemory);
     let redis_vs_baseline = baseline_lines(&rows, Kind::EchoRedis);
-    let sections: [Section<'_>; 6] = [
+    let sections: [Section<'_>; 7] = [
         (
             "Miss overhead (p50 through the proxy minus p50 of the same misses sent to the \
              origin):"
@@ -625,6 +555,12 @@ fn run() -> Res<()> {
                 herd::ORIGIN_DELAY.as_millis()
             ),
             &herds,
+        ),
+        (
+            "Idle keep-alive connections (each after one request; the proxy's threads and \
+             RSS, its children's included, with none and with them held):"
+                .into(),
+            &idles,
         ),
         (
             "Echo memory against the baseline on the memory store (echo (memory) / echo \

@@ -181,7 +181,8 @@ pub(crate) fn start_echo(
         // redis.replicas are there too. A key added later must be left out when `kind` is
         // `Kind::EchoBaseline` or `Kind::EchoRedisBaseline`.
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_ms = 1000\n\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_ms = 1000\n\
+             max_connections = 16384\n\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{TOKEN}\"\n\n\
              [origin]\nurl = \"http://127.0.0.1:{origin}\"\n\n\
              [log]\nlevel = \"warn\"\nfile = {:?}\n\n\
@@ -222,7 +223,7 @@ worker_processes 2;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{
-    worker_connections 4096;
+    worker_connections 16384;
 }}
 http {{
     access_log off;
