@@ -99,6 +99,15 @@ impl Conn {
         &self.stream
     }
 
+    /// Gives the read buffer back while nothing is in it (an idle connection is
+    /// parked): the next `fill` takes a new one.
+    pub(crate) fn release_buffer(&mut self) {
+        if self.buffered().is_empty() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
     /// The bytes received and not yet consumed.
     pub fn buffered(&self) -> &[u8] {
         &self.buf[self.start..]

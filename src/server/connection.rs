@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, SendTimeoutError};
 use log::{debug, error, warn};
 
-use super::{exchange_timeouts, write_refusal, Job, Queues, Shared, BUFFER_SLACK, PREREAD_BODY};
+use super::park::{Wake, PARK_AFTER};
+use super::{
+    exchange_timeouts, spawn_client, write_refusal, Client, Job, Shared, BUFFER_SLACK, PREREAD_BODY,
+};
 use crate::http::body::chunked_length;
 use crate::http::conn::Conn;
 use crate::http::exchange::{Exchange, ExchangeTimeouts};
@@ -27,14 +30,8 @@ use crate::http::socket::Socket;
 use crate::http::{BodyFraming, Request};
 
 /// Reads requests from one client and hands each to the worker pool, in order.
-pub(super) fn serve_connection<H: Handler>(
-    shared: &Shared,
-    handler: &H,
-    stream: Socket,
-    peer: SocketAddr,
-    queues: &Queues<H::Job>,
-    idle: &AtomicBool,
-) {
+pub(super) fn serve_connection<H: Handler>(client: Client<H>, stream: Socket, peer: SocketAddr) {
+    let shared = &client.shared;
     let cfg = &shared.cfg;
     if stream.set_nodelay().is_err() || stream.set_write_timeout(Some(cfg.write_timeout)).is_err() {
         return;
@@ -52,9 +49,26 @@ pub(super) fn serve_connection<H: Handler>(
             return;
         }
     }
+    serve(client, conn);
+}
+
+/// Serves requests on `conn` until it closes, or parks it when it idles (see `park`).
+fn serve<H: Handler>(client: Client<H>, mut conn: Conn) {
+    let (shared, handler, queues, idle) = (
+        &*client.shared,
+        client.handler.as_ref(),
+        &client.queues,
+        &*client.idle,
+    );
+    let cfg = &shared.cfg;
     // The client a trusted balancer named, or the socket's peer.
     let peer = conn.peer;
     loop {
+        // Nothing of a next request, and none coming at once: the thread goes, the
+        // connection waits in the parker.
+        if conn.buffered().is_empty() && !readable_within(&conn, PARK_AFTER) {
+            return park(client, conn);
+        }
         let req = match read_head(shared, &mut conn, idle) {
             Ok(Some(req)) => req,
             Ok(None) => return,
@@ -148,6 +162,43 @@ pub(super) fn serve_connection<H: Handler>(
         if shared.shutting_down.load(Ordering::SeqCst) {
             return;
         }
+    }
+}
+
+/// Does the client send something (or close) within `wait`?
+fn readable_within(conn: &Conn, wait: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(conn.stream(), PollFlags::IN)];
+    let timeout = rustix::event::Timespec::try_from(wait).ok();
+    // An error says nothing about the client: read, and let the read say.
+    !matches!(poll(&mut fds, timeout.as_ref()), Ok(0))
+}
+
+/// Parks an idle connection: its thread ends here, and it gets a new one when the
+/// client sends its next request (or closes); it is closed at its idle deadline, as
+/// `read_head` would have closed it.
+fn park<H: Handler>(client: Client<H>, mut conn: Conn) {
+    use std::os::fd::{AsFd, AsRawFd};
+    let shared = Arc::clone(&client.shared);
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        return;
+    }
+    conn.release_buffer();
+    client.idle.store(true, Ordering::SeqCst);
+    let fd = conn.stream().as_fd().as_raw_fd();
+    let deadline = Instant::now() + shared.cfg.idle_timeout.saturating_sub(PARK_AFTER);
+    let resume = Box::new(move |wake: Wake| {
+        if wake == Wake::Ready {
+            client.idle.store(false, Ordering::SeqCst);
+            let name = client.shared.name.clone();
+            if let Err(e) = spawn_client(client, move |client| serve(client, conn)) {
+                warn!("{name}: cannot start a connection thread: {e}");
+            }
+        }
+        // Expired (or no thread): dropped here, the connection closes.
+    });
+    if let Err(resume) = shared.parker.park(fd, deadline, resume) {
+        resume(Wake::Expired);
     }
 }
 

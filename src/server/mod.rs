@@ -30,6 +30,7 @@ use crossbeam_channel::{bounded, Sender};
 use log::{info, warn};
 
 mod connection;
+mod park;
 mod proxy_protocol;
 mod worker;
 
@@ -40,6 +41,7 @@ use crate::http::handler::Handler;
 use crate::http::parse::{HttpError, Limits};
 use crate::http::socket::Socket;
 use crate::http::Request;
+use park::Parker;
 
 use connection::serve_connection;
 use worker::worker;
@@ -83,6 +85,8 @@ struct Shared {
     conns: Mutex<HashMap<u64, (Socket, Arc<AtomicBool>)>>,
     /// The depths of the worker and fetch queues.
     queued: Box<dyn Fn() -> (usize, usize) + Send + Sync>,
+    /// Where idle keep-alive connections wait without a thread.
+    parker: Arc<Parker>,
 }
 
 impl Shared {
@@ -100,6 +104,11 @@ pub struct ServerStats(Arc<Shared>);
 impl ServerStats {
     pub fn open_connections(&self) -> usize {
         self.0.open.load(Ordering::Relaxed)
+    }
+
+    /// Idle keep-alive connections parked without a thread.
+    pub fn parked(&self) -> usize {
+        self.0.parker.parked()
     }
 
     /// Requests waiting for a worker, and for a fetch worker.
@@ -217,6 +226,8 @@ impl ServerHandle {
             }
         }
         self.close_idle();
+        // Parked connections are idle ones: closed with the parker.
+        self.shared.parker.stop();
         info!(
             "{}: stopped accepting on {:?}",
             self.shared.name, self.addrs
@@ -291,6 +302,7 @@ pub fn start<H: Handler>(
         next_id: AtomicU64::new(0),
         conns: Mutex::new(HashMap::new()),
         queued,
+        parker: Parker::start(name)?,
     });
     for i in 0..shared.cfg.workers {
         let rx = jobs_rx.clone();
@@ -387,48 +399,52 @@ fn accept_loop<H: Handler>(
         if let Ok(clone) = stream.try_clone() {
             shared.conns().insert(id, (clone, Arc::clone(&idle)));
         }
-        let thread_shared = Arc::clone(shared);
-        let handler = Arc::clone(handler);
-        let queues = Queues {
-            jobs: queues.jobs.clone(),
-            fetch: queues.fetch.clone(),
+        let client = Client {
+            shared: Arc::clone(shared),
+            handler: Arc::clone(handler),
+            queues: Queues {
+                jobs: queues.jobs.clone(),
+                fetch: queues.fetch.clone(),
+            },
+            idle,
+            id,
         };
-        let spawned = thread::Builder::new()
-            .name(format!("{}-conn", shared.name))
-            .stack_size(CONNECTION_STACK)
-            .spawn(move || {
-                let _guard = OpenGuard {
-                    shared: &thread_shared,
-                    id,
-                };
-                serve_connection(
-                    &thread_shared,
-                    handler.as_ref(),
-                    stream,
-                    peer,
-                    &queues,
-                    &idle,
-                );
-            });
-        if let Err(e) = spawned {
-            shared.open.fetch_sub(1, Ordering::SeqCst);
-            shared.conns().remove(&id);
+        if let Err(e) = spawn_client(client, move |client| serve_connection(client, stream, peer)) {
             warn!("{}: cannot start a connection thread: {e}", shared.name);
         }
     }
 }
 
-/// Counts a connection open for as long as its thread runs.
-struct OpenGuard<'a> {
-    shared: &'a Shared,
+/// One client connection's hold on the server: what a thread serving it needs, and its
+/// open-connections slot, given back (with its entry in `conns`) when it is dropped.
+pub(super) struct Client<H: Handler> {
+    shared: Arc<Shared>,
+    handler: Arc<H>,
+    queues: Queues<H::Job>,
+    /// Set while it waits for a next request (a drain may close it then).
+    idle: Arc<AtomicBool>,
     id: u64,
 }
 
-impl Drop for OpenGuard<'_> {
+impl<H: Handler> Drop for Client<H> {
     fn drop(&mut self) {
         self.shared.conns().remove(&self.id);
         self.shared.open.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Runs `work` on a new connection thread (a small stack). If none can be started the
+/// client is dropped: its connection closes.
+pub(super) fn spawn_client<H: Handler>(
+    client: Client<H>,
+    work: impl FnOnce(Client<H>) + Send + 'static,
+) -> io::Result<()> {
+    let name = format!("{}-conn", client.shared.name);
+    thread::Builder::new()
+        .name(name)
+        .stack_size(CONNECTION_STACK)
+        .spawn(move || work(client))
+        .map(drop)
 }
 
 fn refuse_over_limit(stream: Socket) {
