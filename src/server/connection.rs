@@ -64,14 +64,12 @@ fn serve<H: Handler>(client: Client<H>, mut conn: Conn) {
     // The client a trusted balancer named, or the socket's peer.
     let peer = conn.peer;
     loop {
-        // Nothing of a next request, and none coming at once: the thread goes, the
-        // connection waits in the parker.
-        if conn.buffered().is_empty() && !readable_within(&conn, PARK_AFTER) {
-            return park(client, conn);
-        }
         let req = match read_head(shared, &mut conn, idle) {
-            Ok(Some(req)) => req,
-            Ok(None) => return,
+            Ok(Next::Request(req)) => req,
+            Ok(Next::Closed) => return,
+            // Nothing of a next request for a while: the thread goes, the connection
+            // waits in the parker.
+            Ok(Next::Idle(since)) => return park(client, conn, since),
             Err(e) => {
                 debug!("{}: {peer}: refused: {e}", shared.name);
                 let _ = write_refusal(conn.stream(), &e);
@@ -165,19 +163,10 @@ fn serve<H: Handler>(client: Client<H>, mut conn: Conn) {
     }
 }
 
-/// Does the client send something (or close) within `wait`?
-fn readable_within(conn: &Conn, wait: Duration) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags};
-    let mut fds = [PollFd::new(conn.stream(), PollFlags::IN)];
-    let timeout = rustix::event::Timespec::try_from(wait).ok();
-    // An error says nothing about the client: read, and let the read say.
-    !matches!(poll(&mut fds, timeout.as_ref()), Ok(0))
-}
-
 /// Parks an idle connection: its thread ends here, and it gets a new one when the
 /// client sends its next request (or closes); it is closed at its idle deadline, as
 /// `read_head` would have closed it.
-fn park<H: Handler>(client: Client<H>, mut conn: Conn) {
+fn park<H: Handler>(client: Client<H>, mut conn: Conn, idle_since: Instant) {
     use std::os::fd::{AsFd, AsRawFd};
     let shared = Arc::clone(&client.shared);
     if shared.shutting_down.load(Ordering::SeqCst) {
@@ -186,7 +175,7 @@ fn park<H: Handler>(client: Client<H>, mut conn: Conn) {
     conn.release_buffer();
     client.idle.store(true, Ordering::SeqCst);
     let fd = conn.stream().as_fd().as_raw_fd();
-    let deadline = Instant::now() + shared.cfg.idle_timeout.saturating_sub(PARK_AFTER);
+    let deadline = idle_since + shared.cfg.idle_timeout;
     let resume = Box::new(move |wake: Wake| {
         if wake == Wake::Ready {
             client.idle.store(false, Ordering::SeqCst);
@@ -247,15 +236,21 @@ fn serve_inline<H: Handler>(
     Inline::Answered(ex.complete())
 }
 
-/// Waits for and parses the next request head. `Ok(None)`: the client closed, or stayed
-/// idle past `idle_timeout` between requests.
-fn read_head(
-    shared: &Shared,
-    conn: &mut Conn,
-    idle: &AtomicBool,
-) -> Result<Option<Request>, HttpError> {
+/// What waiting for a next request came to.
+enum Next {
+    Request(Request),
+    /// The client closed, or stayed idle past `idle_timeout` between requests.
+    Closed,
+    /// Nothing of a next request for `PARK_AFTER` (idle since then): park it.
+    Idle(Instant),
+}
+
+/// Waits for and parses the next request head.
+fn read_head(shared: &Shared, conn: &mut Conn, idle: &AtomicBool) -> Result<Next, HttpError> {
     let cfg = &shared.cfg;
-    let idle_deadline = Instant::now() + cfg.idle_timeout;
+    let idle_since = Instant::now();
+    let idle_deadline = idle_since + cfg.idle_timeout;
+    let park_at = idle_since + PARK_AFTER;
     let mut head_deadline: Option<Instant> = None;
     loop {
         if !conn.buffered().is_empty() {
@@ -273,26 +268,30 @@ fn read_head(
                 match parse_head(conn.buffered(), &shared.limits, conn.peer)? {
                     Parsed::Complete(req, len) => {
                         conn.consume(len);
-                        return Ok(Some(req));
+                        return Ok(Next::Request(req));
                     }
                     Parsed::Partial => {}
                 }
                 head_deadline.get_or_insert_with(|| Instant::now() + cfg.header_timeout);
             }
         }
-        let deadline = head_deadline.unwrap_or(idle_deadline);
         // Idle: nothing of a next request yet. A drain may close the socket now.
         let waiting_idle = conn.buffered().is_empty();
+        let deadline = match head_deadline {
+            Some(d) => d,
+            None if waiting_idle => idle_deadline.min(park_at),
+            None => idle_deadline,
+        };
         idle.store(waiting_idle, Ordering::SeqCst);
         if waiting_idle && shared.shutting_down.load(Ordering::SeqCst) {
-            return Ok(None);
+            return Ok(Next::Closed);
         }
         let filled = conn.fill(deadline);
         idle.store(false, Ordering::SeqCst);
         match filled {
             Ok(0) => {
                 if conn.buffered().is_empty() {
-                    return Ok(None);
+                    return Ok(Next::Closed);
                 }
                 return Err(HttpError::new(
                     400,
@@ -304,12 +303,15 @@ fn read_head(
                 if head_deadline.is_some() {
                     return Err(HttpError::new(408, "request head not received in time"));
                 }
-                return Ok(None);
+                if conn.buffered().is_empty() && Instant::now() < idle_deadline {
+                    return Ok(Next::Idle(idle_since));
+                }
+                return Ok(Next::Closed);
             }
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(Next::Closed),
         }
         if shared.shutting_down.load(Ordering::SeqCst) && head_deadline.is_none() {
-            return Ok(None);
+            return Ok(Next::Closed);
         }
     }
 }
