@@ -156,6 +156,15 @@ impl From<TcpListener> for Listener {
     }
 }
 
+/// Addresses for the log: `127.0.0.1:8080, unix:/run/echo.sock`.
+fn listing(addrs: &[ListenAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A running server; dropping it shuts it down.
 pub struct ServerHandle {
     /// Every address it listens on (one acceptor thread each).
@@ -229,8 +238,9 @@ impl ServerHandle {
         // Parked connections are idle ones: closed with the parker.
         self.shared.parker.stop();
         info!(
-            "{}: stopped accepting on {:?}",
-            self.shared.name, self.addrs
+            "{}: stopped accepting on {}",
+            self.shared.name,
+            listing(&self.addrs)
         );
     }
 
@@ -338,11 +348,7 @@ pub fn start<H: Handler>(
     }
     info!(
         "{name}: listening on {} with {} workers",
-        addrs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
+        listing(&addrs),
         shared.cfg.workers
     );
     Ok(ServerHandle {
