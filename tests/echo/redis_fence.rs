@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::support::admin;
 use crate::support::client::{self, RawClient};
-use crate::support::echo::{config, redis_sections, EchoUnderTest, NO_LOCAL_TIER, QUICK_REDIS};
+use crate::support::echo::{redis_node, EchoUnderTest, NO_LOCAL_TIER};
 use crate::support::redis::RedisServer;
 use crate::support::relay::Relay;
 use crate::support::{free_port, wait_until, Gate, Hold, OriginResponse, TestOrigin, Versioned};
@@ -34,12 +34,7 @@ fn node_with(
     replicas: &[&RedisServer],
     redis: &str,
 ) -> EchoUnderTest {
-    let redis = format!("{QUICK_REDIS}wait_timeout_ms = 300\n{redis}");
-    let text = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n{}",
-        redis_sections(master, replicas, "", &redis)
-    );
-    EchoUnderTest::with_config(config(&origin.url(), &text))
+    redis_node(&origin.url(), master, replicas, TOKEN, redis)
 }
 
 /// POST /invalidate on `echo`; the job's report.

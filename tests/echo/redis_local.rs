@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::support::admin;
 use crate::support::client::{self, RawClient};
-use crate::support::echo::{config, redis_sections, EchoUnderTest, QUICK_REDIS};
+use crate::support::echo::{config, redis_node, EchoUnderTest, QUICK_REDIS};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, OriginResponse, TestOrigin, Versioned};
 
@@ -28,12 +28,7 @@ fn node(
     replicas: &[&RedisServer],
     redis: &str,
 ) -> EchoUnderTest {
-    let redis = format!("{QUICK_REDIS}wait_timeout_ms = 300\n{redis}");
-    let text = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n{}",
-        redis_sections(master, replicas, "", &redis)
-    );
-    EchoUnderTest::with_config(config(&origin.url(), &text))
+    redis_node(&origin.url(), master, replicas, TOKEN, redis)
 }
 
 /// `/health`'s `store.local_tier`.

@@ -50,6 +50,24 @@ pub fn redis_sections(
     )
 }
 
+/// An Echo node on `master` and `replicas` (the Redis store, `QUICK_REDIS` timeouts, a
+/// WAIT that gives up on an unreachable replica after 300 ms) with the admin API and
+/// `token`, in front of `origin_url`; `redis` is added to `[redis]`.
+pub fn redis_node(
+    origin_url: &str,
+    master: &RedisServer,
+    replicas: &[&RedisServer],
+    token: &str,
+    redis: &str,
+) -> EchoUnderTest {
+    let redis = format!("{QUICK_REDIS}wait_timeout_ms = 300\n{redis}");
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n{}",
+        redis_sections(master, replicas, "", &redis)
+    );
+    EchoUnderTest::with_config(config(origin_url, &text))
+}
+
 impl EchoUnderTest {
     /// Echo with the default test config in front of `origin_url`.
     pub fn start(origin_url: &str) -> EchoUnderTest {
