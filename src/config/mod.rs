@@ -17,6 +17,7 @@
 mod locate;
 mod raw;
 mod validate;
+mod validate_redis;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -21,7 +21,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::support::client::{self, build_request, RawClient, RawResponse};
-use crate::support::echo::{config, redis_sections, EchoUnderTest, NO_LOCAL_TIER, QUICK_REDIS};
+use crate::support::echo::{
+    config, redis_echo_without_tier, redis_sections, EchoUnderTest, QUICK_REDIS,
+};
 use crate::support::redis::RedisServer;
 use crate::support::{free_port, wait_until, OriginResponse, TestOrigin};
 
@@ -406,13 +408,7 @@ fn redis_replica_killed_under_load_fails_no_request_and_hits_continue_from_the_m
     let mut replica = RedisServer::replica_of(&master);
     let origin = cacheable_origin();
     // Where hits are read is the point: no local tier in front.
-    let text = redis_sections(
-        &master,
-        &[&replica],
-        "",
-        &format!("{QUICK_REDIS}{NO_LOCAL_TIER}"),
-    );
-    let echo = EchoUnderTest::with_config(config(&origin.url(), &text));
+    let echo = redis_echo_without_tier(&origin.url(), &master, &[&replica]);
     let urls = targets("/r", 20);
     warm(&echo, &replica, &urls);
 

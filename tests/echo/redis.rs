@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client;
-use crate::support::echo::{config, redis_sections, EchoUnderTest, NO_LOCAL_TIER, QUICK_REDIS};
+use crate::support::echo::{
+    config, redis_echo_without_tier, redis_sections, EchoUnderTest, QUICK_REDIS,
+};
 use crate::support::redis::RedisServer;
 use crate::support::{wait_until, OriginResponse, TestOrigin};
 
@@ -180,13 +182,7 @@ fn a_killed_replica_means_hits_from_the_master() {
     let master = RedisServer::master();
     let mut replica = RedisServer::replica_of(&master);
     let origin = cacheable_origin();
-    let text = redis_sections(
-        &master,
-        &[&replica],
-        "",
-        &format!("{QUICK_REDIS}{NO_LOCAL_TIER}"),
-    );
-    let echo = EchoUnderTest::with_config(config(&origin.url(), &text));
+    let echo = redis_echo_without_tier(&origin.url(), &master, &[&replica]);
     client::get(echo.addr, "/r", &[]);
     replica.wait_for_key(&format!("{KEY}/r"));
     replica.kill();

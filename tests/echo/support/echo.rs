@@ -68,6 +68,22 @@ pub fn redis_node(
     EchoUnderTest::with_config(config(origin_url, &text))
 }
 
+/// Echo on the Redis store (`QUICK_REDIS` timeouts) with no local tier, for tests of
+/// which Redis server a hit is read from.
+pub fn redis_echo_without_tier(
+    origin_url: &str,
+    master: &RedisServer,
+    replicas: &[&RedisServer],
+) -> EchoUnderTest {
+    let text = redis_sections(
+        master,
+        replicas,
+        "",
+        &format!("{QUICK_REDIS}{NO_LOCAL_TIER}"),
+    );
+    EchoUnderTest::with_config(config(origin_url, &text))
+}
+
 impl EchoUnderTest {
     /// Echo with the default test config in front of `origin_url`.
     pub fn start(origin_url: &str) -> EchoUnderTest {
