@@ -257,12 +257,12 @@ fn reserved_fds(cfg: &config::ServerConfig) -> u64 {
     64 + (cfg.workers + cfg.fetch_workers) as u64
 }
 
-/// How many client connections the open-files limit allows (each takes two descriptors:
-/// the socket and the clone kept to close it on shutdown). Raises the soft limit as far
+/// How many client connections the open-files limit allows (each takes one descriptor:
+/// its socket). Raises the soft limit as far
 /// as the hard one allows first; if that is still short of `server.max_connections`,
 /// serves fewer (and says so) rather than hang new clients when descriptors run out.
 fn connections_within_fd_limit(cfg: &config::ServerConfig) -> usize {
-    let wanted = 2 * cfg.max_connections as u64 + reserved_fds(cfg);
+    let wanted = cfg.max_connections as u64 + reserved_fds(cfg);
     let limit = match rlimit::increase_nofile_limit(wanted) {
         Ok(limit) => limit,
         Err(e) => {
@@ -274,7 +274,7 @@ fn connections_within_fd_limit(cfg: &config::ServerConfig) -> usize {
     if limit >= wanted {
         return cfg.max_connections;
     }
-    let fits = (limit.saturating_sub(reserved_fds(cfg)) / 2).max(1) as usize;
+    let fits = limit.saturating_sub(reserved_fds(cfg)).max(1) as usize;
     log::warn!(
         "the open-files limit ({limit}) allows {fits} client connections, not server.max_connections = {}; serving {fits} (raise the limit, e.g. LimitNOFILE in the systemd unit)",
         cfg.max_connections
@@ -407,8 +407,9 @@ pub fn start_on(
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (admin, admin_handler) = match (admin, &cfg.admin) {
         (Some(listener), Some(a)) => {
-            // The admin side needs few workers; its limits are the proxy's.
+            // The admin side needs few threads; its limits are the proxy's.
             let admin_cfg = config::ServerConfig {
+                io_threads: 1,
                 workers: 2,
                 fetch_workers: 1,
                 // Its own listener: clients connect to it directly.

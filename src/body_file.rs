@@ -84,18 +84,16 @@ impl BodyFile {
         self.len == 0
     }
 
-    /// One `sendfile` of the body from `offset` (moved on by what was sent) to `out`, a
-    /// blocking socket whose send timeout bounds the call: `TimedOut` when it passes
-    /// with nothing sent.
+    /// One `sendfile` of the body from `offset` (moved on by what was sent) to `out`:
+    /// `WouldBlock` when a blocking socket's send timeout passed with nothing sent, or a
+    /// non-blocking one takes nothing now.
     pub(crate) fn send_part(&self, out: impl AsFd, offset: &mut u64) -> io::Result<usize> {
         let left = usize::try_from(self.len.saturating_sub(*offset)).unwrap_or(usize::MAX);
         match rustix::fs::sendfile(out, &self.file, Some(offset), left) {
             Ok(0) if left > 0 => Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => Ok(n),
-            Err(rustix::io::Errno::AGAIN) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client did not take the response in time",
-            )),
+            // A blocking socket's send timeout passed, or a non-blocking one is full:
+            // WouldBlock, for the caller to tell apart.
             Err(e) => Err(e.into()),
         }
     }

@@ -1,11 +1,10 @@
 //! Request coalescing: at most one origin fetch per cache key at a time on this node.
 //!
-//! The first request to [`Coalescer::join`] a key leads and gets a [`Permit`]; later
-//! requests for the same key block on the flight's condition variable until the leader
-//! finishes, then act on its [`Outcome`] (look the response up in the store, or go to
-//! the origin themselves). Followers wait on the thread that already serves their
-//! client (its connection's), never on a fetch-pool thread: there is no cap on how many
-//! wait, beyond the connections a server takes.
+//! The first request to [`Coalescer::subscribe`] to a key leads and gets a [`Permit`];
+//! later requests for the same key follow ([`Follower`]): they wait, holding no thread
+//! (the front end keeps them, and is woken when the leader finishes), then act on its
+//! [`Outcome`] (look the response up in the store, or go to the origin themselves).
+//! There is no cap on how many wait, beyond the connections a server takes.
 //!
 //! Invariants:
 //! - One leader per key: a flight is inserted into the map only when the key has none,
@@ -18,8 +17,9 @@
 //!   timeouts, each body read); a leader stuck past it is left ([`Join::TimedOut`]).
 //! - A dropped leader never wedges a key: dropping a [`Permit`] without `finish` (error
 //!   path, panic unwinding) releases the flight with [`Outcome::Failed`].
-//! - No lost wake-ups: the outcome lives under the flight's mutex and waiters re-check
-//!   it after every (possibly spurious) wake-up.
+//! - No lost wake-ups: the outcome and the wakers live under the flight's mutex; a
+//!   waker registered after the outcome is called at once, and blocking waiters re-check
+//!   the outcome after every (possibly spurious) wake-up.
 //! - The map lock is held only for map lookups and updates, never while a leader
 //!   fetches or a follower waits. Lock order is map, then flight. A lock poisoned by a
 //!   panic elsewhere is recovered: every critical section leaves its data consistent
@@ -47,17 +47,112 @@ pub enum Outcome {
     Failed,
 }
 
-/// How `join` ended.
+/// How a follower's wait ended.
 #[derive(Debug)]
 pub enum Join {
-    /// This request leads: fetch, then `permit.finish(outcome)`. Dropping the permit
-    /// without finishing (error path, panic unwinding) releases the waiters with `Failed`.
+    /// This request leads (the blocking `join` of the unit tests).
+    #[cfg(test)]
     Leader(Permit),
     /// The leader finished with this outcome while this request waited `waited`.
     Followed { outcome: Outcome, waited: Duration },
     /// The leader made no progress within its deadline (stuck past the origin's own
     /// timeouts) while this request waited `waited`.
     TimedOut { waited: Duration },
+}
+
+/// How `subscribe` ended.
+#[derive(Debug)]
+pub enum Subscribe {
+    /// This request leads: fetch, then `permit.finish(outcome)`. Dropping the permit
+    /// without finishing (error path, panic unwinding) releases the waiters with `Failed`.
+    Leader(Permit),
+    /// Another request leads: wait for it with the [`Follower`].
+    Follower(Follower),
+}
+
+/// A request waiting for another's fetch of its key, without a thread: its
+/// [`FlightWatch`] tells when the leader finishes and until when to wait (pushed on as
+/// the leader makes progress), and it ends with what came of it ([`Follower::end`]).
+/// Dropped, it stops counting as a waiter.
+pub struct Follower {
+    flight: Arc<Flight>,
+    started: Instant,
+    coalesced: Arc<AtomicU64>,
+}
+
+/// What a follower waits for, apart from the follower (which goes with its job).
+pub struct FlightWatch(Arc<Flight>);
+
+impl FlightWatch {
+    /// Calls `wake` once when the leader finishes (now, if it has).
+    pub fn on_done(&self, wake: Box<dyn FnOnce() + Send>) {
+        let mut state = self.0.lock();
+        if state.outcome.is_some() {
+            drop(state);
+            wake();
+        } else {
+            state.wakers.push(wake);
+        }
+    }
+
+    /// Until when to wait for the leader (read again when it passes: the leader may
+    /// have pushed it on).
+    pub fn deadline(&self) -> Instant {
+        self.0.lock().deadline
+    }
+}
+
+impl Follower {
+    /// What it waits for, to hand to whoever waits for it.
+    pub fn watch(&self) -> FlightWatch {
+        FlightWatch(Arc::clone(&self.flight))
+    }
+
+    /// What the wait came to: the leader's outcome, or `TimedOut` if it has none yet.
+    pub fn end(self) -> Join {
+        let waited = self.started.elapsed();
+        match self.flight.lock().outcome {
+            Some(outcome) => {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+                Join::Followed { outcome, waited }
+            }
+            None => Join::TimedOut { waited },
+        }
+    }
+
+    /// Blocks until the leader finishes or the deadline passes, then `end`s.
+    #[cfg(test)]
+    fn wait(self) -> Join {
+        let mut state = self.flight.lock();
+        // Checked before the deadline: an outcome that arrived is always taken.
+        while state.outcome.is_none() {
+            // Read again after every wake-up: the leader may have pushed it on.
+            let remaining = state.deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            state = match self.flight.done.wait_timeout(state, remaining) {
+                Ok((guard, _)) => guard,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        drop(state);
+        self.end()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.flight.lock().waiters -= 1;
+    }
+}
+
+impl fmt::Debug for Follower {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Follower")
+            .field("started", &self.started)
+            .finish()
+    }
 }
 
 /// The flights in progress, by cache key.
@@ -77,6 +172,8 @@ struct FlightState {
     waiters: usize,
     /// Followers give up waiting at this time, unless the leader pushes it on.
     deadline: Instant,
+    /// What to call when the outcome is set (followers waiting without a thread).
+    wakers: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl Flight {
@@ -86,6 +183,7 @@ impl Flight {
                 outcome: None,
                 waiters: 0,
                 deadline,
+                wakers: Vec::new(),
             }),
             done: Condvar::new(),
         }
@@ -108,7 +206,7 @@ pub struct Coalescer {
     flights: Arc<Flights>,
     /// A new flight's deadline, from its start: the leader pushes it on from there.
     allowance: Duration,
-    coalesced: AtomicU64,
+    coalesced: Arc<AtomicU64>,
 }
 
 impl Coalescer {
@@ -118,13 +216,13 @@ impl Coalescer {
         Coalescer {
             flights: Arc::new(Mutex::new(HashMap::new())),
             allowance,
-            coalesced: AtomicU64::new(0),
+            coalesced: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Joins the fetch of `key` (the cache key string). Blocks (condvar, with timeout)
-    /// when another request leads.
-    pub fn join(&self, key: &str) -> Join {
+    /// Joins the fetch of `key` (the cache key string): leads it, or follows the
+    /// request that does, without waiting ([`Follower`]).
+    pub fn subscribe(&self, key: &str) -> Subscribe {
         let start = Instant::now();
         let mut flights = lock_flights(&self.flights);
         let flight = match flights.get(key) {
@@ -133,7 +231,7 @@ impl Coalescer {
                 let flight = Arc::new(Flight::new(start + self.allowance));
                 flights.insert(key.to_owned(), Arc::clone(&flight));
                 drop(flights);
-                return Join::Leader(Permit {
+                return Subscribe::Leader(Permit {
                     flight,
                     key: key.to_owned(),
                     flights: Arc::clone(&self.flights),
@@ -141,32 +239,23 @@ impl Coalescer {
                 });
             }
         };
-        // Counted under the map lock; the map lock is released before waiting.
-        let mut state = flight.lock();
+        // Counted under the map lock (a follower is never missed by `waiting`).
+        flight.lock().waiters += 1;
         drop(flights);
-        state.waiters += 1;
-        loop {
-            // Checked before the deadline: an outcome that arrived is always taken.
-            if let Some(outcome) = state.outcome {
-                state.waiters -= 1;
-                self.coalesced.fetch_add(1, Ordering::Relaxed);
-                return Join::Followed {
-                    outcome,
-                    waited: start.elapsed(),
-                };
-            }
-            // Read again after every wake-up: the leader may have pushed it on.
-            let remaining = state.deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                state.waiters -= 1;
-                return Join::TimedOut {
-                    waited: start.elapsed(),
-                };
-            }
-            state = match flight.done.wait_timeout(state, remaining) {
-                Ok((guard, _)) => guard,
-                Err(p) => p.into_inner().0,
-            };
+        Subscribe::Follower(Follower {
+            flight,
+            started: start,
+            coalesced: Arc::clone(&self.coalesced),
+        })
+    }
+
+    /// Joins the fetch of `key`, blocking (condvar, with timeout) when another request
+    /// leads: the followers of the unit tests, which are threads.
+    #[cfg(test)]
+    pub fn join(&self, key: &str) -> Join {
+        match self.subscribe(key) {
+            Subscribe::Leader(permit) => Join::Leader(permit),
+            Subscribe::Follower(follower) => follower.wait(),
         }
     }
 
@@ -220,8 +309,13 @@ impl Permit {
         }
         let mut state = self.flight.lock();
         state.outcome = Some(outcome);
+        let wakers = std::mem::take(&mut state.wakers);
         drop(state);
         self.flight.done.notify_all();
+        // Outside the lock: a waker may do anything but wait on this flight.
+        for wake in wakers {
+            wake();
+        }
     }
 
     /// The leader is alive and making progress: its followers wait `by` from now at

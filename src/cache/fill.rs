@@ -16,13 +16,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::debug;
 
-use super::coalesce::{Join, Outcome as FlightOutcome, Permit};
+use super::coalesce::{FlightWatch, Join, Outcome as FlightOutcome, Permit, Subscribe};
 use super::forward::{final_response, response_headers};
 use super::hit::{serve_stale_on_error, serve_stored};
 use super::outcome::{Fwd, OriginTrouble, Outcome};
 use super::{Cache, Job, Since, StaleCopy};
 use crate::http::exchange::Exchange;
-use crate::http::handler::Step;
+use crate::http::handler::{Await, Step, Waiting};
 use crate::http::{headers, Headers};
 use crate::key::CacheKey;
 use crate::policy::{self, AfterNotModified, Storability};
@@ -186,8 +186,48 @@ impl Cache {
             self.metrics.hit_for_pass.inc();
             return fill(Lead::Pass);
         }
-        match self.coalescer.join(key.as_str()) {
-            Join::Leader(permit) => self.lead(ex, &key, permit, fill),
+        match self.coalescer.subscribe(key.as_str()) {
+            Subscribe::Leader(permit) => self.lead(ex, &key, permit, fill),
+            // Waits in the front end, holding no thread, until the leader is done.
+            Subscribe::Follower(follower) => {
+                let until = Box::new(FlightWait(follower.watch()));
+                Step::Wait(Waiting {
+                    job: Job::Follow {
+                        key,
+                        fwd,
+                        since,
+                        stale,
+                        follower,
+                    },
+                    until,
+                })
+            }
+        }
+    }
+
+    /// A follower's wait is over (`joined`): answer from what its leader stored, or
+    /// fetch (alone, or side by side when the answer may not be shared).
+    pub(super) fn followed(
+        &self,
+        ex: &mut Exchange<'_>,
+        key: CacheKey,
+        fwd: Fwd,
+        since: Since,
+        stale: Option<StaleCopy>,
+        joined: Join,
+    ) -> Step<Job> {
+        let fill = |lead| {
+            Step::Defer(Job::Fill {
+                key: key.clone(),
+                fwd,
+                since,
+                stale: stale.clone(),
+                lead,
+            })
+        };
+        match joined {
+            #[cfg(test)]
+            Join::Leader(_) => unreachable!("a follower's wait never leads"),
             Join::Followed {
                 outcome: FlightOutcome::Stored,
                 waited,
@@ -661,5 +701,18 @@ impl FillLock {
 impl Drop for FillLock {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// A follower's flight, as the front end waits for it.
+struct FlightWait(FlightWatch);
+
+impl Await for FlightWait {
+    fn deadline(&self) -> Instant {
+        self.0.deadline()
+    }
+
+    fn on_done(&self, wake: Box<dyn FnOnce() + Send>) {
+        self.0.on_done(wake);
     }
 }

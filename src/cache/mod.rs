@@ -82,6 +82,15 @@ pub enum Job {
         /// Whom it fetches for: its key's waiters (leading their flight), or itself.
         lead: Lead,
     },
+    /// Another request fetches the key: this one waited for it (without a thread) and
+    /// now acts on what came of it.
+    Follow {
+        key: CacheKey,
+        fwd: Fwd,
+        since: Since,
+        stale: Option<StaleCopy>,
+        follower: coalesce::Follower,
+    },
 }
 
 /// The caching proxy: the [`Handler`] of the proxy listener.
@@ -224,8 +233,9 @@ impl Cache {
     }
 
     /// Where a request goes: Echo's own answer (`OPTIONS *`), through without the cache
-    /// (methods other than GET and HEAD, ranges), or a lookup.
-    fn route(&self, ex: &mut Exchange<'_>) -> Step<Job> {
+    /// (methods other than GET and HEAD, ranges), or a lookup (`nonblocking`: only one
+    /// the store answers in-process; declined otherwise).
+    fn route(&self, ex: &mut Exchange<'_>, nonblocking: bool) -> Step<Job> {
         if ex.req.target == "*" {
             // `OPTIONS *` asks about this server, not a resource; Echo answers it (as
             // most servers do) rather than invent a resource on the origin.
@@ -244,19 +254,27 @@ impl Cache {
         if ex.req.header("range").is_some() && !ex.req.is_head() {
             return Step::Defer(Job::Forward(Bypass::Range));
         }
-        self.lookup(ex)
+        self.lookup(ex, nonblocking)
     }
 
-    /// Looks the request up: a hit is answered; a miss (or a stale entry to revalidate)
+    /// Looks the request up (`nonblocking`: see `route`): a hit is answered; a miss (or a stale entry to revalidate)
     /// becomes a fill job; an unreadable store a pass-through.
-    fn lookup(&self, ex: &mut Exchange<'_>) -> Step<Job> {
+    fn lookup(&self, ex: &mut Exchange<'_>, nonblocking: bool) -> Step<Job> {
         let key = CacheKey::new("http", &ex.req.host, &ex.req.target);
         let started = Instant::now();
+        let found = if nonblocking {
+            match self.store.peek(&key) {
+                Some(found) => Ok(found),
+                None => return Step::Decline,
+            }
+        } else {
+            self.store.get(&key)
+        };
         let Lookup {
             variants,
             generation,
             local,
-        } = match self.store.get(&key) {
+        } = match found {
             Ok(v) => v,
             Err(e) => {
                 self.warn_limited(format_args!(
@@ -279,6 +297,10 @@ impl Cache {
         let Some((fwd, stale)) = self.answer_from_store(ex, &key, &variants, since, tier) else {
             return Step::Answered;
         };
+        if nonblocking {
+            // The origin must be asked: a worker looks again and coalesces.
+            return Step::Decline;
+        }
         let req_cc = CacheControl::parse_request(&ex.req.headers);
         // RFC 9111 §5.2.1.7: "The only-if-cached request directive indicates that the client
         // only wishes to obtain a stored response. Caches that honor this request directive
@@ -313,16 +335,16 @@ impl Cache {
 impl Handler for Cache {
     type Job = Job;
 
-    /// Lookups on the connection thread: a hit is answered at once (no hand-off to a
-    /// worker and back), anything that waits on the origin goes straight to the fetch
-    /// stage with what the lookup found. A lookup in Redis blocks this thread only, within
-    /// the Redis timeouts, and the Redis pool bounds how many run at once.
+    /// On an I/O thread, nothing that waits: a hit the store answers in-process (the
+    /// memory store, the Redis store's local tier) is answered at once, with no hand-off;
+    /// what bypasses the cache goes straight to the fetch stage; the rest (a Redis
+    /// lookup, a miss to coalesce) is declined, for a worker.
     fn inline(&self, ex: &mut Exchange<'_>) -> Step<Job> {
-        self.route(ex)
+        self.route(ex, true)
     }
 
     fn handle(&self, ex: &mut Exchange<'_>) -> Step<Job> {
-        self.route(ex)
+        self.route(ex, false)
     }
 
     /// The fetch stage: whatever waits on the origin.
@@ -338,6 +360,18 @@ impl Handler for Cache {
             } => {
                 let stale = stale.as_ref().map(|(e, f)| (&**e, *f));
                 self.fill_for(ex, &key, fwd, since, stale, lead);
+            }
+            Job::Follow {
+                key,
+                fwd,
+                since,
+                stale,
+                follower,
+            } => {
+                let joined = follower.end();
+                if let Step::Defer(job) = self.followed(ex, key, fwd, since, stale, joined) {
+                    self.fetch(ex, job);
+                }
             }
         }
     }

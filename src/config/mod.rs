@@ -179,6 +179,9 @@ pub struct ServerConfig {
     /// v2) naming the client; one from anyone else that sends it is closed.
     pub proxy_protocol: bool,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Threads that own the client connections (reads, parsing, inline answers,
+    /// writes); 0 in the file is one per core.
+    pub io_threads: usize,
     pub workers: usize,
     /// Threads of the fetch stage: requests waiting on the origin.
     pub fetch_workers: usize,

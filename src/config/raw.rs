@@ -51,6 +51,8 @@ pub(super) struct RawServer {
     pub(super) proxy_protocol: bool,
     /// Addresses and networks (`10.0.0.0/8`, `192.0.2.7`).
     pub(super) trusted_proxies: Vec<String>,
+    /// 0: one per core.
+    pub(super) io_threads: u64,
     pub(super) workers: u64,
     pub(super) fetch_workers: u64,
     pub(super) fetch_queue: u64,
@@ -77,6 +79,7 @@ impl Default for RawServer {
             unix_socket_mode: 0o660,
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            io_threads: 0,
             workers: 64,
             fetch_workers: 256,
             fetch_queue: 1024,

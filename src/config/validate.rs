@@ -242,6 +242,10 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
         },
         proxy_protocol: s.proxy_protocol,
         trusted_proxies: trusted_proxies(s)?,
+        io_threads: match ranged("server.io_threads", s.io_threads, 0, 256)? {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        },
         workers: ranged("server.workers", s.workers, 1, 4096)?,
         fetch_workers: ranged("server.fetch_workers", s.fetch_workers, 1, 4096)?,
         fetch_queue: ranged("server.fetch_queue", s.fetch_queue, 1, 1_000_000)?,

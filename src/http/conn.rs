@@ -73,6 +73,9 @@ pub struct Conn {
     /// Queue what the socket does not take at once (the connection is lent to a pool
     /// thread) instead of waiting for it.
     offload: bool,
+    /// The socket is non-blocking (an I/O thread has it): writes queue, never wait, and
+    /// the I/O thread writes the queue out as the socket accepts it.
+    nonblocking: bool,
 }
 
 impl Conn {
@@ -92,6 +95,7 @@ impl Conn {
             write_deadline: None,
             default_write,
             offload: false,
+            nonblocking: false,
         }
     }
 
@@ -130,6 +134,27 @@ impl Conn {
             return Err(io::ErrorKind::TimedOut.into());
         }
         self.set_read_timeout(deadline - now)?;
+        match self.read_more() {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock) => {
+                Err(io::ErrorKind::TimedOut.into())
+            }
+            other => other,
+        }
+    }
+
+    /// Reads what the (non-blocking) socket has into the buffer: `WouldBlock` when it
+    /// has nothing now, 0 when the peer closed.
+    pub(crate) fn read_available(&mut self) -> io::Result<usize> {
+        loop {
+            match self.read_more() {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// One read into the buffer's spare room (grown up to the limit).
+    fn read_more(&mut self) -> io::Result<usize> {
         if self.start > 0 && self.buf.len() == self.buf.capacity() {
             self.buf.drain(..self.start);
             self.start = 0;
@@ -148,13 +173,7 @@ impl Conn {
         let result = (&self.stream).read(&mut self.buf[used..]);
         let n = *result.as_ref().unwrap_or(&0);
         self.buf.truncate(used + n);
-        match result {
-            Ok(n) => Ok(n),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock) => {
-                Err(io::ErrorKind::TimedOut.into())
-            }
-            Err(e) => Err(e),
-        }
+        result
     }
 
     fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
@@ -186,14 +205,44 @@ impl Conn {
         self.offload = offload;
     }
 
-    /// Is response output still queued?
+    /// Hand the connection to an I/O thread (`true`: the socket stops blocking, writes
+    /// queue what it does not take) or lend it to a pool thread (`false`: reads and
+    /// back-pressure wait on the socket, within their deadlines).
+    pub(crate) fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
+        if self.nonblocking != nonblocking {
+            self.stream.set_nonblocking(nonblocking)?;
+            self.nonblocking = nonblocking;
+        }
+        Ok(())
+    }
+
+    /// When the response being written must be out (None: no response yet).
+    pub(crate) fn write_deadline(&self) -> Option<Instant> {
+        self.write_deadline
+    }
+
+    /// Is response output queued?
     #[cfg(test)]
-    fn has_pending(&self) -> bool {
+    fn has_output(&self) -> bool {
         !self.pending.is_empty()
     }
 
+    /// Writes what is queued as far as the non-blocking socket takes it: true when all
+    /// of it is out, false when the socket is full (wait until it is writable).
+    pub(crate) fn flush_available(&mut self) -> io::Result<bool> {
+        while !self.pending.is_empty() {
+            match self.write_front() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     /// Writes out everything queued, waiting at most until the response's deadline.
-    pub(crate) fn flush_pending(&mut self) -> io::Result<()> {
+    #[cfg(test)]
+    fn flush_pending(&mut self) -> io::Result<()> {
         while !self.pending.is_empty() {
             self.write_front()?;
         }
@@ -228,14 +277,14 @@ impl Conn {
         if file.is_empty() {
             return Ok(());
         }
-        if self.offload || !self.pending.is_empty() {
+        if self.offload || self.nonblocking || !self.pending.is_empty() {
             self.pending.push_back(Pending::File(Arc::clone(file), 0));
             return Ok(());
         }
         let mut offset = 0;
         while offset < file.len() {
             self.wait_to_write()?;
-            retry_interrupted(|| file.send_part(&self.stream, &mut offset))?;
+            retry_interrupted(|| file.send_part(&self.stream, &mut offset)).map_err(timed_out)?;
         }
         Ok(())
     }
@@ -257,7 +306,7 @@ impl Conn {
             if parts.is_empty() {
                 return Ok(());
             }
-            if !self.offload {
+            if !self.offload && !self.nonblocking {
                 while !parts.is_empty() {
                     self.wait_to_write()?;
                     let n = retry_interrupted(|| self.send(&parts, flags))?;
@@ -271,6 +320,12 @@ impl Conn {
         }
         let bytes: Vec<u8> = parts.concat();
         self.queue(bytes);
+        if self.nonblocking {
+            // An I/O thread never waits: it answers inline only while the process-wide
+            // queue is under its bound (`over_queue_bound`), and writes the queue out as
+            // the socket takes it.
+            return Ok(());
+        }
         // Back-pressure: past the bounds, this thread waits for the client after all.
         while self.pending_bytes > PENDING_PER_CONNECTION
             || (self.pending_bytes > 0 && QUEUED.load(Ordering::Relaxed) > PENDING_TOTAL)
@@ -291,18 +346,21 @@ impl Conn {
         QUEUED.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// One blocking write of the oldest queued output.
+    /// One write of the oldest queued output: blocking (within the response's deadline),
+    /// or `WouldBlock` on a non-blocking socket that takes nothing now.
     fn write_front(&mut self) -> io::Result<()> {
-        self.wait_to_write()?;
+        let flags = if self.nonblocking {
+            SendFlags::DONTWAIT
+        } else {
+            self.wait_to_write()?;
+            SendFlags::empty()
+        };
+        let blocking = !self.nonblocking;
         let done = match self.pending.front_mut() {
             None => return Ok(()),
             Some(Pending::Bytes(bytes, written)) => {
                 let n = retry_interrupted(|| {
-                    send(
-                        &self.stream,
-                        &[IoSlice::new(&bytes[*written..])],
-                        SendFlags::empty(),
-                    )
+                    send(&self.stream, &[IoSlice::new(&bytes[*written..])], flags)
                 })?;
                 if n == 0 {
                     return Err(io::ErrorKind::WriteZero.into());
@@ -314,7 +372,12 @@ impl Conn {
                 done
             }
             Some(Pending::File(file, offset)) => {
-                retry_interrupted(|| file.send_part(&self.stream, offset))?;
+                let sent = retry_interrupted(|| file.send_part(&self.stream, offset));
+                if blocking {
+                    sent.map_err(timed_out)?;
+                } else {
+                    sent?;
+                }
                 *offset == file.len()
             }
         };
@@ -372,6 +435,24 @@ fn send(stream: &Socket, slices: &[IoSlice<'_>], flags: SendFlags) -> io::Result
     })
 }
 
+/// A blocking write's `WouldBlock` is its send timeout passing.
+fn timed_out(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client did not take the response in time",
+        )
+    } else {
+        e
+    }
+}
+
+/// Has queued response output reached the bound for all connections? An I/O thread
+/// then leaves answers to the pools, whose writes wait for their clients.
+pub(crate) fn over_queue_bound() -> bool {
+    QUEUED.load(Ordering::Relaxed) > PENDING_TOTAL
+}
+
 fn retry_interrupted(mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
     loop {
         match op() {
@@ -425,7 +506,7 @@ mod tests {
         // Returns at once although nobody reads: the rest is queued.
         conn.write_all_vectored(&[b"head", &body]).unwrap();
         conn.write_all(b"tail").unwrap();
-        assert!(conn.has_pending());
+        assert!(conn.has_output());
         assert!(queued_bytes() > 0);
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
@@ -434,7 +515,7 @@ mod tests {
         });
         conn.set_offload(false);
         conn.flush_pending().unwrap();
-        assert!(!conn.has_pending());
+        assert!(!conn.has_output());
         drop(conn);
         let got = reader.join().unwrap();
         assert_eq!(got.len(), 4 + body.len() + 4);

@@ -1,5 +1,5 @@
 //! A client's socket: TCP, or a Unix stream socket (`server.listen = "unix:/path"`).
-//! Both are blocking stream sockets with the same calls (reads, `sendmsg`, `sendfile`,
+//! Both are stream sockets with the same calls (reads, `sendmsg`, `sendfile`,
 //! timeouts, shutdown); only TCP has Nagle to turn off.
 
 use std::io::{self, Read, Write};
@@ -20,6 +20,14 @@ impl Socket {
         match self {
             Socket::Tcp(s) => s.set_nodelay(true),
             Socket::Unix(_) => Ok(()),
+        }
+    }
+
+    /// An I/O thread's sockets do not block; a pool thread's do (within timeouts).
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_nonblocking(nonblocking),
+            Socket::Unix(s) => s.set_nonblocking(nonblocking),
         }
     }
 

@@ -1,28 +1,32 @@
-//! The server: one acceptor thread, one small-stack thread per client connection, a
-//! fixed pool of workers and a fixed pool of fetch workers, each fed by a bounded queue.
+//! The server: one acceptor thread per listener, a few I/O threads (`server.io_threads`,
+//! one per core by default) that own every client connection, a fixed pool of workers
+//! and a fixed pool of fetch workers, each fed by a bounded queue.
 //!
-//! A connection thread reads and validates request heads (a slow or half-sent head holds
-//! only its own thread), then offers each request to the handler inline
-//! (`Handler::inline`): what it answers at once (a cache hit) costs no hand-off. What the
-//! handler defers (`Step::Defer`: its own typed job, which would wait on the origin) goes
-//! straight to the fetch workers; the rest (requests with a body, what the handler
-//! declines) to the workers, whose `handle` may defer to the fetch workers in turn
-//! (`worker`). A connection is lent to one thread at a time and comes back when the
-//! response is written (`connection`), so responses on a connection leave in request
-//! order (pipelined requests wait in its buffer). A full queue is a 503, never an
-//! unbounded wait: `workers + fetch_workers` bounds the requests that may block.
+//! An I/O thread waits on all its connections at once (epoll, through `mio`: readiness
+//! notification, no async runtime) and never blocks: it reads and validates request
+//! heads, pre-reads small bodies, offers each request to the handler inline
+//! (`Handler::inline`: a hit in an in-process store is answered there, with no
+//! hand-off), and writes responses as the sockets accept them. What may block goes to
+//! the pools through the typed hand-off: what the handler defers (`Step::Defer`, its
+//! own job, which would wait on the origin) straight to the fetch workers; the rest
+//! (requests with a body, what the handler declines: a Redis lookup) to the workers,
+//! whose `handle` may defer to the fetch workers in turn (`worker`). A connection is
+//! lent to one pool thread at a time and comes back to its I/O thread with the response
+//! written or queued (`io_loop`), so responses on a connection leave in request order
+//! (pipelined requests wait in its buffer). An idle connection or a slow reader costs a
+//! buffer, never a thread. A full queue is a 503, never an unbounded wait:
+//! `workers + fetch_workers` bounds the requests that may block.
 //!
 //! Invariants: an accept error is logged and survived; a handler panic answers 500 (or
-//! cuts an unfinished response) and the thread lives on; every read waits at most until
-//! a deadline from config; at most `max_connections` connections are served at once.
+//! cuts an unfinished response) and the thread lives on; every read and write is bounded
+//! by a deadline from config; at most `max_connections` connections are served at once.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -30,7 +34,7 @@ use crossbeam_channel::{bounded, Sender};
 use log::{info, warn};
 
 mod connection;
-mod park;
+mod io_loop;
 mod proxy_protocol;
 mod worker;
 
@@ -41,14 +45,9 @@ use crate::http::handler::Handler;
 use crate::http::parse::{HttpError, Limits};
 use crate::http::socket::Socket;
 use crate::http::Request;
-use park::Parker;
+use io_loop::{Arrival, Back, LoopHandle};
 
-use connection::serve_connection;
 use worker::worker;
-
-/// Stack of a connection thread: it parses heads, looks requests up (a Redis round trip
-/// at most) and answers hits.
-const CONNECTION_STACK: usize = 256 * 1024;
 /// Stack of a fetch worker: an origin client call and body copies (buffers on the heap).
 const FETCH_STACK: usize = 512 * 1024;
 /// Bodies up to this size are read by the connection thread before a worker is involved,
@@ -57,7 +56,7 @@ const PREREAD_BODY: u64 = 64 * 1024;
 /// Extra buffer beyond the largest head, for pipelined requests and pre-read bodies.
 const BUFFER_SLACK: usize = PREREAD_BODY as usize + 16 * 1024;
 
-/// Where a connection thread sends exchanges: the worker pool and the fetch pool.
+/// Where an I/O thread sends exchanges: the worker pool and the fetch pool.
 struct Queues<J> {
     jobs: Sender<Job<J>>,
     fetch: Sender<Job<J>>,
@@ -68,9 +67,9 @@ struct Job<J> {
     conn: Conn,
     req: Request,
     deferred: Option<J>,
-    /// Where the connection goes back after the exchange, with whether it may carry
-    /// another request.
-    back: Sender<(Conn, bool)>,
+    /// Where the connection goes back after the exchange (its I/O thread), with
+    /// whether it may carry another request.
+    back: Back<J>,
 }
 
 struct Shared {
@@ -79,22 +78,16 @@ struct Shared {
     limits: Limits,
     shutting_down: Arc<AtomicBool>,
     open: AtomicUsize,
-    next_id: AtomicU64,
-    /// Every open client socket (a clone), and whether it is idle between requests, so
-    /// shutdown can close the idle ones at once and let the busy ones finish.
-    conns: Mutex<HashMap<u64, (Socket, Arc<AtomicBool>)>>,
     /// The depths of the worker and fetch queues.
     queued: Box<dyn Fn() -> (usize, usize) + Send + Sync>,
-    /// Where idle keep-alive connections wait without a thread.
-    parker: Arc<Parker>,
 }
 
-impl Shared {
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, (Socket, Arc<AtomicBool>)>> {
-        // A panic elsewhere cannot leave the map inconsistent: recover it.
-        self.conns
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// One client connection's open-connections slot, given back when it is dropped.
+pub(super) struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -104,11 +97,6 @@ pub struct ServerStats(Arc<Shared>);
 impl ServerStats {
     pub fn open_connections(&self) -> usize {
         self.0.open.load(Ordering::Relaxed)
-    }
-
-    /// Idle keep-alive connections parked without a thread.
-    pub fn parked(&self) -> usize {
-        self.0.parker.parked()
     }
 
     /// Requests waiting for a worker, and for a fetch worker.
@@ -171,6 +159,8 @@ pub struct ServerHandle {
     addrs: Vec<ListenAddr>,
     shared: Arc<Shared>,
     acceptors: Vec<JoinHandle<()>>,
+    /// Wakes the I/O threads (a drain has begun).
+    wake_loops: Box<dyn Fn() + Send + Sync>,
 }
 
 impl ServerHandle {
@@ -234,9 +224,8 @@ impl ServerHandle {
                 let _ = std::fs::remove_file(path);
             }
         }
-        self.close_idle();
-        // Parked connections are idle ones: closed with the parker.
-        self.shared.parker.stop();
+        // Each I/O thread closes its idle connections, and the others as they finish.
+        self.wake_loops();
         info!(
             "{}: stopped accepting on {}",
             self.shared.name,
@@ -244,13 +233,8 @@ impl ServerHandle {
         );
     }
 
-    /// Closes the connections that wait for a next request; busy ones finish theirs.
-    fn close_idle(&self) {
-        for (stream, idle) in self.shared.conns().values() {
-            if idle.load(Ordering::SeqCst) {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        }
+    fn wake_loops(&self) {
+        (self.wake_loops)();
     }
 
     /// Graceful stop: no new connections, idle ones closed, requests in flight given
@@ -262,8 +246,8 @@ impl ServerHandle {
             if Instant::now() >= deadline {
                 return false;
             }
-            // A connection that finished its exchange becomes idle (or closes itself).
-            self.close_idle();
+            // A connection that finished its exchange is closed by its I/O thread.
+            self.wake_loops();
             thread::sleep(Duration::from_millis(10));
         }
         true
@@ -309,10 +293,7 @@ pub fn start<H: Handler>(
         limits,
         shutting_down: Arc::new(AtomicBool::new(false)),
         open: AtomicUsize::new(0),
-        next_id: AtomicU64::new(0),
-        conns: Mutex::new(HashMap::new()),
         queued,
-        parker: Parker::start(name)?,
     });
     for i in 0..shared.cfg.workers {
         let rx = jobs_rx.clone();
@@ -332,42 +313,50 @@ pub fn start<H: Handler>(
             .stack_size(FETCH_STACK)
             .spawn(move || worker(&shared, &rx, None, handler.as_ref()))?;
     }
+    let loops = (0..shared.cfg.io_threads)
+        .map(|i| {
+            let queues = Queues {
+                jobs: jobs_tx.clone(),
+                fetch: fetch_tx.clone(),
+            };
+            io_loop::start(&shared, &handler, queues, i)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     let mut acceptors = Vec::with_capacity(listeners.len());
     for listener in listeners {
         let shared = Arc::clone(&shared);
-        let acceptor_handler = Arc::clone(&handler);
-        let queues = Queues {
-            jobs: jobs_tx.clone(),
-            fetch: fetch_tx.clone(),
-        };
+        let loops = loops.clone();
         acceptors.push(
             thread::Builder::new()
                 .name(format!("{name}-acceptor"))
-                .spawn(move || accept_loop(&shared, &acceptor_handler, &listener, &queues))?,
+                .spawn(move || accept_loop(&shared, &listener, &loops))?,
         );
     }
     info!(
-        "{name}: listening on {} with {} workers",
+        "{name}: listening on {} with {} I/O threads and {} workers",
         listing(&addrs),
+        shared.cfg.io_threads,
         shared.cfg.workers
     );
     Ok(ServerHandle {
         addrs,
         shared,
         acceptors,
+        wake_loops: Box::new(move || {
+            for l in &loops {
+                l.wake();
+            }
+        }),
     })
 }
 
-fn accept_loop<H: Handler>(
-    shared: &Arc<Shared>,
-    handler: &Arc<H>,
-    listener: &Listener,
-    queues: &Queues<H::Job>,
-) {
+/// Accepts connections on `listener` and hands them to the I/O threads in turn.
+fn accept_loop<J>(shared: &Arc<Shared>, listener: &Listener, loops: &[LoopHandle<J>]) {
     let mut last_warning: Option<Instant> = None;
     // A descriptor kept in reserve: out of descriptors, it is given up for a moment so a
     // waiting client can be accepted and told 503, instead of hanging in the backlog.
     let mut spare = std::fs::File::open("/dev/null").ok();
+    let mut next = 0usize;
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(s) => s,
@@ -400,57 +389,10 @@ fn accept_loop<H: Handler>(
             continue;
         }
         shared.open.fetch_add(1, Ordering::SeqCst);
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let idle = Arc::new(AtomicBool::new(true));
-        if let Ok(clone) = stream.try_clone() {
-            shared.conns().insert(id, (clone, Arc::clone(&idle)));
-        }
-        let client = Client {
-            shared: Arc::clone(shared),
-            handler: Arc::clone(handler),
-            queues: Queues {
-                jobs: queues.jobs.clone(),
-                fetch: queues.fetch.clone(),
-            },
-            idle,
-            id,
-        };
-        if let Err(e) = spawn_client(client, move |client| serve_connection(client, stream, peer)) {
-            warn!("{}: cannot start a connection thread: {e}", shared.name);
-        }
+        let slot = Slot(Arc::clone(shared));
+        loops[next % loops.len()].send(Arrival::New(stream, peer, slot));
+        next = next.wrapping_add(1);
     }
-}
-
-/// One client connection's hold on the server: what a thread serving it needs, and its
-/// open-connections slot, given back (with its entry in `conns`) when it is dropped.
-pub(super) struct Client<H: Handler> {
-    shared: Arc<Shared>,
-    handler: Arc<H>,
-    queues: Queues<H::Job>,
-    /// Set while it waits for a next request (a drain may close it then).
-    idle: Arc<AtomicBool>,
-    id: u64,
-}
-
-impl<H: Handler> Drop for Client<H> {
-    fn drop(&mut self) {
-        self.shared.conns().remove(&self.id);
-        self.shared.open.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Runs `work` on a new connection thread (a small stack). If none can be started the
-/// client is dropped: its connection closes.
-pub(super) fn spawn_client<H: Handler>(
-    client: Client<H>,
-    work: impl FnOnce(Client<H>) + Send + 'static,
-) -> io::Result<()> {
-    let name = format!("{}-conn", client.shared.name);
-    thread::Builder::new()
-        .name(name)
-        .stack_size(CONNECTION_STACK)
-        .spawn(move || work(client))
-        .map(drop)
 }
 
 fn refuse_over_limit(stream: Socket) {

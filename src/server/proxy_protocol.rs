@@ -9,7 +9,6 @@
 //! the head buffer's bound.
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use ipnet::IpNet;
 use ppp::{v1, v2, HeaderResult, PartialResult};
@@ -23,70 +22,58 @@ const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 /// the rest is TLVs Echo does not use).
 const MAX_HEADER: usize = 4096;
 
-/// Reads the PROXY header of a connection from a trusted balancer and makes the client
-/// it names the peer; refuses one from anyone else. Err: why the connection is closed.
-pub(super) fn accept(conn: &mut Conn, trusted: &[IpNet], deadline: Instant) -> Result<(), String> {
+/// Looks at what a new connection has sent so far: with a trusted balancer's PROXY
+/// header complete, makes the client it names the peer. Ok(true): done, the first
+/// request follows; Ok(false): more bytes are needed to tell; Err: why the connection
+/// is closed (an untrusted peer that sends a header, a malformed or overlong one).
+pub(super) fn examine(conn: &mut Conn, trusted: &[IpNet]) -> Result<bool, String> {
     let peer = conn.peer;
     if !trusted.iter().any(|net| net.contains(&peer.ip())) {
-        return refuse_header(conn, deadline);
+        return refuse_header(conn.buffered());
     }
-    loop {
-        let parsed = HeaderResult::parse(conn.buffered());
-        if parsed.is_incomplete() {
-            if conn.buffered().len() >= MAX_HEADER {
-                return Err(format!("a PROXY header longer than {MAX_HEADER} bytes"));
-            }
-            fill(conn, deadline)?;
-            continue;
+    let parsed = HeaderResult::parse(conn.buffered());
+    if parsed.is_incomplete() {
+        if conn.buffered().len() >= MAX_HEADER {
+            return Err(format!("a PROXY header longer than {MAX_HEADER} bytes"));
         }
-        let (len, source) = match parsed {
-            HeaderResult::V1(Ok(header)) => (header.header.len(), v1_source(&header)),
-            HeaderResult::V2(Ok(header)) => (header.len(), v2_source(&header)),
-            HeaderResult::V1(Err(e)) => {
-                return Err(format!(
-                    "no valid PROXY header from a trusted balancer: {e}"
-                ))
-            }
-            HeaderResult::V2(Err(e)) => {
-                return Err(format!(
-                    "no valid PROXY header from a trusted balancer: {e}"
-                ))
-            }
-        };
-        conn.consume(len);
-        if let Some(source) = source {
-            conn.peer = source;
-        }
-        return Ok(());
+        return Ok(false);
     }
+    let (len, source) = match parsed {
+        HeaderResult::V1(Ok(header)) => (header.header.len(), v1_source(&header)),
+        HeaderResult::V2(Ok(header)) => (header.len(), v2_source(&header)),
+        HeaderResult::V1(Err(e)) => {
+            return Err(format!(
+                "no valid PROXY header from a trusted balancer: {e}"
+            ))
+        }
+        HeaderResult::V2(Err(e)) => {
+            return Err(format!(
+                "no valid PROXY header from a trusted balancer: {e}"
+            ))
+        }
+    };
+    conn.consume(len);
+    if let Some(source) = source {
+        conn.peer = source;
+    }
+    Ok(true)
 }
 
 /// An untrusted peer is a client: served as it is, unless it starts with a PROXY
 /// header (it would name any address it likes).
-fn refuse_header(conn: &mut Conn, deadline: Instant) -> Result<(), String> {
-    loop {
-        let got = conn.buffered();
-        let could_be = |signature: &[u8]| {
-            let n = got.len().min(signature.len());
-            got[..n] == signature[..n]
-        };
-        let (v1, v2) = (could_be(V1_SIGNATURE), could_be(V2_SIGNATURE));
-        if !got.is_empty() && !v1 && !v2 {
-            return Ok(());
-        }
-        if (v1 && got.len() >= V1_SIGNATURE.len()) || (v2 && got.len() >= V2_SIGNATURE.len()) {
-            return Err("a PROXY header from an address not in server.trusted_proxies".into());
-        }
-        fill(conn, deadline)?;
+fn refuse_header(got: &[u8]) -> Result<bool, String> {
+    let could_be = |signature: &[u8]| {
+        let n = got.len().min(signature.len());
+        got[..n] == signature[..n]
+    };
+    let (v1, v2) = (could_be(V1_SIGNATURE), could_be(V2_SIGNATURE));
+    if !got.is_empty() && !v1 && !v2 {
+        return Ok(true);
     }
-}
-
-fn fill(conn: &mut Conn, deadline: Instant) -> Result<(), String> {
-    match conn.fill(deadline) {
-        Ok(0) => Err("closed before its first request".into()),
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("no request: {e}")),
+    if (v1 && got.len() >= V1_SIGNATURE.len()) || (v2 && got.len() >= V2_SIGNATURE.len()) {
+        return Err("a PROXY header from an address not in server.trusted_proxies".into());
     }
+    Ok(false)
 }
 
 /// The client a v1 header names (None: `UNKNOWN`, keep the balancer's address).

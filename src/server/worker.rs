@@ -82,12 +82,26 @@ pub(super) fn worker<H: Handler>(
                 ex.respond_error(503, "server busy", true);
                 handler.finished(&ex);
                 let keep = ex.complete();
-                let _ = back.send((conn, keep));
+                back.send(conn, keep);
+                continue;
+            }
+            (Step::Wait(waiting), _) if ex.can_defer() => {
+                // Back to its I/O thread, to wait there without a thread.
+                let req = ex.into_request();
+                back.wait(conn, req, waiting);
                 continue;
             }
             // Deferred where it cannot be (from the fetch stage, or after the exchange
             // started): it runs here rather than be lost.
             (Step::Defer(job), _) => handler.fetch(&mut ex, job),
+            (Step::Wait(waiting), _) => {
+                error!(
+                    "{}: handler asked to wait on {} {} after answering",
+                    shared.name, ex.req.method, ex.req.target
+                );
+                drop(waiting);
+                ex.respond_error(500, "internal error", true);
+            }
             (Step::Answered | Step::Decline, _) => {}
         }
         if !ex.response_started() {
@@ -99,6 +113,6 @@ pub(super) fn worker<H: Handler>(
         }
         handler.finished(&ex);
         let keep = ex.complete();
-        let _ = back.send((conn, keep));
+        back.send(conn, keep);
     }
 }

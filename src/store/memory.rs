@@ -221,6 +221,10 @@ impl Store for MemoryStore {
         })
     }
 
+    fn peek(&self, key: &CacheKey) -> Option<Lookup> {
+        self.get(key).ok()
+    }
+
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
         let k = key.as_str();
         if entry.size() + k.len() > self.max_bytes {

@@ -268,6 +268,11 @@ pub trait Store: Send + Sync {
     }
     /// Every stored variant of `key` (empty when none), and the current generation.
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
+    /// `get`, when it can be answered without waiting on anything (an in-process store;
+    /// the Redis store's local tier); None: only `get` can tell. For I/O threads.
+    fn peek(&self, _key: &CacheKey) -> Option<Lookup> {
+        None
+    }
     /// Stores `entry` as a variant of `key`, replacing the variant it matches, and every
     /// variant stored under a different set of Vary fields (the origin changed its Vary).
     /// `since` is the generation the fill started at: if an invalidation since then
@@ -471,6 +476,14 @@ impl Store for Instrumented {
     }
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         self.timed("get", || self.inner.get(key))
+    }
+    /// Counted as a `get` when it answers (a `get` follows when it does not).
+    fn peek(&self, key: &CacheKey) -> Option<Lookup> {
+        let started = std::time::Instant::now();
+        let found = self.inner.peek(key)?;
+        self.metrics
+            .store_op(self.inner.name(), "get", started.elapsed(), false);
+        Some(found)
     }
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
         self.timed("put", || self.inner.put(key, entry, since))

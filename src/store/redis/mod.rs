@@ -483,6 +483,12 @@ impl Store for RedisStore {
         Ok(lookup)
     }
 
+    /// A local-tier hit; anything else needs a round trip.
+    fn peek(&self, key: &CacheKey) -> Option<Lookup> {
+        let TrackingHandle(tracking) = self.tracking.as_ref()?;
+        tracking.tier.get(key.as_str())
+    }
+
     fn get_latest(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         self.read_master(key).map(|(lookup, _)| lookup)
     }
