@@ -249,6 +249,29 @@ pub fn start(cfg: &Config) -> Result<Echo, StartError> {
     start_on(cfg, listeners, admin)
 }
 
+/// The admin listener's front end: the same machinery as the proxy's, with few threads
+/// and limits of its own (its clients are operators' tools, not the proxy's clients: a
+/// proxy limit such as `server.max_body_bytes = 10` must not break `POST /invalidate`).
+fn admin_server_config(proxy: &config::ServerConfig) -> config::ServerConfig {
+    config::ServerConfig {
+        listen: Vec::new(),
+        io_threads: 1,
+        workers: 2,
+        fetch_workers: 1,
+        fetch_queue: 16,
+        max_connections: 256,
+        queue_depth: 64,
+        // Above the admin API's own 64 KiB, which it answers in JSON (413, "larger than").
+        max_body_bytes: 16 * admin::MAX_BODY,
+        // Its own listener: clients connect to it directly.
+        proxy_protocol: false,
+        trusted_proxies: Vec::new(),
+        drain_timeout: proxy.drain_timeout,
+        // Head limits, deadlines and rates: the defaults.
+        ..config::ServerConfig::default()
+    }
+}
+
 /// Descriptors kept for everything but client connections: an origin or Redis
 /// connection per worker thread, plus logs, listeners, pools' idle connections and the
 /// acceptor's spare. (The memory store's body files take at most a sixteenth of the
@@ -407,16 +430,7 @@ pub fn start_on(
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (admin, admin_handler) = match (admin, &cfg.admin) {
         (Some(listener), Some(a)) => {
-            // The admin side needs few threads; its limits are the proxy's.
-            let admin_cfg = config::ServerConfig {
-                io_threads: 1,
-                workers: 2,
-                fetch_workers: 1,
-                // Its own listener: clients connect to it directly.
-                proxy_protocol: false,
-                trusted_proxies: Vec::new(),
-                ..server_cfg.clone()
-            };
+            let admin_cfg = admin_server_config(&server_cfg);
             let handler = Arc::new(admin::Admin::new(admin::AdminParts {
                 token: a.token.clone(),
                 invalidator: Arc::clone(&invalidator),

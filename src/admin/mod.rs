@@ -43,7 +43,7 @@ use crate::store::Store;
 use crate::upstream::Upstreams;
 
 /// Largest `POST /invalidate` body read.
-const MAX_BODY: u64 = 64 * 1024;
+pub(crate) const MAX_BODY: u64 = 64 * 1024;
 
 pub struct Admin {
     /// Replaced by a config reload that changes `admin.token`.

@@ -76,6 +76,8 @@ pub struct Conn {
     /// The socket is non-blocking (an I/O thread has it): writes queue, never wait, and
     /// the I/O thread writes the queue out as the socket accepts it.
     nonblocking: bool,
+    /// The last read took less than it had room for: the socket had nothing more.
+    drained: bool,
 }
 
 impl Conn {
@@ -96,6 +98,7 @@ impl Conn {
             default_write,
             offload: false,
             nonblocking: false,
+            drained: false,
         }
     }
 
@@ -173,7 +176,13 @@ impl Conn {
         let result = (&self.stream).read(&mut self.buf[used..]);
         let n = *result.as_ref().unwrap_or(&0);
         self.buf.truncate(used + n);
+        self.drained = n > 0 && n < spare;
         result
+    }
+
+    /// Did the last read leave the socket empty (it took less than it had room for)?
+    pub(crate) fn drained(&self) -> bool {
+        self.drained
     }
 
     fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {

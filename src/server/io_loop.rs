@@ -48,6 +48,12 @@ const LINGER_BYTES: usize = 64 * 1024;
 const QUEUE_RETRY: Duration = Duration::from_millis(1);
 /// While the server drains, idle connections are looked for this often.
 const DRAIN_TICK: Duration = Duration::from_millis(10);
+/// Requests one connection may have answered in a row before the others on its I/O
+/// thread get their turn (a client that pipelines thousands must not hold the rest).
+const FAIR_SHARE: usize = 16;
+/// A connection idle this long gives its read buffer back (a busy one keeps it from one
+/// request to the next).
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// What reaches an I/O thread from other threads.
 pub(super) enum Arrival<J> {
@@ -158,6 +164,8 @@ struct Entry<J> {
     /// The socket may hold bytes not read yet (readiness was signalled, or a read filled
     /// all the room it had): edge-triggered readiness comes once per arrival.
     readable: bool,
+    /// When an idle connection is closed.
+    idle_until: Instant,
     _slot: Slot,
 }
 
@@ -173,6 +181,8 @@ struct IoLoop<H: Handler> {
     timers: BTreeSet<(Instant, u64)>,
     /// Connections waiting for room in the worker queue, oldest first.
     waiting: VecDeque<u64>,
+    /// Connections with more to do that gave others their turn (`FAIR_SHARE`).
+    runnable: Vec<u64>,
     next_id: u64,
 }
 
@@ -197,6 +207,7 @@ pub(super) fn start<H: Handler>(
         conns: HashMap::new(),
         timers: BTreeSet::new(),
         waiting: VecDeque::new(),
+        runnable: Vec::new(),
         next_id: 0,
     };
     thread::Builder::new()
@@ -240,6 +251,9 @@ impl<H: Handler> IoLoop<H> {
             if draining {
                 timeout = Some(timeout.map_or(DRAIN_TICK, |t| t.min(DRAIN_TICK)));
             }
+            if !self.runnable.is_empty() {
+                timeout = Some(Duration::ZERO);
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!("{}: waiting for connections failed: {e}", self.shared.name);
@@ -262,6 +276,9 @@ impl<H: Handler> IoLoop<H> {
             }
             while let Ok(arrival) = self.inbox.try_recv() {
                 self.arrive(arrival);
+            }
+            for id in std::mem::take(&mut self.runnable) {
+                self.drive(id);
             }
             self.retry_waiting();
             self.expire();
@@ -345,19 +362,19 @@ impl<H: Handler> IoLoop<H> {
             return;
         }
         let now = Instant::now();
-        let (phase, deadline) = if cfg.proxy_protocol {
-            (Phase::Proxy, now + cfg.header_timeout)
-        } else {
-            (Phase::Idle, now + cfg.idle_timeout)
-        };
         let mut e = Entry {
             conn: Some(conn),
-            phase,
+            phase: Phase::Proxy,
             deadline: None,
             readable: true,
+            idle_until: now,
             _slot: slot,
         };
-        self.set_deadline(id, &mut e, Some(deadline));
+        if cfg.proxy_protocol {
+            self.set_deadline(id, &mut e, Some(now + cfg.header_timeout));
+        } else {
+            self.enter_idle(id, &mut e, now);
+        }
         self.conns.insert(id, e);
         self.drive(id);
     }
@@ -399,6 +416,14 @@ impl<H: Handler> IoLoop<H> {
         e.deadline = deadline;
     }
 
+    /// Between requests: closed at the idle timeout, its buffer given back before.
+    fn enter_idle(&mut self, id: u64, e: &mut Entry<H::Job>, now: Instant) {
+        e.phase = Phase::Idle;
+        e.idle_until = now + self.shared.cfg.idle_timeout;
+        let release = now + RELEASE_AFTER;
+        self.set_deadline(id, e, Some(release.min(e.idle_until)));
+    }
+
     /// One read, if the socket may have bytes.
     fn read(e: &mut Entry<H::Job>) -> Read {
         if !e.readable {
@@ -409,7 +434,11 @@ impl<H: Handler> IoLoop<H> {
         };
         match conn.read_available() {
             Ok(0) => Read::Closed,
-            Ok(_) => Read::Data,
+            Ok(_) => {
+                // Emptied: what comes next signals readiness again.
+                e.readable = !conn.drained();
+                Read::Data
+            }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 e.readable = false;
                 Read::Wait
@@ -418,8 +447,10 @@ impl<H: Handler> IoLoop<H> {
         }
     }
 
-    /// Runs a connection's state machine until it must wait; false: close it.
+    /// Runs a connection's state machine until it must wait, or has had its share of
+    /// the thread; false: close it.
     fn step(&mut self, id: u64, e: &mut Entry<H::Job>) -> bool {
+        let mut answered = 0;
         loop {
             let now = Instant::now();
             let phase = std::mem::replace(&mut e.phase, Phase::Lent);
@@ -437,9 +468,14 @@ impl<H: Handler> IoLoop<H> {
                 Phase::Flush { keep } => match conn.flush_available() {
                     Ok(true) => {
                         if keep && !self.shared.shutting_down.load(Ordering::SeqCst) {
-                            e.phase = Phase::Idle;
-                            let idle = now + self.shared.cfg.idle_timeout;
-                            self.set_deadline(id, e, Some(idle));
+                            let pipelined = !conn.buffered().is_empty();
+                            self.enter_idle(id, e, now);
+                            answered += 1;
+                            if answered >= FAIR_SHARE && pipelined {
+                                // Pipelined requests wait for the next round.
+                                self.runnable.push(id);
+                                return true;
+                            }
                         } else {
                             let _ = conn.stream().shutdown(Shutdown::Write);
                             e.phase = Phase::Linger { read: 0 };
@@ -462,9 +498,7 @@ impl<H: Handler> IoLoop<H> {
                 Phase::Proxy => {
                     match proxy_protocol::examine(conn, &self.shared.cfg.trusted_proxies) {
                         Ok(true) => {
-                            e.phase = Phase::Idle;
-                            let idle = now + self.shared.cfg.idle_timeout;
-                            self.set_deadline(id, e, Some(idle));
+                            self.enter_idle(id, e, now);
                             continue;
                         }
                         Ok(false) => {}
@@ -507,14 +541,7 @@ impl<H: Handler> IoLoop<H> {
                     }
                     match Self::read(e) {
                         Read::Data => {}
-                        Read::Wait => {
-                            if idle {
-                                if let Some(conn) = e.conn.as_mut() {
-                                    conn.release_buffer();
-                                }
-                            }
-                            return true;
-                        }
+                        Read::Wait => return true,
                         Read::Closed if idle => return false,
                         Read::Closed => {
                             let err =
@@ -758,6 +785,16 @@ impl<H: Handler> IoLoop<H> {
                     true
                 }
                 Phase::Lent => true,
+                Phase::Idle if now < e.idle_until => {
+                    // Idle for a while: its buffer goes back until the next request.
+                    if let Some(conn) = e.conn.as_mut() {
+                        conn.release_buffer();
+                    }
+                    let until = e.idle_until;
+                    e.phase = Phase::Idle;
+                    self.set_deadline(id, &mut e, Some(until));
+                    true
+                }
                 phase @ (Phase::Idle
                 | Phase::Proxy
                 | Phase::Flush { .. }

@@ -413,3 +413,24 @@ fn a_reload_moves_traffic_and_metrics_to_the_new_servers() {
     assert_eq!(done.need_restart, vec!["cache".to_string()]);
     assert!(done.applied.is_empty(), "{:?}", done.applied);
 }
+
+/// Issue 19 (and 21): the admin listener has limits of its own. With the proxy's
+/// `max_body_bytes = 10`, `POST /invalidate` with a body of a few hundred bytes still
+/// works (it was a plain-text 413), while the proxy refuses the same body.
+#[test]
+fn the_admin_listener_has_its_own_limits_not_the_proxys() {
+    let origin =
+        TestOrigin::start(|_| OriginResponse::ok("x").header("Cache-Control", "max-age=600"));
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!("[server]\nmax_body_bytes = 10\n{}", admin_section()),
+    ));
+    let pattern = format!(
+        r#"{{"pattern": "^http://[^/]+/never/{}$"}}"#,
+        "a".repeat(200)
+    );
+    let (status, json) = admin::invalidate(echo.admin.expect("admin"), TOKEN, &pattern);
+    assert!(matches!(status, 200 | 202), "{status} {json}");
+    let resp = RawClient::connect(echo.addr).request("POST", "/upload", &[], pattern.as_bytes());
+    assert_eq!(resp.status, 413, "the proxy keeps its own limit");
+}
