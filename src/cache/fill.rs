@@ -157,10 +157,9 @@ impl Lead {
 }
 
 impl Cache {
-    /// One origin fetch per key at a time, decided before the fetch pool is involved:
-    /// on the thread that already serves this client (its connection's), so a request
-    /// that waits for another's fetch holds no fetch-pool thread, and any number may
-    /// wait. The first request for a key leads (with a shared store it also takes the
+    /// One origin fetch per key at a time, decided before the fetch pool is involved: a
+    /// request that waits for another's fetch waits in the front end (`Step::Wait`),
+    /// holding no thread, and any number may wait. The first request for a key leads (with a shared store it also takes the
     /// cluster-wide fill lock, or waits for the node that holds it); the others wait
     /// for it and answer from the store (`collapsed`), or fetch themselves when its
     /// answer may not be shared (at once, side by side), it failed, or it stopped making
@@ -173,21 +172,14 @@ impl Cache {
         since: Since,
         stale: Option<StaleCopy>,
     ) -> Step<Job> {
-        let fill = |lead| {
-            Step::Defer(Job::Fill {
-                key: key.clone(),
-                fwd,
-                since,
-                stale: stale.clone(),
-                lead,
-            })
-        };
         if self.is_pass(&key) {
             self.metrics.hit_for_pass.inc();
-            return fill(Lead::Pass);
+            return fill_job(&key, fwd, since, &stale)(Lead::Pass);
         }
         match self.coalescer.subscribe(key.as_str()) {
-            Subscribe::Leader(permit) => self.lead(ex, &key, permit, fill),
+            Subscribe::Leader(permit) => {
+                self.lead(ex, &key, permit, fill_job(&key, fwd, since, &stale))
+            }
             // Waits in the front end, holding no thread, until the leader is done.
             Subscribe::Follower(follower) => {
                 let until = Box::new(FlightWait(follower.watch()));
@@ -216,15 +208,7 @@ impl Cache {
         stale: Option<StaleCopy>,
         joined: Join,
     ) -> Step<Job> {
-        let fill = |lead| {
-            Step::Defer(Job::Fill {
-                key: key.clone(),
-                fwd,
-                since,
-                stale: stale.clone(),
-                lead,
-            })
-        };
+        let fill = fill_job(&key, fwd, since, &stale);
         match joined {
             #[cfg(test)]
             Join::Leader(_) => unreachable!("a follower's wait never leads"),
@@ -701,6 +685,24 @@ impl FillLock {
 impl Drop for FillLock {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// The fill job of a request, for whom it fetches (`lead`).
+fn fill_job<'a>(
+    key: &'a CacheKey,
+    fwd: Fwd,
+    since: Since,
+    stale: &'a Option<StaleCopy>,
+) -> impl Fn(Lead) -> Step<Job> + 'a {
+    move |lead| {
+        Step::Defer(Job::Fill {
+            key: key.clone(),
+            fwd,
+            since,
+            stale: stale.clone(),
+            lead,
+        })
     }
 }
 

@@ -297,8 +297,9 @@ impl Cache {
         let Some((fwd, stale)) = self.answer_from_store(ex, &key, &variants, since, tier) else {
             return Step::Answered;
         };
-        if nonblocking {
-            // The origin must be asked: a worker looks again and coalesces.
+        if nonblocking && !self.store.in_process() {
+            // The origin must be asked, and the fill lock is a round trip: a worker looks
+            // again and coalesces.
             return Step::Decline;
         }
         let req_cc = CacheControl::parse_request(&ex.req.headers);
@@ -337,14 +338,33 @@ impl Handler for Cache {
 
     /// On an I/O thread, nothing that waits: a hit the store answers in-process (the
     /// memory store, the Redis store's local tier) is answered at once, with no hand-off;
-    /// what bypasses the cache goes straight to the fetch stage; the rest (a Redis
-    /// lookup, a miss to coalesce) is declined, for a worker.
+    /// what bypasses the cache, and a memory-store miss, go straight to the fetch stage
+    /// (or wait for another request's fetch, holding no thread); the rest (a Redis
+    /// lookup or fill lock) is declined, for a worker.
     fn inline(&self, ex: &mut Exchange<'_>) -> Step<Job> {
         self.route(ex, true)
     }
 
     fn handle(&self, ex: &mut Exchange<'_>) -> Step<Job> {
         self.route(ex, false)
+    }
+
+    /// A follower whose leader is done: with an in-process store, answered from it on
+    /// the I/O thread; otherwise (a read from the Redis master) on the fetch pool.
+    fn resume(&self, ex: &mut Exchange<'_>, job: Job) -> Step<Job> {
+        match job {
+            Job::Follow {
+                key,
+                fwd,
+                since,
+                stale,
+                follower,
+            } if self.store.in_process() => {
+                let joined = follower.end();
+                self.followed(ex, key, fwd, since, stale, joined)
+            }
+            job => Step::Defer(job),
+        }
     }
 
     /// The fetch stage: whatever waits on the origin.

@@ -65,6 +65,14 @@ pub trait Handler: Send + Sync + 'static {
         Step::Decline
     }
 
+    /// On an I/O thread, when a waiting exchange's wait is over (`Step::Wait`): answer
+    /// what needs no blocking call, or defer the job (the default) to the fetch pool.
+    /// Must not block.
+    fn resume(&self, ex: &mut Exchange<'_>, job: Self::Job) -> Step<Self::Job> {
+        let _ = ex;
+        Step::Defer(job)
+    }
+
     /// On a worker: answer, or defer. (`Decline` here is answered 500.)
     fn handle(&self, ex: &mut Exchange<'_>) -> Step<Self::Job>;
 

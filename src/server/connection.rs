@@ -82,18 +82,24 @@ pub(super) enum Inline<J> {
     Wait(Request, Waiting<J>),
 }
 
-/// Lets the handler answer on the I/O thread (`Handler::inline`); the connection is
-/// non-blocking, so every write queues what the socket does not take.
+/// Lets the handler answer on the I/O thread (`Handler::inline`, or `Handler::resume`
+/// with the job of a request whose wait is over); the connection is non-blocking, so
+/// every write queues what the socket does not take.
 pub(super) fn serve_inline<H: Handler>(
     shared: &Shared,
     handler: &H,
     conn: &mut Conn,
     req: Request,
+    resumed: Option<H::Job>,
 ) -> Inline<H::Job> {
     let timeouts = exchange_timeouts(&shared.cfg);
     let mut ex = Exchange::new(req, conn, shared.cfg.max_body_bytes, timeouts);
     ex.watch_drain(Arc::clone(&shared.shutting_down));
-    let step = match catch_unwind(AssertUnwindSafe(|| handler.inline(&mut ex))) {
+    let run = AssertUnwindSafe(|| match resumed {
+        Some(job) => handler.resume(&mut ex, job),
+        None => handler.inline(&mut ex),
+    });
+    let step = match catch_unwind(run) {
         Ok(step) => step,
         Err(_) => {
             error!(

@@ -610,7 +610,7 @@ impl<H: Handler> IoLoop<H> {
         if req.framing != BodyFraming::None || over_queue_bound() {
             return self.lend(id, e, req, None);
         }
-        match serve_inline(&self.shared, self.handler.as_ref(), conn, req) {
+        match serve_inline(&self.shared, self.handler.as_ref(), conn, req, None) {
             Inline::Answered(keep) => e.phase = Phase::Flush { keep },
             Inline::Deferred(req, job) => self.lend(id, e, req, Some(job)),
             Inline::Declined(req) => self.lend(id, e, req, None),
@@ -630,10 +630,18 @@ impl<H: Handler> IoLoop<H> {
         self.set_deadline(id, e, Some(deadline));
     }
 
-    /// The wait is over: the job goes to the fetch pool.
+    /// The wait is over: the handler answers (`Handler::resume`), or the job goes to
+    /// the fetch pool.
     fn resume(&mut self, id: u64, e: &mut Entry<H::Job>, req: Request, waiting: Waiting<H::Job>) {
         self.set_deadline(id, e, None);
-        self.lend(id, e, req, Some(waiting.job));
+        let conn = e.conn.as_mut().expect("a waiting connection is here");
+        let job = Some(waiting.job);
+        match serve_inline(&self.shared, self.handler.as_ref(), conn, req, job) {
+            Inline::Answered(keep) => e.phase = Phase::Flush { keep },
+            Inline::Deferred(req, job) => self.lend(id, e, req, Some(job)),
+            Inline::Declined(req) => self.lend(id, e, req, None),
+            Inline::Wait(req, waiting) => self.wait(id, e, req, waiting),
+        }
     }
 
     /// Hands the connection and its request to a pool thread: the fetch pool with a

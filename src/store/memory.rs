@@ -225,6 +225,10 @@ impl Store for MemoryStore {
         self.get(key).ok()
     }
 
+    fn in_process(&self) -> bool {
+        true
+    }
+
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, since: u64) -> Result<bool, StoreError> {
         let k = key.as_str();
         if entry.size() + k.len() > self.max_bytes {

@@ -273,6 +273,11 @@ pub trait Store: Send + Sync {
     fn peek(&self, _key: &CacheKey) -> Option<Lookup> {
         None
     }
+    /// Does every call return without waiting on another service (the memory store)?
+    /// Then an I/O thread may also take a miss's fill lock.
+    fn in_process(&self) -> bool {
+        false
+    }
     /// Stores `entry` as a variant of `key`, replacing the variant it matches, and every
     /// variant stored under a different set of Vary fields (the origin changed its Vary).
     /// `since` is the generation the fill started at: if an invalidation since then
@@ -476,6 +481,9 @@ impl Store for Instrumented {
     }
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
         self.timed("get", || self.inner.get(key))
+    }
+    fn in_process(&self) -> bool {
+        self.inner.in_process()
     }
     /// Counted as a `get` when it answers (a `get` follows when it does not).
     fn peek(&self, key: &CacheKey) -> Option<Lookup> {
