@@ -169,12 +169,90 @@ pub(crate) fn has_token(headers: &HeaderList, name: &str, token: &str) -> bool {
 // Dates and delta-seconds
 // ---------------------------------------------------------------------------------------------
 
-/// Parses an HTTP-date (IMF-fixdate, RFC 850 or asctime) from raw bytes.
+/// Parses an HTTP-date (IMF-fixdate, RFC 850 or asctime) from raw bytes. The parsing is
+/// the `httpdate` crate's; Echo puts the names in its case first and gives an RFC 850
+/// date's two-digit year its century as RFC 9110 says (the crate pivots at 1970).
 // RFC 9110 §5.6.7: "A recipient that parses a timestamp value in an HTTP field MUST accept
 // all three HTTP-date formats."
 pub(crate) fn parse_date(v: &[u8]) -> Option<SystemTime> {
+    parse_date_at(v, SystemTime::now())
+}
+
+/// [`parse_date`], with `now` deciding the century of a two-digit year.
+fn parse_date_at(v: &[u8], now: SystemTime) -> Option<SystemTime> {
     let s = std::str::from_utf8(trim_ows(v)).ok()?;
-    httpdate::parse_http_date(s).ok()
+    if !s.is_ascii() {
+        return None;
+    }
+    // RFC 9111 §4.2: "Although all date formats are specified to be case-sensitive, a cache
+    // recipient SHOULD match the field value case-insensitively."
+    let s = names_in_their_case(s);
+    let s = rfc850_as_imf_fixdate(&s, now).unwrap_or(s);
+    httpdate::parse_http_date(&s).ok()
+}
+
+/// Day, month and zone names as the formats spell them (`sun` → `Sun`, `gmt` → `GMT`).
+fn names_in_their_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if !c.is_ascii_alphabetic() {
+            out.push(c);
+            rest = &rest[1..];
+            continue;
+        }
+        let end = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let (word, after) = rest.split_at(end);
+        if word.eq_ignore_ascii_case("gmt") {
+            out.push_str("GMT");
+        } else {
+            out.push_str(&word[..1].to_ascii_uppercase());
+            out.push_str(&word[1..].to_ascii_lowercase());
+        }
+        rest = after;
+    }
+    out
+}
+
+/// An RFC 850 date (`Sunday, 06-Nov-94 08:49:37 GMT`) as an IMF-fixdate, its year's
+/// century chosen as of `now`; None for any other form.
+fn rfc850_as_imf_fixdate(s: &str, now: SystemTime) -> Option<String> {
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let (day, rest) = s.split_once(", ")?;
+    let b = rest.as_bytes();
+    if !DAYS.contains(&day) || b.len() != 22 || b[2] != b'-' || b[6] != b'-' || b[9] != b' ' {
+        return None;
+    }
+    if !b[7..9].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let yy: u64 = rest[7..9].parse().ok()?;
+    let this_year: u64 = format_date(now).get(12..16)?.parse().ok()?;
+    // RFC 9110 §5.6.7: "Recipients of a timestamp value in rfc850-date format, which uses
+    // a two-digit year, MUST interpret a timestamp that appears to be more than 50 years
+    // in the future as representing the most recent year in the past that had the same
+    // last two digits."
+    let mut year = this_year / 100 * 100 + yy;
+    if year > this_year + 50 {
+        year -= 100;
+    }
+    Some(format!(
+        "{}, {} {} {year} {}",
+        &day[..3],
+        &rest[..2],
+        &rest[3..6],
+        &rest[10..]
+    ))
 }
 
 /// Formats a time as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
@@ -384,6 +462,50 @@ mod tests {
         }
         assert_eq!(parse_date(b"0"), None);
         assert_eq!(parse_date(&[0xff]), None);
+    }
+
+    /// RFC 9111 §4.2: "Although all date formats are specified to be case-sensitive, a
+    /// cache recipient SHOULD match the field value case-insensitively."
+    #[test]
+    fn dates_are_matched_case_insensitively() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(784_111_777);
+        for form in [
+            &b"sun, 06 nov 1994 08:49:37 gmt"[..],
+            b"SUN, 06 NOV 1994 08:49:37 GMT",
+            b"SUNDAY, 06-NOV-94 08:49:37 Gmt",
+            b"sun nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(parse_date(form), Some(t), "{form:?}");
+        }
+        assert_eq!(parse_date(b"Sun, 06 Nov 1994 08:49:37 UTC"), None);
+    }
+
+    /// RFC 9110 §5.6.7: "Recipients of a timestamp value in rfc850-date format, which
+    /// uses a two-digit year, MUST interpret a timestamp that appears to be more than 50
+    /// years in the future as representing the most recent year in the past that had the
+    /// same last two digits."
+    #[test]
+    fn a_two_digit_year_is_at_most_fifty_years_ahead() {
+        // As of 2026: `75` is 2075 (49 years ahead; the httpdate crate alone says 1975),
+        // `77` is 1977 (2077 would be 51 years ahead), `30` is 2030.
+        let now = httpdate::parse_http_date("Fri, 27 Nov 2026 12:00:00 GMT").unwrap();
+        let year = |v: &[u8]| parse_date_at(v, now).map(|t| format_date(t)[12..16].to_string());
+        assert_eq!(
+            year(b"Friday, 01-Mar-75 00:00:00 GMT").as_deref(),
+            Some("2075")
+        );
+        assert_eq!(
+            year(b"Tuesday, 01-Mar-77 00:00:00 GMT").as_deref(),
+            Some("1977")
+        );
+        assert_eq!(
+            year(b"Friday, 01-Mar-30 00:00:00 GMT").as_deref(),
+            Some("2030")
+        );
+        assert_eq!(
+            year(b"Sunday, 06-Nov-94 08:49:37 GMT").as_deref(),
+            Some("1994")
+        );
     }
 
     #[test]

@@ -65,6 +65,18 @@ fn only_what_http_allows_is_stored() {
             true,
             "",
         ),
+        // RFC 9111 §4.2: "a cache recipient SHOULD match the field value
+        // case-insensitively"; RFC 9110 §5.6.7: all three HTTP-date formats are accepted.
+        (
+            &[("Expires", "thu, 01 JAN 2099 00:00:00 gmt")],
+            &[],
+            true,
+            "",
+        ),
+        (&[("Expires", "Thu Jan  1 00:00:00 2099")], &[], true, ""),
+        // RFC 9111 §5.3: "A cache recipient MUST interpret invalid date formats [...] as
+        // representing a time in the past (i.e., "already expired")."
+        (&[("Expires", "01/01/2099")], &[], false, "not-fresh"),
         (
             &[("Cache-Control", "no-store, max-age=60")],
             &[],
