@@ -40,6 +40,8 @@ pub struct CacheControl {
     pub no_transform: bool,
     /// `immutable` (RFC 8246).
     pub immutable: bool,
+    /// `must-understand` (§5.2.2.3).
+    pub must_understand: bool,
     /// `stale-while-revalidate` (RFC 5861 §3); None if absent or invalid.
     pub stale_while_revalidate: Option<u64>,
     /// `stale-if-error` (RFC 5861 §4); None if absent or invalid.
@@ -176,6 +178,7 @@ impl CacheControl {
                 "proxy-revalidate" => cc.proxy_revalidate = true,
                 "no-transform" => cc.no_transform = true,
                 "immutable" => cc.immutable = true,
+                "must-understand" => cc.must_understand = true,
                 // RFC 5861 §3 / §4: stale-while-revalidate and stale-if-error take
                 // delta-seconds. An invalid argument disables the extension (never serve
                 // stale on a guess); of several values the smallest (most restrictive) wins,
@@ -408,7 +411,7 @@ mod tests {
                 "flags and whitespace",
                 vec![
                     " no-store ,must-revalidate,, proxy-revalidate",
-                    "no-transform,immutable, only-if-cached",
+                    "no-transform,immutable, only-if-cached, Must-Understand",
                 ],
                 CacheControl {
                     no_store: true,
@@ -416,6 +419,7 @@ mod tests {
                     proxy_revalidate: true,
                     no_transform: true,
                     immutable: true,
+                    must_understand: true,
                     only_if_cached: true,
                     ..d()
                 },

@@ -21,7 +21,7 @@ use crate::http::headers::has_header;
 pub enum NoStoreReason {
     /// The request method is not GET.
     Method,
-    /// The status is not final, not understood, or 304.
+    /// The status is not final, or 304, or not understood with `must-understand`.
     Status,
     /// The response carries `no-store`.
     NoStore,
@@ -123,24 +123,36 @@ pub fn storability(
     if status == 206 {
         return Storability::DoNotStore(R::Partial);
     }
-    // RFC 9111 §3: "the response status code is final (see Section 15 of [HTTP])". Echo only
-    // stores statuses it understands. A 304 is an answer to a conditional request, used to
-    // freshen an entry (RFC 9111 §4.3.4), never stored as a response of its own.
-    if status == 304 || !status_understood(status) {
+    // RFC 9111 §3: "the response status code is final (see Section 15 of [HTTP])". Any final
+    // status may be stored with explicit freshness (299, 499, 599 with max-age: RFC 9110
+    // §15: "a client MUST understand the class of any status code"); only those defined as
+    // heuristically cacheable get a heuristic lifetime. A 304 is an answer to a conditional
+    // request, used to freshen an entry (RFC 9111 §4.3.4), never stored as a response of
+    // its own.
+    if status == 304 || !(200..=599).contains(&status) {
         return Storability::DoNotStore(R::Status);
     }
 
     let req_cc = CacheControl::parse_request(req);
     let cc = CacheControl::parse(resp);
+    // RFC 9111 §5.2.2.3: "The must-understand response directive limits caching of the
+    // response to a cache that understands and conforms to the requirements for that
+    // response's status code."
+    if cc.must_understand && !status_understood(status) {
+        return Storability::DoNotStore(R::Status);
+    }
 
     // RFC 9111 §5.2.1.5: "The no-store request directive indicates that a cache MUST NOT store
     // any part of either this request or any response to it."
     if req_cc.no_store {
         return Storability::DoNotStore(R::RequestNoStore);
     }
-    // RFC 9111 §3: "the no-store cache directive is not present in the response".
-    // (must-understand, §5.2.2.3, is not implemented, so no-store is always honoured.)
-    if cc.no_store {
+    // RFC 9111 §3: "the no-store cache directive is not present in the response (see
+    // Section 5.2.2.5)". RFC 9111 §5.2.2.3: "When a cache that implements the
+    // must-understand directive receives a response that includes it, the cache SHOULD
+    // ignore the no-store directive if it understands the status code." (It does: an
+    // unknown one was refused above.)
+    if cc.no_store && !cc.must_understand {
         return Storability::DoNotStore(R::NoStore);
     }
     // RFC 9111 §3: "if the cache is shared: the private response directive is either not
@@ -255,17 +267,56 @@ mod tests {
             case("HEAD", "HEAD", &[], 200, &[ma], no(R::Method)),
             case("POST", "POST", &[], 200, &[ma], no(R::Method)),
             case("lower-case get", "get", &[], 200, &[ma], no(R::Method)),
-            // Status
+            // Status. RFC 9111 §3: "the response status code is final"; any final status
+            // with explicit freshness is storable, whether Echo knows it or not.
             case("206", "GET", &[], 206, &[ma], no(R::Partial)),
             case("100", "GET", &[], 100, &[ma], no(R::Status)),
-            case("299", "GET", &[], 299, &[ma], no(R::Status)),
             case("304", "GET", &[], 304, &[ma], no(R::Status)),
-            case("305", "GET", &[], 305, &[ma], no(R::Status)),
-            case("306", "GET", &[], 306, &[ma], no(R::Status)),
-            case("418", "GET", &[], 418, &[ma], no(R::Status)),
-            case("599", "GET", &[], 599, &[ma], no(R::Status)),
+            case("600", "GET", &[], 600, &[ma], no(R::Status)),
+            case("299 explicit", "GET", &[], 299, &[ma], store(60)),
+            case("305 explicit", "GET", &[], 305, &[ma], store(60)),
+            case("418 explicit", "GET", &[], 418, &[ma], store(60)),
+            case("499 explicit", "GET", &[], 499, &[ma], store(60)),
+            case("599 explicit", "GET", &[], 599, &[ma], store(60)),
             case("426 explicit", "GET", &[], 426, &[ma], store(60)),
             case("505 explicit", "GET", &[], 505, &[ma], store(60)),
+            // ... and only heuristically cacheable statuses get a heuristic lifetime.
+            case(
+                "299 without explicit freshness",
+                "GET",
+                &[],
+                299,
+                &[("date", d), ("last-modified", &lm_5d)],
+                no(R::NotFresh),
+            ),
+            // RFC 9111 §5.2.2.3: "The must-understand response directive limits caching
+            // of the response to a cache that understands and conforms to the requirements
+            // for that response's status code." ... "the cache SHOULD ignore the no-store
+            // directive if it understands the status code."
+            case(
+                "must-understand, a status Echo understands, no-store",
+                "GET",
+                &[],
+                200,
+                &[("cache-control", "max-age=60, must-understand, no-store")],
+                store(60),
+            ),
+            case(
+                "must-understand, a status Echo does not know",
+                "GET",
+                &[],
+                299,
+                &[("cache-control", "max-age=60, must-understand, no-store")],
+                no(R::Status),
+            ),
+            case(
+                "must-understand, unknown status, without no-store",
+                "GET",
+                &[],
+                599,
+                &[("cache-control", "max-age=60, must-understand")],
+                no(R::Status),
+            ),
             // no-store
             case(
                 "request no-store",

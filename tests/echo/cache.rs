@@ -935,3 +935,40 @@ fn an_unreachable_origin_on_revalidation_is_a_502() {
         Some("echo; fwd=stale; detail=origin-connect")
     );
 }
+
+/// Issue 20, item 4. RFC 9111 §3: a response may be stored when "the response status
+/// code is final" (and it has explicit freshness): 299, 499 and 599 with `max-age` are
+/// stored and served. RFC 9111 §5.2.2.3: with `must-understand`, only statuses the cache
+/// understands are stored, and then "the cache SHOULD ignore the no-store directive".
+#[test]
+fn any_final_status_with_explicit_freshness_is_stored_and_must_understand_is_honoured() {
+    let origin = TestOrigin::start(|req| {
+        let (status, cc) = match req.path() {
+            "/s/299" => (299, "max-age=60"),
+            "/s/499" => (499, "max-age=60"),
+            "/s/599" => (599, "max-age=60"),
+            "/mu/200" => (200, "max-age=60, must-understand, no-store"),
+            "/mu/299" => (299, "max-age=60, must-understand, no-store"),
+            _ => (404, "no-store"),
+        };
+        OriginResponse::status(status)
+            .body(format!("status {status}"))
+            .header("Cache-Control", cc)
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    for (path, stored) in [
+        ("/s/299", true),
+        ("/s/499", true),
+        ("/s/599", true),
+        ("/mu/200", true),
+        ("/mu/299", false),
+    ] {
+        let first = client::get(echo.addr, path, &[]);
+        let second = client::get(echo.addr, path, &[]);
+        assert_eq!(second.status, first.status, "{path}");
+        assert_eq!(second.body, first.body, "{path}");
+        let want = if stored { "HIT" } else { "MISS" };
+        assert_eq!(second.header("x-cache-status"), Some(want), "{path}");
+        assert_eq!(origin.hits(path), if stored { 1 } else { 2 }, "{path}");
+    }
+}

@@ -684,6 +684,48 @@ fn request_bodies_cut_short_by_the_client_never_complete_at_the_origin() {
     assert_eq!(RawClient::connect(echo.addr).get("/ok", &[]).status, 200);
 }
 
+/// A request and the client's close arriving together (edge-triggered readiness reports
+/// both at once, and a read returns the bytes before it returns the end): a hundred
+/// keep-alive clients each send a head, part of its body and their FIN in one go, and
+/// every one is answered and closed at once, not at the body deadline.
+#[test]
+fn a_close_that_arrives_with_the_last_bytes_is_seen_at_once() {
+    let origin = describing_origin();
+    let echo = echo_with(&origin, "");
+    let wire = [
+        b"POST /cut HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n".as_slice(),
+        &[b'c'; 60],
+    ]
+    .concat();
+    // Each connection first carries a request, so Echo is waiting on it when the bytes
+    // and the close arrive (a new connection is read once when it is accepted).
+    let mut clients: Vec<RawClient> = (0..100)
+        .map(|_| {
+            let mut c = RawClient::connect(echo.addr);
+            c.set_read_timeout(Duration::from_secs(5));
+            assert_eq!(c.get("/ok", &[]).status, 200);
+            c
+        })
+        .collect();
+    for c in &mut clients {
+        c.send(&wire);
+        c.shutdown_write();
+    }
+    for mut c in clients {
+        let rest = c.read_to_close();
+        assert!(
+            !String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"),
+            "answered as if complete"
+        );
+    }
+    let posts = origin
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posts, 0, "an incomplete body reached the origin");
+}
+
 #[test]
 fn a_bad_chunk_followed_by_more_data_still_gets_its_400() {
     // The client is still sending when Echo refuses and closes: the 400 must reach it

@@ -93,6 +93,9 @@ struct Entry<J> {
     /// The socket may hold bytes not read yet (readiness was signalled, or a read filled
     /// all the room it had): edge-triggered readiness comes once per arrival.
     readable: bool,
+    /// The client has closed its side (or the socket failed): the end, which a read
+    /// reports only after the bytes before it, must be read whatever a read returned.
+    peer_closed: bool,
     /// When an idle connection is closed.
     idle_until: Instant,
     _slot: Slot,
@@ -195,11 +198,12 @@ impl<H: Handler> IoLoop<H> {
                 events
                     .iter()
                     .filter(|e| e.token() != WAKE)
-                    .map(|e| e.token().0 as u64),
+                    .map(|e| (e.token().0 as u64, e.is_read_closed() || e.is_error())),
             );
-            for &id in &ready {
+            for &(id, closed) in &ready {
                 if let Some(e) = self.conns.get_mut(&id) {
                     e.readable = true;
+                    e.peer_closed |= closed;
                 }
                 self.drive(id);
             }
@@ -296,6 +300,7 @@ impl<H: Handler> IoLoop<H> {
             phase: Phase::Proxy,
             deadline: None,
             readable: true,
+            peer_closed: false,
             idle_until: now,
             _slot: slot,
         };
@@ -364,8 +369,10 @@ impl<H: Handler> IoLoop<H> {
         match conn.read_available() {
             Ok(0) => Read::Closed,
             Ok(_) => {
-                // Emptied: what comes next signals readiness again.
-                e.readable = !conn.drained();
+                // Emptied: what comes next signals readiness again; but a close that
+                // came with these bytes was signalled with them, and a read reports it
+                // only after them.
+                e.readable = !conn.drained() || e.peer_closed;
                 Read::Data
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
