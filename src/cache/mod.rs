@@ -333,6 +333,25 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// A follower's wait is over: what came of its leader's fetch decides (`followed`).
+    /// Any other job is handed back as it is.
+    fn end_follow(&self, ex: &mut Exchange<'_>, job: Job) -> Step<Job> {
+        let Job::Follow {
+            key,
+            fwd,
+            since,
+            stale,
+            follower,
+        } = job
+        else {
+            return Step::Defer(job);
+        };
+        let joined = follower.end();
+        self.followed(ex, key, fwd, since, stale, joined)
+    }
+}
+
 impl Handler for Cache {
     type Job = Job;
 
@@ -353,16 +372,7 @@ impl Handler for Cache {
     /// the I/O thread; otherwise (a read from the Redis master) on the fetch pool.
     fn resume(&self, ex: &mut Exchange<'_>, job: Job) -> Step<Job> {
         match job {
-            Job::Follow {
-                key,
-                fwd,
-                since,
-                stale,
-                follower,
-            } if self.store.in_process() => {
-                let joined = follower.end();
-                self.followed(ex, key, fwd, since, stale, joined)
-            }
+            job @ Job::Follow { .. } if self.store.in_process() => self.end_follow(ex, job),
             job => Step::Defer(job),
         }
     }
@@ -381,16 +391,10 @@ impl Handler for Cache {
                 let stale = stale.as_ref().map(|(e, f)| (&**e, *f));
                 self.fill_for(ex, &key, fwd, since, stale, lead);
             }
-            Job::Follow {
-                key,
-                fwd,
-                since,
-                stale,
-                follower,
-            } => {
-                let joined = follower.end();
-                if let Step::Defer(job) = self.followed(ex, key, fwd, since, stale, joined) {
-                    self.fetch(ex, job);
+            job @ Job::Follow { .. } => {
+                // A fill at most: it runs here.
+                if let Step::Defer(next) = self.end_follow(ex, job) {
+                    self.fetch(ex, next);
                 }
             }
         }

@@ -41,7 +41,13 @@ impl<H: Handler> IoLoop<H> {
         if req.framing != BodyFraming::None || over_queue_bound() {
             return self.lend(id, e, req, None);
         }
-        match serve_inline(&self.shared, self.handler.as_ref(), conn, req, None) {
+        let inline = serve_inline(&self.shared, self.handler.as_ref(), conn, req, None);
+        self.after_inline(id, e, inline);
+    }
+
+    /// What the handler did on this thread decides where the connection goes next.
+    fn after_inline(&mut self, id: u64, e: &mut Entry<H::Job>, inline: Inline<H::Job>) {
+        match inline {
             Inline::Answered(keep) => e.phase = Phase::Flush { keep },
             Inline::Deferred(req, job) => self.lend(id, e, req, Some(job)),
             Inline::Declined(req) => self.lend(id, e, req, None),
@@ -79,12 +85,8 @@ impl<H: Handler> IoLoop<H> {
         self.set_deadline(id, e, None);
         let conn = e.conn.as_mut().expect("a waiting connection is here");
         let job = Some(waiting.job);
-        match serve_inline(&self.shared, self.handler.as_ref(), conn, req, job) {
-            Inline::Answered(keep) => e.phase = Phase::Flush { keep },
-            Inline::Deferred(req, job) => self.lend(id, e, req, Some(job)),
-            Inline::Declined(req) => self.lend(id, e, req, None),
-            Inline::Wait(req, waiting) => self.wait(id, e, req, waiting),
-        }
+        let inline = serve_inline(&self.shared, self.handler.as_ref(), conn, req, job);
+        self.after_inline(id, e, inline);
     }
 
     /// Hands the connection and its request to a pool thread: the fetch pool with a
