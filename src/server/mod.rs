@@ -402,19 +402,7 @@ fn refuse_over_limit(stream: Socket) {
 
 fn write_refusal(mut stream: &Socket, e: &HttpError) -> io::Result<()> {
     use std::io::Write;
-    let body = format!("echo: {}\n", e.reason);
-    let retry = if e.status == 503 {
-        "retry-after: 1\r\n"
-    } else {
-        ""
-    };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n",
-        e.status,
-        crate::http::reason(e.status),
-        body.len()
-    );
-    stream.write_all(format!("{head}{body}").as_bytes())?;
+    stream.write_all(&connection::refusal(e))?;
     let _ = stream.shutdown(Shutdown::Write);
     Ok(())
 }

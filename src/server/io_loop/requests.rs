@@ -22,7 +22,11 @@ use crate::http::{BodyFraming, Request};
 impl<H: Handler> IoLoop<H> {
     /// A complete head: pre-read a small body, or hand the request on.
     pub(super) fn start_request(&mut self, id: u64, e: &mut Entry<H::Job>, req: Request) {
-        let conn = e.conn.as_ref().expect("a connection being read is here");
+        // Only a connection here has a request to start; anything else is closed.
+        let Some(conn) = e.conn.as_ref() else {
+            e.phase = Phase::Close;
+            return;
+        };
         if body_ready(conn, &req) {
             self.dispatch(id, e, req);
         } else {
@@ -35,7 +39,10 @@ impl<H: Handler> IoLoop<H> {
     /// Answers inline what the handler can, lends the rest to a pool.
     pub(super) fn dispatch(&mut self, id: u64, e: &mut Entry<H::Job>, req: Request) {
         e.phase = Phase::Lent;
-        let conn = e.conn.as_mut().expect("a connection being read is here");
+        let Some(conn) = e.conn.as_mut() else {
+            e.phase = Phase::Close;
+            return;
+        };
         // With too much output queued for slow readers process-wide, answers are left to
         // the pools, whose writes wait for their clients.
         if req.framing != BodyFraming::None || over_queue_bound() {
@@ -83,7 +90,10 @@ impl<H: Handler> IoLoop<H> {
         waiting: Waiting<H::Job>,
     ) {
         self.set_deadline(id, e, None);
-        let conn = e.conn.as_mut().expect("a waiting connection is here");
+        let Some(conn) = e.conn.as_mut() else {
+            e.phase = Phase::Close;
+            return;
+        };
         let job = Some(waiting.job);
         let inline = serve_inline(&self.shared, self.handler.as_ref(), conn, req, job);
         self.after_inline(id, e, inline);
@@ -99,7 +109,10 @@ impl<H: Handler> IoLoop<H> {
         req: Request,
         deferred: Option<H::Job>,
     ) {
-        let mut conn = e.conn.take().expect("a connection being read is here");
+        let Some(mut conn) = e.conn.take() else {
+            e.phase = Phase::Close;
+            return;
+        };
         if conn.set_nonblocking(false).is_err() {
             e.phase = Phase::Close;
             return;
