@@ -37,7 +37,7 @@ fn store(master: &RedisServer, replica: &RedisServer) -> RedisStore {
         &cfg.redis.expect("[redis]"),
         4,
         Duration::from_secs(60),
-        Duration::ZERO,
+        echo::policy::PolicyOptions::default(),
     )
     .expect("redis store")
 }

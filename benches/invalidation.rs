@@ -345,8 +345,13 @@ fn redis_bench(n: u64, per_org: u64, with_replica: bool, scan_count: Option<u64>
     .redis
     .expect("[redis]");
     // max_stale: cache.max_stale_ms's default (1 h), what the store assumed before.
-    let store = RedisStore::new(&cfg, 4, Duration::from_secs(60), Duration::from_secs(3600))
-        .expect("redis store");
+    let store = RedisStore::new(
+        &cfg,
+        4,
+        Duration::from_secs(60),
+        echo::policy::PolicyOptions::default(),
+    )
+    .expect("redis store");
     let value = codec::encode(&[entry()]);
 
     header(&format!(

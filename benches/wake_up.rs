@@ -40,7 +40,7 @@ fn node(master: &RedisServer) -> RedisStore {
         &cfg.redis.expect("[redis]"),
         32,
         Duration::from_secs(60),
-        cfg.cache.max_stale,
+        echo::policy::PolicyOptions::from_config(&cfg.cache),
     )
     .expect("redis store")
 }

@@ -365,7 +365,7 @@ pub fn start_on(
                     redis,
                     cfg.cache.max_variants,
                     cfg.invalidation.ban_ttl,
-                    cfg.cache.max_stale,
+                    crate::policy::PolicyOptions::from_config(&cfg.cache),
                 )
                 .map_err(StartError::Store)?,
             )
@@ -439,6 +439,7 @@ pub fn start_on(
                 upstreams: Arc::clone(&upstreams),
                 store: Arc::clone(&store),
                 draining: Arc::clone(&draining),
+                policy: crate::policy::PolicyOptions::from_config(&cfg.cache),
             }));
             (
                 Some(server::start(

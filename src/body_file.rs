@@ -80,15 +80,18 @@ impl BodyFile {
         self.len
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// One `sendfile` of the body from `offset` (moved on by what was sent) to `out`:
-    /// `WouldBlock` when a blocking socket's send timeout passed with nothing sent, or a
-    /// non-blocking one takes nothing now.
-    pub(crate) fn send_part(&self, out: impl AsFd, offset: &mut u64) -> io::Result<usize> {
-        let left = usize::try_from(self.len.saturating_sub(*offset)).unwrap_or(usize::MAX);
+    /// One `sendfile` of the body from `offset` (moved on by what was sent) up to `end`
+    /// (exclusive; at most the body's length) to `out`: `WouldBlock` when a blocking
+    /// socket's send timeout passed with nothing sent, or a non-blocking one takes
+    /// nothing now.
+    pub(crate) fn send_part(
+        &self,
+        out: impl AsFd,
+        offset: &mut u64,
+        end: u64,
+    ) -> io::Result<usize> {
+        let end = end.min(self.len);
+        let left = usize::try_from(end.saturating_sub(*offset)).unwrap_or(usize::MAX);
         match rustix::fs::sendfile(out, &self.file, Some(offset), left) {
             Ok(0) if left > 0 => Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => Ok(n),
@@ -137,7 +140,7 @@ mod tests {
         for _ in 0..2 {
             let mut offset = 0;
             while offset < f.len() {
-                f.send_part(&out, &mut offset).unwrap();
+                f.send_part(&out, &mut offset, f.len()).unwrap();
             }
         }
         drop(out);

@@ -55,6 +55,8 @@ pub struct Admin {
     store: Arc<dyn Store>,
     /// Set when the proxy starts draining: `/ready` fails from then on.
     draining: Arc<AtomicBool>,
+    /// The cache's policy: `GET /cache` reports the directives Echo acts on.
+    policy: crate::policy::PolicyOptions,
 }
 
 /// What the admin API reports on and acts through.
@@ -66,6 +68,7 @@ pub struct AdminParts {
     pub upstreams: Arc<Live<Upstreams>>,
     pub store: Arc<dyn Store>,
     pub draining: Arc<AtomicBool>,
+    pub policy: crate::policy::PolicyOptions,
 }
 
 /// The JSON body of `POST /invalidate`.
@@ -99,6 +102,7 @@ impl Admin {
             upstreams: parts.upstreams,
             store: parts.store,
             draining: parts.draining,
+            policy: parts.policy,
         }
     }
 
@@ -533,7 +537,7 @@ impl Admin {
         let variants: Vec<Value> = lookup
             .variants
             .iter()
-            .map(|e| variant_json(e, now))
+            .map(|e| variant_json(e, now, &self.policy))
             .collect();
         reply(
             ex,
@@ -546,10 +550,14 @@ impl Admin {
 /// One stored variant in `GET /cache`: its status, when it was stored, its age and
 /// freshness, the stale windows its fields allow, validators, tags, size and the
 /// request values of the fields it varies on.
-fn variant_json(e: &crate::store::Entry, now: std::time::SystemTime) -> Value {
+fn variant_json(
+    e: &crate::store::Entry,
+    now: std::time::SystemTime,
+    policy: &crate::policy::PolicyOptions,
+) -> Value {
     use crate::http::headers::header_joined;
     let age = crate::policy::current_age(e.initial_age, e.response_time, now);
-    let cc = crate::policy::CacheControl::parse(&e.headers);
+    let cc = crate::policy::CacheControl::for_cache(&e.headers, policy);
     let text = |name: &str| header_joined(&e.headers, name);
     let vary: serde_json::Map<String, Value> = e
         .vary

@@ -25,7 +25,7 @@ use crate::http::exchange::Exchange;
 use crate::http::handler::{Await, Step, Waiting};
 use crate::http::{headers, Headers};
 use crate::key::CacheKey;
-use crate::policy::{self, AfterNotModified, Storability};
+use crate::policy::{self, AfterNotModified, CacheControl, PolicyOptions, Storability};
 use crate::store::{Entry, FillLockAttempt, Store};
 use crate::upstream::{OriginError, OriginRequest, Phase};
 
@@ -54,14 +54,15 @@ pub(super) struct Fill<'k> {
 
 /// A stored entry for a response (its body still to come): the stored fields, the Vary
 /// values of the request as it was sent to the origin (`sent`), the origin's Age folded into the initial age, and the
-/// `Surrogate-Key` tags.
+/// `Surrogate-Key` tags. The fields a qualified `private` names are left out (RFC 9111
+/// §5.2.2.7: "a shared cache MUST NOT store the specified field name(s)").
 pub(super) fn new_entry(
     sent: &Headers,
     base: &Headers,
     status: u16,
     freshness: Duration,
-    request_time: SystemTime,
-    response_time: SystemTime,
+    (request_time, response_time): (SystemTime, SystemTime),
+    opts: &PolicyOptions,
 ) -> Entry {
     let vary = match policy::vary(base) {
         policy::Vary::Fields(fields) => policy::vary_snapshot(&fields, sent),
@@ -69,8 +70,9 @@ pub(super) fn new_entry(
     };
     // The origin's Age goes into the initial age; hits send their own Age.
     let initial_age = policy::corrected_initial_age(base, request_time, response_time);
+    let private = CacheControl::for_cache(base, opts).private_fields;
     let mut headers = base.clone();
-    headers.retain(|(n, _)| n != "age");
+    headers.retain(|(n, _)| n != "age" && !private.contains(n));
     // Surrogate-Key: space-separated tags an invalidation can name.
     let tags = headers::header_joined(&headers, "surrogate-key")
         .map(|v| {
@@ -101,16 +103,10 @@ pub(super) fn freshened(
     sent: &Headers,
     headers: &Headers,
     freshness: Duration,
-    (request_time, response_time): (SystemTime, SystemTime),
+    times: (SystemTime, SystemTime),
+    opts: &PolicyOptions,
 ) -> Entry {
-    let mut entry = new_entry(
-        sent,
-        headers,
-        stored.status,
-        freshness,
-        request_time,
-        response_time,
-    );
+    let mut entry = new_entry(sent, headers, stored.status, freshness, times, opts);
     entry.body = stored.body.clone();
     entry.file = stored.file.clone();
     entry
@@ -417,6 +413,20 @@ impl Cache {
         // come from it (RFC 9111 §4.1 compares the request the response was for).
         let sent = self.fill_headers(&ex.req);
         let mut headers = sent.clone();
+        // A key found not to be storable a moment ago (hit-for-pass: too large, private,
+        // ...) passes the client's byte range through: the origin answers it (206),
+        // rather than the whole body coming through Echo for a part of it.
+        if matches!(lead, Lead::Pass) && stale.is_none() {
+            headers.extend(
+                ex.req
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| {
+                        n.eq_ignore_ascii_case("range") || n.eq_ignore_ascii_case("if-range")
+                    })
+                    .cloned(),
+            );
+        }
         // RFC 9111 §4.3: "When a cache has one or more stored responses for a requested URI,
         // but cannot serve any of them (e.g., because they are not fresh ...), it can use the
         // conditional request mechanism ... in the forwarded request to give the next inbound
@@ -430,9 +440,15 @@ impl Cache {
             .unwrap_or_default();
         let validating = stale.filter(|_| !preconditions.is_empty());
         headers.extend(preconditions);
+        // RFC 9111 §4.3.5: a HEAD validates its stale stored response with a HEAD (its
+        // client wants no body, and none is fetched for it); `after_head` applies the
+        // answer.
+        let head = ex.req.is_head() && validating.is_some();
         let request_time = SystemTime::now();
+        // 1xx the origin sends while this waits go to the client at once (never stored).
+        let _interim = ex.forward_interim();
         let result = self.origin.get().send(OriginRequest {
-            method: "GET",
+            method: if head { "HEAD" } else { "GET" },
             target: &ex.req.target,
             host: &ex.req.host,
             headers: &headers,
@@ -446,7 +462,12 @@ impl Cache {
             Err(e) => {
                 if let Some((stored, f)) = fallback {
                     if f.if_error {
-                        serve_stale_on_error(ex, stored, OriginTrouble::Error(e.kind()));
+                        serve_stale_on_error(
+                            ex,
+                            stored,
+                            OriginTrouble::Error(e.kind()),
+                            &self.policy,
+                        );
                         return FlightOutcome::Failed;
                     }
                     // RFC 9111 §5.2.2.2: "if a cache is disconnected, the cache MUST
@@ -468,7 +489,7 @@ impl Cache {
             if f.if_error && matches!(response.status, 500 | 502 | 503 | 504) {
                 let trouble = OriginTrouble::Status(response.status);
                 drop(response);
-                serve_stale_on_error(ex, stored, trouble);
+                serve_stale_on_error(ex, stored, trouble, &self.policy);
                 return FlightOutcome::Failed;
             }
         }
@@ -510,6 +531,10 @@ impl Cache {
                 times,
             );
         }
+        if let Some(stored) = validating.filter(|_| head) {
+            let times = (request_time, response_time);
+            return self.after_head(ex, (key, since, fwd), (stored, &sent), response, times);
+        }
         let storability = policy::storability(
             "GET",
             &ex.req.headers,
@@ -540,8 +565,8 @@ impl Cache {
                 &base,
                 response.status,
                 freshness,
-                request_time,
-                response_time,
+                (request_time, response_time),
+                &self.policy,
             ),
         });
         let fwd = match lead {
@@ -557,7 +582,7 @@ impl Cache {
 
     /// Answers from the `stored` response freshened by a 304 (its `headers` updated, and
     /// whether it may be stored again), and stores the freshened entry when it may.
-    fn freshen(
+    pub(super) fn freshen(
         &self,
         ex: &mut Exchange<'_>,
         key: &CacheKey,
@@ -572,7 +597,7 @@ impl Cache {
             Storability::Store { freshness, .. } => (freshness, None),
             Storability::DoNotStore(why) => (Duration::ZERO, Some(why.as_str())),
         };
-        let entry = freshened(stored, sent, &headers, freshness, times);
+        let entry = freshened(stored, sent, &headers, freshness, times, &self.policy);
         let entry = Arc::new(entry);
         // Stored through the same generation check as a fill, before the client is answered
         // (so its next request finds it): after an invalidation since the lookup, this
@@ -584,7 +609,7 @@ impl Cache {
         };
         debug!("REVALIDATED {key} ({})", outcome.cache_status());
         let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
-        serve_stored(ex, &entry, age, outcome);
+        serve_stored(ex, &entry, age, outcome, &[]);
         if stored_now {
             FlightOutcome::Stored
         } else {

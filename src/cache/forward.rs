@@ -53,6 +53,8 @@ impl Cache {
             BodyFraming::Length(n) => Some(Some(n)),
             BodyFraming::Chunked => Some(None),
         };
+        // 1xx the origin sends while this waits go to the client at once.
+        let _interim = ex.forward_interim();
         let result = {
             let mut body = ex.body();
             self.origin.get().send(OriginRequest {

@@ -17,9 +17,10 @@ use super::forward::{PRECONDITIONS, SET_BY_ECHO};
 use super::outcome::{Fwd, OriginTrouble, Outcome, StaleReason};
 use super::{Cache, Since, StaleCopy};
 use crate::http::exchange::Exchange;
+use crate::http::range::{self, RangeAnswer};
 use crate::http::{headers, Headers, Request};
 use crate::key::CacheKey;
-use crate::policy::{self, CacheControl, Reuse};
+use crate::policy::{self, CacheControl, PolicyOptions, Reuse};
 use crate::store::{Entry, Lookup};
 
 impl Cache {
@@ -45,9 +46,11 @@ impl Cache {
             return Some((fwd, None));
         };
         let req_cc = CacheControl::parse_request(&ex.req.headers);
+        let cc = CacheControl::for_cache(&entry.headers, &self.policy);
+        let withheld = &cc.no_cache_fields;
         let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
         let ttl = ttl(entry, age);
-        match policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy) {
+        match policy::reuse_directives(&cc, entry.freshness, age, &req_cc, &self.policy) {
             Reuse::Fresh => {
                 debug!("HIT {key}");
                 // Refresh-ahead: a hot entry close to expiry is revalidated in the
@@ -61,20 +64,20 @@ impl Cache {
                     collapsed: None,
                     tier,
                 };
-                serve_stored(ex, entry, age, outcome);
+                serve_stored(ex, entry, age, outcome, withheld);
                 None
             }
             Reuse::StaleWhileRevalidate => {
                 debug!("STALE {key} (stale-while-revalidate)");
                 self.refresh_later(key, &ex.req, entry, since);
                 let why = StaleReason::WhileRevalidate;
-                serve_stored(ex, entry, age, Outcome::Stale { ttl, why });
+                serve_stored(ex, entry, age, Outcome::Stale { ttl, why }, withheld);
                 None
             }
             Reuse::StaleAccepted => {
                 debug!("STALE {key} (the client's max-stale)");
                 let why = StaleReason::MaxStale;
-                serve_stored(ex, entry, age, Outcome::Stale { ttl, why });
+                serve_stored(ex, entry, age, Outcome::Stale { ttl, why }, withheld);
                 None
             }
             Reuse::Revalidate {
@@ -159,7 +162,8 @@ impl Cache {
         // Only as the request's own directives allow (a client's no-cache wants its own
         // validation, not a copy another request fetched).
         let req_cc = CacheControl::parse_request(&ex.req.headers);
-        if policy::reuse(&entry.headers, entry.freshness, age, &req_cc, &self.policy)
+        let cc = CacheControl::for_cache(&entry.headers, &self.policy);
+        if policy::reuse_directives(&cc, entry.freshness, age, &req_cc, &self.policy)
             != Reuse::Fresh
         {
             return false;
@@ -171,7 +175,7 @@ impl Cache {
             collapsed: Some(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)),
             tier: None,
         };
-        serve_stored(ex, entry, age, outcome);
+        serve_stored(ex, entry, age, outcome, &cc.no_cache_fields);
         true
     }
 }
@@ -182,19 +186,34 @@ fn ttl(entry: &Entry, age: Duration) -> i64 {
 }
 
 /// The stale copy answers because the origin failed and stale-if-error allows it.
-pub(super) fn serve_stale_on_error(ex: &mut Exchange<'_>, stored: &Entry, why: OriginTrouble) {
+pub(super) fn serve_stale_on_error(
+    ex: &mut Exchange<'_>,
+    stored: &Entry,
+    why: OriginTrouble,
+    opts: &PolicyOptions,
+) {
     let age = policy::current_age(stored.initial_age, stored.response_time, SystemTime::now());
     debug!("STALE {} (stale-if-error: {why:?})", ex.req.target);
     let outcome = Outcome::Stale {
         ttl: ttl(stored, age),
         why: StaleReason::IfError(why),
     };
-    serve_stored(ex, stored, age, outcome);
+    let withheld = CacheControl::for_cache(&stored.headers, opts).no_cache_fields;
+    serve_stored(ex, stored, age, outcome, &withheld);
 }
 
 /// Answers from a stored entry: 304 when the client's validators match (RFC 9111
-/// §4.3.2), the whole response otherwise.
-pub(super) fn serve_stored(ex: &mut Exchange<'_>, entry: &Entry, age: Duration, outcome: Outcome) {
+/// §4.3.2), the whole response otherwise. `withheld`: the fields a qualified `no-cache`
+/// names, left out because this answer was not revalidated (RFC 9111 §5.2.2.4: they
+/// "MUST NOT be sent in the response to a subsequent request without successful
+/// revalidation with the origin server"); empty after a revalidation.
+pub(super) fn serve_stored(
+    ex: &mut Exchange<'_>,
+    entry: &Entry,
+    age: Duration,
+    outcome: Outcome,
+    withheld: &[String],
+) {
     ex.set_label(outcome.label());
     if entry.status == 200 && not_modified(&ex.req, &entry.headers) {
         // RFC 9110 §15.4.5: a 304 carries the fields a 200 would have that describe
@@ -213,7 +232,7 @@ pub(super) fn serve_stored(ex: &mut Exchange<'_>, entry: &Entry, age: Duration, 
                         | "vary"
                         | "last-modified"
                         | "via"
-                )
+                ) && !withheld.contains(n)
             })
             .cloned()
             .collect();
@@ -225,13 +244,74 @@ pub(super) fn serve_stored(ex: &mut Exchange<'_>, entry: &Entry, age: Duration, 
     let mut added = Vec::with_capacity(3);
     added.push(("age".into(), age.as_secs().to_string().into_bytes()));
     outcome.add_to(&mut added);
+    // The usual case withholds nothing and sends the stored fields as they are.
+    let kept: Headers;
+    let stored = if withheld.is_empty() {
+        &entry.headers
+    } else {
+        kept = entry
+            .headers
+            .iter()
+            .filter(|(n, _)| !withheld.contains(n))
+            .cloned()
+            .collect();
+        &kept
+    };
+    respond_entry(ex, entry, [stored, &added]);
+}
+
+/// Sends a stored response: its status, `fields` and body, or the part of the body the
+/// request's `Range` asks for (RFC 9110 §14: a GET for a stored 200; `206` with
+/// `Content-Range`, or `416` when no range is satisfiable).
+pub(super) fn respond_entry(ex: &mut Exchange<'_>, entry: &Entry, fields: [&Headers; 2]) {
+    let len = entry
+        .file
+        .as_ref()
+        .map_or(entry.body.len() as u64, |f| f.len());
+    let ranged = entry.status == 200 && !ex.req.is_head() && range::asks_for_bytes(&ex.req.headers);
+    let answer = if ranged {
+        range::answer(&ex.req.headers, len, &entry.headers)
+    } else {
+        RangeAnswer::Whole
+    };
+    let (status, part) = match answer {
+        RangeAnswer::Whole => (entry.status, 0..len),
+        RangeAnswer::Part(part) => (206, part),
+        RangeAnswer::Unsatisfiable => {
+            // RFC 9110 §15.5.17: "a server generating a 416 (Range Not Satisfiable)
+            // response to a byte-range request SHOULD send a Content-Range header field
+            // with an unsatisfied-range value".
+            let mut headers = vec![(
+                "content-range".to_string(),
+                range::content_range(None, len).into_bytes(),
+            )];
+            headers.extend(fields[1].iter().cloned());
+            let _ = ex.respond(416, &headers, b"");
+            return;
+        }
+    };
+    let content_range: Headers = if status == 206 {
+        vec![(
+            "content-range".into(),
+            range::content_range(Some(&part), len).into_bytes(),
+        )]
+    } else {
+        Vec::new()
+    };
+    let fields: [&[(String, Vec<u8>)]; 3] = [fields[0], &content_range, fields[1]];
     match &entry.file {
-        // A large body from the memory store: sent from its memfd (no copy).
+        // A large body from the memory store: sent from its memfd (no copy), from the
+        // part's offset.
         Some(file) => {
-            let _ = ex.respond_file(entry.status, &[&entry.headers, &added], file);
+            let _ = ex.respond_file(status, &fields, file, part);
         }
         None => {
-            let _ = ex.respond_fields(entry.status, &[&entry.headers, &added], &entry.body);
+            let body = usize::try_from(part.start)
+                .ok()
+                .zip(usize::try_from(part.end).ok())
+                .and_then(|(a, b)| entry.body.get(a..b))
+                .unwrap_or_default();
+            let _ = ex.respond_fields(status, &fields, body);
         }
     }
 }

@@ -15,8 +15,10 @@
 //! `X-Cache-Status` and in an RFC 9211 `Cache-Status` member.
 
 mod coalesce;
+mod encoding;
 mod fill;
 mod forward;
+mod head;
 mod hit;
 mod outcome;
 mod refresh;
@@ -34,6 +36,7 @@ use crate::access_log::{AccessLog, Record};
 use crate::config::Config;
 use crate::http::exchange::Exchange;
 use crate::http::handler::{Handler, Step};
+use crate::http::range;
 use crate::http::Request;
 use crate::key::CacheKey;
 use crate::live::Live;
@@ -133,6 +136,8 @@ pub struct Cache {
     access_log_on: AtomicBool,
     /// Request fields never sent on fills (`cache.strip_request_headers`, folded).
     strip: Vec<String>,
+    /// What `Accept-Encoding` is normalised to (`cache.normalize_accept_encoding`).
+    codings: Vec<String>,
     /// Forward fields whose names hold `_` (`server.underscores_in_headers`).
     underscores: bool,
     last_warning: AtomicU64,
@@ -192,6 +197,7 @@ impl Cache {
             access_log: Live::new(Arc::new(None)),
             access_log_on: AtomicBool::new(false),
             strip: c.strip_request_headers.clone(),
+            codings: c.normalize_accept_encoding.clone(),
             underscores: cfg.server.underscores_in_headers,
             last_warning: AtomicU64::new(0),
         }
@@ -247,11 +253,18 @@ impl Cache {
         if !cacheable_method {
             return Step::Defer(Job::Forward(Bypass::Method));
         }
+        encoding::normalize_request(&mut ex.req, &self.codings);
         // RFC 9110 §14.2: "A server MUST ignore a Range header field received with a
         // request method that is unrecognized or for which range handling is not
-        // defined" — GET is the only one. A HEAD with a Range is a HEAD: filled with a
-        // GET like any other, never forwarded as a HEAD to be answered from the origin.
-        if ex.req.header("range").is_some() && !ex.req.is_head() {
+        // defined" — GET is the only one. A HEAD with a Range is a HEAD. A GET for byte
+        // ranges is looked up (and filled whole) like any other, and answered from the
+        // stored response (`hit::respond_entry`). A Range in another unit is not Echo's
+        // to answer: it goes through (RFC 9110 §14.2: "A proxy MAY discard a Range
+        // header field that contains a range unit it does not understand").
+        if ex.req.header("range").is_some()
+            && !ex.req.is_head()
+            && !range::asks_for_bytes(&ex.req.headers)
+        {
             return Step::Defer(Job::Forward(Bypass::Range));
         }
         self.lookup(ex, nonblocking)

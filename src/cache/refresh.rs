@@ -117,7 +117,7 @@ impl Cache {
                 return false;
             };
             let times = (request_time, response_time);
-            let entry = freshened(stored, &sent, &headers, freshness, times);
+            let entry = freshened(stored, &sent, &headers, freshness, times, &self.policy);
             return self.store_entry(key, since, Arc::new(entry));
         }
         let Storability::Store { freshness, .. } = policy::storability(
@@ -136,8 +136,8 @@ impl Cache {
             &base,
             response.status,
             freshness,
-            request_time,
-            response_time,
+            (request_time, response_time),
+            &self.policy,
         );
         let limit = self.max_object_bytes as u64;
         let mut body = Vec::new();

@@ -11,9 +11,11 @@ use std::io::Read;
 use std::sync::Arc;
 
 use super::fill::Fill;
+use super::hit::respond_entry;
 use super::outcome::{Fwd, Outcome};
 use super::Cache;
 use crate::http::exchange::Exchange;
+use crate::http::range;
 use crate::http::response::BodyLength;
 use crate::http::{headers, Headers};
 use crate::store::Entry;
@@ -84,8 +86,11 @@ impl Cache {
         let mut body: Vec<u8> = Vec::new();
         // One read buffer for the whole response.
         let mut current = vec![0u8; CHUNK];
+        // A byte-range request for a storable response waits for the whole body, as a
+        // HEAD does: it is stored, and the range is answered from it (RFC 9110 §14).
+        let ranged = !head_request && range::asks_for_bytes(&ex.req.headers);
         if fill.is_some() {
-            let hold = if head_request {
+            let hold = if head_request || ranged {
                 self.max_object_bytes + 1
             } else {
                 CHUNK
@@ -119,9 +124,11 @@ impl Cache {
                 body.shrink_to_fit();
                 let entry = Arc::new(Entry { body, ..f.entry });
                 let stored = self.store_filled(f.key, f.since, Arc::clone(&entry), f.lead);
-                let _ = ex.respond(status, &answer_fields(stored), &entry.body);
+                respond_entry(ex, &entry, [&answer_fields(stored), &Vec::new()]);
                 return stored;
             }
+            // Too large to store: a ranged GET gets the whole response, streamed (RFC
+            // 9110 §14.2: a server "MAY ignore the Range header field").
             if head_request {
                 // Too large to store: the head answers now.
                 let _ = ex.start(status, &answer_fields(false), length, head_length);

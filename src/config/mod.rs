@@ -339,6 +339,17 @@ pub struct CacheConfig {
     pub max_stale: Duration,
     /// Act on clients' Cache-Control request directives.
     pub honor_request_cache_control: bool,
+    /// Serve a stored response this long past freshness when the origin fails (where
+    /// its fields allow serving stale); zero: only as its stale-if-error says.
+    pub stale_if_error: Duration,
+    /// Targeted cache-control fields (RFC 9213), first present and valid wins; lower
+    /// case.
+    pub targeted_cache_control: Vec<String>,
+    /// Read `Surrogate-Control` (max-age, no-store) when no targeted field applies.
+    pub surrogate_control: bool,
+    /// Content codings a request's `Accept-Encoding` is normalised to, in preference
+    /// order (lower case); empty: sent as the client wrote it.
+    pub normalize_accept_encoding: Vec<String>,
     /// Refresh an entry read within this long of its expiry in the background; zero: off.
     pub refresh_ahead: Duration,
     /// Threads and queue for background refreshes (stale-while-revalidate, refresh-ahead).

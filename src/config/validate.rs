@@ -520,6 +520,10 @@ pub(super) fn validate_cache(c: &RawCache) -> Result<CacheConfig, ConfigError> {
         default_ttl: Duration::from_millis(c.default_ttl_ms),
         max_stale: Duration::from_millis(c.max_stale_ms),
         honor_request_cache_control: c.honor_request_cache_control,
+        stale_if_error: Duration::from_millis(c.stale_if_error_ms),
+        targeted_cache_control: targeted_fields(&c.targeted_cache_control)?,
+        surrogate_control: c.surrogate_control,
+        normalize_accept_encoding: codings(&c.normalize_accept_encoding)?,
         refresh_ahead: Duration::from_millis(c.refresh_ahead_ms),
         background_workers: ranged("cache.background_workers", c.background_workers, 1, 256)?,
         background_queue: ranged("cache.background_queue", c.background_queue, 1, 100_000)?,
@@ -547,6 +551,56 @@ pub(super) fn validate_cache(c: &RawCache) -> Result<CacheConfig, ConfigError> {
             .map(|h| fold_field_name(h.trim()))
             .collect(),
     })
+}
+
+/// `cache.targeted_cache_control`: field names (RFC 9110 §5.1 tokens), lower case, each
+/// once; `Cache-Control` itself is not a targeted field (RFC 9213 §2).
+fn targeted_fields(names: &[String]) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "cache.targeted_cache_control";
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let folded = name.trim().to_ascii_lowercase();
+        let token = !folded.is_empty()
+            && folded
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err(err(KEY, format!("{name:?} is not a field name")));
+        }
+        if folded == "cache-control" {
+            return Err(err(
+                KEY,
+                "Cache-Control applies when no targeted field does; do not list it",
+            ));
+        }
+        if out.contains(&folded) {
+            return Err(err(KEY, format!("{name:?} is listed twice")));
+        }
+        out.push(folded);
+    }
+    Ok(out)
+}
+
+/// `cache.normalize_accept_encoding`: content codings Echo knows by name (RFC 9110
+/// §8.4.1), lower case, each once.
+fn codings(names: &[String]) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "cache.normalize_accept_encoding";
+    const KNOWN: [&str; 5] = ["gzip", "br", "zstd", "deflate", "compress"];
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let folded = name.trim().to_ascii_lowercase();
+        if !KNOWN.contains(&folded.as_str()) {
+            return Err(err(
+                KEY,
+                format!("{name:?} is not a content coding Echo knows; use any of {KNOWN:?}"),
+            ));
+        }
+        if out.contains(&folded) {
+            return Err(err(KEY, format!("{name:?} is listed twice")));
+        }
+        out.push(folded);
+    }
+    Ok(out)
 }
 
 /// A strip-list name folded the way the front end compares request field names: lower
@@ -760,6 +814,63 @@ mod tests {
     fn missing_origin_is_an_error() {
         let e = Config::parse("").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("origin.url"));
+    }
+
+    #[test]
+    fn targeted_fields_are_folded_and_checked() {
+        let cfg = |list: &str| {
+            Config::parse(&format!(
+                "[origin]\nurl = \"http://a\"\n[cache]\ntargeted_cache_control = {list}\n"
+            ))
+        };
+        let c = cfg(r#"[" CDN-Cache-Control ", "Echo-Cache-Control"]"#).unwrap();
+        assert_eq!(
+            c.cache.targeted_cache_control,
+            ["cdn-cache-control", "echo-cache-control"]
+        );
+        assert!(cfg("[]").unwrap().cache.targeted_cache_control.is_empty());
+        for (bad, says) in [
+            (r#"["cache-control"]"#, "do not list it"),
+            (
+                r#"["cdn-cache-control", "CDN-Cache-Control"]"#,
+                "listed twice",
+            ),
+            (r#"["a b"]"#, "not a field name"),
+            (r#"[""]"#, "not a field name"),
+        ] {
+            let e = cfg(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("cache.targeted_cache_control") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn accept_encoding_codings_are_known_names_once_each() {
+        let cfg = |list: &str| {
+            Config::parse(&format!(
+                "[origin]\nurl = \"http://a\"\n[cache]\nnormalize_accept_encoding = {list}\n"
+            ))
+        };
+        let c = cfg(r#"[" BR", "gzip"]"#).unwrap();
+        assert_eq!(c.cache.normalize_accept_encoding, ["br", "gzip"]);
+        assert!(cfg("[]")
+            .unwrap()
+            .cache
+            .normalize_accept_encoding
+            .is_empty());
+        for (bad, says) in [
+            (r#"["gzip", "GZIP"]"#, "listed twice"),
+            (r#"["lzma"]"#, "not a content coding"),
+            (r#"["identity"]"#, "not a content coding"),
+        ] {
+            let e = cfg(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("cache.normalize_accept_encoding") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

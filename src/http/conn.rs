@@ -49,8 +49,9 @@ static QUEUED: AtomicUsize = AtomicUsize::new(0);
 enum Pending {
     /// Bytes, and how many of them are already written.
     Bytes(Vec<u8>, usize),
-    /// A stored body, and how much of it is already written (sent with sendfile).
-    File(Arc<BodyFile>, u64),
+    /// A stored body (sent with sendfile): where the next byte to send is, and where
+    /// the part to send ends (exclusive).
+    File(Arc<BodyFile>, u64, u64),
 }
 
 pub struct Conn {
@@ -225,6 +226,16 @@ impl Conn {
         Ok(())
     }
 
+    /// A second handle on the socket for interim (1xx) responses written while the
+    /// response proper waits on the origin: only when the socket blocks (lent to a pool
+    /// thread) and nothing is queued, so those bytes go out in order.
+    pub(crate) fn interim_socket(&self) -> Option<Socket> {
+        if self.nonblocking || !self.pending.is_empty() {
+            return None;
+        }
+        self.stream.try_clone().ok()
+    }
+
     /// When the response being written must be out (None: no response yet).
     pub(crate) fn write_deadline(&self) -> Option<Instant> {
         self.write_deadline
@@ -280,20 +291,28 @@ impl Conn {
         self.write_parts(&[data], SendFlags::MORE)
     }
 
-    /// Sends a stored body with sendfile (queued, not copied, when the connection is
-    /// lent to a pool thread or output is already queued).
-    pub(crate) fn send_file(&mut self, file: &Arc<BodyFile>) -> io::Result<()> {
-        if file.is_empty() {
+    /// Sends bytes `start..end` of a stored body with sendfile (queued, not copied, when
+    /// the connection is lent to a pool thread or output is already queued).
+    pub(crate) fn send_file(
+        &mut self,
+        file: &Arc<BodyFile>,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
+        let end = end.min(file.len());
+        if start >= end {
             return Ok(());
         }
         if self.offload || self.nonblocking || !self.pending.is_empty() {
-            self.pending.push_back(Pending::File(Arc::clone(file), 0));
+            self.pending
+                .push_back(Pending::File(Arc::clone(file), start, end));
             return Ok(());
         }
-        let mut offset = 0;
-        while offset < file.len() {
+        let mut offset = start;
+        while offset < end {
             self.wait_to_write()?;
-            retry_interrupted(|| file.send_part(&self.stream, &mut offset)).map_err(timed_out)?;
+            retry_interrupted(|| file.send_part(&self.stream, &mut offset, end))
+                .map_err(timed_out)?;
         }
         Ok(())
     }
@@ -380,14 +399,15 @@ impl Conn {
                 QUEUED.fetch_sub(n, Ordering::Relaxed);
                 done
             }
-            Some(Pending::File(file, offset)) => {
-                let sent = retry_interrupted(|| file.send_part(&self.stream, offset));
+            Some(Pending::File(file, offset, end)) => {
+                let end = *end;
+                let sent = retry_interrupted(|| file.send_part(&self.stream, offset, end));
                 if blocking {
                     sent.map_err(timed_out)?;
                 } else {
                     sent?;
                 }
-                *offset == file.len()
+                *offset >= end
             }
         };
         if done {

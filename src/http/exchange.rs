@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::body::BodyState;
 use super::conn::Conn;
+use super::interim;
 use super::response::{self, BodyLength, Framing};
 use super::{Request, Version};
 use crate::body_file::BodyFile;
@@ -329,6 +330,16 @@ impl<'c> Exchange<'c> {
         result
     }
 
+    /// While the returned guard is held, interim (1xx) responses the origin sends are
+    /// forwarded to this client at once (not to an HTTP/1.0 client, nor once the
+    /// response has started).
+    pub(crate) fn forward_interim(&self) -> interim::Forwarding {
+        let socket = (self.req.version == Version::Http11 && !self.response_started())
+            .then(|| self.conn.interim_socket())
+            .flatten();
+        interim::Forwarding::to(socket)
+    }
+
     /// A whole response in one call (and, when small, one write).
     pub fn respond(
         &mut self,
@@ -357,27 +368,30 @@ impl<'c> Exchange<'c> {
         self.finish()
     }
 
-    /// [`Exchange::respond_fields`] with the body sent from `file` by sendfile (no copy
-    /// through Echo's memory). The head is sent with MSG_MORE, so it leaves in one
-    /// segment with the body's first bytes.
+    /// [`Exchange::respond_fields`] with the body, bytes `part` of `file`, sent by
+    /// sendfile (no copy through Echo's memory). The head is sent with MSG_MORE, so it
+    /// leaves in one segment with the body's first bytes.
     pub(crate) fn respond_file(
         &mut self,
         status: u16,
         fields: &[&[(String, Vec<u8>)]],
         file: &Arc<BodyFile>,
+        part: std::ops::Range<u64>,
     ) -> io::Result<()> {
-        let length = BodyLength::Known(file.len());
-        if response::has_no_body(status, self.req.is_head()) || file.is_empty() {
-            let head_length = (status != 204 && status != 304).then_some(file.len());
+        let part = part.start.min(file.len())..part.end.min(file.len());
+        let len = part.end.saturating_sub(part.start);
+        let length = BodyLength::Known(len);
+        if response::has_no_body(status, self.req.is_head()) || len == 0 {
+            let head_length = (status != 204 && status != 304).then_some(len);
             self.start_with(status, fields, length, head_length, Head::Alone)?;
             return self.finish();
         }
         self.start_with(status, fields, length, None, Head::BeforeMore)?;
-        if let Err(e) = self.conn.send_file(file) {
+        if let Err(e) = self.conn.send_file(file, part.start, part.end) {
             self.close = true;
             return Err(e);
         }
-        self.body_bytes += file.len();
+        self.body_bytes += len;
         self.response = ResponseState::Body(Framing::Length(0), 0);
         self.finish()
     }

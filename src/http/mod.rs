@@ -14,7 +14,9 @@ pub mod conn;
 pub mod exchange;
 pub mod handler;
 pub mod headers;
+pub mod interim;
 pub mod parse;
+pub mod range;
 pub mod response;
 pub mod socket;
 

@@ -67,10 +67,13 @@ pub(crate) fn write_head(
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in fields.iter().flat_map(|f| f.iter()) {
+        // Framing is written below; Echo's own targeted cache-control field is for Echo
+        // alone (RFC 9213 §2) and never leaves it.
         if matches!(
             name.as_str(),
             "content-length" | "transfer-encoding" | "connection" | "keep-alive"
-        ) {
+        ) || name == crate::policy::ECHO_CACHE_CONTROL
+        {
             continue;
         }
         out.extend_from_slice(name.as_bytes());

@@ -20,12 +20,16 @@ use crate::http::headers::{
 pub struct CacheControl {
     /// `no-store` (§5.2.1.5 request, §5.2.2.5 response).
     pub no_store: bool,
-    /// `no-cache`, unqualified or qualified with field names (§5.2.1.4, §5.2.2.4).
+    /// Unqualified `no-cache` (§5.2.1.4, §5.2.2.4): reuse only after revalidation.
     pub no_cache: bool,
-    /// Lower-case field names from `no-cache="a, b"` (response only).
+    /// Lower-case field names from `no-cache="a, b"` (response only): without
+    /// revalidation the response goes out without them.
     pub no_cache_fields: Vec<String>,
-    /// `private`, unqualified or qualified (§5.2.2.7); Echo treats both as "do not store".
+    /// Unqualified `private` (§5.2.2.7): not stored.
     pub private: bool,
+    /// Lower-case field names from `private="a, b"`: the response may be stored without
+    /// them. Empty for the unqualified form (not stored at all).
+    pub private_fields: Vec<String>,
     /// `public` (§5.2.2.9).
     pub public: bool,
     /// `max-age` in seconds (§5.2.1.1, §5.2.2.1); Some(0) if invalid or repeated.
@@ -137,27 +141,23 @@ impl CacheControl {
             let (name, arg) = parse_directive(member);
             match name.as_str() {
                 "no-store" => cc.no_store = true,
+                // RFC 9111 §5.2.2.4: "If the no-cache response directive specifies one or
+                // more field names, then a cache MAY use the response to satisfy a
+                // subsequent request, subject to any other restrictions on caching.
+                // However, any header fields in the response that have the field name(s)
+                // listed MUST NOT be sent in the response to a subsequent request without
+                // successful revalidation with the origin server." An empty or malformed
+                // list reads as the unqualified form (the safe reading).
                 "no-cache" => {
-                    cc.no_cache = true;
-                    // RFC 9111 §5.2.2.4: "If the no-cache response directive specifies one or
-                    // more field names, then a cache MAY use the response to satisfy a
-                    // subsequent request, subject to any other restrictions on caching."
-                    // Echo records the names but treats qualified no-cache like the
-                    // unqualified form (the safe reading); see `storability`.
-                    if let Arg::Value(v) = &arg {
-                        for field in split_list(v) {
-                            let field = String::from_utf8_lossy(field).to_ascii_lowercase();
-                            if !cc.no_cache_fields.contains(&field) {
-                                cc.no_cache_fields.push(field);
-                            }
-                        }
-                    }
+                    cc.no_cache |= !collect_fields(&arg, &mut cc.no_cache_fields);
                 }
                 // RFC 9111 §5.2.2.7: "The unqualified private response directive indicates
-                // that a shared cache MUST NOT store the response". Echo also treats the
-                // qualified form (`private="set-cookie"`) as "do not store": storing a copy
-                // with the named fields removed is allowed but is not worth the risk.
-                "private" => cc.private = true,
+                // that a shared cache MUST NOT store the response"; qualified, "a shared
+                // cache MUST NOT store the specified field names(s), whereas it MAY store
+                // the remainder of the response message."
+                "private" => {
+                    cc.private |= !collect_fields(&arg, &mut cc.private_fields);
+                }
                 "public" => cc.public = true,
                 // RFC 9111 §4.2.1: "When there is more than one value present for a given
                 // directive (e.g., two Expires header field lines or multiple Cache-Control:
@@ -249,6 +249,25 @@ impl CacheControl {
         }
         cc
     }
+}
+
+/// Adds the field names of a qualified `no-cache` or `private` (`"a, b"`), lower case,
+/// once each. False when the directive names none (unqualified, empty or malformed).
+fn collect_fields(arg: &Arg, into: &mut Vec<String>) -> bool {
+    let Arg::Value(v) = arg else {
+        return false;
+    };
+    let mut any = false;
+    for field in split_list(v) {
+        let field = String::from_utf8_lossy(field).to_ascii_lowercase();
+        if !field.is_empty() {
+            any = true;
+            if !into.contains(&field) {
+                into.push(field);
+            }
+        }
+    }
+    any
 }
 
 /// max-age / s-maxage: a repeated or invalid value means "stale" (Some(0)).
@@ -376,8 +395,16 @@ mod tests {
                 "qualified no-cache",
                 vec![r#"no-cache="Set-Cookie, x-foo""#],
                 CacheControl {
-                    no_cache: true,
                     no_cache_fields: vec!["set-cookie".into(), "x-foo".into()],
+                    ..d()
+                },
+            ),
+            (
+                "empty or malformed qualified forms read as unqualified",
+                vec![r#"no-cache="", private="a"#],
+                CacheControl {
+                    no_cache: true,
+                    private: true,
                     ..d()
                 },
             ),
@@ -393,7 +420,7 @@ mod tests {
                 "qualified private",
                 vec![r#"private="set-cookie", max-age=5"#],
                 CacheControl {
-                    private: true,
+                    private_fields: vec!["set-cookie".into()],
                     max_age: Some(5),
                     ..d()
                 },
@@ -402,7 +429,6 @@ mod tests {
                 "comma inside quotes does not split",
                 vec![r#"no-cache="a, max-age=5""#],
                 CacheControl {
-                    no_cache: true,
                     no_cache_fields: vec!["a".into(), "max-age=5".into()],
                     ..d()
                 },

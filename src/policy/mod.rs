@@ -35,20 +35,25 @@ mod cache_control;
 mod freshness;
 mod reuse;
 mod storability;
+mod targeted;
 #[cfg(test)]
 mod testing;
 mod validation;
 mod vary;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::CacheConfig;
 
 pub use cache_control::CacheControl;
 pub use freshness::{corrected_initial_age, freshness_lifetime};
-pub use reuse::{reuse, Reuse};
+pub use reuse::{reuse, reuse_directives, Reuse};
 pub use storability::{storability, NoStoreReason, Storability};
-pub use validation::{freshens, invalidates, update_stored_headers, AfterNotModified};
+pub use targeted::ECHO_CACHE_CONTROL;
+pub use validation::{
+    freshens, head_freshens, invalidates, update_stored_headers, AfterNotModified,
+};
 pub use vary::{vary, vary_matches, vary_snapshot, Vary, VarySnapshot};
 
 pub(crate) use freshness::{current_age, is_fresh};
@@ -62,7 +67,7 @@ pub use crate::http::headers::HeaderList;
 pub const HEURISTIC_FRACTION: f64 = 0.1;
 
 /// Tunables of the policy: the `[cache]` settings it acts on.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicyOptions {
     /// Cap on heuristic freshness (RFC 9111 §4.2.2): `cache.heuristic_max_ms`.
     pub heuristic_max: Duration,
@@ -79,6 +84,15 @@ pub struct PolicyOptions {
     /// only-if-cached); many operators turn this off so clients cannot bypass the cache.
     /// `cache.honor_request_cache_control`.
     pub honor_request: bool,
+    /// How long past its freshness a stored response may answer when the origin fails,
+    /// for responses that allow serving stale at all: `cache.stale_if_error_ms` (the
+    /// response's own stale-if-error still applies where it is longer).
+    pub stale_if_error: Duration,
+    /// Targeted cache-control fields (RFC 9213), in precedence order, lower case:
+    /// `cache.targeted_cache_control`.
+    pub targeted: Arc<[String]>,
+    /// Read `Surrogate-Control` after the targeted fields: `cache.surrogate_control`.
+    pub surrogate_control: bool,
 }
 
 impl PolicyOptions {
@@ -90,6 +104,9 @@ impl PolicyOptions {
             default_ttl: c.default_ttl,
             max_stale: c.max_stale,
             honor_request: c.honor_request_cache_control,
+            stale_if_error: c.stale_if_error,
+            targeted: c.targeted_cache_control.clone().into(),
+            surrogate_control: c.surrogate_control,
         }
     }
 }

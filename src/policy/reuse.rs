@@ -34,7 +34,7 @@ pub enum Reuse {
 /// longer of its stale-while-revalidate and stale-if-error windows, capped); zero when
 /// it may never be served stale. Stores keep entries at least this long past freshness.
 pub(crate) fn stale_window(stored: &HeaderList, opts: &PolicyOptions) -> Duration {
-    let cc = CacheControl::parse(stored);
+    let cc = CacheControl::for_cache(stored, opts);
     if never_stale(&cc) {
         return Duration::ZERO;
     }
@@ -42,7 +42,9 @@ pub(crate) fn stale_window(stored: &HeaderList, opts: &PolicyOptions) -> Duratio
         .stale_while_revalidate
         .unwrap_or(0)
         .max(cc.stale_if_error.unwrap_or(0));
-    Duration::from_secs(secs).min(opts.max_stale)
+    Duration::from_secs(secs)
+        .min(opts.max_stale)
+        .max(opts.stale_if_error)
 }
 
 /// Must this response never be served stale?
@@ -52,7 +54,7 @@ fn never_stale(cc: &CacheControl) -> bool {
     // origin". §5.2.2.8: proxy-revalidate "has the same meaning as the must-revalidate
     // response directive except that it does not apply to private caches". §5.2.2.10:
     // s-maxage "also implies the semantics of the proxy-revalidate response directive".
-    // (no-cache responses are not stored at all.)
+    // §5.2.2.4: no-cache, a fortiori (it is not even reused fresh without validation).
     cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some() || cc.no_cache
 }
 
@@ -65,15 +67,32 @@ pub fn reuse(
     req: &CacheControl,
     opts: &PolicyOptions,
 ) -> Reuse {
-    let cc = CacheControl::parse(stored);
-    let never_stale = never_stale(&cc);
+    let cc = CacheControl::for_cache(stored, opts);
+    reuse_directives(&cc, freshness, age, req, opts)
+}
+
+/// [`reuse`] for a stored response whose directives (`CacheControl::for_cache`) are
+/// already parsed.
+pub fn reuse_directives(
+    cc: &CacheControl,
+    freshness: Duration,
+    age: Duration,
+    req: &CacheControl,
+    opts: &PolicyOptions,
+) -> Reuse {
+    let never_stale = never_stale(cc);
     let staleness = age.saturating_sub(freshness);
     let cap = |secs: Option<u64>| secs.map(|s| Duration::from_secs(s).min(opts.max_stale));
     // RFC 5861 §4: "The stale-if-error Cache-Control extension indicates that when an
     // error is encountered, a cached stale response MAY be used to satisfy the request,
     // regardless of other freshness information." Within its window, and never against
-    // must-revalidate and its kin.
-    let if_error = !never_stale && cap(cc.stale_if_error).is_some_and(|w| staleness <= w);
+    // must-revalidate and its kin. RFC 9111 §4.2.4: "A cache MUST NOT generate a stale
+    // response if it is prohibited by an explicit in-protocol directive"; where nothing
+    // prohibits it, `cache.stale_if_error_ms` gives every response such a window (as
+    // nginx's proxy_cache_use_stale and Varnish's grace do).
+    let configured = (!opts.stale_if_error.is_zero()).then_some(opts.stale_if_error);
+    let window = cap(cc.stale_if_error).max(configured);
+    let if_error = !never_stale && window.is_some_and(|w| staleness <= w);
     let revalidate = Reuse::Revalidate {
         if_error,
         never_stale,
@@ -101,6 +120,12 @@ pub fn reuse(
         .min_fresh
         .is_some_and(|m| freshness < age.saturating_add(Duration::from_secs(m)))
     {
+        return revalidate;
+    }
+    // RFC 9111 §5.2.2.4: "The no-cache response directive, in its unqualified form (without
+    // an argument), indicates that the response MUST NOT be used to satisfy any other
+    // request without forwarding it for validation and receiving a successful response".
+    if cc.no_cache {
         return revalidate;
     }
     if is_fresh(freshness, age) {

@@ -2,12 +2,15 @@
 //! stored, for how long, and if not, why (`NoStoreReason`, the label used in headers,
 //! metrics and logs).
 //!
-//! Invariants: only GET is stored; 206 and 304 never are; `no-store`, any `private`,
-//! `Vary: *`, `Set-Cookie` and `no-cache` are never stored; a request with `Authorization`
-//! only when the response allows sharing (§3.5), one with `Cookie` only with explicit
-//! freshness or `public`; a stored response always has a positive freshness lifetime.
-//! Where Echo is stricter than the RFC (Set-Cookie, Cookie, no-cache, qualified private)
-//! the comment says so.
+//! Invariants: only GET is stored; 206 and 304 never are; `no-store`, unqualified
+//! `private` and `Vary: *` are never stored, `Set-Cookie` only when a qualified `private`
+//! or `no-cache` names it, `no-cache` only with a validator (and then revalidated before
+//! each reuse); a request with `Authorization` only when the response allows sharing
+//! (§3.5), one with `Cookie` only with explicit freshness or `public`; a stored response
+//! has a positive freshness lifetime unless it is `no-cache`. The directives are the
+//! targeted field's when one applies (RFC 9213, `CacheControl::for_cache`). Where Echo is
+//! stricter than the RFC (Set-Cookie, Cookie, no-cache without a validator) the comment
+//! says so.
 //!
 //! What it must not do: read a clock (the response time is an argument); panic on any input.
 
@@ -134,7 +137,8 @@ pub fn storability(
     }
 
     let req_cc = CacheControl::parse_request(req);
-    let cc = CacheControl::parse(resp);
+    // RFC 9213 §2.2: a targeted field that is present and valid replaces Cache-Control.
+    let cc = CacheControl::for_cache(resp, opts);
     // RFC 9111 §5.2.2.3: "The must-understand response directive limits caching of the
     // response to a cache that understands and conforms to the requirements for that
     // response's status code."
@@ -189,30 +193,41 @@ pub fn storability(
     }
     // Echo's choice, not an RFC rule: RFC 9111 lets a shared cache store a response carrying
     // Set-Cookie, but replaying one user's cookie to everyone is the classic cache leak.
-    // Like the defaults of Varnish and nginx, Echo never stores such a response.
-    if has_header(resp, "set-cookie") {
+    // Like the defaults of Varnish and nginx, Echo does not store such a response, unless
+    // its directives keep the cookie from other clients: `private="set-cookie"` (the
+    // field is not stored) or `no-cache="set-cookie"` (it goes out only after a
+    // revalidation).
+    if has_header(resp, "set-cookie")
+        && !names(&cc.private_fields, "set-cookie")
+        && !names(&cc.no_cache_fields, "set-cookie")
+    {
         return Storability::DoNotStore(R::SetCookie);
     }
-    // RFC 9111 §5.2.2.4: "The no-cache response directive, in its unqualified form (without
-    // an argument), indicates that the response MUST NOT be used to satisfy any other request
-    // without forwarding it for validation and receiving a successful response".
-    // Echo's choice in this version: it does not keep entries only for revalidation, so it
-    // does not store such responses; the qualified form is treated the same way (safe).
-    if cc.no_cache {
+    let validated = has_header(resp, "etag") || has_header(resp, "last-modified");
+    // RFC 9111 §5.2.2.4: unqualified no-cache "allows a cache to store a response" that it
+    // must revalidate before each reuse. Echo stores it only when it has a validator: one
+    // without could only be fetched whole again, so storing it would save nothing.
+    if cc.no_cache && !validated {
         return Storability::DoNotStore(R::NoCache);
     }
 
-    // RFC 9111 §3: "the response contains at least one of the following: ... an Expires header
-    // field ...; a max-age response directive ...; if the cache is shared: an s-maxage response
-    // directive ...; ... or a status code that is defined as heuristically cacheable".
-    // Echo also requires a positive lifetime (no entries stored only for revalidation).
     match freshness_lifetime(status, resp, &cc, response_time, opts) {
         Some((freshness, heuristic)) if !freshness.is_zero() => Storability::Store {
             freshness,
             heuristic,
         },
+        // Stored stale: every reuse revalidates it first.
+        _ if cc.no_cache => Storability::Store {
+            freshness: Duration::ZERO,
+            heuristic: false,
+        },
         _ => Storability::DoNotStore(R::NotFresh),
     }
+}
+
+/// Does a qualified directive's field list name `field`?
+fn names(fields: &[String], field: &str) -> bool {
+    fields.iter().any(|f| f == field)
 }
 
 #[cfg(test)]
@@ -360,12 +375,12 @@ mod tests {
                 no(R::Private),
             ),
             case(
-                "qualified private",
+                "qualified private is stored without the field",
                 "GET",
                 &[],
                 200,
-                &[("cache-control", r#"private="set-cookie", max-age=60"#)],
-                no(R::Private),
+                &[("cache-control", r#"private="x-user", max-age=60"#)],
+                store(60),
             ),
             // Authorization (§3.5)
             case(
@@ -475,7 +490,7 @@ mod tests {
             ),
             // no-cache
             case(
-                "no-cache",
+                "no-cache without a validator",
                 "GET",
                 &[],
                 200,
@@ -483,12 +498,87 @@ mod tests {
                 no(R::NoCache),
             ),
             case(
+                "no-cache with an ETag is stored (RFC 9111 §5.2.2.4)",
+                "GET",
+                &[],
+                200,
+                &[("cache-control", "no-cache, max-age=60"), ("etag", "\"a\"")],
+                store(60),
+            ),
+            case(
+                "no-cache, no freshness, ETag: stored stale",
+                "GET",
+                &[],
+                200,
+                &[
+                    ("cache-control", "no-cache"),
+                    ("etag", "\"a\""),
+                    ("date", d),
+                ],
+                store(0),
+            ),
+            case(
                 "qualified no-cache",
                 "GET",
                 &[],
                 200,
                 &[("cache-control", r#"no-cache="set-cookie", max-age=60"#)],
-                no(R::NoCache),
+                store(60),
+            ),
+            case(
+                "set-cookie kept from other clients by no-cache=",
+                "GET",
+                &[],
+                200,
+                &[
+                    ("cache-control", r#"no-cache="Set-Cookie", max-age=60"#),
+                    ("set-cookie", "a=b"),
+                ],
+                store(60),
+            ),
+            case(
+                "set-cookie kept from other clients by private=",
+                "GET",
+                &[],
+                200,
+                &[
+                    ("cache-control", r#"private="set-cookie", max-age=60"#),
+                    ("set-cookie", "a=b"),
+                ],
+                store(60),
+            ),
+            case(
+                "set-cookie, another field qualified",
+                "GET",
+                &[],
+                200,
+                &[
+                    ("cache-control", r#"private="x-a", max-age=60"#),
+                    ("set-cookie", "a=b"),
+                ],
+                no(R::SetCookie),
+            ),
+            case(
+                "a targeted field replaces Cache-Control (RFC 9213)",
+                "GET",
+                &[],
+                200,
+                &[
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=120"),
+                ],
+                store(120),
+            ),
+            case(
+                "a targeted no-store beats Cache-Control's max-age",
+                "GET",
+                &[],
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("echo-cache-control", "no-store"),
+                ],
+                no(R::NoStore),
             ),
             case(
                 "response pragma ignored",

@@ -190,6 +190,34 @@ pub enum AfterNotModified {
     },
 }
 
+/// Does a 200 answer to a HEAD describe the `stored` response (`stored_len` bytes), so its
+/// fields may update it (RFC 9111 §4.3.5)? Otherwise the stored response is stale.
+// RFC 9111 §4.3.5: "if the stored response and HEAD response have matching values for any
+// received validator fields (ETag and Last-Modified) and, if the HEAD response has a
+// Content-Length header field, the value of Content-Length matches that of the stored
+// response, the cache SHOULD update the stored response as described below; otherwise, the
+// cache SHOULD consider the stored response to be stale." Echo is stricter: a HEAD answer
+// with no validator at all does not match (nothing shows it is the same representation).
+pub fn head_freshens(stored: &HeaderList, stored_len: u64, head: &HeaderList) -> bool {
+    let mut validators = 0;
+    for field in ["etag", "last-modified"] {
+        if let Some(new) = header_one(head, field) {
+            validators += 1;
+            let same = header_one(stored, field).is_some_and(|old| trim_ows(old) == trim_ows(new));
+            if !same {
+                return false;
+            }
+        }
+    }
+    let length_matches = header_one(head, "content-length").is_none_or(|v| {
+        std::str::from_utf8(trim_ows(v))
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            == Some(stored_len)
+    });
+    validators > 0 && length_matches
+}
+
 /// Decides what a 304 does to the `stored` response (stored with status `stored_status`)
 /// whose validators the request carried (RFC 9111 §4.3.3, §4.3.4). `not_modified` is the
 /// 304's fields as Echo keeps them (the fields named in its `Connection` already removed),
@@ -641,6 +669,38 @@ mod tests {
             for (m, s, want) in cases {
                 assert_eq!(invalidates(m, s), want, "{m} {s}");
             }
+        }
+    }
+
+    /// RFC 9111 §4.3.5: matching validators and Content-Length update; anything else
+    /// makes the stored response stale.
+    #[test]
+    fn a_head_answer_freshens_only_the_response_it_describes() {
+        let stored = hdrs(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 15 Nov 1994 08:12:31 GMT"),
+        ]);
+        for (head, want) in [
+            (vec![("etag", "\"v1\"")], true),
+            (vec![("etag", "\"v1\""), ("content-length", "11")], true),
+            (vec![("etag", "\"v1\""), ("content-length", "12")], false),
+            (vec![("etag", "\"v2\"")], false),
+            (vec![("etag", "W/\"v1\"")], false),
+            (
+                vec![
+                    ("etag", "\"v1\""),
+                    ("last-modified", "Tue, 15 Nov 1994 08:12:32 GMT"),
+                ],
+                false,
+            ),
+            (
+                vec![("last-modified", "Tue, 15 Nov 1994 08:12:31 GMT")],
+                true,
+            ),
+            (vec![("content-length", "11")], false),
+            (vec![], false),
+        ] {
+            assert_eq!(head_freshens(&stored, 11, &hdrs(&head)), want, "{head:?}");
         }
     }
 }

@@ -7,9 +7,16 @@
 //! (ureq also checks that a connection has nothing to read before it reuses one; that
 //! cannot see bytes that arrive after the next request was sent.)
 //!
+//! It is also where interim (1xx) responses are seen: ureq reads and drops them. ureq
+//! asks for more input only when what it holds does not parse, having consumed every
+//! complete head before; so each read that follows a request starts at a head not seen
+//! yet, and every complete interim head at its front is handed to `http::interim`, in
+//! order, to be forwarded to the client (RFC 9110 §15.2), until the final head.
+//!
 //! Invariants: the wrapper reads only what ureq already read (the first bytes of each
-//! request it sends, the status line of each answer); it never adds, drops or reorders
-//! bytes; once a connection is marked not reusable it stays so.
+//! request it sends, the status line of each answer, the interim heads ureq consumes);
+//! it never adds, drops or reorders bytes; once a connection is marked not reusable it
+//! stays so.
 
 use std::io;
 
@@ -30,6 +37,7 @@ impl<In: Transport> Connector<In> for Guard {
         Ok(chained.map(|inner| Guarded {
             inner,
             awaiting_status: false,
+            awaiting_final: false,
             reusable: true,
         }))
     }
@@ -43,6 +51,8 @@ pub(super) struct Guarded<T> {
     inner: T,
     /// A request went out and its status line has not been seen yet.
     awaiting_status: bool,
+    /// A request went out and ureq has not consumed its final (non-1xx) head yet.
+    awaiting_final: bool,
     /// False once the connection carried an exchange after which it is not reused.
     reusable: bool,
 }
@@ -60,6 +70,7 @@ impl<T: Transport> Transport for Guarded<T> {
                 self.reusable = false;
             }
             self.awaiting_status = true;
+            self.awaiting_final = true;
         }
         self.inner.transmit_output(amount, timeout)
     }
@@ -73,6 +84,9 @@ impl<T: Transport> Transport for Guarded<T> {
                     self.reusable = false;
                 }
             }
+        }
+        if self.awaiting_final && result.is_ok() {
+            self.awaiting_final = deliver_interim(self.inner.buffers().input());
         }
         result
     }
@@ -103,6 +117,25 @@ fn cut_is_an_error(e: ureq::Error) -> ureq::Error {
             ureq::Error::Io(io::Error::other(format!("connection cut: {io}")))
         }
         other => other,
+    }
+}
+
+/// Hands every complete interim (1xx) head at the front of `input` to `http::interim`,
+/// in order; false once a complete final head follows them (nothing more to watch).
+fn deliver_interim(mut input: &[u8]) -> bool {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut head = httparse::Response::new(&mut slots);
+        match head.parse(input) {
+            Ok(httparse::Status::Complete(n)) if head.code.is_some_and(|c| c < 200) => {
+                let (interim, rest) = input.split_at(n);
+                crate::http::interim::deliver(interim);
+                input = rest;
+            }
+            Ok(httparse::Status::Complete(_)) => return false,
+            // Not all there yet (read again), or not HTTP (ureq reports it).
+            Ok(httparse::Status::Partial) | Err(_) => return true,
+        }
     }
 }
 

@@ -31,7 +31,10 @@ fn node(master: &RedisServer) -> RedisStore {
         &cfg.redis.expect("[redis]"),
         16,
         Duration::from_secs(60),
-        max_stale,
+        echo::policy::PolicyOptions {
+            max_stale,
+            ..Default::default()
+        },
     )
     .expect("redis store")
 }

@@ -165,7 +165,7 @@ pub struct RedisStore {
     read_timeout: Duration,
     scan_count: usize,
     tag_sweep_per_sec: usize,
-    /// For the stale window in TTLs: only `max_stale` is used.
+    /// The cache's policy, for the stale window in TTLs (`policy::stale_window`).
     stale_options: policy::PolicyOptions,
     fills: FillLocks,
     /// How far the walk that trims tag sets has got.
@@ -189,14 +189,14 @@ impl Drop for TrackingHandle {
 
 impl RedisStore {
     /// `ban_ttl`: how long an invalidation is remembered against fills that began before
-    /// it (`invalidation.ban_ttl_ms`). `max_stale`: entries are kept long enough to be
-    /// served stale as their `stale-while-revalidate` / `stale-if-error` allow, up to this
-    /// (`cache.max_stale_ms`).
+    /// it (`invalidation.ban_ttl_ms`). `policy`: the cache's; entries are kept long enough
+    /// to be served stale as their directives (targeted fields included) and
+    /// `cache.stale_if_error_ms` allow, up to `cache.max_stale_ms`.
     pub fn new(
         cfg: &RedisConfig,
         max_variants: usize,
         ban_ttl: Duration,
-        max_stale: Duration,
+        policy: policy::PolicyOptions,
     ) -> Result<RedisStore, StoreError> {
         let topology = Topology::start(cfg)?;
         let node = format!(
@@ -238,10 +238,7 @@ impl RedisStore {
             read_timeout: cfg.read_timeout,
             scan_count: cfg.scan_count,
             tag_sweep_per_sec: cfg.tag_sweep_per_sec,
-            stale_options: policy::PolicyOptions {
-                max_stale,
-                ..policy::PolicyOptions::default()
-            },
+            stale_options: policy,
             fills,
             tag_tidy: Default::default(),
             index_tidy: Default::default(),

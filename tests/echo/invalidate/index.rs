@@ -33,7 +33,7 @@ fn store_on(master: &RedisServer, replicas: &[&RedisServer]) -> RedisStore {
         &cfg.redis.expect("[redis]"),
         16,
         Duration::from_secs(60),
-        Duration::ZERO,
+        echo::policy::PolicyOptions::default(),
     )
     .expect("redis store")
 }

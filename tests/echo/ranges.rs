@@ -1,0 +1,205 @@
+//! Range requests answered from the cache (RFC 9110 §14, issue 20): every form of
+//! range-spec, `If-Range`, `416`, bodies held in memory and in memfds (sendfile from an
+//! offset), the fill that fetches the whole object for a range, and objects too large
+//! to store, whose ranges go through to the origin.
+
+use crate::support::client::{self, RawClient, RawResponse};
+use crate::support::echo::{config, EchoUnderTest};
+use crate::support::{OriginResponse, TestOrigin};
+
+/// A body whose every byte says where it is.
+fn body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// An origin for /n/<len> that answers a cacheable body of that length, with an ETag
+/// and a strong Last-Modified; a request that carries a Range gets a 206 (so a test can
+/// see a Range that reached it).
+fn origin() -> TestOrigin {
+    TestOrigin::start(|req| {
+        let len: usize = req
+            .path()
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10);
+        let whole = body(len);
+        let resp = OriginResponse::ok(whole.clone())
+            .header("Cache-Control", "max-age=600")
+            .header("ETag", "\"v1\"")
+            .header("Last-Modified", "Tue, 15 Nov 2022 08:00:00 GMT");
+        match req.header("range") {
+            Some(_) => OriginResponse::ok(whole[..10].to_vec())
+                .with_status(206)
+                .header("Content-Range", &format!("bytes 0-9/{len}")),
+            None => resp,
+        }
+    })
+}
+
+fn status(resp: &RawResponse) -> &str {
+    resp.header("x-cache-status").unwrap_or("?")
+}
+
+/// RFC 9110 §14.1.1: `first-last`, `first-` and `-suffix`; §14.4: "Content-Range:
+/// bytes 42-1233/1234"; §14.1.2: "If a valid ranges-specifier contains no satisfiable
+/// range-specs, the server responds 416", §15.5.17: with "Content-Range: bytes */1234".
+#[test]
+fn every_form_of_range_is_answered_from_the_stored_response() {
+    for len in [1000usize, 200_000] {
+        let origin = origin();
+        let echo = EchoUnderTest::start(&origin.url());
+        let path = format!("/n/{len}");
+        let whole = body(len);
+        let n = len as u64;
+        // The miss: the whole object is fetched (no Range to the origin), stored, and
+        // the range answered from it.
+        let first = client::get(echo.addr, &path, &[("Range", "bytes=0-99")]);
+        assert_eq!((first.status, status(&first)), (206, "MISS"), "{len}");
+        assert_eq!(
+            first.header("content-range"),
+            Some(format!("bytes 0-99/{n}").as_str())
+        );
+        assert_eq!(first.body, whole[..100], "{len}");
+        let seen = origin.last_request().expect("the fill");
+        assert_eq!(
+            seen.header("range"),
+            None,
+            "the fill asks for the whole object"
+        );
+        let mid = n / 2;
+        for (range, want) in [
+            (format!("bytes={mid}-{}", mid + 9), Some(mid..mid + 10)),
+            (format!("bytes={}-", n - 5), Some(n - 5..n)),
+            ("bytes=-7".to_string(), Some(n - 7..n)),
+            (format!("bytes={}-{}", n - 3, n + 1000), Some(n - 3..n)),
+            ("bytes=10-19,15-29".to_string(), Some(10..30)),
+            // The whole, or ranges that do not coalesce: a 200 with everything.
+            ("bytes=0-".to_string(), None),
+            ("bytes=0-0,-1".to_string(), None),
+            // Invalid: ignored.
+            ("bytes=9-5".to_string(), None),
+        ] {
+            let resp = client::get(echo.addr, &path, &[("Range", &range)]);
+            assert_eq!(status(&resp), "HIT", "{range}");
+            match want {
+                Some(part) => {
+                    assert_eq!(resp.status, 206, "{range}");
+                    let cr = format!("bytes {}-{}/{n}", part.start, part.end - 1);
+                    assert_eq!(resp.header("content-range"), Some(cr.as_str()), "{range}");
+                    let want = &whole[part.start as usize..part.end as usize];
+                    assert_eq!(resp.body, want, "{range}");
+                    assert_eq!(
+                        resp.header("content-length"),
+                        Some(want.len().to_string().as_str())
+                    );
+                }
+                None => {
+                    assert_eq!(resp.status, 200, "{range}");
+                    assert_eq!(resp.header("content-range"), None, "{range}");
+                    assert!(resp.body == whole, "{range}: the whole body");
+                }
+            }
+        }
+        for range in [format!("bytes={n}-"), "bytes=-0".to_string()] {
+            let resp = client::get(echo.addr, &path, &[("Range", &range)]);
+            assert_eq!(resp.status, 416, "{range}");
+            let cr = format!("bytes */{n}");
+            assert_eq!(resp.header("content-range"), Some(cr.as_str()), "{range}");
+            assert!(resp.body.is_empty());
+        }
+        assert_eq!(origin.hits(&path), 1, "{len}: one fetch for every range");
+    }
+}
+
+/// Several ranges of a memfd body on one keep-alive connection, pipelined: each part is
+/// sent from its own offset, in order.
+#[test]
+fn pipelined_ranges_of_a_large_body_go_out_from_their_offsets_in_order() {
+    let origin = origin();
+    let echo = EchoUnderTest::start(&origin.url());
+    let whole = body(300_000);
+    client::get(echo.addr, "/n/300000", &[]);
+    let parts = [
+        (0u64, 65_535u64),
+        (100_000, 299_999),
+        (299_990, 299_999),
+        (7, 7),
+    ];
+    let mut requests = Vec::new();
+    for (a, b) in parts {
+        requests.extend_from_slice(
+            format!("GET /n/300000 HTTP/1.1\r\nHost: test.local\r\nRange: bytes={a}-{b}\r\n\r\n")
+                .as_bytes(),
+        );
+    }
+    let mut c = RawClient::connect(echo.addr);
+    c.send(&requests);
+    for (a, b) in parts {
+        let resp = c.read_response(false).expect("a response");
+        assert_eq!((resp.status, status(&resp)), (206, "HIT"), "{a}-{b}");
+        assert_eq!(resp.body, whole[a as usize..=b as usize], "{a}-{b}");
+    }
+}
+
+/// RFC 9110 §13.1.5: "A server MUST NOT generate a 206 ... in response to a request
+/// with an If-Range header field if the condition evaluates to false" (it sends the
+/// whole 200); "the server ... MUST use a strong comparison"; a date matches only an
+/// exactly equal, strong Last-Modified.
+#[test]
+fn if_range_decides_between_the_part_and_the_whole() {
+    let origin = origin();
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/n/500", &[]);
+    for (if_range, want) in [
+        ("\"v1\"", 206),
+        ("\"v0\"", 200),
+        ("W/\"v1\"", 200),
+        ("Tue, 15 Nov 2022 08:00:00 GMT", 206),
+        ("Tue, 15 Nov 2022 08:00:01 GMT", 200),
+    ] {
+        let resp = client::get(
+            echo.addr,
+            "/n/500",
+            &[("Range", "bytes=0-9"), ("If-Range", if_range)],
+        );
+        assert_eq!(resp.status, want, "{if_range}");
+        assert_eq!(
+            resp.body.len(),
+            if want == 206 { 10 } else { 500 },
+            "{if_range}"
+        );
+    }
+    assert_eq!(origin.hits("/n/500"), 1);
+}
+
+/// Objects over `cache.max_object_bytes` are not stored; once Echo knows it (the key is
+/// remembered as not storable), their ranges go to the origin as asked, rather than the
+/// whole object coming through for a part of it. A Range in a unit Echo does not know
+/// goes through untouched.
+#[test]
+fn ranges_of_objects_too_large_to_store_and_of_other_units_go_to_the_origin() {
+    let origin = origin();
+    let echo =
+        EchoUnderTest::with_config(config(&origin.url(), "[cache]\nmax_object_bytes = 65536\n"));
+    let first = client::get(echo.addr, "/n/100000", &[("Range", "bytes=0-9")]);
+    // The first request learns the size from the whole response (RFC 9110 §14.2: a
+    // server "MAY ignore the Range header field").
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body.len(), 100_000);
+    let second = client::get(echo.addr, "/n/100000", &[("Range", "bytes=0-9")]);
+    assert_eq!(second.status, 206);
+    assert_eq!(second.body, body(100_000)[..10]);
+    let seen = origin.last_request().expect("a pass");
+    assert_eq!(
+        seen.header("range"),
+        Some("bytes=0-9"),
+        "the range went through"
+    );
+    assert_eq!(origin.hits("/n/100000"), 2);
+
+    let other_unit = client::get(echo.addr, "/n/50", &[("Range", "items=0-9")]);
+    assert_eq!((other_unit.status, status(&other_unit)), (206, "BYPASS"));
+    let seen = origin.last_request().expect("a bypass");
+    assert_eq!(seen.header("range"), Some("items=0-9"));
+}
