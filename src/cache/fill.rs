@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::debug;
 
 use super::coalesce::{FlightWatch, Join, Outcome as FlightOutcome, Permit, Subscribe};
+use super::compress;
 use super::forward::{final_response, response_headers};
 use super::hit::{serve_stale_on_error, serve_stored};
 use super::outcome::{Fwd, OriginTrouble, Outcome};
@@ -663,6 +664,12 @@ impl Cache {
             }
             return false;
         }
+        // `cache.compress`: held encoded from here on (the caller keeps its own copy,
+        // as the origin sent it, for the client it answers).
+        let entry = match compress::encode_for_store(&entry, &self.compress) {
+            Some(encoded) => Arc::new(encoded),
+            None => entry,
+        };
         let put = match owner {
             Some(owner) => self
                 .store

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use log::debug;
 
+use super::compress;
 use super::fill::Fallback;
 use super::forward::{PRECONDITIONS, SET_BY_ECHO};
 use super::outcome::{Fwd, OriginTrouble, Outcome, StaleReason};
@@ -215,6 +216,15 @@ pub(super) fn serve_stored(
     withheld: &[String],
 ) {
     ex.set_label(outcome.label());
+    // A body held encoded (`cache.compress`): as this client takes it.
+    let as_sent;
+    let entry = match compress::for_client(entry, &ex.req) {
+        Some(view) => {
+            as_sent = view;
+            &as_sent
+        }
+        None => entry,
+    };
     if entry.status == 200 && not_modified(&ex.req, &entry.headers) {
         // RFC 9110 §15.4.5: a 304 carries the fields a 200 would have that describe
         // the representation's caching and validation, and no content.

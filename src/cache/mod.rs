@@ -15,6 +15,8 @@
 //! `X-Cache-Status` and in an RFC 9211 `Cache-Status` member.
 
 mod coalesce;
+mod compress;
+pub use compress::STORED_CODING;
 mod encoding;
 mod fill;
 mod forward;
@@ -138,9 +140,23 @@ pub struct Cache {
     strip: Vec<String>,
     /// What `Accept-Encoding` is normalised to (`cache.normalize_accept_encoding`).
     codings: Vec<String>,
+    /// Codings bodies are stored in (`cache.compress`; the first is used).
+    compress: Vec<String>,
     /// Forward fields whose names hold `_` (`server.underscores_in_headers`).
     underscores: bool,
     last_warning: AtomicU64,
+}
+
+/// What `Accept-Encoding` is normalised to, in preference order: the codings bodies are
+/// stored in (`cache.compress`) first, so a client that accepts the stored coding is
+/// given it, then `cache.normalize_accept_encoding`. Empty (off) stays off.
+fn normalization_order(normalize: &[String], compress: &[String]) -> Vec<String> {
+    if normalize.is_empty() {
+        return Vec::new();
+    }
+    let mut order: Vec<String> = compress.to_vec();
+    order.extend(normalize.iter().filter(|c| !compress.contains(c)).cloned());
+    order
 }
 
 impl Cache {
@@ -197,7 +213,8 @@ impl Cache {
             access_log: Live::new(Arc::new(None)),
             access_log_on: AtomicBool::new(false),
             strip: c.strip_request_headers.clone(),
-            codings: c.normalize_accept_encoding.clone(),
+            codings: normalization_order(&c.normalize_accept_encoding, &c.compress),
+            compress: c.compress.clone(),
             underscores: cfg.server.underscores_in_headers,
             last_warning: AtomicU64::new(0),
         }

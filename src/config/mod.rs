@@ -350,6 +350,8 @@ pub struct CacheConfig {
     /// Content codings a request's `Accept-Encoding` is normalised to, in preference
     /// order (lower case); empty: sent as the client wrote it.
     pub normalize_accept_encoding: Vec<String>,
+    /// Codings compressible responses are stored in (the first is used); empty: off.
+    pub compress: Vec<String>,
     /// Refresh an entry read within this long of its expiry in the background; zero: off.
     pub refresh_ahead: Duration,
     /// Threads and queue for background refreshes (stale-while-revalidate, refresh-ahead).

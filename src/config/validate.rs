@@ -523,7 +523,12 @@ pub(super) fn validate_cache(c: &RawCache) -> Result<CacheConfig, ConfigError> {
         stale_if_error: Duration::from_millis(c.stale_if_error_ms),
         targeted_cache_control: targeted_fields(&c.targeted_cache_control)?,
         surrogate_control: c.surrogate_control,
-        normalize_accept_encoding: codings(&c.normalize_accept_encoding)?,
+        normalize_accept_encoding: codings(
+            "cache.normalize_accept_encoding",
+            &c.normalize_accept_encoding,
+            &["gzip", "br", "zstd", "deflate", "compress"],
+        )?,
+        compress: codings("cache.compress", &c.compress, &["gzip", "br"])?,
         refresh_ahead: Duration::from_millis(c.refresh_ahead_ms),
         background_workers: ranged("cache.background_workers", c.background_workers, 1, 256)?,
         background_queue: ranged("cache.background_queue", c.background_queue, 1, 100_000)?,
@@ -581,22 +586,20 @@ fn targeted_fields(names: &[String]) -> Result<Vec<String>, ConfigError> {
     Ok(out)
 }
 
-/// `cache.normalize_accept_encoding`: content codings Echo knows by name (RFC 9110
-/// §8.4.1), lower case, each once.
-fn codings(names: &[String]) -> Result<Vec<String>, ConfigError> {
-    const KEY: &str = "cache.normalize_accept_encoding";
-    const KNOWN: [&str; 5] = ["gzip", "br", "zstd", "deflate", "compress"];
+/// A list of content codings (RFC 9110 §8.4.1) out of `known`, lower case, each once:
+/// `cache.normalize_accept_encoding`, `cache.compress`.
+fn codings(key: &str, names: &[String], known: &[&str]) -> Result<Vec<String>, ConfigError> {
     let mut out: Vec<String> = Vec::with_capacity(names.len());
     for name in names {
         let folded = name.trim().to_ascii_lowercase();
-        if !KNOWN.contains(&folded.as_str()) {
+        if !known.contains(&folded.as_str()) {
             return Err(err(
-                KEY,
-                format!("{name:?} is not a content coding Echo knows; use any of {KNOWN:?}"),
+                key,
+                format!("{name:?} is not a content coding Echo can use here; use any of {known:?}"),
             ));
         }
         if out.contains(&folded) {
-            return Err(err(KEY, format!("{name:?} is listed twice")));
+            return Err(err(key, format!("{name:?} is listed twice")));
         }
         out.push(folded);
     }
@@ -868,6 +871,26 @@ mod tests {
             let e = cfg(bad).unwrap_err().to_string();
             assert!(
                 e.contains("cache.normalize_accept_encoding") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+        let compress = |list: &str| {
+            Config::parse(&format!(
+                "[origin]\nurl = \"http://a\"\n[cache]\ncompress = {list}\n"
+            ))
+        };
+        assert_eq!(
+            compress(r#"["br", "gzip"]"#).unwrap().cache.compress,
+            ["br", "gzip"]
+        );
+        assert!(compress("[]").unwrap().cache.compress.is_empty());
+        for (bad, says) in [
+            (r#"["zstd"]"#, "not a content coding"),
+            (r#"["gzip", "gzip"]"#, "listed twice"),
+        ] {
+            let e = compress(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("cache.compress") && e.contains(says),
                 "{bad}: {e}"
             );
         }

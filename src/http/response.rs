@@ -68,11 +68,13 @@ pub(crate) fn write_head(
     out.extend_from_slice(b"\r\n");
     for (name, value) in fields.iter().flat_map(|f| f.iter()) {
         // Framing is written below; Echo's own targeted cache-control field is for Echo
-        // alone (RFC 9213 §2) and never leaves it.
+        // alone (RFC 9213 §2) and never leaves it, nor does its note of how a stored body
+        // is held.
         if matches!(
             name.as_str(),
             "content-length" | "transfer-encoding" | "connection" | "keep-alive"
         ) || name == crate::policy::ECHO_CACHE_CONTROL
+            || name == crate::cache::STORED_CODING
         {
             continue;
         }
