@@ -12,7 +12,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{self, Config, StoreKind};
 use crate::server::{self, ServerHandle};
@@ -203,6 +203,17 @@ impl Echo {
                 _ => done.need_restart.push("admin".into()),
             }
         }
+        let old_metrics = old.admin.as_ref().map(|a| &a.metrics_token);
+        let new_metrics = new.admin.as_ref().map(|a| &a.metrics_token);
+        if old_metrics != new_metrics {
+            match (&self.admin_handler, new_metrics) {
+                (Some(admin), Some(token)) => {
+                    admin.set_metrics_token(token.clone());
+                    done.applied.push("admin.metrics_token".into());
+                }
+                _ => done.need_restart.push("admin".into()),
+            }
+        }
         let restart_only = [
             ("server", old.server != new.server),
             (
@@ -228,6 +239,7 @@ impl Echo {
         running.log.access_log = new.log.access_log.clone();
         if let (Some(r), Some(n)) = (running.admin.as_mut(), new.admin.as_ref()) {
             r.token = n.token.clone();
+            r.metrics_token = n.metrics_token.clone();
         }
         self.running = running;
         Ok(done)
@@ -247,6 +259,59 @@ pub fn start(cfg: &Config) -> Result<Echo, StartError> {
         None => None,
     };
     start_on(cfg, listeners, admin)
+}
+
+/// Says at start which store is in use and, for Redis, whether it answered: once the
+/// store's monitor has looked at every server (twice a second; a thread waits up to 3 s
+/// for that, so the start is not held up). A store that does not answer yet is not an
+/// error: misses go to the origin meanwhile.
+fn log_store(cfg: &Config, store: &Arc<dyn Store>) {
+    match cfg.cache.store {
+        StoreKind::Memory => {
+            log::info!("store: memory, up to {} bytes", cfg.cache.memory_max_bytes)
+        }
+        StoreKind::Redis => {
+            let store = Arc::clone(store);
+            let spawned = std::thread::Builder::new()
+                .name("echo-store-log".into())
+                .spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    let mut servers = store.servers();
+                    while servers.iter().any(|s| !s.checked) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(100));
+                        servers = store.servers();
+                    }
+                    let named = |ok: bool| -> Vec<String> {
+                        servers
+                            .iter()
+                            .filter(|s| s.checked && s.reachable == ok)
+                            .map(|s| format!("{} ({})", s.server, s.role))
+                            .collect()
+                    };
+                    let (up, down) = (named(true), named(false));
+                    if down.is_empty() && !up.is_empty() {
+                        log::info!("store: redis, {} answered", up.join(", "));
+                    } else {
+                        log::warn!(
+                            "store: redis, answered: [{}], not answering: [{}]; misses go to \
+                             the origin until the master answers",
+                            up.join(", "),
+                            down.join(", ")
+                        );
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("store: redis (cannot report whether it answered: {e})");
+            }
+        }
+    }
+    match &cfg.admin {
+        Some(a) => log::info!("admin API on {}", a.listen),
+        None => log::info!(
+            "admin API off (no [admin] section): no /health, /ready, /metrics or \
+             invalidation"
+        ),
+    }
 }
 
 /// The admin listener's front end: the same machinery as the proxy's, with few threads
@@ -371,6 +436,7 @@ pub fn start_on(
             )
         }
     };
+    log_store(cfg, &store);
     let metrics = metrics::Metrics::new();
     let store: Arc<dyn Store> = Arc::new(store::Instrumented::new(store, Arc::clone(&metrics)));
     {
@@ -433,6 +499,7 @@ pub fn start_on(
             let admin_cfg = admin_server_config(&server_cfg);
             let handler = Arc::new(admin::Admin::new(admin::AdminParts {
                 token: a.token.clone(),
+                metrics_token: a.metrics_token.clone(),
                 invalidator: Arc::clone(&invalidator),
                 wait: cfg.invalidation.wait_timeout,
                 metrics: Arc::clone(&metrics),

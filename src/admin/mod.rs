@@ -48,6 +48,8 @@ pub(crate) const MAX_BODY: u64 = 64 * 1024;
 pub struct Admin {
     /// Replaced by a config reload that changes `admin.token`.
     token: Live<String>,
+    /// `admin.metrics_token` (read-only), replaced by a reload that changes it.
+    metrics_token: Live<Option<String>>,
     invalidator: Arc<Invalidator>,
     wait: Duration,
     metrics: Arc<Metrics>,
@@ -62,6 +64,7 @@ pub struct Admin {
 /// What the admin API reports on and acts through.
 pub struct AdminParts {
     pub token: String,
+    pub metrics_token: Option<String>,
     pub invalidator: Arc<Invalidator>,
     pub wait: Duration,
     pub metrics: Arc<Metrics>,
@@ -96,6 +99,7 @@ impl Admin {
     pub fn new(parts: AdminParts) -> Admin {
         Admin {
             token: Live::new(Arc::new(parts.token)),
+            metrics_token: Live::new(Arc::new(parts.metrics_token)),
             invalidator: parts.invalidator,
             wait: parts.wait,
             metrics: parts.metrics,
@@ -109,6 +113,11 @@ impl Admin {
     /// A config reload's new `admin.token`.
     pub(crate) fn set_token(&self, token: String) {
         self.token.set(Arc::new(token));
+    }
+
+    /// A config reload's new `admin.metrics_token`.
+    pub(crate) fn set_metrics_token(&self, token: Option<String>) {
+        self.metrics_token.set(Arc::new(token));
     }
 
     /// `GET /health`: 200 while Echo serves (it does with Redis down, or every origin
@@ -185,13 +194,27 @@ impl Admin {
         })
     }
 
-    fn authorized(&self, ex: &Exchange<'_>) -> bool {
-        let Some(value) = ex.req.header("authorization") else {
-            return false;
-        };
-        bearer_token(value)
-            .is_some_and(|given| constant_time_eq(given, self.token.get().as_bytes()))
+    /// What the request's bearer token allows (None: no token, or a wrong one).
+    fn access(&self, ex: &Exchange<'_>) -> Option<Access> {
+        let given = bearer_token(ex.req.header("authorization")?)?;
+        if constant_time_eq(given, self.token.get().as_bytes()) {
+            return Some(Access::Full);
+        }
+        let read_only = self.metrics_token.get();
+        match read_only.as_deref() {
+            Some(t) if constant_time_eq(given, t.as_bytes()) => Some(Access::ReadOnly),
+            _ => None,
+        }
     }
+}
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// `admin.token`: everything.
+    Full,
+    /// `admin.metrics_token`: `/metrics`, `GET /cache` and job status; never a change.
+    ReadOnly,
 }
 
 /// The token of `Bearer <token>` credentials. RFC 9110 §11.1: "It uses a case-
@@ -225,15 +248,28 @@ fn json_headers() -> [(String, Vec<u8>); 2] {
 }
 
 fn reply(ex: &mut Exchange<'_>, status: u16, body: &Value) {
+    reply_with(ex, status, body, &[]);
+}
+
+/// [`reply`] with more fields (`Allow` on a 405).
+fn reply_with(ex: &mut Exchange<'_>, status: u16, body: &Value, extra: &[(String, Vec<u8>)]) {
     let mut text = body.to_string();
     text.push('\n');
     let mut headers = json_headers().to_vec();
+    headers.extend(crate::http::own_fields());
+    headers.extend(extra.iter().cloned());
     match status {
         401 => headers.push(("www-authenticate".to_string(), b"Bearer".to_vec())),
         503 => headers.push(("retry-after".to_string(), b"1".to_vec())),
         _ => {}
     }
     let _ = ex.respond(status, &headers, text.as_bytes());
+}
+
+/// A 405 naming the methods the endpoint takes.
+fn not_allowed(ex: &mut Exchange<'_>, allow: &str, message: &str) {
+    let allow = [("allow".to_string(), allow.as_bytes().to_vec())];
+    reply_with(ex, 405, &json!({ "error": message }), &allow);
 }
 
 fn error(ex: &mut Exchange<'_>, status: u16, message: &str) {
@@ -429,7 +465,21 @@ impl Admin {
             return false;
         }
         match path {
-            "/health" => reply(ex, 200, &self.health()),
+            // Status and reasons for anyone (a balancer's probe has no token); the
+            // details (servers, origin URLs, errors) only with a token.
+            "/health" => {
+                let full = self.health();
+                if self.access(ex).is_some() {
+                    reply(ex, 200, &full)
+                } else {
+                    let brief = json!({
+                        "status": full["status"],
+                        "degraded": full["degraded"],
+                        "draining": full["draining"],
+                    });
+                    reply(ex, 200, &brief)
+                }
+            }
             // Load balancers take a draining node out on this; it needs no token.
             "/ready" if self.draining.load(Ordering::SeqCst) => {
                 reply(ex, 503, &json!({ "ready": false, "reason": "draining" }))
@@ -473,16 +523,32 @@ impl Admin {
         }
         let path = ex.req.target.split('?').next().unwrap_or("").to_string();
         let method = ex.req.method.clone();
-        if !self.authorized(ex) {
+        let Some(access) = self.access(ex) else {
             return error(ex, 401, "missing or wrong bearer token");
+        };
+        let reads = matches!(
+            (method.as_str(), path.as_str()),
+            ("GET", "/metrics") | ("GET", "/cache")
+        ) || (method == "GET" && path.starts_with("/invalidate/"));
+        if access == Access::ReadOnly && !reads {
+            return error(
+                ex,
+                403,
+                "admin.metrics_token only reads (/metrics, GET /cache, job status); use admin.token",
+            );
         }
         match (method.as_str(), path.as_str()) {
             ("POST", "/invalidate") => self.invalidate(ex),
             ("GET", "/metrics") => {
-                let headers = [(
-                    "content-type".to_string(),
-                    b"application/openmetrics-text; version=1.0.0; charset=utf-8".to_vec(),
-                )];
+                let [date, via] = crate::http::own_fields();
+                let headers = [
+                    (
+                        "content-type".to_string(),
+                        b"application/openmetrics-text; version=1.0.0; charset=utf-8".to_vec(),
+                    ),
+                    date,
+                    via,
+                ];
                 let _ = ex.respond(200, &headers, self.metrics.encode().as_bytes());
             }
             ("GET", p) if p.starts_with("/invalidate/") => {
@@ -494,10 +560,13 @@ impl Admin {
             }
             ("DELETE", p) if p.starts_with("/invalidate/") => self.cancel(ex, job_id(p)),
             ("GET", "/cache") => self.inspect(ex),
-            (_, "/cache") => error(ex, 405, "use GET /cache?url=<URL>"),
-            (_, "/invalidate") => error(ex, 405, "use POST /invalidate"),
+            // RFC 9110 §15.5.6: "The origin server MUST generate an Allow header field
+            // in a 405 response containing a list of the target resource's currently
+            // supported methods."
+            (_, "/cache") => not_allowed(ex, "GET", "use GET /cache?url=<URL>"),
+            (_, "/invalidate") => not_allowed(ex, "POST", "use POST /invalidate"),
             (_, p) if p.starts_with("/invalidate/") => {
-                error(ex, 405, "use GET or DELETE /invalidate/<id>")
+                not_allowed(ex, "GET, DELETE", "use GET or DELETE /invalidate/<id>")
             }
             _ => error(ex, 404, "no such admin endpoint"),
         }

@@ -1,9 +1,10 @@
 //! `demo-origin`: a small backend to put Echo in front of, for `make run` and for
 //! trying things by hand. Not installed.
 //!
-//! - `GET /data`: a JSON document with an ETag, `Cache-Control: public, max-age=60`
-//!   and a counter of how many times the origin itself was asked (so a cache HIT shows
-//!   the same count as the MISS before it).
+//! - `GET /data`: a JSON document with an ETag, `Cache-Control: public, max-age=60`,
+//!   `Surrogate-Key: data demo` and a counter of how many times the origin itself was
+//!   asked (so a cache HIT shows the same count as the MISS before it); a 304 to an
+//!   `If-None-Match` that names the current version.
 //! - `PUT /data`: replaces the document (Echo invalidates its cached copy).
 //! - `GET /bytes/N`: N bytes (at most 16 MiB), `Cache-Control: public, max-age=60`, for
 //!   benchmarks.
@@ -79,14 +80,28 @@ impl Demo {
             ("GET" | "HEAD", "/data") => {
                 let hits = self.hits.fetch_add(1, Ordering::Relaxed) + 1;
                 let (version, text) = self.data.lock().map(|d| d.clone()).unwrap_or_default();
+                let etag = format!("\"v{version}\"");
+                // Tags for invalidation by tag (`{"tag": "data"}`); Echo strips the field
+                // before answering (cache.strip_surrogate_key).
+                let headers = [
+                    field("content-type", "application/json"),
+                    field("etag", &etag),
+                    field("cache-control", "public, max-age=60"),
+                    field("surrogate-key", "data demo"),
+                ];
+                // A revalidation that names the current version: 304, no body (the
+                // counter in a stored copy then stays as it was).
+                let current = ex.req.header("if-none-match").is_some_and(|v| {
+                    v.split(|&b| b == b',')
+                        .any(|t| t.trim_ascii() == etag.as_bytes())
+                });
+                if current {
+                    let _ = ex.respond(304, &headers[1..], b"");
+                    return;
+                }
                 let body = format!(
                     "{{\"version\": {version}, \"data\": {text:?}, \"origin_hits\": {hits}}}\n"
                 );
-                let headers = [
-                    field("content-type", "application/json"),
-                    field("etag", &format!("\"v{version}\"")),
-                    field("cache-control", "public, max-age=60"),
-                ];
                 let _ = ex.respond(200, &headers, body.as_bytes());
             }
             ("PUT", "/data") => {

@@ -25,7 +25,7 @@ use crate::policy;
 use crate::upstream::{OriginError, OriginRequest, OriginResponse};
 
 /// `Via` as Echo adds it, both ways.
-pub(super) const VIA: &[u8] = b"1.1 echo";
+pub(super) use crate::http::VIA;
 
 impl Cache {
     /// The request as it goes to the origin to fill the cache: as forwarded, less the
@@ -135,6 +135,7 @@ pub(super) fn own_error(ex: &mut Exchange<'_>, status: u16, outcome: Outcome, me
         ),
         ("cache-control".to_string(), b"no-store".to_vec()),
     ];
+    headers.extend(crate::http::own_fields());
     outcome.add_to(&mut headers);
     let _ = ex.respond(status, &headers, format!("echo: {message}\n").as_bytes());
 }

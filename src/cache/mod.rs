@@ -39,6 +39,7 @@ use crate::config::Config;
 use crate::http::exchange::Exchange;
 use crate::http::handler::{Handler, Step};
 use crate::http::range;
+use crate::http::response::Omit;
 use crate::http::Request;
 use crate::key::CacheKey;
 use crate::live::Live;
@@ -142,6 +143,9 @@ pub struct Cache {
     codings: Vec<String>,
     /// Codings bodies are stored in (`cache.compress`; the first is used).
     compress: Vec<String>,
+    /// Fields left out of every answer (`cache.expose_status_headers`,
+    /// `cache.strip_surrogate_key`).
+    omit: Omit,
     /// Forward fields whose names hold `_` (`server.underscores_in_headers`).
     underscores: bool,
     last_warning: AtomicU64,
@@ -215,6 +219,10 @@ impl Cache {
             strip: c.strip_request_headers.clone(),
             codings: normalization_order(&c.normalize_accept_encoding, &c.compress),
             compress: c.compress.clone(),
+            omit: Omit {
+                status_fields: !c.expose_status_headers,
+                surrogate_key: c.strip_surrogate_key,
+            },
             underscores: cfg.server.underscores_in_headers,
             last_warning: AtomicU64::new(0),
         }
@@ -259,6 +267,7 @@ impl Cache {
     /// (methods other than GET and HEAD, ranges), or a lookup (`nonblocking`: only one
     /// the store answers in-process; declined otherwise).
     fn route(&self, ex: &mut Exchange<'_>, nonblocking: bool) -> Step<Job> {
+        ex.omit(self.omit);
         if ex.req.target == "*" {
             // `OPTIONS *` asks about this server, not a resource; Echo answers it (as
             // most servers do) rather than invent a resource on the origin.
@@ -401,6 +410,7 @@ impl Handler for Cache {
     /// A follower whose leader is done: with an in-process store, answered from it on
     /// the I/O thread; otherwise (a read from the Redis master) on the fetch pool.
     fn resume(&self, ex: &mut Exchange<'_>, job: Job) -> Step<Job> {
+        ex.omit(self.omit);
         match job {
             job @ Job::Follow { .. } if self.store.in_process() => self.end_follow(ex, job),
             job => Step::Defer(job),
@@ -409,6 +419,7 @@ impl Handler for Cache {
 
     /// The fetch stage: whatever waits on the origin.
     fn fetch(&self, ex: &mut Exchange<'_>, job: Job) {
+        ex.omit(self.omit);
         match job {
             Job::Forward(why) => self.forward(ex, Fwd::Bypass(why)),
             Job::Fill {

@@ -74,3 +74,31 @@ pub(super) fn key_at(text: &str, offset: usize) -> Option<String> {
         .min_by_key(|(_, s)| s.end - s.start)
         .map(|(k, _)| k)
 }
+
+/// The dotted key written on `line` (1-based): the nearest table header above it and the
+/// key before its `=` (`[server]` then `workers = 5` is `server.workers`). For errors
+/// found before the document could be walked (a duplicate key).
+pub(super) fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let mut table = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if let Some(header) = l.strip_prefix('[') {
+            let header = header.trim_start_matches('[');
+            let name = header.split(']').next().unwrap_or("").trim();
+            table = name.trim_matches('"').to_string();
+        }
+        if i + 1 == line {
+            let (key, _) = l.split_once('=')?;
+            let key = key.trim().trim_matches('"');
+            if key.is_empty() || key.starts_with('[') {
+                return None;
+            }
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+    }
+    None
+}

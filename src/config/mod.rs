@@ -223,6 +223,8 @@ impl Default for ServerConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: String,
+    /// A read-only token (`/metrics`, `GET /cache`, job status), if set.
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,6 +354,10 @@ pub struct CacheConfig {
     pub normalize_accept_encoding: Vec<String>,
     /// Codings compressible responses are stored in (the first is used); empty: off.
     pub compress: Vec<String>,
+    /// Send `X-Cache-Status` and `Cache-Status` to clients.
+    pub expose_status_headers: bool,
+    /// Remove `Surrogate-Key` from responses before they leave Echo.
+    pub strip_surrogate_key: bool,
     /// Refresh an entry read within this long of its expiry in the background; zero: off.
     pub refresh_ahead: Duration,
     /// Threads and queue for background refreshes (stale-while-revalidate, refresh-ahead).
@@ -399,6 +405,24 @@ impl Default for LogConfig {
     }
 }
 
+/// The TOML reader's messages, with its Rust type names said in words ("expected u64"
+/// is "expected a whole number, 0 or more").
+fn in_words(message: &str) -> String {
+    [
+        ("expected u64", "expected a whole number, 0 or more"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i64", "expected a whole number"),
+        ("expected a boolean", "expected true or false"),
+    ]
+    .iter()
+    .fold(message.to_string(), |m, (from, to)| m.replace(from, to))
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -414,11 +438,16 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| locate::line_of(text, s.start));
-            let key = e.span().and_then(|s| locate::key_at(text, s.start));
+            let key = e
+                .span()
+                .and_then(|s| locate::key_at(text, s.start))
+                // A document that does not parse (a duplicate key) has no key spans:
+                // the key is read off its line.
+                .or_else(|| line.and_then(|l| locate::key_on_line(text, l)));
             ConfigError {
                 key,
                 line,
-                message: e.message().trim().to_string(),
+                message: in_words(e.message().trim()),
             }
         })?;
         validate::validate(raw).map_err(|mut e| {

@@ -111,6 +111,8 @@ pub(super) struct RawAdmin {
     /// No default: one of `token` and `token_file` is required.
     pub(super) token: Option<String>,
     pub(super) token_file: Option<String>,
+    /// Read-only: `/metrics`, `GET /cache`, job status. None: only `token` reads them.
+    pub(super) metrics_token: Option<String>,
 }
 
 impl Default for RawAdmin {
@@ -119,6 +121,7 @@ impl Default for RawAdmin {
             listen: "127.0.0.1:8081".into(),
             token: None,
             token_file: None,
+            metrics_token: None,
         }
     }
 }
@@ -292,6 +295,8 @@ pub(super) struct RawCache {
     pub(super) surrogate_control: bool,
     pub(super) normalize_accept_encoding: Vec<String>,
     pub(super) compress: Vec<String>,
+    pub(super) expose_status_headers: bool,
+    pub(super) strip_surrogate_key: bool,
     pub(super) refresh_ahead_ms: u64,
     pub(super) background_workers: u64,
     pub(super) background_queue: u64,
@@ -321,6 +326,8 @@ impl Default for RawCache {
             surrogate_control: false,
             normalize_accept_encoding: vec!["gzip".into(), "br".into(), "zstd".into()],
             compress: Vec::new(),
+            expose_status_headers: true,
+            strip_surrogate_key: true,
             refresh_ahead_ms: 0,
             background_workers: 4,
             background_queue: 256,

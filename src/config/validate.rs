@@ -42,10 +42,12 @@ pub(super) fn ms(key: &str, value: u64) -> Result<Duration, ConfigError> {
 
 pub(super) fn ranged(key: &str, value: u64, min: u64, max: u64) -> Result<usize, ConfigError> {
     if value < min || value > max {
-        return Err(err(
-            key,
-            format!("must be between {min} and {max} (got {value})"),
-        ));
+        let range = if max == u64::MAX {
+            format!("must be at least {min}")
+        } else {
+            format!("must be between {min} and {max}")
+        };
+        return Err(err(key, format!("{range} (got {value})")));
     }
     usize::try_from(value).map_err(|_| err(key, "too large for this platform"))
 }
@@ -265,7 +267,8 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
             MAX_HEADERS_CAP as u64,
         )?,
         max_target_bytes: ranged("server.max_target_bytes", s.max_target_bytes, 64, 1 << 20)?,
-        max_body_bytes: s.max_body_bytes,
+        // 0 would refuse every request body (every POST and PUT a 413).
+        max_body_bytes: ranged("server.max_body_bytes", s.max_body_bytes, 1, u64::MAX)? as u64,
         min_rate_bytes_per_sec: ranged(
             "server.min_rate_bytes_per_sec",
             s.min_rate_bytes_per_sec,
@@ -275,6 +278,9 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
         underscores_in_headers: s.underscores_in_headers,
     })
 }
+
+/// The admin token of the example config (`etc/echo.toml`).
+const EXAMPLE_TOKEN: &str = "change-me";
 
 fn validate_admin(a: RawAdmin, proxy: &[ListenAddr]) -> Result<AdminConfig, ConfigError> {
     let listen = socket_addr("admin.listen", &a.listen)?;
@@ -301,7 +307,35 @@ fn validate_admin(a: RawAdmin, proxy: &[ListenAddr]) -> Result<AdminConfig, Conf
             "must not be empty (set admin.token or admin.token_file)",
         ));
     }
-    Ok(AdminConfig { listen, token })
+    // The example config's token is public knowledge: anyone who can reach a
+    // non-loopback admin listener could purge the cache with it.
+    if token == EXAMPLE_TOKEN && !listen.ip().is_loopback() {
+        return Err(err(
+            "admin.token",
+            format!(
+                "{EXAMPLE_TOKEN:?} is the example token and is refused when admin.listen is \
+                 not a loopback address; set a secret (make install writes one to \
+                 etc/token, for admin.token_file)"
+            ),
+        ));
+    }
+    let metrics_token = match a.metrics_token {
+        Some(t) if t.trim().is_empty() => {
+            return Err(err("admin.metrics_token", "must not be empty when set"))
+        }
+        Some(t) if t == token => {
+            return Err(err(
+                "admin.metrics_token",
+                "must differ from admin.token (it only reads)",
+            ))
+        }
+        other => other,
+    };
+    Ok(AdminConfig {
+        listen,
+        token,
+        metrics_token,
+    })
 }
 
 fn valid_host(h: &str) -> bool {
@@ -332,6 +366,21 @@ fn server_addr(key: &str, url: &str) -> Result<ServerAddr, ConfigError> {
             key,
             format!("must be scheme://host[:port] with no path (got {url:?})"),
         ));
+    }
+    // A port, when given, is 1-65535 (RFC 9110 §4.1: port = *DIGIT, and TCP's range).
+    let port = match authority.strip_prefix('[') {
+        Some(v6) => v6
+            .split_once(']')
+            .and_then(|(_, after)| after.strip_prefix(':')),
+        None => authority.rsplit_once(':').map(|(_, port)| port),
+    };
+    if let Some(port) = port {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(err(
+                key,
+                format!("the port must be a number from 1 to 65535 (got {port:?} in {url:?})"),
+            ));
+        }
     }
     Ok(ServerAddr {
         scheme,
@@ -529,6 +578,8 @@ pub(super) fn validate_cache(c: &RawCache) -> Result<CacheConfig, ConfigError> {
             &["gzip", "br", "zstd", "deflate", "compress"],
         )?,
         compress: codings("cache.compress", &c.compress, &["gzip", "br"])?,
+        expose_status_headers: c.expose_status_headers,
+        strip_surrogate_key: c.strip_surrogate_key,
         refresh_ahead: Duration::from_millis(c.refresh_ahead_ms),
         background_workers: ranged("cache.background_workers", c.background_workers, 1, 256)?,
         background_queue: ranged("cache.background_queue", c.background_queue, 1, 100_000)?,
@@ -626,6 +677,33 @@ pub(super) fn validate_invalidation(
     })
 }
 
+/// Can a log file be kept at `path`: its directory exists, and the file, when it
+/// exists, is a writable regular file? (Nothing is created here.)
+fn writable_place(key: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(err(
+            key,
+            format!(
+                "the directory of {} does not exist (create it, writable by echod's user)",
+                path.display()
+            ),
+        ));
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() || meta.permissions().readonly() {
+            return Err(err(
+                key,
+                format!("{} is not a writable file", path.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn validate_log(l: RawLog) -> Result<LogConfig, ConfigError> {
     let level = match l.level.to_ascii_lowercase().as_str() {
         "off" => log::LevelFilter::Off,
@@ -647,9 +725,16 @@ pub(super) fn validate_log(l: RawLog) -> Result<LogConfig, ConfigError> {
         }
         p => p.map(PathBuf::from),
     };
+    let file = l.file.map(PathBuf::from);
+    // A log that cannot be opened stops echod at start: say so at --check-config.
+    for (key, path) in [("log.file", &file), ("log.access_log", &access_log)] {
+        if let Some(path) = path {
+            writable_place(key, path)?;
+        }
+    }
     Ok(LogConfig {
         level,
-        file: l.file.map(PathBuf::from),
+        file,
         access_log,
     })
 }

@@ -96,6 +96,8 @@ pub struct Exchange<'c> {
     origin: Option<Arc<str>>,
     /// The server is draining: the response says it is the connection's last.
     draining: Option<Arc<AtomicBool>>,
+    /// Fields the handler leaves out of what it sends.
+    omit: response::Omit,
 }
 
 impl<'c> Exchange<'c> {
@@ -121,7 +123,13 @@ impl<'c> Exchange<'c> {
             label: "none",
             origin: None,
             draining: None,
+            omit: response::Omit::default(),
         }
+    }
+
+    /// Leaves these fields out of the answer's head (set by the handler from its config).
+    pub(crate) fn omit(&mut self, omit: response::Omit) {
+        self.omit = omit;
     }
 
     /// Watches the server's drain flag: a response started after it is set closes.
@@ -237,6 +245,7 @@ impl<'c> Exchange<'c> {
             framing,
             head_length,
             !self.close,
+            self.omit,
         );
         let remaining = match framing {
             Framing::Length(n) => n,
@@ -413,7 +422,10 @@ impl<'c> Exchange<'c> {
                 b"text/plain; charset=utf-8".to_vec(),
             ),
             ("cache-control".to_string(), b"no-store".to_vec()),
+            // Refused before any cache work: not looked up.
+            ("x-cache-status".to_string(), b"BYPASS".to_vec()),
         ];
+        headers.extend(super::own_fields());
         if status == 503 {
             headers.push(("retry-after".to_string(), b"1".to_vec()));
         }

@@ -26,6 +26,22 @@ use std::net::SocketAddr;
 pub type Headers = Vec<(String, Vec<u8>)>;
 
 /// The HTTP/1.x minor version of a request.
+/// Echo's `Via` (RFC 9110 §7.6.3): on what it forwards, and on its own answers.
+pub const VIA: &[u8] = b"1.1 echo";
+
+/// `Date` and `Via` for an answer of Echo's own making (an error, a refusal, the admin
+/// API's): every answer carries them (RFC 9110 §6.6.1: "An origin server with a clock
+/// ... MUST generate a Date header field" in its 2xx-5xx responses).
+pub(crate) fn own_fields() -> [(String, Vec<u8>); 2] {
+    [
+        (
+            "date".to_string(),
+            headers::format_date(std::time::SystemTime::now()).into_bytes(),
+        ),
+        ("via".to_string(), VIA.to_vec()),
+    ]
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     Http10,

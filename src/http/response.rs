@@ -46,12 +46,32 @@ pub(crate) fn choose(
     }
 }
 
+/// Response fields a handler has left out of its answers, by configuration (they stay
+/// in what is stored; only what goes out loses them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Omit {
+    /// `X-Cache-Status` and `Cache-Status` (`cache.expose_status_headers = false`).
+    pub status_fields: bool,
+    /// `Surrogate-Key` (`cache.strip_surrogate_key`).
+    pub surrogate_key: bool,
+}
+
+impl Omit {
+    fn omits(self, name: &str) -> bool {
+        (self.status_fields && (name == "x-cache-status" || name == "cache-status"))
+            || (self.surrogate_key && name == "surrogate-key")
+    }
+}
+
 /// Serialises a response head into `out`.
 ///
 /// `keep_alive` is whether the connection stays open after this response; `length` is
 /// kept for HEAD responses, which announce the length a GET would have had.
 /// `fields` are written in order, slice after slice (stored fields, then the ones added
-/// for this answer), so no caller has to join them into a new list.
+/// for this answer), so no caller has to join them into a new list; those `omit` names
+/// are left out.
+// One argument per part of the head: bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write_head(
     out: &mut Vec<u8>,
     version: Version,
@@ -60,6 +80,7 @@ pub(crate) fn write_head(
     framing: Framing,
     head_length: Option<u64>,
     keep_alive: bool,
+    omit: Omit,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.to_string().as_bytes());
@@ -75,6 +96,7 @@ pub(crate) fn write_head(
             "content-length" | "transfer-encoding" | "connection" | "keep-alive"
         ) || name == crate::policy::ECHO_CACHE_CONTROL
             || name == crate::cache::STORED_CODING
+            || omit.omits(name)
         {
             continue;
         }
@@ -129,6 +151,7 @@ mod tests {
             framing,
             None,
             keep_alive,
+            Omit::default(),
         );
         String::from_utf8(out).unwrap()
     }
@@ -171,6 +194,7 @@ mod tests {
                 Framing::NoBody,
                 Some(0),
                 true,
+                Omit::default(),
             );
             let head = String::from_utf8(out).unwrap();
             assert!(!head.contains("content-length"), "{head}");
@@ -184,6 +208,7 @@ mod tests {
             Framing::NoBody,
             Some(7),
             true,
+            Omit::default(),
         );
         assert!(String::from_utf8(out)
             .unwrap()

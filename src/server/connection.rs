@@ -140,10 +140,12 @@ pub(super) fn refusal(e: &HttpError) -> Vec<u8> {
     } else {
         ""
     };
+    let [(_, date), _] = crate::http::own_fields();
     format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\ndate: {}\r\nvia: 1.1 echo\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\nx-cache-status: BYPASS\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}",
         e.status,
         crate::http::reason(e.status),
+        String::from_utf8_lossy(&date),
         body.len()
     )
     .into_bytes()

@@ -15,7 +15,8 @@
 use std::io::{self, Read};
 
 use ureq::http;
-use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::NextTimeout;
 use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
 
 use super::error::{OriginError, Phase};
@@ -99,7 +100,7 @@ impl Origin {
                 .chain(RustlsConnector::default())
                 .chain(Guard);
         Origin {
-            agent: ureq::Agent::with_parts(config, connector, DefaultResolver::default()),
+            agent: ureq::Agent::with_parts(config, connector, Lookup(DefaultResolver::default())),
             name: base.as_str().into(),
             base,
             authority: addr.authority.clone(),
@@ -237,6 +238,30 @@ struct BodyStream(ureq::BodyReader<'static>);
 impl Read for BodyStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf)
+    }
+}
+
+/// The system resolver, whose every failure is a host not found: ureq passes a lookup's
+/// own error (`getaddrinfo`: "Name or service not known", a DNS server that does not
+/// answer) on as an I/O error, which would count as the origin failing the protocol,
+/// never as a server that cannot be reached, and so never take it out of rotation.
+#[derive(Debug)]
+struct Lookup(DefaultResolver);
+
+impl Resolver for Lookup {
+    fn resolve(
+        &self,
+        uri: &http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        match self.0.resolve(uri, config, timeout) {
+            Err(ureq::Error::Io(e)) => {
+                log::debug!("cannot resolve {uri}: {e}");
+                Err(ureq::Error::HostNotFound)
+            }
+            other => other,
+        }
     }
 }
 

@@ -231,6 +231,43 @@ fn config_errors_exit_2_naming_the_key_and_the_line() {
             "admin.token",
             5,
         ),
+        // Issue 21: what passed --check-config and then failed, or said it in Rust.
+        (
+            "port-out-of-range",
+            "[origin]\nurl = \"http://127.0.0.1:99999\"\n".to_string(),
+            "origin.url: the port must be a number from 1 to 65535",
+            2,
+        ),
+        (
+            "no-bodies",
+            format!("{ORIGIN}[server]\nmax_body_bytes = 0\n"),
+            "server.max_body_bytes: must be at least 1 (got 0)",
+            4,
+        ),
+        (
+            "log-dir-missing",
+            format!("{ORIGIN}[log]\nfile = \"/nonexistent-echo-dir/echo.log\"\n"),
+            "log.file: the directory of /nonexistent-echo-dir/echo.log does not exist",
+            4,
+        ),
+        (
+            "access-log-dir-missing",
+            format!("{ORIGIN}[log]\naccess_log = \"/nonexistent-echo-dir/a.log\"\n"),
+            "log.access_log",
+            4,
+        ),
+        (
+            "negative",
+            format!("{ORIGIN}[server]\nworkers = -1\n"),
+            "server.workers: invalid value: integer `-1`, expected a whole number, 0 or more",
+            4,
+        ),
+        (
+            "duplicate",
+            format!("{ORIGIN}[server]\nworkers = 4\nworkers = 5\n"),
+            "server.workers",
+            5,
+        ),
     ];
     for (name, text, names, line) in &cases {
         let path = dir.file(&format!("{name}.toml"), text);
@@ -248,6 +285,12 @@ fn config_errors_exit_2_naming_the_key_and_the_line() {
             out.stderr
         );
         assert!(out.stdout.is_empty(), "{name}: {}", out.stdout);
+        assert!(
+            !out.stderr.contains("18446744073709551615"),
+            "{name}: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("u64"), "{name}: {}", out.stderr);
         // Running with the file is refused the same way, before anything starts.
         let run = echod(&["--config", path_str(&path)]);
         assert_eq!(run.status.code(), Some(2), "{name} (run): {}", run.stderr);
@@ -423,6 +466,24 @@ fn end_to_end_through_the_binaries_a_second_get_is_a_hit() {
         "{}",
         echod.log_text()
     );
+    // Issue 21: the demo origin tags /data and answers a revalidation with a 304, so
+    // the README's tag and revalidation flows can be tried with `make run`.
+    let tagged = RawClient::connect(binaries.origin_addr).get("/data", &[]);
+    assert_eq!(tagged.header("surrogate-key"), Some("data demo"));
+    let etag = tagged.header("etag").expect("an ETag").to_string();
+    let revalidated =
+        RawClient::connect(binaries.origin_addr).get("/data", &[("If-None-Match", &etag)]);
+    assert_eq!(revalidated.status, 304);
+    assert!(revalidated.body.is_empty());
+    assert_eq!(
+        second.header("surrogate-key"),
+        None,
+        "Echo keeps tags inside"
+    );
+    // Issue 21: the start says which store is in use, and that the admin API is off.
+    let log = echod.log_text();
+    assert!(log.contains("store: memory, up to"), "{log}");
+    assert!(log.contains("admin API off (no [admin] section)"), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -453,6 +514,8 @@ fn assert_no_token(out: &Finished, token: &str) {
 #[test]
 fn invalidate_drives_the_admin_api_of_a_running_echod() {
     let echo = Binaries::start("invalidate", Some(ADMIN_TOKEN));
+    let log = echo.echod.log_text();
+    assert!(log.contains("admin API on 127.0.0.1:"), "{log}");
     let config = path_str(&echo.config);
     for target in ["/data", "/bytes/10"] {
         assert_eq!(echo.cache_status(target), "MISS", "{target}");

@@ -204,15 +204,53 @@ fn install_lays_out_bin_etc_and_log_under_destdir_and_prefix() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o755, "{} mode {mode:o}", echod.display());
-    assert_eq!(
-        std::fs::read(&echod).expect("installed echod"),
-        std::fs::read(ECHOD).expect("built echod"),
-        "bin/echod is not the echod given in ECHOD"
+    // Issue 21: stripped (no debug info), and still the echod given in ECHOD.
+    let installed = std::fs::metadata(&echod).expect("installed echod").len();
+    let built = std::fs::metadata(ECHOD).expect("built echod").len();
+    assert!(
+        installed < built / 2,
+        "not stripped: {installed} bytes of {built}"
     );
-    assert_eq!(
-        staging.read("etc/echo.toml"),
-        std::fs::read_to_string(Path::new(REPO).join("etc/echo.toml")).expect("etc/echo.toml"),
+    let version = staging.run(
+        "installed echod --version",
+        Command::new(&echod).arg("--version"),
     );
+    version.assert_success();
+    assert!(version.stdout.starts_with("echod "), "{}", version.stdout);
+    // The demo config, its example token replaced by the token file.
+    let config = staging.read("etc/echo.toml");
+    let demo =
+        std::fs::read_to_string(Path::new(REPO).join("etc/echo.toml")).expect("etc/echo.toml");
+    assert_eq!(
+        config,
+        demo.replace(
+            "token = \"change-me\"",
+            "token_file = \"/opt/echo/etc/token\""
+        )
+    );
+    assert!(
+        !config.contains("change-me\"\n"),
+        "the example token is installed"
+    );
+    // Issue 21: a random admin token, only for its owner.
+    let token = staging.read("etc/token");
+    assert_eq!(token.len(), 64, "{token:?}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token:?}");
+    let token_mode = std::fs::metadata(staging.path("etc/token"))
+        .expect("etc/token")
+        .permissions()
+        .mode();
+    assert_eq!(token_mode & 0o777, 0o600, "etc/token mode {token_mode:o}");
+    for packaging in ["etc/echo.sysusers.conf", "etc/echo.logrotate"] {
+        assert_exists(&staging.path(packaging));
+    }
+    let sysusers = staging.read("etc/echo.sysusers.conf");
+    assert!(
+        sysusers.lines().any(|l| l.starts_with("u echo ")),
+        "{sysusers}"
+    );
+    let logrotate = staging.read("etc/echo.logrotate");
+    assert!(logrotate.contains("/opt/echo/log/*.log {"), "{logrotate}");
     // The config holds the admin token: not world-readable.
     let toml_mode = std::fs::metadata(staging.path("etc/echo.toml"))
         .expect("etc/echo.toml")
@@ -237,7 +275,11 @@ fn the_unit_runs_the_installed_echod_with_the_installed_config() {
     assert_eq!(unit_values(&unit, "User"), ["echo"]);
     assert_eq!(
         unit_values(&unit, "ExecReload"),
-        ["/bin/kill -HUP $MAINPID"]
+        [
+            "/opt/echo/bin/echod --check-config /opt/echo/etc/echo.toml",
+            "/bin/kill -HUP $MAINPID"
+        ],
+        "a reload checks the config first, so an invalid one fails the reload"
     );
     assert_eq!(unit_values(&unit, "KillSignal"), ["SIGTERM"]);
     assert_eq!(unit_values(&unit, "Restart"), ["on-failure"]);
@@ -249,7 +291,7 @@ fn the_unit_runs_the_installed_echod_with_the_installed_config() {
 /// systemd sends SIGKILL after TimeoutStopSec: it must outlast echod's drain.
 #[test]
 fn the_unit_waits_longer_than_the_drain_timeout_before_killing() {
-    let staging = Staging::new("stop", DEFAULT_PREFIX);
+    let staging = Staging::live("stop");
     staging.make_ok("install");
     let unit = staging.read("etc/echo.service");
     let config = Config::load(&staging.path("etc/echo.toml")).expect("installed config");
@@ -268,10 +310,32 @@ fn the_unit_waits_longer_than_the_drain_timeout_before_killing() {
 fn a_custom_prefix_is_written_into_the_unit() {
     let staging = Staging::new("prefix", "/usr/local/echo");
     staging.make_ok("install");
-    for rel in ["bin/echod", "etc/echo.toml", "etc/echo.service", "log"] {
+    for rel in [
+        "bin/echod",
+        "etc/echo.toml",
+        "etc/echo.service",
+        "etc/token",
+        "log",
+    ] {
         assert_exists(&staging.path(rel));
     }
     let unit = staging.read("etc/echo.service");
+    // Issue 21: the installed config's paths follow PREFIX too.
+    let config = staging.read("etc/echo.toml");
+    assert!(
+        config.contains("token_file = \"/usr/local/echo/etc/token\""),
+        "{config}"
+    );
+    assert!(
+        !config.contains("/opt/echo"),
+        "the config still names /opt/echo"
+    );
+    for packaging in ["etc/echo.sysusers.conf", "etc/echo.logrotate"] {
+        assert!(
+            !staging.read(packaging).contains("/opt/echo"),
+            "{packaging}"
+        );
+    }
 
     assert_eq!(
         unit_values(&unit, "ExecStart"),
@@ -297,8 +361,14 @@ fn reinstall_keeps_an_operators_config() {
     let custom = "# the operator's own\n[origin]\nurl = \"http://10.0.0.7:8000\"\n";
     std::fs::write(staging.path("etc/echo.toml"), custom).expect("edit config");
 
+    let token = staging.read("etc/token");
     let out = staging.make_ok("install");
     assert_eq!(staging.read("etc/echo.toml"), custom);
+    assert_eq!(
+        staging.read("etc/token"),
+        token,
+        "a reinstall keeps the token"
+    );
     assert!(
         out.stdout.contains("keeping existing"),
         "install did not say it kept the config:\n{}",
@@ -319,8 +389,11 @@ fn uninstall_removes_what_install_added_and_keeps_config_and_logs() {
     staging.make_ok("uninstall");
     assert_gone(&staging.path("bin/echod"));
     assert_gone(&staging.path("etc/echo.service"));
+    assert_gone(&staging.path("etc/echo.sysusers.conf"));
+    assert_gone(&staging.path("etc/echo.logrotate"));
     assert_gone(&staging.path("bin"));
     assert_eq!(staging.read("etc/echo.toml"), config);
+    assert_exists(&staging.path("etc/token"));
     assert_eq!(
         std::fs::read_to_string(&log).expect("log kept"),
         "a line echod wrote\n"
@@ -347,9 +420,17 @@ fn uninstall_keeps_a_bin_dir_that_holds_other_files() {
 
 #[test]
 fn the_installed_echod_accepts_the_installed_config() {
-    let staging = Staging::new("check", DEFAULT_PREFIX);
+    // No DESTDIR: the config's token_file names the installed token.
+    let staging = Staging::live("check");
     staging.make_ok("install");
     let config = staging.path("etc/echo.toml");
+    let loaded = Config::load(&config).expect("installed config");
+    let admin = loaded.admin.expect("[admin]");
+    assert_eq!(
+        admin.token,
+        staging.read("etc/token"),
+        "the config reads the token file"
+    );
 
     let out = staging.run(
         "installed echod --check-config",
@@ -359,6 +440,52 @@ fn the_installed_echod_accepts_the_installed_config() {
             .arg(&config),
     );
     out.assert_success();
+}
+
+/// Issue 21: the seed's install line, `./bang.sh --prefix=/opt/echo`, is exactly `make
+/// install PREFIX=...`; `--help` says so, and an unknown argument is an error.
+#[test]
+fn bang_sh_installs_as_make_install_does() {
+    let staging = Staging::new("bang", "/srv/echo");
+    let help = staging.run(
+        "bang.sh --help",
+        Command::new(Path::new(REPO).join("bang.sh")).arg("--help"),
+    );
+    help.assert_success();
+    assert!(
+        help.stdout.contains("make install PREFIX=DIR"),
+        "{}",
+        help.stdout
+    );
+    let bad = staging.run(
+        "bang.sh --bogus",
+        Command::new(Path::new(REPO).join("bang.sh")).arg("--bogus"),
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
+    let out = staging.run(
+        "bang.sh --prefix",
+        Command::new(Path::new(REPO).join("bang.sh"))
+            .arg("--prefix=/srv/echo")
+            .env("DESTDIR", &staging.destdir)
+            .env("ECHOD", ECHOD)
+            .env("NOBUILD", "1")
+            .env_remove("MAKEFLAGS")
+            .env_remove("MFLAGS")
+            .env_remove("MAKELEVEL"),
+    );
+    out.assert_success();
+    for rel in [
+        "bin/echod",
+        "etc/echo.toml",
+        "etc/token",
+        "etc/echo.service",
+        "log",
+    ] {
+        assert_exists(&staging.path(rel));
+    }
+    assert!(staging
+        .read("etc/echo.service")
+        .contains("/srv/echo/bin/echod"));
 }
 
 /// An extra check where the machine has systemd-analyze (the test never installs it):

@@ -25,7 +25,13 @@ fn metrics(echo: &EchoUnderTest) -> String {
 }
 
 fn admin_json(echo: &EchoUnderTest, path: &str) -> (u16, Value) {
-    let resp = client::get(echo.admin.unwrap(), path, &[]);
+    let auth = format!("Bearer {TOKEN}");
+    let resp = RawClient::connect(echo.admin.unwrap()).request(
+        "GET",
+        path,
+        &[("Authorization", &auth)],
+        b"",
+    );
     let json = serde_json::from_slice(&resp.body)
         .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {}", resp.body_str()));
     (resp.status, json)
@@ -433,4 +439,180 @@ fn the_admin_listener_has_its_own_limits_not_the_proxys() {
     assert!(matches!(status, 200 | 202), "{status} {json}");
     let resp = RawClient::connect(echo.addr).request("POST", "/upload", &[], pattern.as_bytes());
     assert_eq!(resp.status, 413, "the proxy keeps its own limit");
+}
+
+/// Issue 21: `/health` without a token says how Echo is and why, never what it talks to
+/// (origin URLs, Redis addresses, errors); with a token, everything.
+#[test]
+fn health_without_a_token_gives_status_and_reasons_only() {
+    let echo = EchoUnderTest::with_config(config(&dead_origin_url(), &admin_section()));
+    let admin = echo.admin.expect("admin");
+    let anonymous = client::get(admin, "/health", &[]);
+    assert_eq!(anonymous.status, 200);
+    let brief: Value = serde_json::from_slice(&anonymous.body).expect("JSON");
+    let mut keys: Vec<&str> = brief
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["degraded", "draining", "status"], "{brief}");
+    assert!(
+        !anonymous.body_str().contains("127.0.0.1"),
+        "{}",
+        anonymous.body_str()
+    );
+    let (status, full) = admin::health(admin, TOKEN);
+    assert_eq!(status, 200);
+    assert!(full["origins"].is_array(), "{full}");
+    assert!(full.to_string().contains("127.0.0.1"), "{full}");
+}
+
+/// Issue 21: `admin.metrics_token` reads (`/metrics`, `GET /cache`, job status) and
+/// can change nothing; the scheme of `Authorization` is case-insensitive (RFC 9110
+/// §11.1: "It uses a case-insensitive token as a means to identify the authentication
+/// scheme").
+#[test]
+fn the_metrics_token_only_reads_and_the_bearer_scheme_is_case_insensitive() {
+    let origin =
+        TestOrigin::start(|_| OriginResponse::ok("x").header("Cache-Control", "max-age=600"));
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!("{}metrics_token = \"scrape-only\"\n", admin_section()),
+    ));
+    let admin = echo.admin.expect("admin");
+    let call = |method: &str, path: &str, auth: &str, body: &str| {
+        RawClient::connect(admin)
+            .request(method, path, &[("Authorization", auth)], body.as_bytes())
+            .status
+    };
+    client::get(echo.addr, "/x", &[]);
+    let read = "Bearer scrape-only";
+    assert_eq!(call("GET", "/metrics", read, ""), 200);
+    assert_eq!(call("GET", "/cache?url=http://test.local/x", read, ""), 200);
+    let body = r#"{"url": "http://test.local/x"}"#;
+    assert_eq!(call("POST", "/invalidate", read, body), 403);
+    assert_eq!(call("DELETE", "/invalidate/1", read, ""), 403);
+    assert_eq!(call("GET", "/metrics", "Bearer wrong", ""), 401);
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let auth = format!("{scheme} {TOKEN}");
+        assert_eq!(call("POST", "/invalidate", &auth, body), 200, "{scheme}");
+    }
+    let e = echo::config::Config::parse(
+        "[origin]\nurl = \"http://a\"\n[admin]\ntoken = \"t\"\nmetrics_token = \"t\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("admin.metrics_token"), "{e}");
+}
+
+/// Issue 21: the example config's token is refused where anyone could use it.
+#[test]
+fn the_example_token_is_refused_on_a_non_loopback_admin_listener() {
+    let parse = |listen: &str, token: &str| {
+        echo::config::Config::parse(&format!(
+            "[origin]\nurl = \"http://a\"\n[admin]\nlisten = \"{listen}\"\ntoken = \"{token}\"\n"
+        ))
+    };
+    let e = parse("0.0.0.0:8081", "change-me").unwrap_err().to_string();
+    assert!(e.contains("admin.token") && e.contains("loopback"), "{e}");
+    assert!(parse("10.1.2.3:8081", "change-me").is_err());
+    assert!(
+        parse("127.0.0.1:8081", "change-me").is_ok(),
+        "the demo keeps working"
+    );
+    assert!(parse("0.0.0.0:8081", "a-real-secret").is_ok());
+    assert!(parse("0.0.0.0:8081", "").is_err());
+}
+
+/// Issue 21: every answer of Echo's own making carries `Date` and `Via` (RFC 9110
+/// §6.6.1, §7.6.3), the proxy's also `X-Cache-Status`, and a 405 `Allow` (RFC 9110
+/// §15.5.6: "The origin server MUST generate an Allow header field in a 405 response").
+#[test]
+fn echos_own_answers_carry_date_via_cache_status_and_allow() {
+    let echo = EchoUnderTest::with_config(config(
+        &dead_origin_url(),
+        &format!("[server]\nmax_body_bytes = 10\n{}", admin_section()),
+    ));
+    let too_large = RawClient::connect(echo.addr).request("POST", "/u", &[], &[b'x'; 100]);
+    let bad_gateway = client::get(echo.addr, "/down", &[]);
+    let mut raw = RawClient::connect(echo.addr);
+    raw.send(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n");
+    let refused = raw.read_response(false).expect("a refusal");
+    for (what, resp, status) in [
+        ("413", &too_large, 413),
+        ("502", &bad_gateway, 502),
+        ("refusal", &refused, 400),
+    ] {
+        assert_eq!(resp.status, status, "{what}");
+        let date = resp
+            .header("date")
+            .unwrap_or_else(|| panic!("{what}: no Date"));
+        assert!(httpdate::parse_http_date(date).is_ok(), "{what}: {date}");
+        assert_eq!(resp.header("via"), Some("1.1 echo"), "{what}");
+        assert!(resp.header("x-cache-status").is_some(), "{what}");
+    }
+    let admin = echo.admin.expect("admin");
+    let auth = format!("Bearer {TOKEN}");
+    for (method, path, allow) in [
+        ("DELETE", "/cache", "GET"),
+        ("GET", "/invalidate", "POST"),
+        ("POST", "/invalidate/7", "GET, DELETE"),
+    ] {
+        let resp =
+            RawClient::connect(admin).request(method, path, &[("Authorization", &auth)], b"");
+        assert_eq!(resp.status, 405, "{method} {path}");
+        assert_eq!(resp.header("allow"), Some(allow), "{method} {path}");
+        assert!(resp.header("date").is_some() && resp.header("via").is_some());
+    }
+}
+
+/// Issue 21: `cache.expose_status_headers = false` hides `X-Cache-Status` and
+/// `Cache-Status` from clients; `Surrogate-Key` never leaves Echo by default
+/// (`cache.strip_surrogate_key`), yet invalidation by tag still works; turned off, it
+/// passes through.
+#[test]
+fn status_headers_can_be_hidden_and_surrogate_keys_stay_inside() {
+    let origin = TestOrigin::start(|_| {
+        OriginResponse::ok("tagged")
+            .header("Cache-Control", "max-age=600")
+            .header("Surrogate-Key", "org-7 user-9")
+    });
+    let hidden = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!(
+            "[cache]\nexpose_status_headers = false\n{}",
+            admin_section()
+        ),
+    ));
+    for expect in ["MISS", "HIT"] {
+        let resp = client::get(hidden.addr, "/t", &[]);
+        assert_eq!(resp.body_str(), "tagged", "{expect}");
+        for field in ["x-cache-status", "cache-status", "surrogate-key"] {
+            assert_eq!(resp.header(field), None, "{expect}: {field}");
+        }
+    }
+    let (status, _) = admin::invalidate(hidden.admin.expect("admin"), TOKEN, r#"{"tag": "org-7"}"#);
+    assert!(matches!(status, 200 | 202));
+    client::get(hidden.addr, "/t", &[]);
+    assert_eq!(
+        origin.hits("/t"),
+        2,
+        "the tag still reached the stored entry"
+    );
+
+    let shown = EchoUnderTest::with_config(config(
+        &origin.url(),
+        "[cache]\nstrip_surrogate_key = false\n",
+    ));
+    for expect in ["MISS", "HIT"] {
+        let resp = client::get(shown.addr, "/s", &[]);
+        assert_eq!(resp.header("x-cache-status"), Some(expect));
+        assert_eq!(
+            resp.header("surrogate-key"),
+            Some("org-7 user-9"),
+            "{expect}"
+        );
+    }
 }

@@ -68,9 +68,9 @@ fn data_hits(origin: &TestOrigin) -> usize {
 }
 
 fn health(echo: &EchoUnderTest) -> Value {
-    let resp = client::get(echo.admin.expect("admin"), "/health", &[]);
-    assert_eq!(resp.status, 200, "{}", resp.body_str());
-    serde_json::from_slice(&resp.body).expect("health JSON")
+    let (status, json) = crate::support::admin::health(echo.admin.expect("admin"), TOKEN);
+    assert_eq!(status, 200, "{json}");
+    json
 }
 
 /// Whether `/health` lists `url` with `up`.
@@ -626,4 +626,31 @@ fn an_https_origin_is_verified_against_the_configured_ca_and_gets_sni() {
     let refused: RawResponse = client::get(untrusting.addr, "/tls", &[]);
     assert_eq!(refused.status, 502);
     assert_eq!(seen.lock().unwrap().len(), before);
+}
+
+/// Issue 21: a name that does not resolve is a server that cannot be reached (a connect
+/// failure, counted as such), not an origin that broke the protocol: it takes the
+/// server out like a refused connection does.
+#[test]
+fn a_dns_failure_is_a_connect_failure() {
+    let echo = EchoUnderTest::with_config(crate::support::echo::config(
+        "http://echo-test-host.invalid:8000",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"),
+    ));
+    let resp = client::get(echo.addr, "/x", &[]);
+    assert_eq!(resp.status, 502, "{}", resp.body_str());
+    let metrics = admin::metrics(echo.admin.expect("admin"), TOKEN);
+    let errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("origin_errors"))
+        .collect();
+    let count = |kind: &str| {
+        errors
+            .iter()
+            .find(|l| l.contains(&format!("kind=\"{kind}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("connect") >= 1.0, "{errors:?}");
+    assert_eq!(count("protocol"), 0.0, "{errors:?}");
 }

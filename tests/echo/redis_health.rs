@@ -37,9 +37,9 @@ fn echo_on(
 }
 
 fn health(echo: &EchoUnderTest) -> Value {
-    let resp = client::get(echo.admin.expect("admin"), "/health", &[]);
-    assert_eq!(resp.status, 200, "/health answers 200 whatever Redis does");
-    serde_json::from_slice(&resp.body).expect("/health is JSON")
+    let (status, json) = admin::health(echo.admin.expect("admin"), TOKEN);
+    assert_eq!(status, 200, "/health answers 200 whatever Redis does");
+    json
 }
 
 fn metrics(echo: &EchoUnderTest) -> String {

@@ -72,7 +72,9 @@ fn invalidate(echo: &EchoUnderTest, body: &str) -> Value {
 
 /// GET /health on `admin`: its status, JSON and raw text.
 fn health(admin: std::net::SocketAddr) -> (u16, Value, String) {
-    let resp = client::get(admin, "/health", &[]);
+    let auth = format!("Bearer {TOKEN}");
+    let resp =
+        RawClient::connect(admin).request("GET", "/health", &[("Authorization", &auth)], b"");
     let json = serde_json::from_slice(&resp.body)
         .unwrap_or_else(|e| panic!("/health: not JSON ({e}): {}", resp.body_str()));
     (resp.status, json, resp.body_str())

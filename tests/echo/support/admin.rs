@@ -1,5 +1,5 @@
 //! Calls to an Echo's admin API with its bearer token: the metrics text, one of its
-//! samples, and `POST /invalidate`.
+//! samples, `/health` in full, and `POST /invalidate`.
 
 use std::net::SocketAddr;
 
@@ -14,6 +14,17 @@ pub fn metrics(admin: SocketAddr, token: &str) -> String {
         RawClient::connect(admin).request("GET", "/metrics", &[("Authorization", &auth)], b"");
     assert_eq!(resp.status, 200);
     resp.body_str()
+}
+
+/// `GET /health` with the token (the details are only given with one): the status and
+/// the JSON.
+pub fn health(admin: SocketAddr, token: &str) -> (u16, Value) {
+    let auth = format!("Bearer {token}");
+    let resp =
+        RawClient::connect(admin).request("GET", "/health", &[("Authorization", &auth)], b"");
+    let json = serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("/health: not JSON ({e}): {}", resp.body_str()));
+    (resp.status, json)
 }
 
 /// The value of the sample line that starts with `series` (name and labels).
