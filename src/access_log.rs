@@ -44,7 +44,12 @@ pub struct Record<'a> {
     pub took: Duration,
     pub cache_status: &'a str,
     pub origin: Option<&'a str>,
+    /// The request's Host (`-` when it had none).
+    pub host: &'a str,
+    pub user_agent: Option<&'a str>,
 }
+
+pub use crate::config::AccessFormat;
 
 enum Message {
     Line(String),
@@ -56,12 +61,17 @@ enum Message {
 pub struct AccessLog {
     tx: Sender<Message>,
     metrics: Option<Arc<Metrics>>,
+    format: AccessFormat,
 }
 
 impl AccessLog {
     /// Opens (appends to) `path` and starts the writer thread; it ends when the
     /// `AccessLog` is dropped, after writing what was queued.
-    pub fn open(path: &Path, metrics: Option<Arc<Metrics>>) -> io::Result<AccessLog> {
+    pub fn open(
+        path: &Path,
+        format: AccessFormat,
+        metrics: Option<Arc<Metrics>>,
+    ) -> io::Result<AccessLog> {
         let file = open_append(path)?;
         let (tx, rx) = bounded::<Message>(QUEUE);
         let writer_path = path.to_path_buf();
@@ -102,12 +112,20 @@ impl AccessLog {
                 }
                 flush(&mut out, &writer_path);
             })?;
-        Ok(AccessLog { tx, metrics })
+        Ok(AccessLog {
+            tx,
+            metrics,
+            format,
+        })
     }
 
     /// Queues one line; drops it (and counts it) if the writer is that far behind.
     pub fn log(&self, r: &Record<'_>) {
-        if self.tx.try_send(Message::Line(format_line(r))).is_err() {
+        let line = match self.format {
+            AccessFormat::Text => format_line(r),
+            AccessFormat::Json => format_json(r),
+        };
+        if self.tx.try_send(Message::Line(line)).is_err() {
             if let Some(m) = &self.metrics {
                 m.access_log_dropped.inc();
             }
@@ -155,9 +173,9 @@ pub fn format_line(r: &Record<'_>) -> String {
     escape_into(&mut line, r.method);
     line.push(' ');
     escape_into(&mut line, r.target);
-    let _ = writeln!(
+    let _ = write!(
         line,
-        " {}\" {} {} {:.6} {} {}",
+        " {}\" {} {} {:.6} {} {} \"",
         r.version,
         r.status,
         r.bytes,
@@ -165,6 +183,31 @@ pub fn format_line(r: &Record<'_>) -> String {
         r.cache_status,
         r.origin.unwrap_or("-")
     );
+    escape_into(&mut line, r.host);
+    line.push_str("\" \"");
+    escape_into(&mut line, r.user_agent.unwrap_or("-"));
+    line.push_str("\"\n");
+    line
+}
+
+/// One JSON object, newline included (serde_json escapes what needs it).
+pub fn format_json(r: &Record<'_>) -> String {
+    let mut line = serde_json::json!({
+        "time": humantime::format_rfc3339_millis(r.received).to_string(),
+        "client": r.client.to_string(),
+        "method": r.method,
+        "target": r.target,
+        "version": r.version,
+        "status": r.status,
+        "bytes": r.bytes,
+        "seconds": r.took.as_secs_f64(),
+        "cache": r.cache_status,
+        "origin": r.origin,
+        "host": r.host,
+        "user_agent": r.user_agent,
+    })
+    .to_string();
+    line.push('\n');
     line
 }
 
@@ -195,6 +238,8 @@ mod tests {
             took: Duration::from_micros(345),
             cache_status: "hit",
             origin: None,
+            host: "api.example",
+            user_agent: Some("curl/8.5"),
         }
     }
 
@@ -202,8 +247,23 @@ mod tests {
     fn a_line_has_every_field_in_order() {
         assert_eq!(
             format_line(&record("/orgs/42?page=2")),
-            "2026-11-18T11:06:40.123Z 10.0.0.7 \"GET /orgs/42?page=2 HTTP/1.1\" 200 1234 0.000345 hit -\n"
+            "2026-11-18T11:06:40.123Z 10.0.0.7 \"GET /orgs/42?page=2 HTTP/1.1\" 200 1234 0.000345 hit - \"api.example\" \"curl/8.5\"\n"
         );
+    }
+
+    #[test]
+    fn a_json_line_is_one_object_with_every_field() {
+        let mut r = record("/a\"b\n");
+        r.user_agent = None;
+        let line = format_json(&r);
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(v["target"], "/a\"b\n");
+        assert_eq!(v["host"], "api.example");
+        assert_eq!(v["user_agent"], serde_json::Value::Null);
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["cache"], "hit");
+        assert_eq!(v["time"], "2026-11-18T11:06:40.123Z");
     }
 
     #[test]

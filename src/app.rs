@@ -70,9 +70,10 @@ impl From<io::Error> for StartError {
 /// Opens the access log at `path`.
 fn open_access_log(
     path: &std::path::Path,
+    format: access_log::AccessFormat,
     metrics: &Arc<metrics::Metrics>,
 ) -> Result<access_log::AccessLog, StartError> {
-    access_log::AccessLog::open(path, Some(Arc::clone(metrics))).map_err(|source| {
+    access_log::AccessLog::open(path, format, Some(Arc::clone(metrics))).map_err(|source| {
         StartError::AccessLog {
             path: path.to_path_buf(),
             source,
@@ -105,11 +106,20 @@ pub struct Reloaded {
 
 impl Echo {
     /// Graceful stop of every listener: see `ServerHandle::drain`. True if every
-    /// connection finished within `timeout`. `/ready` fails from the start; the admin
+    /// connection finished within `timeout`. `/ready` fails from the start; for `grace`
+    /// Echo still accepts and serves as before (a balancer polling `/ready` stops
+    /// sending new clients meanwhile), then stops accepting and drains; the admin
     /// listener stops last.
-    pub fn drain(&mut self, timeout: Duration) -> bool {
+    pub fn drain(&mut self, grace: Duration, timeout: Duration) -> bool {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        if !grace.is_zero() {
+            log::info!(
+                "draining: /ready fails; still serving for {} ms",
+                grace.as_millis()
+            );
+            std::thread::sleep(grace);
+        }
         let mut clean = self.proxy.drain(timeout);
         if let Some(log) = self.handler.access_log().as_ref() {
             log.flush(Duration::from_secs(2));
@@ -143,19 +153,36 @@ impl Echo {
     pub fn reload(&mut self, new: &Config) -> Result<Reloaded, StartError> {
         let old = &self.running;
         let mut done = Reloaded::default();
+        // What changed is what the file says differently: a value derived from another
+        // key (an origin's pool size from server.workers) is not a change of its own.
+        let changed = old.source.changed_keys(&new.source);
+        let touches = |section: &str| {
+            changed.iter().any(|k| {
+                k == section
+                    || k.strip_prefix(section)
+                        .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+            })
+        };
         // Build everything that can fail first, then swap.
-        let upstreams_changed = old.origin != new.origin || old.routes != new.routes;
+        let upstreams_changed = touches("origin") || touches("route");
         let upstreams = if upstreams_changed {
             Some(
-                upstream::Upstreams::new(&new.origin, &new.routes, Some(Arc::clone(&self.metrics)))
-                    .map_err(StartError::Upstreams)?,
+                upstream::Upstreams::new(
+                    &new.origin,
+                    &new.routes,
+                    Some(Arc::clone(&self.metrics)),
+                    Some(&self.upstreams.get()),
+                )
+                .map_err(StartError::Upstreams)?,
             )
         } else {
             None
         };
-        let access_log = if old.log.access_log != new.log.access_log {
+        let access_log = if old.log.access_log != new.log.access_log
+            || old.log.access_format != new.log.access_format
+        {
             Some(match &new.log.access_log {
-                Some(path) => Some(open_access_log(path, &self.metrics)?),
+                Some(path) => Some(open_access_log(path, new.log.access_format, &self.metrics)?),
                 None => None,
             })
         } else {
@@ -188,9 +215,14 @@ impl Echo {
             self.handler.set_access_log(log);
             done.applied.push("log.access_log".into());
         }
-        if old.log.level != new.log.level {
-            log::set_max_level(new.log.level);
-            done.applied.push("log.level".into());
+        if old.log.level != new.log.level || old.log.dependencies != new.log.dependencies {
+            crate::logging::set_levels(new.log.level, new.log.dependencies);
+            if old.log.level != new.log.level {
+                done.applied.push("log.level".into());
+            }
+            if old.log.dependencies != new.log.dependencies {
+                done.applied.push("log.dependencies".into());
+            }
         }
         let old_token = old.admin.as_ref().map(|a| a.token.as_str());
         let new_token = new.admin.as_ref().map(|a| a.token.as_str());
@@ -214,29 +246,37 @@ impl Echo {
                 _ => done.need_restart.push("admin".into()),
             }
         }
-        let restart_only = [
-            ("server", old.server != new.server),
-            (
-                "admin.listen",
-                old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen),
-            ),
-            ("cache", old.cache != new.cache),
-            ("redis", old.redis != new.redis),
-            ("invalidation", old.invalidation != new.invalidation),
-            ("log.file", old.log.file != new.log.file),
+        // Every other key that changed needs a restart, and is named.
+        const LIVE: [&str; 7] = [
+            "log.level",
+            "log.dependencies",
+            "log.access_log",
+            "log.access_format",
+            "admin.token",
+            "admin.token_file",
+            "admin.metrics_token",
         ];
-        for (section, changed) in restart_only {
-            if changed && !done.need_restart.iter().any(|s| s == section) {
-                done.need_restart.push(section.into());
+        for key in &changed {
+            let live = LIVE.contains(&key.as_str())
+                || key == "origin"
+                || key.starts_with("origin.")
+                || key.starts_with("route");
+            if !live && !done.need_restart.contains(key) {
+                done.need_restart.push(key.clone());
             }
         }
         // What a restart would change stays as it runs, so the next reload compares
         // against the truth.
         let mut running = self.running.clone();
-        running.origin = new.origin.clone();
-        running.routes = new.routes.clone();
+        if upstreams_changed {
+            running.origin = new.origin.clone();
+            running.routes = new.routes.clone();
+        }
+        running.source = new.source.clone();
         running.log.level = new.log.level;
+        running.log.dependencies = new.log.dependencies;
         running.log.access_log = new.log.access_log.clone();
+        running.log.access_format = new.log.access_format;
         if let (Some(r), Some(n)) = (running.admin.as_mut(), new.admin.as_ref()) {
             r.token = n.token.clone();
             r.metrics_token = n.metrics_token.clone();
@@ -332,6 +372,7 @@ fn admin_server_config(proxy: &config::ServerConfig) -> config::ServerConfig {
         proxy_protocol: false,
         trusted_proxies: Vec::new(),
         drain_timeout: proxy.drain_timeout,
+        drain_grace: Duration::ZERO,
         // Head limits, deadlines and rates: the defaults.
         ..config::ServerConfig::default()
     }
@@ -441,10 +482,37 @@ pub fn start_on(
     let store: Arc<dyn Store> = Arc::new(store::Instrumented::new(store, Arc::clone(&metrics)));
     {
         let store = Arc::clone(&store);
+        // Evictions already counted (the store keeps a running total).
+        let evictions_seen = std::sync::Mutex::new(0u64);
         metrics.add_sampler(move |m| {
+            let name = store.name();
+            let label = |store: &str| vec![("store", store.to_string())];
             if let Some((bytes, objects)) = store.usage() {
                 m.stored_bytes.set(bytes as i64);
                 m.stored_objects.set(objects as i64);
+                m.store_bytes.get_or_create(&label(name)).set(bytes as i64);
+                m.store_entries
+                    .get_or_create(&label(name))
+                    .set(objects as i64);
+            }
+            if let Some(total) = store.evictions() {
+                let mut seen = evictions_seen.lock().unwrap_or_else(|e| e.into_inner());
+                if total > *seen {
+                    m.store_evictions
+                        .get_or_create(&label(name))
+                        .inc_by(total - *seen);
+                    *seen = total;
+                }
+            }
+            if let Some(tier) = store.local_tier() {
+                let bytes = i64::try_from(tier.bytes).unwrap_or(i64::MAX);
+                let entries = i64::try_from(tier.entries).unwrap_or(i64::MAX);
+                m.store_bytes
+                    .get_or_create(&label("redis_local"))
+                    .set(bytes);
+                m.store_entries
+                    .get_or_create(&label("redis_local"))
+                    .set(entries);
             }
             let servers = store.servers();
             if !servers.is_empty() {
@@ -456,11 +524,11 @@ pub fn start_on(
         });
     }
     let upstreams = Arc::new(live::Live::new(Arc::new(
-        upstream::Upstreams::new(&cfg.origin, &cfg.routes, Some(Arc::clone(&metrics)))
+        upstream::Upstreams::new(&cfg.origin, &cfg.routes, Some(Arc::clone(&metrics)), None)
             .map_err(StartError::Upstreams)?,
     )));
     let access_log = match &cfg.log.access_log {
-        Some(path) => Some(open_access_log(path, &metrics)?),
+        Some(path) => Some(open_access_log(path, cfg.log.access_format, &metrics)?),
         None => None,
     };
     let proxy = Arc::new(cache::Cache::new(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use echo::admin::client::{self as admin_client, AdminCall, ClientError, InvalidateRequest};
-use echo::config::{Config, LogConfig};
+use echo::config::Config;
 use echo::invalidation::Mode;
 
 const USAGE: &str = "\
@@ -202,35 +202,6 @@ fn parse_invalidate(
     Ok(Command::Admin(config, call))
 }
 
-fn init_logging(cfg: &LogConfig) -> Result<(), String> {
-    let log_config = simplelog::ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_thread_level(simplelog::LevelFilter::Off)
-        .set_target_level(simplelog::LevelFilter::Off)
-        .build();
-    match &cfg.file {
-        Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-            // The logger passes everything; the level is `log`'s global filter, so a
-            // reload can change it.
-            simplelog::WriteLogger::init(simplelog::LevelFilter::Trace, log_config, file)
-        }
-        None => simplelog::TermLogger::init(
-            simplelog::LevelFilter::Trace,
-            log_config,
-            simplelog::TerminalMode::Stderr,
-            simplelog::ColorChoice::Never,
-        ),
-    }
-    .map_err(|e| format!("cannot set up logging: {e}"))?;
-    log::set_max_level(cfg.level);
-    Ok(())
-}
-
 /// SIGHUP: reopens the access log (logrotate), then reloads the config. An invalid
 /// config is refused and logged; the running one stays.
 fn reload(echo: &mut echo::Echo, path: &Path) {
@@ -307,7 +278,7 @@ fn run() -> Result<ExitCode, String> {
         Command::Admin(path, call) => return admin(&path, &call),
         Command::Run(path) => {
             let cfg = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            init_logging(&cfg.log)?;
+            echo::logging::init(&cfg.log)?;
             // Registered before anything starts, so a SIGTERM is always a drain.
             let mut signals = signal_hook::iterator::Signals::new([
                 signal_hook::consts::SIGTERM,
@@ -342,10 +313,11 @@ fn run() -> Result<ExitCode, String> {
                     continue;
                 }
                 log::info!(
-                    "signal {signal}: draining (up to {} ms)",
+                    "signal {signal}: draining (grace {} ms, then up to {} ms)",
+                    cfg.server.drain_grace.as_millis(),
                     cfg.server.drain_timeout.as_millis()
                 );
-                if echo.drain(cfg.server.drain_timeout) {
+                if echo.drain(cfg.server.drain_grace, cfg.server.drain_timeout) {
                     log::info!("drained; exiting");
                 } else {
                     log::warn!("drain timeout reached with requests still in flight; exiting");

@@ -63,6 +63,8 @@ pub struct RedisMetrics {
     /// `echo_redis_used_memory_bytes{server}` and `echo_redis_maxmemory_bytes{server}`.
     pub used_memory: Family<Labels, Gauge>,
     pub maxmemory: Family<Labels, Gauge>,
+    /// `echo_redis_evicted_keys{server}`: INFO `evicted_keys` (Redis's own running total).
+    pub evicted_keys: Family<Labels, Gauge>,
     /// The local tier in front of Redis: `echo_local_cache_{hits,misses,invalidations,
     /// flushes}_total`, `echo_local_cache_bytes`, `echo_local_cache_entries`, and
     /// `echo_local_cache_on` (1 while it serves).
@@ -84,6 +86,7 @@ impl RedisMetrics {
             degraded: Family::default(),
             used_memory: Family::default(),
             maxmemory: Family::default(),
+            evicted_keys: Family::default(),
             local_hits: Counter::default(),
             local_misses: Counter::default(),
             local_invalidations: Counter::default(),
@@ -165,6 +168,11 @@ impl RedisMetrics {
             "A Redis server's maxmemory (0: no limit)",
             m.maxmemory.clone(),
         );
+        r.register(
+            "echo_redis_evicted_keys",
+            "Keys a Redis server evicted for maxmemory since it started (INFO evicted_keys)",
+            m.evicted_keys.clone(),
+        );
         m
     }
 
@@ -195,6 +203,7 @@ impl RedisMetrics {
             &self.degraded,
             &self.used_memory,
             &self.maxmemory,
+            &self.evicted_keys,
         ] {
             family.clear();
         }
@@ -228,12 +237,70 @@ impl RedisMetrics {
                     .get_or_create(&server())
                     .set(i64::try_from(used).unwrap_or(i64::MAX));
             }
+            if let Some(evicted) = s.evicted_keys {
+                self.evicted_keys
+                    .get_or_create(&server())
+                    .set(i64::try_from(evicted).unwrap_or(i64::MAX));
+            }
             if let Some(max) = s.maxmemory {
                 self.maxmemory
                     .get_or_create(&server())
                     .set(i64::try_from(max).unwrap_or(i64::MAX));
             }
         }
+    }
+}
+
+/// The conventional `process_*` metrics of a Prometheus client.
+pub struct ProcessMetrics {
+    cpu: Counter<f64, AtomicU64>,
+    /// The CPU time already counted.
+    cpu_seen: Mutex<f64>,
+    resident: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    threads: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
+}
+
+impl ProcessMetrics {
+    fn register(r: &mut Registry) -> ProcessMetrics {
+        let m = ProcessMetrics {
+            cpu: Counter::default(),
+            cpu_seen: Mutex::new(0.0),
+            resident: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            threads: Gauge::default(),
+            start_time: Gauge::default(),
+        };
+        r.register(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            m.cpu.clone(),
+        );
+        r.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            m.resident.clone(),
+        );
+        r.register(
+            "process_open_fds",
+            "Open file descriptors",
+            m.open_fds.clone(),
+        );
+        r.register(
+            "process_max_fds",
+            "The open-files limit (soft)",
+            m.max_fds.clone(),
+        );
+        r.register("process_threads", "Threads", m.threads.clone());
+        r.register(
+            "process_start_time_seconds",
+            "When the process started, in seconds since the Unix epoch",
+            m.start_time.clone(),
+        );
+        m
     }
 }
 
@@ -279,6 +346,14 @@ pub struct Metrics {
     pub queue_depth: Family<Labels, Gauge>,
     /// `echo_access_log_dropped_lines_total`: lines lost because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// `echo_store_entries{store}`, `echo_store_bytes{store}`: what each store (the
+    /// memory store; the Redis store's local tier as `redis_local`) holds.
+    pub store_entries: Family<Labels, Gauge>,
+    pub store_bytes: Family<Labels, Gauge>,
+    /// `echo_store_evictions_total{store}`: entries a store dropped for room.
+    pub store_evictions: Family<Labels, Counter>,
+    /// `process_*`: what the process uses (`crate::process`).
+    pub process: ProcessMetrics,
     /// Each Redis server as the store's monitor last found it (set at each scrape).
     pub redis: RedisMetrics,
     samplers: Mutex<Vec<Sampler>>,
@@ -392,6 +467,34 @@ impl Metrics {
             "Access log lines dropped because the writer could not keep up",
             access_log_dropped.clone(),
         );
+        let store_entries = Family::<Labels, Gauge>::default();
+        r.register(
+            "echo_store_entries",
+            "Entries (URLs) a store holds in this process, by store (memory; redis_local, the Redis store's local tier)",
+            store_entries.clone(),
+        );
+        let store_bytes = Family::<Labels, Gauge>::default();
+        r.register(
+            "echo_store_bytes",
+            "Bytes a store holds in this process, by store",
+            store_bytes.clone(),
+        );
+        let store_evictions = Family::<Labels, Counter>::default();
+        r.register(
+            "echo_store_evictions",
+            "Entries a store dropped to stay within its bound, by store (Redis's own evictions: echo_redis_evicted_keys)",
+            store_evictions.clone(),
+        );
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
+        r.register(
+            "echo_build_info",
+            "Always 1; the version is the label",
+            build_info,
+        );
+        let process = ProcessMetrics::register(&mut r);
         let redis = RedisMetrics::register(&mut r);
         Arc::new(Metrics {
             registry: r,
@@ -412,6 +515,10 @@ impl Metrics {
             connections_open,
             queue_depth,
             access_log_dropped,
+            store_entries,
+            store_bytes,
+            store_evictions,
+            process,
             redis,
             samplers: Mutex::new(Vec::new()),
         })
@@ -450,8 +557,35 @@ impl Metrics {
         }
     }
 
+    /// Reads the process (`process_*`) and sets its gauges; CPU time is a counter.
+    fn sample_process(&self) {
+        let now = crate::process::read();
+        let p = &self.process;
+        if let Some(cpu) = now.cpu {
+            let seconds = cpu.as_secs_f64();
+            let mut last = p.cpu_seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seconds > *last {
+                p.cpu.inc_by(seconds - *last);
+                *last = seconds;
+            }
+        }
+        let set = |g: &Gauge, v: Option<u64>| {
+            if let Some(v) = v {
+                g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        };
+        set(&p.resident, now.resident_bytes);
+        set(&p.open_fds, now.open_fds);
+        set(&p.max_fds, now.max_fds);
+        set(&p.threads, now.threads);
+        if let Some(t) = now.start_time {
+            p.start_time.set(t);
+        }
+    }
+
     /// The exposition text.
     pub fn encode(&self) -> String {
+        self.sample_process();
         for sample in self
             .samplers
             .lock()

@@ -391,6 +391,12 @@ impl Cache {
     }
 }
 
+/// The request's User-Agent, for the access log (None: absent or not UTF-8).
+fn user_agent(req: &Request) -> Option<&str> {
+    req.header("user-agent")
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
 impl Handler for Cache {
     type Job = Job;
 
@@ -458,6 +464,8 @@ impl Handler for Cache {
                 took,
                 cache_status: "none",
                 origin: None,
+                host: request.map_or("-", |r| r.host.as_str()),
+                user_agent: request.and_then(|r| user_agent(r)),
             },
         );
     }
@@ -479,6 +487,8 @@ impl Handler for Cache {
                 took,
                 cache_status: ex.label(),
                 origin: ex.origin(),
+                host: &ex.req.host,
+                user_agent: user_agent(&ex.req),
             },
         );
     }

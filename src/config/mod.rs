@@ -56,7 +56,7 @@ impl std::error::Error for ConfigError {}
 /// the number of slots the request parser keeps on its stack (256 × 32 bytes).
 pub(crate) const MAX_HEADERS_CAP: usize = 256;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
@@ -67,6 +67,57 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     pub invalidation: InvalidationConfig,
     pub log: LogConfig,
+    /// The file as written, for telling which keys a reload changes.
+    pub source: Source,
+}
+
+/// A config file's keys as written (defaults not filled in).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Source(toml::Table);
+
+impl Source {
+    /// The dotted keys whose values differ between `self` and `newer` (added, removed
+    /// or changed; `[[route]]` lists compare whole, as `route`).
+    pub fn changed_keys(&self, newer: &Source) -> Vec<String> {
+        fn diff(
+            key: &str,
+            a: Option<&toml::Value>,
+            b: Option<&toml::Value>,
+            out: &mut Vec<String>,
+        ) {
+            let empty = toml::Value::Table(toml::Table::new());
+            // A section added or removed: its keys, one by one.
+            let (a, b) = match (a, b) {
+                (None, Some(t @ toml::Value::Table(_))) => (Some(&empty), Some(t)),
+                (Some(t @ toml::Value::Table(_)), None) => (Some(t), Some(&empty)),
+                other => other,
+            };
+            match (a, b) {
+                (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                    let mut names: Vec<&String> = a.keys().chain(b.keys()).collect();
+                    names.sort();
+                    names.dedup();
+                    for name in names {
+                        let sub = if key.is_empty() {
+                            name.clone()
+                        } else {
+                            format!("{key}.{name}")
+                        };
+                        diff(&sub, a.get(name), b.get(name), out);
+                    }
+                }
+                (a, b) if a != b => out.push(key.to_string()),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        let (a, b) = (
+            toml::Value::Table(self.0.clone()),
+            toml::Value::Table(newer.0.clone()),
+        );
+        diff("", Some(&a), Some(&b), &mut out);
+        out
+    }
 }
 
 /// The invalidation API and thread.
@@ -189,6 +240,9 @@ pub struct ServerConfig {
     pub fetch_queue: usize,
     /// On SIGTERM/SIGINT, how long requests in flight get to finish.
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long Echo keeps accepting and serving while `/ready` says 503
+    /// (so balancers polling it stop sending first); zero: stop accepting at once.
+    pub drain_grace: Duration,
     pub max_connections: usize,
     pub queue_depth: usize,
     pub queue_timeout: Duration,
@@ -387,9 +441,23 @@ impl Default for CacheConfig {
     }
 }
 
+/// How lines are written (`log.access_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessFormat {
+    /// One space-separated line, the request line and the client's fields quoted.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     pub level: log::LevelFilter,
+    /// The level of dependencies' log records (`log.dependencies`).
+    pub dependencies: log::LevelFilter,
+    /// How access log lines are written.
+    pub access_format: AccessFormat,
     pub file: Option<PathBuf>,
     /// One line per answered request; reopened on SIGHUP. None: no access log.
     pub access_log: Option<PathBuf>,
@@ -436,6 +504,7 @@ impl Config {
 
     /// Parses and validates config text; errors name the key and its line.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let source = Source(toml::from_str(text).unwrap_or_default());
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| locate::line_of(text, s.start));
             let key = e
@@ -450,14 +519,16 @@ impl Config {
                 message: in_words(e.message().trim()),
             }
         })?;
-        validate::validate(raw).map_err(|mut e| {
+        let mut cfg = validate::validate(raw).map_err(|mut e| {
             if e.line.is_none() {
                 if let Some(key) = &e.key {
                     e.line = locate::line_of_key(text, key);
                 }
             }
             e
-        })
+        })?;
+        cfg.source = source;
+        Ok(cfg)
     }
 }
 

@@ -57,6 +57,7 @@ pub(super) struct RawServer {
     pub(super) fetch_workers: u64,
     pub(super) fetch_queue: u64,
     pub(super) drain_timeout_ms: u64,
+    pub(super) drain_grace_ms: u64,
     pub(super) max_connections: u64,
     pub(super) queue_depth: u64,
     pub(super) queue_timeout_ms: u64,
@@ -84,6 +85,7 @@ impl Default for RawServer {
             fetch_workers: 256,
             fetch_queue: 1024,
             drain_timeout_ms: 30_000,
+            drain_grace_ms: 5_000,
             max_connections: 4096,
             queue_depth: 1024,
             queue_timeout_ms: 1000,
@@ -447,16 +449,22 @@ impl Default for RawInvalidation {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLog {
     pub(super) level: String,
+    /// The level of the libraries Echo uses (HTTP client, TLS, Redis client).
+    pub(super) dependencies: String,
     /// Unset: stderr.
     pub(super) file: Option<String>,
     /// Unset: no access log.
     pub(super) access_log: Option<String>,
+    /// `text` or `json`.
+    pub(super) access_format: String,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
         RawLog {
             level: "info".into(),
+            dependencies: "warn".into(),
+            access_format: "text".into(),
             file: None,
             access_log: None,
         }

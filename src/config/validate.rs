@@ -166,6 +166,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         redis,
         invalidation,
         log,
+        source: super::Source::default(),
     })
 }
 
@@ -252,6 +253,12 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
         fetch_workers: ranged("server.fetch_workers", s.fetch_workers, 1, 4096)?,
         fetch_queue: ranged("server.fetch_queue", s.fetch_queue, 1, 1_000_000)?,
         drain_timeout: ms("server.drain_timeout_ms", s.drain_timeout_ms)?,
+        drain_grace: Duration::from_millis(ranged(
+            "server.drain_grace_ms",
+            s.drain_grace_ms,
+            0,
+            600_000,
+        )? as u64),
         max_connections: ranged("server.max_connections", s.max_connections, 1, 1_000_000)?,
         queue_depth: ranged("server.queue_depth", s.queue_depth, 1, 1_000_000)?,
         queue_timeout: ms("server.queue_timeout_ms", s.queue_timeout_ms)?,
@@ -704,8 +711,9 @@ fn writable_place(key: &str, path: &std::path::Path) -> Result<(), ConfigError> 
     Ok(())
 }
 
-pub(super) fn validate_log(l: RawLog) -> Result<LogConfig, ConfigError> {
-    let level = match l.level.to_ascii_lowercase().as_str() {
+/// A log level by name.
+fn log_level(key: &str, name: &str) -> Result<log::LevelFilter, ConfigError> {
+    Ok(match name.to_ascii_lowercase().as_str() {
         "off" => log::LevelFilter::Off,
         "error" => log::LevelFilter::Error,
         "warn" => log::LevelFilter::Warn,
@@ -714,8 +722,23 @@ pub(super) fn validate_log(l: RawLog) -> Result<LogConfig, ConfigError> {
         "trace" => log::LevelFilter::Trace,
         other => {
             return Err(err(
-                "log.level",
+                key,
                 format!("unknown level {other:?}; use off, error, warn, info, debug or trace"),
+            ))
+        }
+    })
+}
+
+pub(super) fn validate_log(l: RawLog) -> Result<LogConfig, ConfigError> {
+    let level = log_level("log.level", &l.level)?;
+    let dependencies = log_level("log.dependencies", &l.dependencies)?;
+    let access_format = match l.access_format.to_ascii_lowercase().as_str() {
+        "text" => super::AccessFormat::Text,
+        "json" => super::AccessFormat::Json,
+        other => {
+            return Err(err(
+                "log.access_format",
+                format!("unknown format {other:?}; use \"text\" or \"json\""),
             ))
         }
     };
@@ -734,6 +757,8 @@ pub(super) fn validate_log(l: RawLog) -> Result<LogConfig, ConfigError> {
     }
     Ok(LogConfig {
         level,
+        dependencies,
+        access_format,
         file,
         access_log,
     })

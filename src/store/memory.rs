@@ -53,6 +53,8 @@ struct Inner {
     keys: BTreeSet<Arc<str>>,
     bytes: usize,
     bans: Bans,
+    /// Keys dropped to stay within the byte bound, since the start.
+    evictions: u64,
 }
 
 impl Inner {
@@ -70,6 +72,7 @@ impl Inner {
             Some((key, old)) => {
                 self.keys.remove(&*key);
                 self.bytes -= variants_size(&key, &old);
+                self.evictions += 1;
                 true
             }
             None => false,
@@ -159,6 +162,7 @@ impl MemoryStore {
                 keys: BTreeSet::new(),
                 bytes: 0,
                 bans: Bans::new(ban_ttl),
+                evictions: 0,
             }),
             waiting: AtomicUsize::new(0),
             max_bytes,
@@ -210,6 +214,10 @@ impl Store for MemoryStore {
 
     fn usage(&self) -> Option<(usize, usize)> {
         Some(MemoryStore::usage(self))
+    }
+
+    fn evictions(&self) -> Option<u64> {
+        Some(self.lock().evictions)
     }
 
     fn get(&self, key: &CacheKey) -> Result<Lookup, StoreError> {

@@ -198,6 +198,8 @@ pub struct ServerHealth {
     pub readable: Option<bool>,
     pub maxmemory_policy: Option<String>,
     pub used_memory: Option<u64>,
+    /// Keys the server evicted for `maxmemory` since it started (INFO `evicted_keys`).
+    pub evicted_keys: Option<u64>,
     /// 0: no limit.
     pub maxmemory: Option<u64>,
     /// Why it is degraded: a fixed reason (a metric label: `unreachable`,
@@ -255,6 +257,11 @@ pub trait Store: Send + Sync {
     }
     /// Accounted bytes and entries, for stores that hold them in-process.
     fn usage(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Entries dropped to stay within an in-process bound, since the start (None: the
+    /// store holds none in-process).
+    fn evictions(&self) -> Option<u64> {
         None
     }
     /// Each server of a networked store as its monitor last found it (`/health`,
@@ -472,6 +479,9 @@ impl Store for Instrumented {
     }
     fn usage(&self) -> Option<(usize, usize)> {
         self.inner.usage()
+    }
+    fn evictions(&self) -> Option<u64> {
+        self.inner.evictions()
     }
     fn servers(&self) -> Vec<ServerHealth> {
         self.inner.servers()

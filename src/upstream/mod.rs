@@ -62,13 +62,23 @@ pub struct ServerHealth {
 
 impl Upstreams {
     /// Builds every service and starts the health checks of those that have them.
+    /// The services `default` and `routes` name. `previous`: the ones a reload
+    /// replaces; a server in both keeps what was known of its health (a server failing
+    /// its health checks is not put back in rotation by a reload).
     pub fn new(
         default: &OriginConfig,
         routes: &[RouteConfig],
         metrics: Option<Arc<Metrics>>,
+        previous: Option<&Upstreams>,
     ) -> Result<Upstreams, String> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-        let default = Pool::new(default, metrics.clone(), &stopped)?;
+        let known = |name: &str| {
+            let old = previous?;
+            std::iter::once(&old.default)
+                .chain(old.routes.iter().map(|(_, p)| p))
+                .find_map(|p| p.state_of(name))
+        };
+        let default = Pool::new(default, metrics.clone(), &stopped, &known)?;
         let mut built = Vec::with_capacity(routes.len());
         for r in routes {
             built.push((
@@ -76,7 +86,7 @@ impl Upstreams {
                     path_prefix: normalize_path(&r.path_prefix).into_owned(),
                     host: r.host.clone(),
                 },
-                Pool::new(&r.origin, metrics.clone(), &stopped)?,
+                Pool::new(&r.origin, metrics.clone(), &stopped, &known)?,
             ));
         }
         built.sort_by(|(a, _), (b, _)| {

@@ -36,10 +36,13 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// The service `cfg` names. `known`: what Echo knew of servers before a reload
+    /// (a server that stays keeps its health: one failing its checks stays out).
     pub(super) fn new(
         cfg: &OriginConfig,
         metrics: Option<Arc<Metrics>>,
         stopped: &Receiver<()>,
+        known: &dyn Fn(&str) -> Option<State>,
     ) -> Result<Pool, String> {
         let roots = match &cfg.ca_file {
             None => None,
@@ -49,10 +52,12 @@ impl Pool {
             .servers
             .iter()
             .map(|addr| {
+                let origin = Origin::new(addr, cfg, roots.as_ref());
+                let state = known(&origin.name).unwrap_or_default();
                 Arc::new(Server {
-                    origin: Origin::new(addr, cfg, roots.as_ref()),
+                    origin,
                     outstanding: AtomicUsize::new(0),
-                    state: Mutex::new(State::default()),
+                    state: Mutex::new(state),
                     max_fails: cfg.max_fails,
                     fail_timeout: cfg.fail_timeout,
                     metrics: metrics.clone(),
@@ -60,7 +65,8 @@ impl Pool {
             })
             .collect();
         for server in &servers {
-            server.publish(true);
+            let up = server.available(Instant::now());
+            server.publish(up);
             if let Some(m) = &metrics {
                 for kind in ["connect", "timeout", "protocol"] {
                     let _ = m.origin_errors.get_or_create(&vec![
@@ -224,6 +230,15 @@ impl Pool {
         }
     }
 
+    /// What is known of the server named `name` (`scheme://authority`), if it is one
+    /// of this service's.
+    pub(super) fn state_of(&self, name: &str) -> Option<State> {
+        self.servers
+            .iter()
+            .find(|s| &*s.origin.name == name)
+            .map(|s| s.lock().clone())
+    }
+
     pub(super) fn health(&self) -> ServiceHealth {
         let now = Instant::now();
         ServiceHealth {
@@ -285,8 +300,8 @@ struct Server {
     metrics: Option<Arc<Metrics>>,
 }
 
-#[derive(Debug)]
-struct State {
+#[derive(Debug, Clone)]
+pub(super) struct State {
     /// The active health checks' verdict (always true without them).
     probed_up: bool,
     probe_fails: u32,

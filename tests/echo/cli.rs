@@ -850,7 +850,7 @@ fn sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0() {
     let config = dir.file(
         "echo.toml",
         &format!(
-            "[server]\nlisten = \"{addr}\"\ndrain_timeout_ms = 10000\n[origin]\nurl = \"{}\"\n[log]\nlevel = \"info\"\n",
+            "[server]\nlisten = \"{addr}\"\ndrain_timeout_ms = 10000\ndrain_grace_ms = 0\n[origin]\nurl = \"{}\"\n[log]\nlevel = \"info\"\n",
             origin.url()
         ),
     );
@@ -899,6 +899,66 @@ fn sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0() {
     assert_eq!(status.code(), Some(0), "{}", echod.log_text());
     assert!(
         echod.log_text().contains("draining"),
+        "{}",
+        echod.log_text()
+    );
+}
+
+/// Issue 21: with `server.drain_grace_ms`, a SIGTERM turns `/ready` to 503 at once, but
+/// Echo keeps accepting and serving for the grace, so clients a balancer still sends
+/// (it has not polled `/ready` yet) are answered; then it stops accepting and drains.
+#[test]
+fn sigterm_with_a_drain_grace_fails_ready_at_once_and_serves_through_the_grace() {
+    use crate::support::{client, OriginResponse, TestOrigin};
+
+    let origin = TestOrigin::start(|req| OriginResponse::ok(format!("body of {}", req.target)));
+    let dir = TempDir::new("drain-grace");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.file(
+        "echo.toml",
+        &format!(
+            "[server]\nlisten = \"{addr}\"\ndrain_grace_ms = 1500\n[admin]\nlisten = \"{admin}\"\n\
+             token = \"t\"\n[origin]\nurl = \"{}\"\n[log]\nlevel = \"info\"\n",
+            origin.url()
+        ),
+    );
+    let mut echod = spawn_echod(&dir, &config);
+    echod.wait_listening(addr);
+    echod.wait_listening(admin);
+    assert_eq!(client::get(admin, "/ready", &[]).status, 200);
+    signal(&echod, "-TERM");
+    let sent = std::time::Instant::now();
+    wait_until("/ready fails", Duration::from_secs(1), || {
+        client::get(admin, "/ready", &[]).status == 503
+    });
+    // Within the grace, a new client is still accepted and answered.
+    let during = client::get(addr, "/during-grace", &[]);
+    assert_eq!(during.status, 200);
+    assert!(
+        sent.elapsed() < Duration::from_millis(1500),
+        "the check ran after the grace: {:?}",
+        sent.elapsed()
+    );
+    // After it, no new connections; echod exits 0.
+    wait_until(
+        "new connections are refused",
+        Duration::from_secs(5),
+        || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        sent.elapsed()
+    );
+    let mut status = None;
+    wait_until("echod exits", EXIT_WITHIN, || {
+        status = echod.child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
         "{}",
         echod.log_text()
     );
@@ -1006,6 +1066,18 @@ fn sighup_applies_a_changed_config_and_refuses_an_invalid_one() {
         || echod.log_text().contains("need a restart"),
     );
     assert_eq!(client::get(addr, "/a", &[]).status, 200);
+    // Issue 21: the warning names the key, and nothing else is said to be applied.
+    let log = echod.log_text();
+    assert!(
+        log.contains("SIGHUP: changes to server.workers need a restart"),
+        "{log}"
+    );
+    let last_applied = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("applied:"))
+        .unwrap_or_default();
+    assert!(last_applied.ends_with("applied: nothing changed"), "{log}");
 }
 
 #[test]
@@ -1062,14 +1134,54 @@ fn sighup_reopens_the_access_log_so_logrotate_can_move_it() {
     assert!(
         ones.iter()
             .any(|l| l.contains("\"GET /one HTTP/1.1\" 200 1 ")
-                && l.ends_with(&format!(" miss {url}"))),
+                && l.ends_with(&format!(" miss {url} \"test.local\" \"-\""))),
         "{old:?}"
     );
-    assert!(ones.iter().any(|l| l.ends_with(" hit -")), "{old:?}");
+    assert!(
+        ones.iter()
+            .any(|l| l.ends_with(" hit - \"test.local\" \"-\"")),
+        "{old:?}"
+    );
     assert!(
         old.iter()
             .all(|l| l.contains("GET /one") || l.contains("GET /two")),
         "{old:?}"
     );
     assert!(lines(&access).iter().all(|l| l.contains("GET /two")));
+}
+
+/// Issue 21: `log.level = "debug"` is Echo's decisions, not a page of HTTP-client
+/// internals per request: dependencies stay at `warn` unless `log.dependencies` says
+/// otherwise.
+#[test]
+fn debug_logs_are_echos_and_dependencies_speak_only_when_asked() {
+    let origin = crate::support::TestOrigin::start(|_| {
+        crate::support::OriginResponse::ok("x").header("Cache-Control", "max-age=60")
+    });
+    for (dependencies, ureq_lines) in [("", false), ("dependencies = \"debug\"\n", true)] {
+        let dir = TempDir::new("log-levels");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.file(
+            "echo.toml",
+            &format!(
+                "[server]\nlisten = \"{addr}\"\nworkers = 2\n[origin]\nurl = \"{}\"\n\
+                 [log]\nlevel = \"debug\"\n{dependencies}",
+                origin.url()
+            ),
+        );
+        let mut echod = spawn_echod(&dir, &config);
+        echod.wait_listening(addr);
+        let target = format!("/levels-{}", ureq_lines);
+        assert_eq!(RawClient::connect(addr).get(&target, &[]).status, 200);
+        let mut log = String::new();
+        wait_until("the miss is logged", Duration::from_secs(5), || {
+            log = echod.log_text();
+            log.contains(&format!("fwd=uri-miss http://test.local{target}"))
+        });
+        assert_eq!(
+            log.contains("Call<Prepare>"),
+            ureq_lines,
+            "dependencies {dependencies:?}:\n{log}"
+        );
+    }
 }

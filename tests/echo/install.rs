@@ -250,7 +250,14 @@ fn install_lays_out_bin_etc_and_log_under_destdir_and_prefix() {
         "{sysusers}"
     );
     let logrotate = staging.read("etc/echo.logrotate");
-    assert!(logrotate.contains("/opt/echo/log/*.log {"), "{logrotate}");
+    assert!(
+        logrotate.contains("/opt/echo/log/access.log {"),
+        "{logrotate}"
+    );
+    assert!(
+        logrotate.contains("copytruncate"),
+        "log.file is not reopened: {logrotate}"
+    );
     // The config holds the admin token: not world-readable.
     let toml_mode = std::fs::metadata(staging.path("etc/echo.toml"))
         .expect("etc/echo.toml")
@@ -300,8 +307,9 @@ fn the_unit_waits_longer_than_the_drain_timeout_before_killing() {
     assert_eq!(stop.len(), 1, "one TimeoutStopSec (in seconds): {stop:?}");
     let stop = Duration::from_secs(stop[0].parse().expect("TimeoutStopSec in whole seconds"));
     assert!(
-        stop > config.server.drain_timeout,
-        "TimeoutStopSec {stop:?} <= server.drain_timeout_ms {:?}",
+        stop > config.server.drain_grace + config.server.drain_timeout,
+        "TimeoutStopSec {stop:?} <= server.drain_grace_ms {:?} + drain_timeout_ms {:?}",
+        config.server.drain_grace,
         config.server.drain_timeout
     );
 }

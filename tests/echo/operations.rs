@@ -281,7 +281,7 @@ fn ready_fails_once_a_drain_begins_while_health_still_answers() {
     );
     let admin = echo.admin.unwrap();
     let drainer = std::thread::spawn(move || {
-        let clean = echo.echo.drain(Duration::from_secs(10));
+        let clean = echo.echo.drain(Duration::ZERO, Duration::from_secs(10));
         (clean, echo)
     });
     wait_until("/ready fails", Duration::from_secs(5), || {
@@ -351,9 +351,40 @@ fn the_access_log_has_one_line_per_request_with_every_field() {
         assert_eq!(&fields[5..7], &["200", "10"], "{line}");
         let seconds: f64 = fields[7].parse().unwrap();
         assert!(seconds > 0.0 && seconds < 10.0, "{line}");
-        assert_eq!(&fields[8..], &[status, origin], "{line}");
+        assert_eq!(&fields[8..10], &[status, origin], "{line}");
+        // Issue 21: the Host and the User-Agent (the test client sends none: `-`).
+        assert_eq!(&fields[10..], &["\"test.local\"", "\"-\""], "{line}");
     }
     drop(echo);
+}
+
+/// Issue 21: `log.access_format = "json"` writes one JSON object per line, with the
+/// Host and User-Agent.
+#[test]
+fn the_access_log_can_be_json() {
+    let dir = TempDir::new("access-json");
+    let path = dir.0.join("access.log");
+    let origin = TestOrigin::fixed(OriginResponse::ok("x").header("Cache-Control", "max-age=60"));
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!(
+            "[log]\naccess_log = \"{}\"\naccess_format = \"json\"\n",
+            path.display()
+        ),
+    ));
+    client::get(echo.addr, "/j", &[("User-Agent", "probe/1.0 \"quoted\"")]);
+    let mut text = String::new();
+    wait_until("a JSON line", Duration::from_secs(5), || {
+        echo.echo.flush_logs(Duration::from_secs(1));
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.lines().count() >= 1
+    });
+    let line: Value = serde_json::from_str(text.lines().next().unwrap_or("")).expect("JSON");
+    assert_eq!(line["target"], "/j");
+    assert_eq!(line["host"], "test.local");
+    assert_eq!(line["user_agent"], "probe/1.0 \"quoted\"");
+    assert_eq!(line["cache"], "miss");
+    assert_eq!(line["status"], 200);
 }
 
 #[test]
@@ -390,7 +421,7 @@ fn requests_refused_before_parsing_are_counted_and_logged() {
         !log.is_empty()
     });
     assert!(log.contains(" 127.0.0.1 \"- - -\" 400 0 "), "{log}");
-    assert!(log.trim_end().ends_with(" none -"), "{log}");
+    assert!(log.trim_end().ends_with(" none - \"-\" \"-\""), "{log}");
 }
 
 #[test]
@@ -416,8 +447,70 @@ fn a_reload_moves_traffic_and_metrics_to_the_new_servers() {
         &format!("{}[cache]\nmemory_max_bytes = 999999999\n", admin_section()),
     );
     let done = echo.echo.reload(&bigger).unwrap();
-    assert_eq!(done.need_restart, vec!["cache".to_string()]);
+    assert_eq!(
+        done.need_restart,
+        vec!["cache.memory_max_bytes".to_string()]
+    );
     assert!(done.applied.is_empty(), "{:?}", done.applied);
+}
+
+/// Issue 21: a reload that changes `server.workers` alone names that key as needing a
+/// restart and applies nothing (the origin settings derived from it are not a change
+/// of the origin); one that touches `[origin]` keeps what was known of the servers that
+/// stay: a server out of rotation stays out.
+#[test]
+fn a_reload_names_the_keys_it_cannot_apply_and_keeps_server_health() {
+    let good = TestOrigin::fixed(OriginResponse::ok("good").header("Cache-Control", "no-store"));
+    let dead = dead_origin_url();
+    let services = |retries: u32| {
+        format!(
+            "[origin]\nservers = [\"{}\", \"{dead}\"]\nmax_fails = 1\n\
+             fail_timeout_ms = 600000\nretries = {retries}\n\
+             connect_timeout_ms = 1000\nresponse_timeout_ms = 2000\n{}",
+            good.url(),
+            admin_section()
+        )
+    };
+    let parse = |text: &str| echo::config::Config::parse(text).expect("config");
+    let mut echo = EchoUnderTest::with_config(parse(&services(1)));
+    // Round robin sends a request to the dead server: it is taken out.
+    for _ in 0..4 {
+        assert_eq!(client::get(echo.addr, "/h", &[]).body_str(), "good");
+    }
+    let down = |echo: &EchoUnderTest| {
+        let (_, h) = admin::health(echo.admin.expect("admin"), TOKEN);
+        h["origins"][0]["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .filter(|s| s["up"] == false)
+            .count()
+    };
+    assert_eq!(down(&echo), 1, "the dead server is out");
+
+    let done = echo
+        .echo
+        .reload(&parse(&format!("[server]\nworkers = 8\n{}", services(1))))
+        .unwrap();
+    assert_eq!(done.need_restart, vec!["server.workers".to_string()]);
+    assert!(done.applied.is_empty(), "{:?}", done.applied);
+
+    let done = echo.echo.reload(&parse(&services(2))).unwrap();
+    assert!(
+        done.applied.contains(&"origin and routes".to_string()),
+        "{:?}",
+        done.applied
+    );
+    assert_eq!(
+        done.need_restart,
+        vec!["server.workers".to_string()],
+        "workers went back to its default: still a restart-only change"
+    );
+    assert_eq!(
+        down(&echo),
+        1,
+        "a reload put the failing server back in rotation"
+    );
 }
 
 /// Issue 19 (and 21): the admin listener has limits of its own. With the proxy's
@@ -615,4 +708,42 @@ fn status_headers_can_be_hidden_and_surrogate_keys_stay_inside() {
             "{expect}"
         );
     }
+}
+
+/// Issue 21: `/metrics` has the process (`process_*`), the build, and each store's
+/// entries, bytes and evictions.
+#[test]
+fn metrics_cover_the_process_the_build_and_what_each_store_holds() {
+    let origin = TestOrigin::start(|_| {
+        OriginResponse::ok(vec![b'x'; 20_000]).header("Cache-Control", "max-age=600")
+    });
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &format!(
+            "[cache]\nmemory_max_bytes = 65536\nmax_object_bytes = 32768\n{}",
+            admin_section()
+        ),
+    ));
+    // Ten 20 KB objects in a 64 KiB store: most are evicted.
+    for i in 0..10 {
+        client::get(echo.addr, &format!("/o/{i}"), &[]);
+    }
+    let text = metrics(&echo);
+    let value =
+        |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series}:\n{text}"));
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+    assert!(value("process_threads") >= 2.0);
+    assert!(value("process_start_time_seconds") > 1.7e9);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        value(&format!("echo_build_info{{version=\"{version}\"}}")),
+        1.0
+    );
+    let entries = value("echo_store_entries{store=\"memory\"}");
+    assert!((1.0..=3.0).contains(&entries), "{entries}");
+    assert!(value("echo_store_bytes{store=\"memory\"}") <= 65536.0);
+    assert!(value("echo_store_evictions_total{store=\"memory\"}") >= 7.0);
 }

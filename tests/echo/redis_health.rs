@@ -146,6 +146,11 @@ fn a_healthy_cluster_reports_each_server_role_link_lag_and_memory() {
     };
     assert_eq!(up(&master, "master"), Some(1.0), "{text}");
     assert_eq!(up(&a, "replica"), Some(1.0), "{text}");
+    // Issue 21: each server's own evictions (none here).
+    for s in [&master, &a, &b] {
+        let series = format!("echo_redis_evicted_keys{{server=\"127.0.0.1:{}\"}}", s.port);
+        assert_eq!(sample(&text, &series), Some(0.0), "{series}: {text}");
+    }
     for r in [&a, &b] {
         let port = r.port;
         assert_eq!(

@@ -86,6 +86,8 @@ struct Info {
     link: Option<String>,
     policy: Option<String>,
     used: Option<u64>,
+    /// INFO stats `evicted_keys`: keys Redis dropped for `maxmemory` since it started.
+    evicted: Option<u64>,
     /// Memory Redis does not count against `maxmemory` (replication and AOF buffers).
     not_counted: u64,
     max: Option<u64>,
@@ -176,6 +178,7 @@ impl Watch {
         health.link = info.link.clone();
         health.maxmemory_policy = info.policy.clone();
         health.used_memory = info.used;
+        health.evicted_keys = info.evicted;
         health.maxmemory = info.max;
         if endpoint.breaker_open() {
             health
@@ -288,8 +291,10 @@ impl Watch {
         pipe.cmd("INFO")
             .arg("replication")
             .cmd("INFO")
-            .arg("memory");
-        let (replication, memory): (InfoDict, InfoDict) =
+            .arg("memory")
+            .cmd("INFO")
+            .arg("stats");
+        let (replication, memory, stats): (InfoDict, InfoDict, InfoDict) =
             pipe.query(&mut conn).map_err(|e| StoreError::Unavailable {
                 server: endpoint.server(),
                 detail: e.to_string(),
@@ -305,6 +310,7 @@ impl Watch {
             link: replication.get("master_link_status"),
             policy: memory.get("maxmemory_policy"),
             used: memory.get("used_memory"),
+            evicted: stats.get("evicted_keys"),
             not_counted: memory.get("mem_not_counted_for_evict").unwrap_or(0),
             max: memory.get("maxmemory"),
         })
