@@ -317,7 +317,10 @@ fn log_store(cfg: &Config, store: &Arc<dyn Store>) {
                 .spawn(move || {
                     let deadline = Instant::now() + Duration::from_secs(3);
                     let mut servers = store.servers();
-                    while servers.iter().any(|s| !s.checked) && Instant::now() < deadline {
+                    // The monitor publishes its servers after its first look.
+                    while (servers.is_empty() || servers.iter().any(|s| !s.checked))
+                        && Instant::now() < deadline
+                    {
                         std::thread::sleep(Duration::from_millis(100));
                         servers = store.servers();
                     }

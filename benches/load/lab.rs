@@ -260,6 +260,52 @@ pub(crate) fn stop_on_signals() -> Res<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// User + system CPU time of `pid` and every process below it (nginx's workers,
+/// Varnish's child), in seconds: /proc/<pid>/stat fields 14 and 15 of each.
+pub(crate) fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut procs: Vec<(u32, u32, u64)> = Vec::new(); // (pid, ppid, ticks)
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // After the command name (which may hold spaces): state, ppid, ... utime stime.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(ppid), Some(u), Some(s)) = (num(1), num(11), num(12)) {
+            procs.push((p, ppid as u32, u + s));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            procs
+                .iter()
+                .filter(|(_, pp, _)| *pp == parent)
+                .map(|(p, _, _)| *p),
+        );
+        i += 1;
+    }
+    let ticks: u64 = procs
+        .iter()
+        .filter(|(p, _, _)| tree.contains(p))
+        .map(|(_, _, t)| t)
+        .sum();
+    let hz = rustix::param::clock_ticks_per_second();
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
 /// `field` (VmRSS, VmHWM) of /proc/<pid>/status, in kB.
 pub(crate) fn proc_kb(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

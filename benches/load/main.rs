@@ -92,7 +92,7 @@ use std::process::{Command, ExitCode};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use lab::{find_tool, proc_kb, version_of, Lab};
+use lab::{find_tool, proc_kb, tree_cpu_seconds, version_of, Lab};
 use peers::{
     echo_coalesced, logged_warnings, rss_lines, start_echo, start_nginx, start_origin, start_redis,
     start_varnish, varnish_backend_reqs, warm, Kind,
@@ -448,9 +448,17 @@ fn run() -> Res<()> {
             }
             let mut before = None;
             let result = match s.load {
-                Load::Hit(path) => {
-                    warm(t, path).and_then(|()| wrk(t.port, path, s.connections, seconds, None))
-                }
+                Load::Hit(path) => warm(t, path).and_then(|()| {
+                    // The server's CPU per request: what a load generator that saturates
+                    // a core of this machine cannot show in req/s.
+                    let cpu_before = tree_cpu_seconds(t.pid);
+                    let mut w = wrk(t.port, path, s.connections, seconds, None)?;
+                    w.cpu_us_per_req = cpu_before
+                        .zip(tree_cpu_seconds(t.pid))
+                        .filter(|_| w.requests > 0)
+                        .map(|(a, b)| (b - a) * 1e6 / w.requests as f64);
+                    Ok(w)
+                }),
                 Load::Miss => miss_script(lab.dir(), &run)
                     .and_then(|script| wrk(t.port, "/", s.connections, seconds, Some(&script))),
                 Load::Herd(_) | Load::Idle(_) => unreachable!("herds and idles are run above"),
@@ -466,12 +474,15 @@ fn run() -> Res<()> {
             match &result {
                 Ok(w) => {
                     println!(
-                        "  {:<21} {:>9} req/s  p50 {:>9}  p99 {:>9}  errors {}",
+                        "  {:<21} {:>9} req/s  p50 {:>9}  p99 {:>9}  errors {}{}",
                         t.kind.name(),
                         fmt_rps(w.rps),
                         fmt_us(w.p50_us),
                         fmt_us(w.p99_us),
-                        w.errors
+                        w.errors,
+                        w.cpu_us_per_req
+                            .map(|c| format!("  server CPU {c:.1} µs/req"))
+                            .unwrap_or_default()
                     );
                     if matches!(s.load, Load::Coalesced) {
                         let urls = w.requests.div_ceil(BATCH);

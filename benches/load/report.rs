@@ -1,4 +1,5 @@
-//! The report of a load run: the table (req/s, p50, p99, errors, ratios to nginx, to
+//! The report of a load run: the table (req/s, p50, p99, errors, the server's CPU per
+//! request on hits, ratios to nginx, to
 //! Varnish, and to each baseline that ran: "vs baseline" for the one on the memory
 //! store, "vs redis baseline" for the one on Redis) on stdout and as Markdown, the lines
 //! under it (miss overhead, coalescing, Echo memory and Echo redis each against the
@@ -90,6 +91,7 @@ fn header(rows: &[Row]) -> Vec<&'static str> {
         "p50",
         "p99",
         "errors",
+        "CPU µs/req",
         "vs nginx",
         "vs Varnish",
     ];
@@ -118,12 +120,14 @@ fn table_cells(rows: &[Row]) -> Vec<Vec<String>> {
                         fmt_us(w.p50_us),
                         fmt_us(w.p99_us),
                         w.errors.to_string(),
+                        w.cpu_us_per_req
+                            .map_or("-".to_string(), |c| format!("{c:.1}")),
                     ]);
                     cells.extend(bases.into_iter().map(|b| ratio(w.rps, b)));
                 }
                 Err(_) => {
                     cells.push("failed".into());
-                    cells.extend((0..3 + bases.len()).map(|_| "-".to_string()));
+                    cells.extend((0..4 + bases.len()).map(|_| "-".to_string()));
                 }
             }
             out.push(cells);
@@ -164,9 +168,9 @@ pub(crate) fn baseline_lines(rows: &[Row], current: Kind) -> Vec<String> {
 
 fn print_table(rows: &[Row]) {
     let cells = table_cells(rows);
-    // scenario, proxy, req/s, p50, p99, errors, vs nginx, vs Varnish, vs baseline, vs
-    // redis baseline.
-    const WIDTHS: [usize; 10] = [26, 21, 9, 10, 10, 7, 9, 10, 11, 17];
+    // scenario, proxy, req/s, p50, p99, errors, CPU µs/req, vs nginx, vs Varnish, vs
+    // baseline, vs redis baseline.
+    const WIDTHS: [usize; 11] = [26, 21, 9, 10, 10, 7, 10, 9, 10, 11, 17];
     let line = |c: &[String]| {
         let mut text = String::new();
         for (j, (cell, width)) in c.iter().zip(WIDTHS).enumerate() {

@@ -16,6 +16,9 @@ pub(crate) struct WrkResult {
     pub(crate) requests: u64,
     /// Socket errors (connect, read, write, timeout) plus non-2xx/3xx answers.
     pub(crate) errors: u64,
+    /// CPU time the server under test (its process and their children: nginx's and
+    /// Varnish's workers) spent per request during the run, in µs; None when unread.
+    pub(crate) cpu_us_per_req: Option<f64>,
 }
 
 /// wrk's latency text (`171.00us`, `1.40ms`, `2.00s`, `1.00m`) in microseconds.
@@ -68,6 +71,7 @@ fn parse_wrk(out: &str) -> Res<WrkResult> {
             p99_us,
             requests,
             errors,
+            cpu_us_per_req: None,
         }),
         _ => Err(format!("cannot read wrk's output:\n{out}")),
     }

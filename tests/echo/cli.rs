@@ -1185,3 +1185,42 @@ fn debug_logs_are_echos_and_dependencies_speak_only_when_asked() {
         );
     }
 }
+
+/// Issue 21: the start says which store is in use and whether Redis answered (a Redis
+/// that is not there is said too; Echo still starts and serves from the origin).
+#[test]
+fn the_start_says_whether_redis_answered() {
+    use crate::support::redis::RedisServer;
+    use crate::support::{OriginResponse, TestOrigin};
+
+    let origin = TestOrigin::fixed(OriginResponse::ok("x"));
+    let master = RedisServer::master();
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    for (url, says) in [
+        (
+            master.url(),
+            format!("store: redis, 127.0.0.1:{} (master) answered", master.port),
+        ),
+        (dead.clone(), "not answering: [127.0.0.1:".to_string()),
+    ] {
+        let dir = TempDir::new("redis-start");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.file(
+            "echo.toml",
+            &format!(
+                "[server]\nlisten = \"{addr}\"\nworkers = 2\n[origin]\nurl = \"{}\"\n\
+                 [cache]\nstore = \"redis\"\n[redis]\nmaster = \"{url}\"\n\
+                 [log]\nlevel = \"info\"\n",
+                origin.url()
+            ),
+        );
+        let mut echod = spawn_echod(&dir, &config);
+        echod.wait_listening(addr);
+        let mut log = String::new();
+        wait_until("the store is reported", Duration::from_secs(10), || {
+            log = echod.log_text();
+            log.contains(&says)
+        });
+        assert_eq!(RawClient::connect(addr).get("/s", &[]).status, 200, "{log}");
+    }
+}
