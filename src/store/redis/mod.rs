@@ -306,6 +306,17 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// This node's own local tier lets go of what a job changed before the job returns.
+    /// The other nodes acknowledge a job only after syncing theirs (`fence`); this one,
+    /// which runs the job, is not among those it waits for, and its tracking thread may
+    /// not have read the job's messages yet (a busy machine): a sync marker written now
+    /// and delivered on every connection proves it has, or the tier is flushed.
+    fn sync_own_tier(&self, master: &Endpoint) {
+        if let Some(tracking) = &self.tracking {
+            tracking.0.sync(master);
+        }
+    }
+
     /// How long Redis keeps a key's variants: the longest remaining usable life (freshness
     /// plus the stale window its fields allow) plus the margin, at least one second.
     fn ttl(&self, variants: &[Arc<Entry>], now: SystemTime) -> Duration {
@@ -535,6 +546,7 @@ impl Store for RedisStore {
                 Err(e) => return Err(e),
             };
             self.fence.complete(master, &self.replica_wait(&servers))?;
+            self.sync_own_tier(master);
             Ok(removed)
         })();
         result.inspect_err(|e| self.topology.suspect(e))
