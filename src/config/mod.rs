@@ -17,6 +17,7 @@
 mod locate;
 mod raw;
 mod validate;
+mod validate_cache;
 mod validate_redis;
 
 use std::fmt;
@@ -436,7 +437,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         // The defaults are valid by construction; a test checks it.
-        validate::validate_cache(&raw::RawCache::default())
+        validate_cache::validate_cache(&raw::RawCache::default())
             .unwrap_or_else(|e| panic!("default cache config invalid: {e}"))
     }
 }
