@@ -203,3 +203,51 @@ fn ranges_of_objects_too_large_to_store_and_of_other_units_go_to_the_origin() {
     let seen = origin.last_request().expect("a bypass");
     assert_eq!(seen.header("range"), Some("items=0-9"));
 }
+
+/// The same on the Redis store (its local tier and its replicas), with a body stored
+/// compressed (`cache.compress`): a range is of the representation the client gets.
+#[test]
+fn ranges_from_the_redis_store_and_of_a_compressed_body() {
+    use crate::support::echo::{redis_sections, QUICK_REDIS};
+    use crate::support::redis::RedisServer;
+
+    let master = RedisServer::master();
+    let replica = RedisServer::replica_of(&master);
+    let text = "0123456789".repeat(100);
+    let body = text.clone();
+    let origin = TestOrigin::start(move |_| {
+        OriginResponse::ok(body.clone())
+            .header("Cache-Control", "max-age=600")
+            .header("Content-Type", "text/plain")
+            .header("ETag", "\"t\"")
+    });
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        &redis_sections(&master, &[&replica], "compress = [\"gzip\"]\n", QUICK_REDIS),
+    ));
+    client::get(echo.addr, "/r", &[]);
+    replica.wait_for_key("echo:v1:http://test.local/r");
+    for _ in 0..2 {
+        // Decoded for a client without gzip: bytes 10-19 of the text.
+        let part = client::get(echo.addr, "/r", &[("Range", "bytes=10-19")]);
+        assert_eq!((part.status, part.body_str().as_str()), (206, "0123456789"));
+        assert_eq!(part.header("content-range"), Some("bytes 10-19/1000"));
+        assert_eq!(part.header("x-cache-status"), Some("HIT"));
+    }
+    // With gzip: a range of the encoded bytes, whose length is the encoded one.
+    let whole = client::get(echo.addr, "/r", &[("Accept-Encoding", "gzip")]);
+    assert_eq!(whole.header("content-encoding"), Some("gzip"));
+    let n = whole.body.len();
+    let part = client::get(
+        echo.addr,
+        "/r",
+        &[("Accept-Encoding", "gzip"), ("Range", "bytes=0-9")],
+    );
+    assert_eq!(part.status, 206);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 0-9/{n}").as_str())
+    );
+    assert_eq!(part.body, whole.body[..10]);
+    assert_eq!(origin.hits("/r"), 1);
+}
