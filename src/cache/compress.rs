@@ -13,8 +13,8 @@
 //! Invariants: never double-encoded (a response with any `Content-Encoding`, or already
 //! held encoded, is left as it is); never against `no-transform` (RFC 9110 §7.7: "A proxy
 //! MUST NOT transform the content ... of a response containing the no-transform cache
-//! directive"); only 200 responses of a compressible media type, of at least
-//! `MIN_BYTES`, and only when encoding makes them smaller; the internal field never
+//! directive"); only 200 responses of a compressible media type, from `MIN_BYTES` to
+//! `MAX_BYTES`, and only when encoding makes them smaller; the internal field never
 //! leaves Echo.
 //!
 //! What it must not do: compress on the way out (a hit costs at most a decode, for the
@@ -35,6 +35,12 @@ pub const STORED_CODING: &str = "echo-stored-coding";
 
 /// Smaller bodies are not worth a coding's overhead.
 const MIN_BYTES: usize = 256;
+
+/// Larger bodies are stored as they are: a hit for a client that takes no compression
+/// decodes the body, possibly on an I/O thread (a memory-store hit is answered there),
+/// and decoding 256 KiB of text takes well under a millisecond; megabytes would hold up
+/// every connection of that thread.
+const MAX_BYTES: usize = 256 * 1024;
 
 /// Bodies larger than this are not decoded for a client (a decompression bomb guard:
 /// Echo only decodes what it encoded itself, but Redis is shared).
@@ -70,6 +76,7 @@ pub(super) fn encode_for_store(entry: &Entry, codings: &[String]) -> Option<Entr
     if entry.status != 200
         || entry.file.is_some()
         || entry.body.len() < MIN_BYTES
+        || entry.body.len() > MAX_BYTES
         || headers::has_header(&entry.headers, STORED_CODING)
         || headers::header(&entry.headers, "content-encoding")
             .is_some_and(|v| !v.trim_ascii().eq_ignore_ascii_case(b"identity"))
