@@ -224,24 +224,26 @@ impl Echo {
                 done.applied.push("log.dependencies".into());
             }
         }
-        let old_token = old.admin.as_ref().map(|a| a.token.as_str());
-        let new_token = new.admin.as_ref().map(|a| a.token.as_str());
-        if old_token != new_token {
-            match (&self.admin_handler, new_token) {
-                (Some(admin), Some(token)) => {
-                    admin.set_token(token.to_string());
-                    done.applied.push("admin.token".into());
-                }
-                _ => done.need_restart.push("admin".into()),
-            }
-        }
-        let old_metrics = old.admin.as_ref().map(|a| &a.metrics_token);
-        let new_metrics = new.admin.as_ref().map(|a| &a.metrics_token);
-        if old_metrics != new_metrics {
-            match (&self.admin_handler, new_metrics) {
-                (Some(admin), Some(token)) => {
-                    admin.set_metrics_token(token.clone());
-                    done.applied.push("admin.metrics_token".into());
+        // The admin tokens (a token file's new content included), live when there is an
+        // admin listener to give them to.
+        let tokens = |c: &Config| {
+            c.admin
+                .as_ref()
+                .map(|a| (a.token.clone(), a.metrics_token.clone()))
+        };
+        let (old_tokens, new_tokens) = (tokens(old), tokens(new));
+        if old_tokens != new_tokens {
+            match (&self.admin_handler, new_tokens) {
+                (Some(admin), Some((token, metrics_token))) => {
+                    let (old_token, old_metrics) = old_tokens.unzip();
+                    if old_token.as_ref() != Some(&token) {
+                        done.applied.push("admin.token".into());
+                    }
+                    if old_metrics.as_ref() != Some(&metrics_token) {
+                        done.applied.push("admin.metrics_token".into());
+                    }
+                    admin.set_token(token);
+                    admin.set_metrics_token(metrics_token);
                 }
                 _ => done.need_restart.push("admin".into()),
             }

@@ -51,7 +51,7 @@ impl Cache {
         let withheld = &cc.no_cache_fields;
         let age = policy::current_age(entry.initial_age, entry.response_time, SystemTime::now());
         let ttl = ttl(entry, age);
-        match policy::reuse_directives(&cc, entry.freshness, age, &req_cc, &self.policy) {
+        match policy::reuse(&cc, entry.freshness, age, &req_cc, &self.policy) {
             Reuse::Fresh => {
                 debug!("HIT {key}");
                 // Refresh-ahead: a hot entry close to expiry is revalidated in the
@@ -164,9 +164,7 @@ impl Cache {
         // validation, not a copy another request fetched).
         let req_cc = CacheControl::parse_request(&ex.req.headers);
         let cc = CacheControl::for_cache(&entry.headers, &self.policy);
-        if policy::reuse_directives(&cc, entry.freshness, age, &req_cc, &self.policy)
-            != Reuse::Fresh
-        {
+        if policy::reuse(&cc, entry.freshness, age, &req_cc, &self.policy) != Reuse::Fresh {
             return false;
         }
         self.metrics.coalesced.inc();

@@ -165,11 +165,15 @@ fn if_range_matches(req: &HeaderList, stored: &HeaderList) -> bool {
     let Some(condition) = headers::header(req, "if-range").map(<[u8]>::trim_ascii) else {
         return true;
     };
+    // RFC 9110 §8.8.3.2: "Strong comparison: two entity tags are equivalent if both are
+    // not weak and their opaque-tags match character-by-character."
+    if let Some((weak, opaque)) = crate::policy::entity_tag(condition) {
+        let stored = headers::header(stored, "etag").and_then(crate::policy::entity_tag);
+        return !weak && stored.is_some_and(|(stored_weak, o)| !stored_weak && o == opaque);
+    }
     if condition.starts_with(b"\"") || condition.starts_with(b"W/") {
-        let Some(etag) = headers::header(stored, "etag").map(<[u8]>::trim_ascii) else {
-            return false;
-        };
-        return condition.starts_with(b"\"") && etag.starts_with(b"\"") && condition == etag;
+        // A malformed entity-tag matches nothing.
+        return false;
     }
     let (Some(date), Some(modified)) = (
         headers::parse_date(condition),

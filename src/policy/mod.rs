@@ -48,7 +48,7 @@ use crate::config::CacheConfig;
 
 pub use cache_control::CacheControl;
 pub use freshness::{corrected_initial_age, freshness_lifetime};
-pub use reuse::{reuse, reuse_directives, Reuse};
+pub use reuse::{reuse, Reuse};
 pub use storability::{storability, NoStoreReason, Storability};
 pub use targeted::ECHO_CACHE_CONTROL;
 pub use validation::{
@@ -58,7 +58,7 @@ pub use vary::{vary, vary_matches, vary_snapshot, Vary, VarySnapshot};
 
 pub(crate) use freshness::{current_age, is_fresh};
 pub(crate) use reuse::stale_window;
-pub(crate) use validation::{after_not_modified, validation_preconditions};
+pub(crate) use validation::{after_not_modified, entity_tag, validation_preconditions};
 
 pub use crate::http::headers::HeaderList;
 

@@ -58,22 +58,10 @@ fn never_stale(cc: &CacheControl) -> bool {
     cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some() || cc.no_cache
 }
 
-/// Decides how a stored response (its fields, lifetime and current age) may answer a
-/// request with directives `req` (RFC 9111 §4.2.4, §5.2.1; RFC 5861).
+/// Decides how a stored response (its directives, as `CacheControl::for_cache` reads
+/// them, its lifetime and current age) may answer a request with directives `req` (RFC
+/// 9111 §4.2.4, §5.2.1; RFC 5861).
 pub fn reuse(
-    stored: &HeaderList,
-    freshness: Duration,
-    age: Duration,
-    req: &CacheControl,
-    opts: &PolicyOptions,
-) -> Reuse {
-    let cc = CacheControl::for_cache(stored, opts);
-    reuse_directives(&cc, freshness, age, req, opts)
-}
-
-/// [`reuse`] for a stored response whose directives (`CacheControl::for_cache`) are
-/// already parsed.
-pub fn reuse_directives(
     cc: &CacheControl,
     freshness: Duration,
     age: Duration,
@@ -158,6 +146,23 @@ pub fn reuse_directives(
 mod tests {
     use super::*;
 
+    /// [`reuse`] for a stored response given by its fields.
+    fn reuse_stored(
+        stored: &HeaderList,
+        freshness: Duration,
+        age: Duration,
+        req: &CacheControl,
+        opts: &PolicyOptions,
+    ) -> Reuse {
+        reuse(
+            &CacheControl::for_cache(stored, opts),
+            freshness,
+            age,
+            req,
+            opts,
+        )
+    }
+
     fn h(cc: &str) -> Vec<(String, Vec<u8>)> {
         vec![("cache-control".to_string(), cc.as_bytes().to_vec())]
     }
@@ -238,7 +243,7 @@ mod tests {
         ];
         let opts = PolicyOptions::default();
         for (stored, fresh, age, request, want) in cases {
-            let got = reuse(
+            let got = reuse_stored(
                 &h(stored),
                 Duration::from_secs(*fresh),
                 Duration::from_secs(*age),
@@ -257,7 +262,7 @@ mod tests {
             ..PolicyOptions::default()
         };
         let stored = h("max-age=60, stale-while-revalidate=3600");
-        let got = reuse(
+        let got = reuse_stored(
             &stored,
             Duration::from_secs(60),
             Duration::from_secs(10),
@@ -265,7 +270,7 @@ mod tests {
             &opts,
         );
         assert_eq!(got, Reuse::Fresh, "the client's no-cache is ignored");
-        let got = reuse(
+        let got = reuse_stored(
             &stored,
             Duration::from_secs(60),
             Duration::from_secs(65),
@@ -273,7 +278,7 @@ mod tests {
             &opts,
         );
         assert_eq!(got, Reuse::StaleWhileRevalidate);
-        let got = reuse(
+        let got = reuse_stored(
             &stored,
             Duration::from_secs(60),
             Duration::from_secs(75),

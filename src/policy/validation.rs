@@ -52,7 +52,7 @@ pub(crate) fn validation_preconditions(stored: &HeaderList) -> Vec<(String, Vec<
 /// An entity tag split into (weak, opaque-tag with its quotes); None when malformed.
 // RFC 9110 §8.8.3: "entity-tag = [ weak ] opaque-tag", "weak = %s"W/"" (case-sensitive),
 // "opaque-tag = DQUOTE *etagc DQUOTE".
-fn entity_tag(value: &[u8]) -> Option<(bool, &[u8])> {
+pub(crate) fn entity_tag(value: &[u8]) -> Option<(bool, &[u8])> {
     let value = trim_ows(value);
     let (weak, opaque) = match value.strip_prefix(b"W/") {
         Some(rest) => (true, rest),
