@@ -267,7 +267,6 @@ impl Cache {
     /// (methods other than GET and HEAD, ranges), or a lookup (`nonblocking`: only one
     /// the store answers in-process; declined otherwise).
     fn route(&self, ex: &mut Exchange<'_>, nonblocking: bool) -> Step<Job> {
-        ex.omit(self.omit);
         if ex.req.target == "*" {
             // `OPTIONS *` asks about this server, not a resource; Echo answers it (as
             // most servers do) rather than invent a resource on the origin.
@@ -409,6 +408,12 @@ impl Handler for Cache {
         self.route(ex, true)
     }
 
+    /// `cache.expose_status_headers = false` and `cache.strip_surrogate_key`: the server
+    /// applies them to every exchange and to its own refusals.
+    fn omit(&self) -> Omit {
+        self.omit
+    }
+
     fn handle(&self, ex: &mut Exchange<'_>) -> Step<Job> {
         self.route(ex, false)
     }
@@ -416,7 +421,6 @@ impl Handler for Cache {
     /// A follower whose leader is done: with an in-process store, answered from it on
     /// the I/O thread; otherwise (a read from the Redis master) on the fetch pool.
     fn resume(&self, ex: &mut Exchange<'_>, job: Job) -> Step<Job> {
-        ex.omit(self.omit);
         match job {
             job @ Job::Follow { .. } if self.store.in_process() => self.end_follow(ex, job),
             job => Step::Defer(job),
@@ -425,7 +429,6 @@ impl Handler for Cache {
 
     /// The fetch stage: whatever waits on the origin.
     fn fetch(&self, ex: &mut Exchange<'_>, job: Job) {
-        ex.omit(self.omit);
         match job {
             Job::Forward(why) => self.forward(ex, Fwd::Bypass(why)),
             Job::Fill {

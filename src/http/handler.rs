@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::exchange::Exchange;
+use super::response::Omit;
 use super::Request;
 
 /// What a handler did with an exchange.
@@ -89,5 +90,11 @@ pub trait Handler: Send + Sync + 'static {
     /// request when it was parsed.
     fn refused(&self, peer: SocketAddr, request: Option<&Request>, status: u16) {
         let _ = (peer, request, status);
+    }
+
+    /// Fields this handler leaves out of every answer, the front end's own refusals
+    /// included (read once, when the server starts).
+    fn omit(&self) -> Omit {
+        Omit::default()
     }
 }

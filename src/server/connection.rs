@@ -18,6 +18,7 @@ use crate::http::conn::Conn;
 use crate::http::exchange::Exchange;
 use crate::http::handler::{Handler, Step, Waiting};
 use crate::http::parse::{parse_head, HttpError, Parsed};
+use crate::http::response::Omit;
 use crate::http::{BodyFraming, Request};
 
 /// The next request head in the connection's buffer, if it is all there. Empty lines
@@ -94,6 +95,7 @@ pub(super) fn serve_inline<H: Handler>(
 ) -> Inline<H::Job> {
     let timeouts = exchange_timeouts(&shared.cfg);
     let mut ex = Exchange::new(req, conn, shared.cfg.max_body_bytes, timeouts);
+    ex.omit(shared.omit);
     ex.watch_drain(Arc::clone(&shared.shutting_down));
     let run = AssertUnwindSafe(|| match resumed {
         Some(job) => handler.resume(&mut ex, job),
@@ -133,16 +135,22 @@ pub(super) fn serve_inline<H: Handler>(
 
 /// Echo's own answer to a request it refuses before any handler sees it; the connection
 /// closes after it.
-pub(super) fn refusal(e: &HttpError) -> Vec<u8> {
+/// `omit`: the handler's, so `cache.expose_status_headers = false` holds here too.
+pub(super) fn refusal(e: &HttpError, omit: Omit) -> Vec<u8> {
     let body = format!("echo: {}\n", e.reason);
     let retry = if e.status == 503 {
         "retry-after: 1\r\n"
     } else {
         ""
     };
+    let status = if omit.omits("x-cache-status") {
+        ""
+    } else {
+        "x-cache-status: BYPASS\r\n"
+    };
     let [(_, date), _] = crate::http::own_fields();
     format!(
-        "HTTP/1.1 {} {}\r\ndate: {}\r\nvia: 1.1 echo\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\nx-cache-status: BYPASS\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\ndate: {}\r\nvia: 1.1 echo\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n{status}{retry}content-length: {}\r\nconnection: close\r\n\r\n{body}",
         e.status,
         crate::http::reason(e.status),
         String::from_utf8_lossy(&date),

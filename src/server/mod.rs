@@ -43,6 +43,7 @@ use crate::http::conn::Conn;
 use crate::http::exchange::ExchangeTimeouts;
 use crate::http::handler::Handler;
 use crate::http::parse::{HttpError, Limits};
+use crate::http::response::Omit;
 use crate::http::socket::Socket;
 use crate::http::Request;
 use io_loop::{Arrival, Back, LoopHandle};
@@ -80,6 +81,9 @@ struct Shared {
     open: AtomicUsize,
     /// The depths of the worker and fetch queues.
     queued: Box<dyn Fn() -> (usize, usize) + Send + Sync>,
+    /// What the handler leaves out of its answers, left out of every exchange's answer
+    /// and of the server's own refusals too.
+    omit: Omit,
 }
 
 /// One client connection's open-connections slot, given back when it is dropped.
@@ -294,6 +298,7 @@ pub fn start<H: Handler>(
         shutting_down: Arc::new(AtomicBool::new(false)),
         open: AtomicUsize::new(0),
         queued,
+        omit: handler.omit(),
     });
     for i in 0..shared.cfg.workers {
         let rx = jobs_rx.clone();
@@ -367,7 +372,7 @@ fn accept_loop<J>(shared: &Arc<Shared>, listener: &Listener, loops: &[LoopHandle
                 let out_of_fds = matches!(e.raw_os_error(), Some(23) | Some(24));
                 if out_of_fds && spare.take().is_some() {
                     if let Ok((stream, _)) = listener.accept() {
-                        refuse_over_limit(stream);
+                        refuse_over_limit(stream, shared.omit);
                     }
                     spare = std::fs::File::open("/dev/null").ok();
                 }
@@ -385,7 +390,7 @@ fn accept_loop<J>(shared: &Arc<Shared>, listener: &Listener, loops: &[LoopHandle
             return;
         }
         if shared.open.load(Ordering::SeqCst) >= shared.cfg.max_connections {
-            refuse_over_limit(stream);
+            refuse_over_limit(stream, shared.omit);
             continue;
         }
         shared.open.fetch_add(1, Ordering::SeqCst);
@@ -395,14 +400,14 @@ fn accept_loop<J>(shared: &Arc<Shared>, listener: &Listener, loops: &[LoopHandle
     }
 }
 
-fn refuse_over_limit(stream: Socket) {
+fn refuse_over_limit(stream: Socket, omit: Omit) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let _ = write_refusal(&stream, &HttpError::new(503, "too many connections"));
+    let _ = write_refusal(&stream, &HttpError::new(503, "too many connections"), omit);
 }
 
-fn write_refusal(mut stream: &Socket, e: &HttpError) -> io::Result<()> {
+fn write_refusal(mut stream: &Socket, e: &HttpError, omit: Omit) -> io::Result<()> {
     use std::io::Write;
-    stream.write_all(&connection::refusal(e))?;
+    stream.write_all(&connection::refusal(e, omit))?;
     let _ = stream.shutdown(Shutdown::Write);
     Ok(())
 }

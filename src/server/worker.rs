@@ -37,6 +37,7 @@ pub(super) fn worker<H: Handler>(
         // for its own thread, so a slow reader never holds this one.
         conn.set_offload(true);
         let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
+        ex.omit(shared.omit);
         // Draining (now or before the answer starts): that answer is the connection's last.
         ex.watch_drain(Arc::clone(&shared.shutting_down));
         let step = catch_unwind(AssertUnwindSafe(|| match deferred {
@@ -79,6 +80,7 @@ pub(super) fn worker<H: Handler>(
                     shared.name, req.method, req.target
                 );
                 let mut ex = Exchange::new(req, &mut conn, shared.cfg.max_body_bytes, timeouts);
+                ex.omit(shared.omit);
                 ex.respond_error(503, "server busy", true);
                 handler.finished(&ex);
                 let keep = ex.complete();

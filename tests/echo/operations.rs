@@ -686,6 +686,13 @@ fn status_headers_can_be_hidden_and_surrogate_keys_stay_inside() {
             assert_eq!(resp.header(field), None, "{expect}: {field}");
         }
     }
+    // Refused before any cache work (conflicting lengths): the setting holds there too.
+    let smuggled = b"GET /t HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+    let refused = RawClient::connect(hidden.addr)
+        .read_response_after(smuggled)
+        .expect("an answer");
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.header("x-cache-status"), None);
     let (status, _) = admin::invalidate(hidden.admin.expect("admin"), TOKEN, r#"{"tag": "org-7"}"#);
     assert!(matches!(status, 200 | 202));
     client::get(hidden.addr, "/t", &[]);
@@ -708,6 +715,11 @@ fn status_headers_can_be_hidden_and_surrogate_keys_stay_inside() {
             "{expect}"
         );
     }
+    let refused = RawClient::connect(shown.addr)
+        .read_response_after(smuggled)
+        .expect("an answer");
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.header("x-cache-status"), Some("BYPASS"));
 }
 
 /// Issue 21: `/metrics` has the process (`process_*`), the build, and each store's

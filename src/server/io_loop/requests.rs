@@ -183,7 +183,7 @@ impl<H: Handler> IoLoop<H> {
         debug!("{}: {}: refused: {err}", self.shared.name, conn.peer);
         let deadline = Instant::now() + self.shared.cfg.write_timeout;
         conn.set_write_deadline(deadline);
-        let _ = conn.write_all(&refusal(err));
+        let _ = conn.write_all(&refusal(err, self.shared.omit));
         self.handler.refused(conn.peer, req, err.status);
         e.phase = Phase::Flush { keep: false };
         self.set_deadline(id, e, Some(deadline));
