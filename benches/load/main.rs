@@ -34,11 +34,13 @@
 //! the wrk run under way). The temp dirs are under `TMPDIR` (default /tmp), and nginx's
 //! cache files are in the lab's: `TMPDIR=/dev/shm` puts them on tmpfs.
 //!
-//! Scenarios, every run `wrk -t1 --latency` for `ECHO_BENCH_SECONDS` (default 5) seconds;
+//! Scenarios, every run `wrk -t1 --latency` for `ECHO_BENCH_SECONDS` (default 5) seconds,
+//! each proxy `ECHO_BENCH_ROUNDS` (default 3) times in turn: the table shows each proxy's
+//! run of median req/s, and a section each Echo's req/s over nginx's round by round;
 //! `ECHO_BENCH_SCENARIOS` (a comma list of the ids in brackets, or of their prefixes up to
 //! a `-`: `hit` is the four hit scenarios) runs only those, all by default. For each
-//! scenario the proxies run back to back (the starting one rotates), so they share the
-//! machine's conditions. Before each hit run the object is fetched through that proxy
+//! scenario the proxies run back to back (the starting one rotates, from scenario to
+//! scenario and from round to round), so they share the machine's conditions. Before each hit run the object is fetched through that proxy
 //! until the proxy says it is a hit.
 //! - hits on `/bytes/1024` with 16, 64, 256 and 1024 connections, on `/bytes/65536` with
 //!   64 [`hit-1k-16`, `hit-1k-64`, `hit-1k-256`, `hit-1k-1024`, `hit-64k-64`];
@@ -97,9 +99,9 @@ use peers::{
     echo_coalesced, logged_warnings, rss_lines, start_echo, start_nginx, start_origin, start_redis,
     start_varnish, varnish_backend_reqs, warm, Kind,
 };
-use report::{baseline_lines, fmt_rps, fmt_us, miss_overhead, Report, Row, Section};
+use report::{baseline_lines, fmt_rps, fmt_us, miss_overhead, round_lines, Report, Row, Section};
 use scenarios::{Load, SCENARIOS};
-use wrk::{coalesced_script, miss_script, wrk};
+use wrk::{coalesced_script, miss_script, wrk, WrkResult};
 
 /// What every step of the bench returns: an error is a sentence for the terminal.
 type Res<T> = Result<T, String>;
@@ -110,6 +112,10 @@ const TOKEN: &str = "load-bench";
 const BATCH: u64 = 50;
 /// The object of the miss scenarios.
 const MISS_PATH: &str = "/bytes/1024";
+/// Runs of each proxy in each wrk scenario (`ECHO_BENCH_ROUNDS`): one run's req/s on this
+/// machine moves by up to a fifth from one run to the next, the same build against
+/// itself included, so one run decides nothing; three give a median.
+const DEFAULT_ROUNDS: usize = 3;
 
 // -----------------------------------------------------------------------------------------
 // The scenarios.
@@ -192,6 +198,13 @@ fn run() -> Res<()> {
                 format!("ECHO_BENCH_SECONDS must be a whole number > 0, got {v:?}")
             })?,
             Err(_) => 5,
+        };
+    let rounds: usize =
+        match std::env::var("ECHO_BENCH_ROUNDS") {
+            Ok(v) => v.trim().parse().ok().filter(|r| *r > 0).ok_or_else(|| {
+                format!("ECHO_BENCH_ROUNDS must be a whole number > 0, got {v:?}")
+            })?,
+            Err(_) => DEFAULT_ROUNDS,
         };
     let selected = selected_scenarios()?;
     // An echod to compare with (an older build), run like Echo memory and like Echo redis;
@@ -373,11 +386,12 @@ fn run() -> Res<()> {
     let proxies = targets.iter().filter(|t| t.kind != Kind::Origin).count();
     let runs: usize = selected
         .iter()
-        .map(|&i| proxies + usize::from(SCENARIOS[i].with_origin))
+        .filter(|&&i| !matches!(SCENARIOS[i].load, Load::Herd(_) | Load::Idle(_)))
+        .map(|&i| (proxies + usize::from(SCENARIOS[i].with_origin)) * rounds)
         .sum();
     println!(
         "load bench: {} proxies in front of one demo origin, {} of {} scenarios, {runs} wrk \
-         runs of {seconds} s (wrk -t1), {} cores",
+         runs of {seconds} s (wrk -t1; {rounds} rounds each), {} cores",
         proxies,
         selected.len(),
         SCENARIOS.len(),
@@ -412,133 +426,148 @@ fn run() -> Res<()> {
         let len = order.len();
         order.rotate_left(nth % len);
         println!("\n{} ({} connections) [{}]", s.name, s.connections, s.id);
-        for k in order {
-            if stop.load(Ordering::Relaxed) {
-                return Err("interrupted".into());
+        // Herds and idle connections measure their own rounds; wrk runs are repeated.
+        let rounds_here = match s.load {
+            Load::Herd(_) | Load::Idle(_) => 1,
+            _ => rounds,
+        };
+        let mut runs_of: Vec<Vec<Res<WrkResult>>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds_here {
+            if rounds_here > 1 {
+                println!("  round {} of {rounds_here}", round + 1);
             }
-            let t = &targets[k];
-            if t.dead {
-                continue;
-            }
-            run_id += 1;
-            let run = format!("r{run_id}");
-            if let Load::Herd(n) = s.load {
-                match herd::run(t.port, origin_port, n, &run) {
-                    Ok(h) => {
-                        let line = h.line(t.kind.name(), n);
-                        println!("  {line}");
-                        herds.push(line);
-                    }
-                    Err(e) => {
-                        println!("  {:<21} failed: {e}", t.kind.name());
-                        notes.push(format!("{} / {}: {e}", s.name, t.kind.name()));
-                    }
+            for &k in &order {
+                if stop.load(Ordering::Relaxed) {
+                    return Err("interrupted".into());
                 }
-                std::thread::sleep(Duration::from_millis(300));
-                continue;
-            }
-            if let Load::Idle(n) = s.load {
-                let line = match idle::run(t.pid, t.port, n, "/bytes/1024") {
-                    Ok(r) => r.line(t.kind.name(), n),
-                    Err(e) => format!("{:<21} failed: {e}", t.kind.name()),
-                };
-                println!("  {line}");
-                idles.push(line);
-                continue;
-            }
-            let mut before = None;
-            let result = match s.load {
-                Load::Hit(path) => warm(t, path).and_then(|()| {
-                    // The server's CPU per request: what a load generator that saturates
-                    // a core of this machine cannot show in req/s.
-                    let cpu_before = tree_cpu_seconds(t.pid);
-                    let mut w = wrk(t.port, path, s.connections, seconds, None)?;
-                    w.cpu_us_per_req = cpu_before
-                        .zip(tree_cpu_seconds(t.pid))
-                        .filter(|_| w.requests > 0)
-                        .map(|(a, b)| (b - a) * 1e6 / w.requests as f64);
-                    Ok(w)
-                }),
-                Load::Miss => miss_script(lab.dir(), &run)
-                    .and_then(|script| wrk(t.port, "/", s.connections, seconds, Some(&script))),
-                Load::Herd(_) | Load::Idle(_) => unreachable!("herds and idles are run above"),
-                Load::Coalesced => coalesced_script(lab.dir(), &run).and_then(|script| {
-                    before = if t.kind.is_echo() {
-                        echo_coalesced(t)
-                    } else {
-                        varnish_backend_reqs(varnishstat.as_deref(), t)
+                let t = &targets[k];
+                if t.dead {
+                    continue;
+                }
+                run_id += 1;
+                let run = format!("r{run_id}");
+                if let Load::Herd(n) = s.load {
+                    match herd::run(t.port, origin_port, n, &run) {
+                        Ok(h) => {
+                            let line = h.line(t.kind.name(), n);
+                            println!("  {line}");
+                            herds.push(line);
+                        }
+                        Err(e) => {
+                            println!("  {:<21} failed: {e}", t.kind.name());
+                            notes.push(format!("{} / {}: {e}", s.name, t.kind.name()));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                    continue;
+                }
+                if let Load::Idle(n) = s.load {
+                    let line = match idle::run(t.pid, t.port, n, "/bytes/1024") {
+                        Ok(r) => r.line(t.kind.name(), n),
+                        Err(e) => format!("{:<21} failed: {e}", t.kind.name()),
                     };
-                    wrk(t.port, "/", s.connections, seconds, Some(&script))
-                }),
-            };
-            match &result {
-                Ok(w) => {
-                    println!(
-                        "  {:<21} {:>9} req/s  p50 {:>9}  p99 {:>9}  errors {}{}",
-                        t.kind.name(),
-                        fmt_rps(w.rps),
-                        fmt_us(w.p50_us),
-                        fmt_us(w.p99_us),
-                        w.errors,
-                        w.cpu_us_per_req
-                            .map(|c| format!("  server CPU {c:.1} µs/req"))
-                            .unwrap_or_default()
-                    );
-                    if matches!(s.load, Load::Coalesced) {
-                        let urls = w.requests.div_ceil(BATCH);
-                        let line = if t.kind.is_echo() {
-                            echo_coalesced(t).zip(before).map(|(after, b)| {
-                                format!(
-                                    "{}: {} of {} requests waited on another request's fetch \
-                                     (echo_coalesced_requests_total), ~{urls} URLs",
-                                    t.kind.name(),
-                                    after - b,
-                                    w.requests
-                                )
-                            })
-                        } else if t.kind == Kind::Varnish {
+                    println!("  {line}");
+                    idles.push(line);
+                    continue;
+                }
+                let mut before = None;
+                let result = match s.load {
+                    Load::Hit(path) => warm(t, path).and_then(|()| {
+                        // The server's CPU per request: what a load generator that saturates
+                        // a core of this machine cannot show in req/s.
+                        let cpu_before = tree_cpu_seconds(t.pid);
+                        let mut w = wrk(t.port, path, s.connections, seconds, None)?;
+                        w.cpu_us_per_req = cpu_before
+                            .zip(tree_cpu_seconds(t.pid))
+                            .filter(|_| w.requests > 0)
+                            .map(|(a, b)| (b - a) * 1e6 / w.requests as f64);
+                        Ok(w)
+                    }),
+                    Load::Miss => miss_script(lab.dir(), &run)
+                        .and_then(|script| wrk(t.port, "/", s.connections, seconds, Some(&script))),
+                    Load::Herd(_) | Load::Idle(_) => unreachable!("herds and idles are run above"),
+                    Load::Coalesced => coalesced_script(lab.dir(), &run).and_then(|script| {
+                        before = if t.kind.is_echo() {
+                            echo_coalesced(t)
+                        } else {
                             varnish_backend_reqs(varnishstat.as_deref(), t)
-                                .zip(before)
-                                .map(|(after, b)| {
+                        };
+                        wrk(t.port, "/", s.connections, seconds, Some(&script))
+                    }),
+                };
+                match &result {
+                    Ok(w) => {
+                        println!(
+                            "  {:<21} {:>9} req/s  p50 {:>9}  p99 {:>9}  errors {}{}",
+                            t.kind.name(),
+                            fmt_rps(w.rps),
+                            fmt_us(w.p50_us),
+                            fmt_us(w.p99_us),
+                            w.errors,
+                            w.cpu_us_per_req
+                                .map(|c| format!("  server CPU {c:.1} µs/req"))
+                                .unwrap_or_default()
+                        );
+                        if matches!(s.load, Load::Coalesced) {
+                            let urls = w.requests.div_ceil(BATCH);
+                            let line = if t.kind.is_echo() {
+                                echo_coalesced(t).zip(before).map(|(after, b)| {
                                     format!(
-                                        "varnish: {} origin fetches for ~{urls} URLs \
-                                         ({} requests)",
+                                        "{}: {} of {} requests waited on another request's fetch \
+                                     (echo_coalesced_requests_total), ~{urls} URLs",
+                                        t.kind.name(),
                                         after - b,
                                         w.requests
                                     )
                                 })
-                        } else {
-                            None
-                        };
-                        coalescing.extend(line);
+                            } else if t.kind == Kind::Varnish {
+                                varnish_backend_reqs(varnishstat.as_deref(), t)
+                                    .zip(before)
+                                    .map(|(after, b)| {
+                                        format!(
+                                            "varnish: {} origin fetches for ~{urls} URLs \
+                                         ({} requests)",
+                                            after - b,
+                                            w.requests
+                                        )
+                                    })
+                            } else {
+                                None
+                            };
+                            coalescing.extend(line);
+                        }
+                    }
+                    Err(e) => println!("  {:<21} failed: {e}", t.kind.name()),
+                }
+                if let Err(e) = &result {
+                    notes.push(format!("{} / {}: {e}", s.name, t.kind.name()));
+                }
+                runs_of[k].push(result);
+                let pid = t.pid;
+                if let Some(p) = lab.proc_by_pid(pid) {
+                    if p.exited() {
+                        let note = format!(
+                            "{} exited during \"{}\":\n{}",
+                            p.name,
+                            s.name,
+                            p.log_tail(10)
+                        );
+                        eprintln!("{note}");
+                        notes.push(note);
+                        targets[k].dead = true;
                     }
                 }
-                Err(e) => println!("  {:<21} failed: {e}", t.kind.name()),
+                // Let sockets and threads settle between runs.
+                std::thread::sleep(Duration::from_millis(300));
             }
-            if let Err(e) = &result {
-                notes.push(format!("{} / {}: {e}", s.name, t.kind.name()));
+            // The next round starts with the next proxy.
+            order.rotate_left(1);
+        }
+        for &k in &order {
+            let runs = std::mem::take(&mut runs_of[k]);
+            if !runs.is_empty() {
+                rows.push(Row::of_rounds(i, targets[k].kind, runs));
             }
-            rows.push(Row {
-                scenario: i,
-                kind: t.kind,
-                result,
-            });
-            let pid = t.pid;
-            if let Some(p) = lab.proc_by_pid(pid) {
-                if p.exited() {
-                    let note = format!(
-                        "{} exited during \"{}\":\n{}",
-                        p.name,
-                        s.name,
-                        p.log_tail(10)
-                    );
-                    eprintln!("{note}");
-                    notes.push(note);
-                    targets[k].dead = true;
-                }
-            }
-            // Let sockets and threads settle between runs.
-            std::thread::sleep(Duration::from_millis(300));
         }
     }
 
@@ -547,7 +576,15 @@ fn run() -> Res<()> {
     notes.extend(logged_warnings(&lab));
     let memory_vs_baseline = baseline_lines(&rows, Kind::EchoMemory);
     let redis_vs_baseline = baseline_lines(&rows, Kind::EchoRedis);
-    let sections: [Section<'_>; 7] = [
+    let by_round = round_lines(&rows);
+    let sections: [Section<'_>; 8] = [
+        (
+            format!(
+                "Rounds ({rounds} per scenario; the table shows each proxy's run of median \
+                 req/s): each Echo's req/s over nginx's in the same round:"
+            ),
+            &by_round,
+        ),
         (
             "Miss overhead (p50 through the proxy minus p50 of the same misses sent to the \
              origin):"

@@ -15,11 +15,86 @@ use crate::peers::{Kind, KINDS};
 use crate::wrk::WrkResult;
 use crate::{Res, SCENARIOS};
 
-/// One wrk run: a scenario (index into `SCENARIOS`) through one peer.
+/// A scenario (index into `SCENARIOS`) through one peer: the run of median req/s among
+/// its rounds, and every round's req/s (None: that run failed).
 pub(crate) struct Row {
     pub(crate) scenario: usize,
     pub(crate) kind: Kind,
     pub(crate) result: Res<WrkResult>,
+    pub(crate) rounds: Vec<Option<f64>>,
+}
+
+impl Row {
+    /// The row of `runs` (one per round, in order): the successful run of median req/s
+    /// (the lower middle one of an even count) with the errors of every run added up,
+    /// or the first failure when none succeeded.
+    pub(crate) fn of_rounds(scenario: usize, kind: Kind, runs: Vec<Res<WrkResult>>) -> Row {
+        let rounds = runs
+            .iter()
+            .map(|r| r.as_ref().ok().map(|w| w.rps))
+            .collect();
+        let errors: u64 = runs.iter().flatten().map(|w| w.errors).sum();
+        let mut ok: Vec<WrkResult> = Vec::new();
+        let mut first_err = None;
+        for run in runs {
+            match run {
+                Ok(w) => ok.push(w),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        ok.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        let middle = ok.len().saturating_sub(1) / 2;
+        let result = match ok.into_iter().nth(middle) {
+            Some(w) => Ok(WrkResult { errors, ..w }),
+            None => Err(first_err.unwrap_or_else(|| "no run".into())),
+        };
+        Row {
+            scenario,
+            kind,
+            result,
+            rounds,
+        }
+    }
+}
+
+/// For every scenario run in more than one round: each Echo's req/s against nginx's run
+/// of the same round (they ran back to back), round by round, with the median. The
+/// ratio of one round is less exposed to the machine's drift than medians of separate
+/// runs.
+pub(crate) fn round_lines(rows: &[Row]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, s) in SCENARIOS.iter().enumerate() {
+        let Some(nginx) = rows
+            .iter()
+            .find(|r| r.scenario == i && r.kind == Kind::Nginx && r.rounds.len() > 1)
+        else {
+            continue;
+        };
+        for row in rows.iter().filter(|r| r.scenario == i && r.kind.is_echo()) {
+            let mut ratios: Vec<f64> = row
+                .rounds
+                .iter()
+                .zip(&nginx.rounds)
+                .filter_map(|(e, n)| Some(e.as_ref()? / n.as_ref()?))
+                .collect();
+            if ratios.is_empty() {
+                continue;
+            }
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+            ratios.sort_by(f64::total_cmp);
+            out.push(format!(
+                "{}, {}: {} (median {:.2}x, lowest {:.2}x)",
+                s.name,
+                row.kind.name(),
+                each.join(" "),
+                ratios[(ratios.len() - 1) / 2],
+                ratios[0],
+            ));
+        }
+    }
+    out
 }
 
 pub(crate) fn fmt_us(us: f64) -> String {
