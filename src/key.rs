@@ -21,8 +21,14 @@ pub struct CacheKey {
 
 impl CacheKey {
     pub fn new(scheme: &str, host: &str, target: &str) -> CacheKey {
-        let full = format!("{scheme}://{host}{target}");
-        let target_at = full.len() - target.len();
+        // Joined by hand: `format!` goes through the formatting machinery, and this runs
+        // on every request.
+        let mut full = String::with_capacity(scheme.len() + 3 + host.len() + target.len());
+        full.push_str(scheme);
+        full.push_str("://");
+        full.push_str(host);
+        let target_at = full.len();
+        full.push_str(target);
         CacheKey { full, target_at }
     }
 

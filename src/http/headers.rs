@@ -65,16 +65,22 @@ pub(crate) fn has_header(headers: &HeaderList, name: &str) -> bool {
 // have the same field name into one field line, without changing the semantics of the message,
 // by appending each subsequent field line value to the initial field line value in order,
 // separated by a comma (",") and optional whitespace (OWS, defined in Section 5.6.3)."
-pub(crate) fn header_joined_bytes(headers: &HeaderList, name: &str) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
+// A single line is borrowed, not copied: most fields have one, and this runs on every
+// request (Cache-Control, Vary, Age).
+pub(crate) fn header_joined_bytes<'a>(
+    headers: &'a HeaderList,
+    name: &str,
+) -> Option<Cow<'a, [u8]>> {
+    let mut out: Option<Cow<'a, [u8]>> = None;
     for (n, v) in headers {
         if is_named(n, name) {
             match out.as_mut() {
                 Some(buf) => {
+                    let buf = buf.to_mut();
                     buf.extend_from_slice(b", ");
                     buf.extend_from_slice(v);
                 }
-                None => out = Some(v.clone()),
+                None => out = Some(Cow::Borrowed(v)),
             }
         }
     }

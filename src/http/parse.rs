@@ -247,10 +247,44 @@ fn normalize_host(raw: &[u8]) -> Result<String, HttpError> {
     if raw.is_empty() || raw.contains(&b'@') {
         return Err(BAD);
     }
-    let ok = raw.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
+    if !raw.iter().all(|&b| HOST_BYTE[usize::from(b)]) {
+        return Err(BAD);
+    }
+    // The port, if any, follows the last ':' that is outside an IPv6 literal.
+    let port_at = match raw.iter().rposition(|&b| b == b']') {
+        Some(end) => raw[end..].iter().position(|&b| b == b':').map(|i| i + end),
+        None => raw.iter().rposition(|&b| b == b':'),
+    };
+    let name = match port_at {
+        Some(i) => {
+            let port = &raw[i + 1..];
+            if port.is_empty() || port == b"80" {
+                &raw[..i]
+            } else if port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
+                return Err(BAD);
+            } else {
+                raw
+            }
+        }
+        None => raw,
+    };
+    // Every byte is ASCII (checked above): one copy, lower-cased in place.
+    let mut host = String::from_utf8_lossy(name).into_owned();
+    host.make_ascii_lowercase();
+    Ok(host)
+}
+
+/// The bytes a Host value may hold: RFC 3986 reg-name (unreserved, pct-encoded,
+/// sub-delims), IP literals (`[`, `]`, `:`) and the port's digits. A table: this runs on
+/// every request.
+const HOST_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
             || matches!(
-                b,
+                c,
                 b'-' | b'.'
                     | b'_'
                     | b'~'
@@ -269,28 +303,11 @@ fn normalize_host(raw: &[u8]) -> Result<String, HttpError> {
                     | b','
                     | b';'
                     | b'='
-            )
-    });
-    if !ok {
-        return Err(BAD);
+            );
+        b += 1;
     }
-    let host = String::from_utf8_lossy(raw).to_ascii_lowercase();
-    // The port, if any, follows the last ':' that is outside an IPv6 literal.
-    let port_at = match host.rfind(']') {
-        Some(end) => host[end..].find(':').map(|i| i + end),
-        None => host.rfind(':'),
-    };
-    if let Some(i) = port_at {
-        let port = &host[i + 1..];
-        if port.is_empty() || port == "80" {
-            return Ok(host[..i].to_string());
-        }
-        if port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(BAD);
-        }
-    }
-    Ok(host)
-}
+    table
+};
 
 /// RFC 9112 §6: decides how the request body is framed, refusing every ambiguity.
 fn framing(headers: &Headers, version: Version, limits: &Limits) -> Result<BodyFraming, HttpError> {

@@ -57,7 +57,7 @@ pub struct Omit {
 }
 
 impl Omit {
-    fn omits(self, name: &str) -> bool {
+    pub(crate) fn omits(self, name: &str) -> bool {
         (self.status_fields && (name == "x-cache-status" || name == "cache-status"))
             || (self.surrogate_key && name == "surrogate-key")
     }
@@ -83,7 +83,7 @@ pub(crate) fn write_head(
     omit: Omit,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -108,7 +108,7 @@ pub(crate) fn write_head(
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -118,7 +118,7 @@ pub(crate) fn write_head(
         Framing::NoBody => {
             if let Some(n) = head_length {
                 out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(n.to_string().as_bytes());
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
         }

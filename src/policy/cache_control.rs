@@ -10,6 +10,8 @@
 //! What it must not do: decide anything (storability, freshness and reuse read this value);
 //! panic on any input.
 
+use std::borrow::Cow;
+
 use super::HeaderList;
 use crate::http::headers::{
     has_header, header_joined_bytes, parse_delta_seconds, split_list, trim_ows,
@@ -58,17 +60,18 @@ pub struct CacheControl {
     pub only_if_cached: bool,
 }
 
-/// The argument of one directive.
-enum Arg {
+/// The argument of one directive: borrowed from the field unless unquoting changed it
+/// (this runs on every hit, for the stored response's field).
+enum Arg<'a> {
     /// `name` with no `=`.
     Absent,
     /// `name=token` or `name="quoted"` (unquoted, escapes resolved).
-    Value(Vec<u8>),
+    Value(Cow<'a, [u8]>),
     /// `name="unterminated`.
     Malformed,
 }
 
-impl Arg {
+impl Arg<'_> {
     fn delta_seconds(&self) -> Option<u64> {
         match self {
             Arg::Value(v) => parse_delta_seconds(v),
@@ -77,8 +80,16 @@ impl Arg {
     }
 }
 
-/// Splits one list member `name[=arg]` into a lower-case name and its argument.
-fn parse_directive(member: &[u8]) -> (String, Arg) {
+/// The longest directive name Echo knows (`stale-while-revalidate`); a longer one is an
+/// extension, ignored.
+const LONGEST_NAME: usize = 22;
+
+/// Splits one list member `name[=arg]` into a lower-case name (in `buf`; empty when too
+/// long to be one Echo knows) and its argument.
+fn parse_directive<'a, 'b>(
+    member: &'a [u8],
+    buf: &'b mut [u8; LONGEST_NAME],
+) -> (&'b [u8], Arg<'a>) {
     let (name, arg) = match member.iter().position(|&b| b == b'=') {
         Some(eq) => (
             member.get(..eq).unwrap_or_default(),
@@ -86,11 +97,19 @@ fn parse_directive(member: &[u8]) -> (String, Arg) {
         ),
         None => (member, None),
     };
-    let name = String::from_utf8_lossy(trim_ows(name)).to_ascii_lowercase();
+    let name = trim_ows(name);
+    let name = match buf.get_mut(..name.len()) {
+        Some(lower) => {
+            lower.copy_from_slice(name);
+            lower.make_ascii_lowercase();
+            &*lower
+        }
+        None => &[],
+    };
     let arg = match arg.map(trim_ows) {
         None => Arg::Absent,
         Some([b'"', rest @ ..]) => unquote(rest),
-        Some(v) => Arg::Value(v.to_vec()),
+        Some(v) => Arg::Value(Cow::Borrowed(v)),
     };
     (name, arg)
 }
@@ -98,7 +117,7 @@ fn parse_directive(member: &[u8]) -> (String, Arg) {
 /// Reads a quoted-string body (after the opening quote) up to its closing quote.
 // RFC 9110 §5.6.4: "The backslash octet ("\") can be used as a single-octet quoting mechanism
 // within quoted-string and comment constructs."
-fn unquote(rest: &[u8]) -> Arg {
+fn unquote(rest: &[u8]) -> Arg<'_> {
     let mut out = Vec::with_capacity(rest.len());
     let mut escaped = false;
     for &b in rest {
@@ -108,7 +127,7 @@ fn unquote(rest: &[u8]) -> Arg {
         } else if b == b'\\' {
             escaped = true;
         } else if b == b'"' {
-            return Arg::Value(out);
+            return Arg::Value(Cow::Owned(out));
         } else {
             out.push(b);
         }
@@ -137,10 +156,11 @@ impl CacheControl {
         // quoted-string syntax."
         // RFC 9111 §5.2: "recipients ought to accept both forms, even if a specific form is
         // required for generation" — so `max-age="60"` is 60.
+        let mut name_buf = [0u8; LONGEST_NAME];
         for member in split_list(&joined) {
-            let (name, arg) = parse_directive(member);
-            match name.as_str() {
-                "no-store" => cc.no_store = true,
+            let (name, arg) = parse_directive(member, &mut name_buf);
+            match name {
+                b"no-store" => cc.no_store = true,
                 // RFC 9111 §5.2.2.4: "If the no-cache response directive specifies one or
                 // more field names, then a cache MAY use the response to satisfy a
                 // subsequent request, subject to any other restrictions on caching.
@@ -148,17 +168,17 @@ impl CacheControl {
                 // listed MUST NOT be sent in the response to a subsequent request without
                 // successful revalidation with the origin server." An empty or malformed
                 // list reads as the unqualified form (the safe reading).
-                "no-cache" => {
+                b"no-cache" => {
                     cc.no_cache |= !collect_fields(&arg, &mut cc.no_cache_fields);
                 }
                 // RFC 9111 §5.2.2.7: "The unqualified private response directive indicates
                 // that a shared cache MUST NOT store the response"; qualified, "a shared
                 // cache MUST NOT store the specified field names(s), whereas it MAY store
                 // the remainder of the response message."
-                "private" => {
+                b"private" => {
                     cc.private |= !collect_fields(&arg, &mut cc.private_fields);
                 }
-                "public" => cc.public = true,
+                b"public" => cc.public = true,
                 // RFC 9111 §4.2.1: "When there is more than one value present for a given
                 // directive (e.g., two Expires header field lines or multiple Cache-Control:
                 // max-age directives), either the first occurrence should be used or the
@@ -166,35 +186,35 @@ impl CacheControl {
                 // RFC 9111 §4.2.1: "Caches are encouraged to consider responses that have
                 // invalid freshness information (e.g., a max-age directive with non-integer
                 // content) to be stale."
-                "max-age" => {
+                b"max-age" => {
                     cc.max_age = strict_delta(seen_max_age, &arg);
                     seen_max_age = true;
                 }
-                "s-maxage" => {
+                b"s-maxage" => {
                     cc.s_maxage = strict_delta(seen_s_maxage, &arg);
                     seen_s_maxage = true;
                 }
-                "must-revalidate" => cc.must_revalidate = true,
-                "proxy-revalidate" => cc.proxy_revalidate = true,
-                "no-transform" => cc.no_transform = true,
-                "immutable" => cc.immutable = true,
-                "must-understand" => cc.must_understand = true,
+                b"must-revalidate" => cc.must_revalidate = true,
+                b"proxy-revalidate" => cc.proxy_revalidate = true,
+                b"no-transform" => cc.no_transform = true,
+                b"immutable" => cc.immutable = true,
+                b"must-understand" => cc.must_understand = true,
                 // RFC 5861 §3 / §4: stale-while-revalidate and stale-if-error take
                 // delta-seconds. An invalid argument disables the extension (never serve
                 // stale on a guess); of several values the smallest (most restrictive) wins,
                 // after RFC 9111 §4.2.1: "the most restrictive directive should be honored".
-                "stale-while-revalidate" => match arg.delta_seconds() {
+                b"stale-while-revalidate" => match arg.delta_seconds() {
                     Some(n) => cc.stale_while_revalidate = min_opt(cc.stale_while_revalidate, n),
                     None => swr_invalid = true,
                 },
-                "stale-if-error" => match arg.delta_seconds() {
+                b"stale-if-error" => match arg.delta_seconds() {
                     Some(n) => cc.stale_if_error = min_opt(cc.stale_if_error, n),
                     None => sie_invalid = true,
                 },
                 // RFC 9111 §5.2.1.2: "If no value is assigned to max-stale, then the client
                 // will accept a stale response of any age." An invalid argument is ignored;
                 // of several, the most restrictive wins.
-                "max-stale" => {
+                b"max-stale" => {
                     let this = match &arg {
                         Arg::Absent => Some(None),
                         _ => arg.delta_seconds().map(Some),
@@ -210,12 +230,12 @@ impl CacheControl {
                 // RFC 9111 §5.2.1.3: "the client prefers a response whose freshness lifetime
                 // is no less than its current age plus the specified time in seconds". An
                 // invalid argument is ignored; of several, the largest (most restrictive) wins.
-                "min-fresh" => {
+                b"min-fresh" => {
                     if let Some(n) = arg.delta_seconds() {
                         cc.min_fresh = Some(cc.min_fresh.map_or(n, |m| m.max(n)));
                     }
                 }
-                "only-if-cached" => cc.only_if_cached = true,
+                b"only-if-cached" => cc.only_if_cached = true,
                 // RFC 9111 §5.2.3: "A cache MUST ignore unrecognized cache directives."
                 _ => {}
             }
