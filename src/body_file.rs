@@ -101,6 +101,24 @@ impl BodyFile {
         }
     }
 
+    /// Appends bytes `range` of the body to `out` (a multipart range answer's parts).
+    pub(crate) fn read_range(
+        &self,
+        range: std::ops::Range<u64>,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let end = range.end.min(self.len);
+        let n = usize::try_from(end.saturating_sub(range.start))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let at = out.len();
+        out.resize(at + n, 0);
+        let read = self.file.read_exact_at(&mut out[at..], range.start);
+        if read.is_err() {
+            out.truncate(at);
+        }
+        read
+    }
+
     /// The body as bytes (for the rare reader that needs them: encoding, tests).
     pub(crate) fn read(&self) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; usize::try_from(self.len).unwrap_or(0)];

@@ -7,6 +7,7 @@
 //! every answer carries `Age` and its [`Outcome`]; a variant is selected only by the
 //! field values the request would be sent with, since those are what it was stored for.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -297,6 +298,10 @@ pub(super) fn respond_entry(ex: &mut Exchange<'_>, entry: &Entry, fields: [&Head
     let (status, part) = match answer {
         RangeAnswer::Whole => (entry.status, 0..len),
         RangeAnswer::Part(part) => (206, part),
+        RangeAnswer::Parts { parts, boundary } => {
+            respond_parts(ex, entry, fields, &parts, &boundary);
+            return;
+        }
         RangeAnswer::Unsatisfiable => {
             // RFC 9110 §15.5.17: "a server generating a 416 (Range Not Satisfiable)
             // response to a byte-range request SHOULD send a Content-Range header field
@@ -334,6 +339,55 @@ pub(super) fn respond_entry(ex: &mut Exchange<'_>, entry: &Entry, fields: [&Head
             let _ = ex.respond_fields(status, &fields, body);
         }
     }
+}
+
+/// A `206` with several parts of the stored body as `multipart/byteranges` (RFC 9110
+/// §14.6), built in memory (its size is below the body's: `range::answer` sees to
+/// that). A memfd body's parts are read from it; if that fails, the whole answers.
+fn respond_parts(
+    ex: &mut Exchange<'_>,
+    entry: &Entry,
+    fields: [&Headers; 2],
+    parts: &[Range<u64>],
+    boundary: &str,
+) {
+    let len = entry
+        .file
+        .as_ref()
+        .map_or(entry.body.len() as u64, |f| f.len());
+    let content_type = headers::header(fields[0], "content-type");
+    let body = range::multipart_body(parts, len, content_type, boundary, |part, out| match &entry
+        .file
+    {
+        Some(file) => file.read_range(part.clone(), out).is_ok(),
+        None => usize::try_from(part.start)
+            .ok()
+            .zip(usize::try_from(part.end).ok())
+            .and_then(|(a, b)| entry.body.get(a..b))
+            .map(|bytes| out.extend_from_slice(bytes))
+            .is_some(),
+    });
+    let Some(body) = body else {
+        log::warn!("a stored body could not be read for a multipart range answer");
+        let status = entry.status;
+        let _ = match &entry.file {
+            Some(file) => ex.respond_file(status, &[fields[0], fields[1]], file, 0..len),
+            None => ex.respond_fields(status, &[fields[0], fields[1]], &entry.body),
+        };
+        return;
+    };
+    // The representation's Content-Type moves into each part; the answer's is the
+    // multipart's.
+    let stored: Headers = fields[0]
+        .iter()
+        .filter(|(n, _)| n != "content-type")
+        .cloned()
+        .collect();
+    let multipart: Headers = vec![(
+        "content-type".into(),
+        format!("multipart/byteranges; boundary={boundary}").into_bytes(),
+    )];
+    let _ = ex.respond_fields(206, &[&stored, &multipart, fields[1]], &body);
 }
 
 /// RFC 9110 §13.1.2 / §13.1.3 / §13.2.2: If-None-Match (weak comparison) takes

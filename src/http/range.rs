@@ -4,14 +4,18 @@
 //! Invariants: only the `bytes` unit is answered; a range-specifier that does not parse
 //! is ignored (the whole response answers, §14.2: a server "MAY ignore or reject a Range
 //! header field that contains an invalid ranges-specifier"); several ranges that do not
-//! coalesce into one are answered with the whole response, as §14.2 allows ("a server
-//! MAY ignore the Range header field") and as Varnish does, so no `multipart/byteranges`
-//! is ever built; a part is never empty and never reaches past the end.
+//! coalesce into one are answered as `multipart/byteranges` (§14.6), as nginx does,
+//! ascending and with overlaps and small gaps merged (§14.3), unless that would be
+//! larger than the whole response, which then answers (§14.2: a server "MAY ignore the
+//! Range header field"); a part is never empty and never reaches past the end.
 //!
 //! What it must not do: read the response body; decide whether a response may answer
 //! at all (the caller has a stored 200 for a GET).
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::headers::{self, HeaderList};
 
@@ -22,6 +26,12 @@ pub enum RangeAnswer {
     Whole,
     /// `206` with these bytes and `Content-Range: bytes first-last/len`.
     Part(Range<u64>),
+    /// `206` as `multipart/byteranges`: these parts (at least two, ascending, apart by
+    /// at least [`MERGE_GAP`] bytes) in this `boundary`.
+    Parts {
+        parts: Vec<Range<u64>>,
+        boundary: String,
+    },
     /// `416` with `Content-Range: bytes */len` (§15.5.17).
     Unsatisfiable,
 }
@@ -29,6 +39,11 @@ pub enum RangeAnswer {
 /// More range-specs than this in one request are not looked at (the whole answers):
 /// a client has no use for them, and each costs work (§14.2 warns of such requests).
 const MAX_SPECS: usize = 64;
+
+/// Ranges closer than this are sent as one part: a part's own lines (boundary,
+/// Content-Type, Content-Range) cost about as much (§14.3: "separated by a gap that is
+/// smaller than the overhead of sending multiple parts").
+const MERGE_GAP: u64 = 80;
 
 /// Does the request ask for byte ranges (a `Range` with the `bytes` unit, valid or not)?
 /// A Range in another unit is not Echo's to answer.
@@ -63,19 +78,107 @@ pub fn answer(req: &HeaderList, len: u64, stored: &HeaderList) -> RangeAnswer {
         return RangeAnswer::Unsatisfiable;
     }
     // §14.3: "a server MAY coalesce any of the ranges that overlap, or that are separated
-    // by a gap that is smaller than the overhead of sending multiple parts".
+    // by a gap that is smaller than the overhead of sending multiple parts, regardless of
+    // the order in which the corresponding range-spec appeared".
     parts.sort_by_key(|r| r.start);
-    let mut merged = parts[0].clone();
-    for r in &parts[1..] {
-        if r.start > merged.end {
-            return RangeAnswer::Whole;
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(parts.len());
+    for r in parts {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end.saturating_add(MERGE_GAP) => {
+                last.end = last.end.max(r.end);
+            }
+            _ => merged.push(r),
         }
-        merged.end = merged.end.max(r.end);
     }
-    if merged == (0..len) {
-        return RangeAnswer::Whole;
+    match merged.as_slice() {
+        [one] if *one == (0..len) => RangeAnswer::Whole,
+        [one] => RangeAnswer::Part(one.clone()),
+        _ => {
+            let boundary = boundary();
+            let content_type = headers::header(stored, "content-type");
+            // Many small parts can outweigh the whole: then the whole is the cheaper
+            // answer (§14.2 allows ignoring the Range).
+            if multipart_len(&merged, len, content_type, &boundary) >= len {
+                return RangeAnswer::Whole;
+            }
+            RangeAnswer::Parts {
+                parts: merged,
+                boundary,
+            }
+        }
     }
-    RangeAnswer::Part(merged)
+}
+
+/// A boundary for one multipart answer: `echo-` and 16 hex digits, unpredictable (a
+/// per-process random hash of a counter), so a body cannot be built to contain it.
+fn boundary() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("echo-{:016x}", RandomState::new().hash_one(n))
+}
+
+/// The head of part `part` (§14.6): the delimiter (after a CRLF, but for the first
+/// part), its `Content-Type` when the representation has one, `Content-Range`.
+fn part_head(
+    first: bool,
+    part: &Range<u64>,
+    len: u64,
+    content_type: Option<&[u8]>,
+    boundary: &str,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(128);
+    if !first {
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"--");
+    head.extend_from_slice(boundary.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    if let Some(ct) = content_type {
+        head.extend_from_slice(b"content-type: ");
+        head.extend_from_slice(ct);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"content-range: ");
+    head.extend_from_slice(content_range(Some(part), len).as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
+    head
+}
+
+/// The close delimiter that ends a multipart body.
+fn close_delimiter(boundary: &str) -> String {
+    format!("\r\n--{boundary}--\r\n")
+}
+
+/// The length of the multipart body of `parts`.
+fn multipart_len(parts: &[Range<u64>], len: u64, ct: Option<&[u8]>, boundary: &str) -> u64 {
+    let heads: u64 = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| part_head(i == 0, p, len, ct, boundary).len() as u64 + (p.end - p.start))
+        .sum();
+    heads + close_delimiter(boundary).len() as u64
+}
+
+/// The `multipart/byteranges` body of `parts` (§14.6) of a representation of `len`
+/// bytes with `Content-Type` `content_type`; `bytes` appends a part's bytes (false:
+/// they cannot be read, and there is no body).
+pub fn multipart_body(
+    parts: &[Range<u64>],
+    len: u64,
+    content_type: Option<&[u8]>,
+    boundary: &str,
+    mut bytes: impl FnMut(&Range<u64>, &mut Vec<u8>) -> bool,
+) -> Option<Vec<u8>> {
+    let total = multipart_len(parts, len, content_type, boundary);
+    let mut body = Vec::with_capacity(usize::try_from(total).ok()?);
+    for (i, part) in parts.iter().enumerate() {
+        body.extend_from_slice(&part_head(i == 0, part, len, content_type, boundary));
+        if !bytes(part, &mut body) {
+            return None;
+        }
+    }
+    body.extend_from_slice(close_delimiter(boundary).as_bytes());
+    Some(body)
 }
 
 /// The `Content-Range` value of a part, or of a 416 (`bytes */len`).
@@ -219,11 +322,11 @@ mod tests {
             ("Bytes = 5-9 ", Whole),
             ("BYTES=5-9", Part(5..10)),
             ("bytes=5-9, ", Part(5..10)),
-            ("bytes= 5-9 ,, 20-29", Whole),
+            // Closer than MERGE_GAP: one part.
+            ("bytes= 5-9 ,, 20-29", Part(5..30)),
             // Overlapping or adjacent ranges coalesce.
             ("bytes=0-9,5-19", Part(0..20)),
             ("bytes=10-19,0-9", Part(0..20)),
-            ("bytes=0-0,-1", Whole),
             // The whole, asked for as a range, is the whole.
             ("bytes=0-", Whole),
             ("bytes=-5000", Whole),
@@ -245,11 +348,57 @@ mod tests {
         ] {
             assert_eq!(ask(range, 1000), want, "{range}");
         }
+        // Parts apart: multipart, ascending, overlaps merged; unless the parts with
+        // their own lines would outweigh the whole.
+        let parts = |a: RangeAnswer| match a {
+            Parts { parts, boundary } => {
+                assert!(boundary.starts_with("echo-") && boundary.len() == 21);
+                Some(parts)
+            }
+            _ => None,
+        };
+        assert_eq!(
+            parts(ask("bytes=0-0,-1", 1000)),
+            Some(vec![0..1, 999..1000])
+        );
+        assert_eq!(
+            parts(ask("bytes=500-599,0-99,550-649", 1000)),
+            Some(vec![0..100, 500..650])
+        );
+        assert_eq!(ask("bytes=0-0,-1", 150), Whole, "151 bytes of multipart");
         let many = format!("bytes={}", vec!["0-1"; 65].join(","));
         assert_eq!(ask(&many, 1000), Whole);
         assert_eq!(ask("bytes=0-9", 0), Whole);
         let two_lines = h(&[("range", "bytes=0-9"), ("range", "bytes=10-19")]);
         assert_eq!(answer(&two_lines, 1000, &[]), Whole);
+    }
+
+    /// §14.6: each part has its delimiter, Content-Type and Content-Range; the body ends
+    /// with the close delimiter; the length announced is the length built.
+    #[test]
+    fn multipart_bodies_frame_every_part() {
+        let whole = b"abcdefghijklmnop";
+        let parts = [0..2, 10..12];
+        let body = multipart_body(&parts, 16, Some(b"text/plain"), "echo-b", |p, out| {
+            out.extend_from_slice(&whole[p.start as usize..p.end as usize]);
+            true
+        })
+        .expect("a body");
+        assert_eq!(
+            String::from_utf8(body.clone()).expect("text"),
+            "--echo-b\r\ncontent-type: text/plain\r\ncontent-range: bytes 0-1/16\r\n\r\nab\
+             \r\n--echo-b\r\ncontent-type: text/plain\r\ncontent-range: bytes 10-11/16\r\n\r\nkl\
+             \r\n--echo-b--\r\n"
+        );
+        assert_eq!(
+            multipart_len(&parts, 16, Some(b"text/plain"), "echo-b"),
+            body.len() as u64
+        );
+        assert_eq!(
+            multipart_body(&parts, 16, None, "echo-b", |_, _| false),
+            None
+        );
+        assert_ne!(boundary(), boundary());
     }
 
     #[test]

@@ -41,6 +41,111 @@ fn status(resp: &RawResponse) -> &str {
     resp.header("x-cache-status").unwrap_or("?")
 }
 
+/// One part of a `multipart/byteranges` body: its Content-Range, Content-Type, bytes.
+type Part = (String, Option<String>, Vec<u8>);
+
+/// The parts of a `206` in `multipart/byteranges` (RFC 9110 §14.6), read as a client
+/// does: by the boundary its Content-Type names and each part's Content-Range; every
+/// byte between the delimiters is accounted for.
+fn multipart(resp: &RawResponse) -> Vec<Part> {
+    let ct = resp.header("content-type").expect("a content-type");
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .unwrap_or_else(|| panic!("not multipart: {ct}"));
+    let delimiter = format!("--{boundary}");
+    let mut rest: &[u8] = &resp.body;
+    let mut parts = Vec::new();
+    loop {
+        let line_end = |b: &[u8]| b.windows(2).position(|w| w == b"\r\n").expect("a line");
+        let (line, after) = rest.split_at(line_end(rest));
+        let line = String::from_utf8_lossy(line).to_string();
+        rest = &after[2..];
+        if line == format!("{delimiter}--") {
+            assert!(rest.is_empty(), "bytes after the close delimiter");
+            return parts;
+        }
+        assert_eq!(line, delimiter);
+        let (mut range, mut ctype) = (None, None);
+        loop {
+            let (field, after) = rest.split_at(line_end(rest));
+            let field = String::from_utf8_lossy(field).to_string();
+            rest = &after[2..];
+            if field.is_empty() {
+                break;
+            }
+            let (name, value) = field.split_once(": ").expect("a field");
+            match name.to_ascii_lowercase().as_str() {
+                "content-range" => range = Some(value.to_string()),
+                "content-type" => ctype = Some(value.to_string()),
+                other => panic!("unexpected part field {other}"),
+            }
+        }
+        let range = range.expect("every part has a Content-Range");
+        let (first, last) = range
+            .strip_prefix("bytes ")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(r, _)| r.split_once('-'))
+            .expect("bytes first-last/len");
+        let n = last.parse::<usize>().expect("last") + 1 - first.parse::<usize>().expect("first");
+        let (bytes, after) = rest.split_at(n);
+        assert_eq!(&after[..2], b"\r\n", "a CRLF before the next delimiter");
+        rest = &after[2..];
+        parts.push((range, ctype, bytes.to_vec()));
+    }
+}
+
+/// RFC 9110 §14.6: ranges that do not coalesce are answered as `multipart/byteranges`,
+/// ascending, overlapping ones merged (§14.3), from a body in memory and from one in a
+/// memfd; parts that would outweigh the whole get the whole (§14.2).
+#[test]
+fn ranges_apart_are_answered_as_multipart_byteranges() {
+    let origin = TestOrigin::start(|req| {
+        let len: usize = req
+            .path()
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10);
+        OriginResponse::ok(body(len))
+            .header("Cache-Control", "max-age=600")
+            .header("Content-Type", "application/x-test")
+            .header("ETag", "\"v1\"")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    for len in [1000usize, 200_000] {
+        let path = format!("/m/{len}");
+        let whole = body(len);
+        client::get(echo.addr, &path, &[]);
+        let last = len - 1;
+        let resp = client::get(
+            echo.addr,
+            &path,
+            &[("Range", "bytes=-2, 500-599, 0-9, 550-649")],
+        );
+        assert_eq!((resp.status, status(&resp)), (206, "HIT"), "{len}");
+        assert_eq!(resp.header("etag"), Some("\"v1\""));
+        assert_eq!(resp.header("content-range"), None, "only in the parts");
+        assert_eq!(
+            resp.header("content-length"),
+            Some(resp.body.len().to_string().as_str())
+        );
+        let got = multipart(&resp);
+        let want = [(0, 9), (500, 649), (last - 1, last)];
+        assert_eq!(got.len(), want.len(), "{len}: {got:?}");
+        for ((range, ctype, bytes), (a, b)) in got.iter().zip(want) {
+            assert_eq!(range, &format!("bytes {a}-{b}/{len}"));
+            assert_eq!(ctype.as_deref(), Some("application/x-test"));
+            assert!(bytes[..] == whole[a..=b], "{len}: {range}");
+        }
+    }
+    // Two one-byte parts of 150 bytes take 151 bytes as multipart: the whole answers.
+    client::get(echo.addr, "/m/150", &[]);
+    let resp = client::get(echo.addr, "/m/150", &[("Range", "bytes=0-0,-1")]);
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, body(150));
+    assert_eq!(origin.hits("/m/1000") + origin.hits("/m/200000"), 2);
+}
+
 /// RFC 9110 §14.1.1: `first-last`, `first-` and `-suffix`; §14.4: "Content-Range:
 /// bytes 42-1233/1234"; §14.1.2: "If a valid ranges-specifier contains no satisfiable
 /// range-specs, the server responds 416", §15.5.17: with "Content-Range: bytes */1234".
@@ -74,9 +179,8 @@ fn every_form_of_range_is_answered_from_the_stored_response() {
             ("bytes=-7".to_string(), Some(n - 7..n)),
             (format!("bytes={}-{}", n - 3, n + 1000), Some(n - 3..n)),
             ("bytes=10-19,15-29".to_string(), Some(10..30)),
-            // The whole, or ranges that do not coalesce: a 200 with everything.
+            // The whole asked for as a range: a 200 with everything.
             ("bytes=0-".to_string(), None),
-            ("bytes=0-0,-1".to_string(), None),
             // Invalid: ignored.
             ("bytes=9-5".to_string(), None),
         ] {
@@ -249,5 +353,18 @@ fn ranges_from_the_redis_store_and_of_a_compressed_body() {
         Some(format!("bytes 0-9/{n}").as_str())
     );
     assert_eq!(part.body, whole.body[..10]);
+    // Several parts of the decoded text, from the Redis store.
+    let parts = client::get(echo.addr, "/r", &[("Range", "bytes=0-1,500-503")]);
+    assert_eq!(parts.status, 206);
+    let got = multipart(&parts);
+    let texts: Vec<(&str, &[u8])> = got.iter().map(|(r, _, b)| (r.as_str(), &b[..])).collect();
+    assert_eq!(
+        texts,
+        [
+            ("bytes 0-1/1000", &b"01"[..]),
+            ("bytes 500-503/1000", &b"0123"[..])
+        ]
+    );
+    assert_eq!(got[0].1.as_deref(), Some("text/plain"));
     assert_eq!(origin.hits("/r"), 1);
 }
