@@ -245,25 +245,13 @@ pub(super) fn serve_stored(
             })
             .cloned()
             .collect();
-        headers.push((
-            "age".into(),
-            itoa::Buffer::new()
-                .format(age.as_secs())
-                .as_bytes()
-                .to_vec(),
-        ));
+        headers.push(age_field(age));
         outcome.add_to(&mut headers);
         let _ = ex.respond(304, &headers, b"");
         return;
     }
     let mut added = Vec::with_capacity(3);
-    added.push((
-        "age".into(),
-        itoa::Buffer::new()
-            .format(age.as_secs())
-            .as_bytes()
-            .to_vec(),
-    ));
+    added.push(age_field(age));
     outcome.add_to(&mut added);
     // The usual case withholds nothing and sends the stored fields as they are.
     let kept: Headers;
@@ -279,6 +267,15 @@ pub(super) fn serve_stored(
         &kept
     };
     respond_entry(ex, entry, [stored, &added]);
+}
+
+/// `Age` (RFC 9111 §5.1), in whole seconds.
+fn age_field(age: Duration) -> (String, Vec<u8>) {
+    let secs = itoa::Buffer::new()
+        .format(age.as_secs())
+        .as_bytes()
+        .to_vec();
+    ("age".into(), secs)
 }
 
 /// Sends a stored response: its status, `fields` and body, or the part of the body the

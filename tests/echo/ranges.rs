@@ -17,12 +17,7 @@ fn body(len: usize) -> Vec<u8> {
 /// see a Range that reached it).
 fn origin() -> TestOrigin {
     TestOrigin::start(|req| {
-        let len: usize = req
-            .path()
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(10);
+        let len = len_of(req.path());
         let whole = body(len);
         let resp = OriginResponse::ok(whole.clone())
             .header("Cache-Control", "max-age=600")
@@ -35,6 +30,14 @@ fn origin() -> TestOrigin {
             None => resp,
         }
     })
+}
+
+/// The length a test path ends with (`/n/1000`), 10 if none.
+fn len_of(path: &str) -> usize {
+    path.rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10)
 }
 
 fn status(resp: &RawResponse) -> &str {
@@ -100,12 +103,7 @@ fn multipart(resp: &RawResponse) -> Vec<Part> {
 #[test]
 fn ranges_apart_are_answered_as_multipart_byteranges() {
     let origin = TestOrigin::start(|req| {
-        let len: usize = req
-            .path()
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(10);
+        let len = len_of(req.path());
         OriginResponse::ok(body(len))
             .header("Cache-Control", "max-age=600")
             .header("Content-Type", "application/x-test")
