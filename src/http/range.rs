@@ -6,8 +6,9 @@
 //! header field that contains an invalid ranges-specifier"); several ranges that do not
 //! coalesce into one are answered as `multipart/byteranges` (§14.6), as nginx does,
 //! ascending and with overlaps and small gaps merged (§14.3), unless that would be
-//! larger than the whole response, which then answers (§14.2: a server "MAY ignore the
-//! Range header field"); a part is never empty and never reaches past the end.
+//! larger than the whole response or than [`MAX_MULTIPART_BYTES`], when the whole
+//! answers (§14.2: a server "MAY ignore the Range header field"); a part is never empty
+//! and never reaches past the end.
 //!
 //! What it must not do: read the response body; decide whether a response may answer
 //! at all (the caller has a stored 200 for a GET).
@@ -44,6 +45,11 @@ const MAX_SPECS: usize = 64;
 /// Content-Type, Content-Range) cost about as much (§14.3: "separated by a gap that is
 /// smaller than the overhead of sending multiple parts").
 const MERGE_GAP: u64 = 80;
+
+/// A multipart answer is built in memory; a larger one is not built, and the whole
+/// answers instead (sent from its memfd without a copy): a few requests for large
+/// ranges of large objects must not each cost a copy of them.
+pub const MAX_MULTIPART_BYTES: u64 = 1024 * 1024;
 
 /// Does the request ask for byte ranges (a `Range` with the `bytes` unit, valid or not)?
 /// A Range in another unit is not Echo's to answer.
@@ -97,8 +103,9 @@ pub fn answer(req: &HeaderList, len: u64, stored: &HeaderList) -> RangeAnswer {
             let boundary = boundary();
             let content_type = headers::header(stored, "content-type");
             // Many small parts can outweigh the whole: then the whole is the cheaper
-            // answer (§14.2 allows ignoring the Range).
-            if multipart_len(&merged, len, content_type, &boundary) >= len {
+            // answer (§14.2 allows ignoring the Range); so it is past the bound.
+            let size = multipart_len(&merged, len, content_type, &boundary);
+            if size >= len || size > MAX_MULTIPART_BYTES {
                 return RangeAnswer::Whole;
             }
             RangeAnswer::Parts {
@@ -366,6 +373,10 @@ mod tests {
             Some(vec![0..100, 500..650])
         );
         assert_eq!(ask("bytes=0-0,-1", 150), Whole, "151 bytes of multipart");
+        let big = 4 * MAX_MULTIPART_BYTES;
+        assert!(parts(ask("bytes=0-0,-1", big)).is_some());
+        let past = format!("bytes=0-0,-{}", MAX_MULTIPART_BYTES);
+        assert_eq!(ask(&past, big), Whole, "past the bound");
         let many = format!("bytes={}", vec!["0-1"; 65].join(","));
         assert_eq!(ask(&many, 1000), Whole);
         assert_eq!(ask("bytes=0-9", 0), Whole);
