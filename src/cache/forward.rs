@@ -235,11 +235,19 @@ fn cache_status_name(member: &[u8]) -> &[u8] {
 /// The origin's answer if it is a final one. Echo never asks for a protocol switch
 /// (Upgrade is hop-by-hop and not forwarded), so a `101 Switching Protocols` — the only
 /// interim answer the client library hands back — is a broken origin: 502, and the
-/// client's connection goes on speaking HTTP.
+/// client's connection goes on speaking HTTP. So is a status past 599 (RFC 9110 §15:
+/// "Values outside the range 100..599 are invalid"; nginx answers 502 too): passed on,
+/// it would reach clients and caches that cannot know what it means.
 pub(super) fn final_response(response: OriginResponse) -> Result<OriginResponse, OriginError> {
     if response.status < 200 {
         return Err(OriginError::Protocol(format!(
             "a {} answer to a request that asked for no protocol switch",
+            response.status
+        )));
+    }
+    if response.status > 599 {
+        return Err(OriginError::Protocol(format!(
+            "status {} is not an HTTP status",
             response.status
         )));
     }

@@ -580,6 +580,23 @@ fn issue13_a_101_to_a_request_that_asked_for_no_upgrade_is_a_502() {
     assert_eq!(again.status, 502);
 }
 
+/// RFC 9110 §15: "Values outside the range 100..599 are invalid": a 999 from the origin
+/// is a broken origin (502), neither passed on nor stored.
+#[test]
+fn a_status_past_599_from_the_origin_is_a_502() {
+    let origin = TestOrigin::start(|_| {
+        OriginResponse::ok("odd")
+            .with_status(999)
+            .header("Cache-Control", "max-age=600")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    for _ in 0..2 {
+        let resp = client::get(echo.addr, "/odd", &[]);
+        assert_eq!(resp.status, 502, "{}", resp.raw_head);
+    }
+    assert_eq!(origin.hits("/odd"), 2, "nothing was stored");
+}
+
 // -----------------------------------------------------------------------------------------
 // Finding 5: truncated responses stored.
 
