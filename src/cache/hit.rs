@@ -292,6 +292,15 @@ pub(super) fn respond_entry(ex: &mut Exchange<'_>, entry: &Entry, fields: [&Head
     } else {
         RangeAnswer::Whole
     };
+    // A part's Content-Range is Echo's: one the origin put on its 200 (meaningless
+    // there) must not go out beside it.
+    let own_range: Headers;
+    let fields = if answer == RangeAnswer::Whole {
+        fields
+    } else {
+        own_range = without(fields[0], "content-range");
+        [&own_range, fields[1]]
+    };
     let (status, part) = match answer {
         RangeAnswer::Whole => (entry.status, 0..len),
         RangeAnswer::Part(part) => (206, part),
@@ -338,6 +347,11 @@ pub(super) fn respond_entry(ex: &mut Exchange<'_>, entry: &Entry, fields: [&Head
     }
 }
 
+/// `fields` less those named `name` (lower case).
+fn without(fields: &Headers, name: &str) -> Headers {
+    fields.iter().filter(|(n, _)| n != name).cloned().collect()
+}
+
 /// A `206` with several parts of the stored body as `multipart/byteranges` (RFC 9110
 /// §14.6), built in memory (its size is below the body's: `range::answer` sees to
 /// that). A memfd body's parts are read from it; if that fails, the whole answers.
@@ -375,11 +389,7 @@ fn respond_parts(
     };
     // The representation's Content-Type moves into each part; the answer's is the
     // multipart's.
-    let stored: Headers = fields[0]
-        .iter()
-        .filter(|(n, _)| n != "content-type")
-        .cloned()
-        .collect();
+    let stored = without(fields[0], "content-type");
     let multipart: Headers = vec![(
         "content-type".into(),
         format!("multipart/byteranges; boundary={boundary}").into_bytes(),
@@ -391,6 +401,12 @@ fn respond_parts(
 /// precedence; If-Modified-Since is evaluated only without it.
 fn not_modified(req: &Request, stored: &Headers) -> bool {
     if headers::has_header(&req.headers, "if-none-match") {
+        // RFC 9110 §13.1.2: "If the field value is "*", the condition is false if the
+        // origin server has a current representation for the target resource" (a
+        // stored one stands for it), with or without an ETag.
+        if headers::list_members(&req.headers, "if-none-match").any(|t| t == b"*") {
+            return true;
+        }
         let Some(etag) = headers::header(stored, "etag") else {
             return false;
         };

@@ -255,23 +255,70 @@ fn normalize_host(raw: &[u8]) -> Result<String, HttpError> {
         Some(end) => raw[end..].iter().position(|&b| b == b':').map(|i| i + end),
         None => raw.iter().rposition(|&b| b == b':'),
     };
-    let name = match port_at {
-        Some(i) => {
-            let port = &raw[i + 1..];
-            if port.is_empty() || port == b"80" {
-                &raw[..i]
-            } else if port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
-                return Err(BAD);
-            } else {
-                raw
-            }
-        }
-        None => raw,
+    let (name, port) = match port_at {
+        Some(i) => (&raw[..i], &raw[i + 1..]),
+        None => (raw, &b""[..]),
+    };
+    // RFC 3986 §3.2.2: the host is an IP literal in brackets, or an IPv4 address or
+    // reg-name (no brackets, no colon; `%` only as pct-encoded); never empty here, as
+    // an empty Host leaves the request without one (RFC 9112 §3.2: a 400). §3.2.3: the
+    // port is digits, and Echo knows no port past 65535.
+    if !valid_host_name(name)
+        || !port.iter().all(u8::is_ascii_digit)
+        || (!port.is_empty()
+            && std::str::from_utf8(port)
+                .ok()
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none())
+    {
+        return Err(BAD);
+    }
+    let name = if port.is_empty() || port == b"80" {
+        name
+    } else {
+        raw
     };
     // Every byte is ASCII (checked above): one copy, lower-cased in place.
     let mut host = String::from_utf8_lossy(name).into_owned();
     host.make_ascii_lowercase();
     Ok(host)
+}
+
+/// Is `name` (a Host value less its port) an IP literal, an IPv4 address or a reg-name?
+fn valid_host_name(name: &[u8]) -> bool {
+    match name {
+        [] => false,
+        [b'[', inside @ .., b']'] => {
+            // IPv6 (RFC 3986 §3.2.2), or IPvFuture: "v" 1*HEXDIG "." 1*(...).
+            let future = matches!(inside.first(), Some(b'v' | b'V'))
+                && inside.iter().position(|&b| b == b'.').is_some_and(|dot| {
+                    dot > 1
+                        && dot + 1 < inside.len()
+                        && inside[1..dot].iter().all(u8::is_ascii_hexdigit)
+                });
+            future
+                || std::str::from_utf8(inside)
+                    .ok()
+                    .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+                    .is_some()
+        }
+        _ => {
+            let mut bytes = name.iter();
+            while let Some(&b) = bytes.next() {
+                match b {
+                    b'[' | b']' | b':' => return false,
+                    b'%' => {
+                        let hex = |b: Option<&u8>| b.is_some_and(u8::is_ascii_hexdigit);
+                        if !(hex(bytes.next()) && hex(bytes.next())) {
+                            return false;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            true
+        }
+    }
 }
 
 /// The bytes a Host value may hold: RFC 3986 reg-name (unreserved, pct-encoded,
@@ -469,6 +516,44 @@ mod tests {
             parse("GET / HTTP/1.1\r\nHost: a\r\n"),
             Ok(Parsed::Partial)
         ));
+    }
+
+    #[test]
+    fn hosts_are_checked_against_rfc_3986_and_normalised() {
+        for (raw, want) in [
+            ("Example.COM:80", "example.com"),
+            ("example.com:", "example.com"),
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("[::1]", "[::1]"),
+            ("[::1]:8080", "[::1]:8080"),
+            ("[v1.x]", "[v1.x]"),
+            ("a%41b", "a%41b"),
+            ("host:65535", "host:65535"),
+        ] {
+            assert_eq!(normalize_host(raw.as_bytes()).as_deref(), Ok(want), "{raw}");
+        }
+        // Found by fuzzing: each was a cache key (`:80` an empty host).
+        for raw in [
+            ":80",
+            ":",
+            "[::1",
+            "::1",
+            "[]",
+            "[::1]x",
+            "h:80:80",
+            "h:99999",
+            "h:65536",
+            "a]:1",
+            "[[[",
+            "%",
+            "%4",
+            "%zz",
+            "[v.x]",
+            "[1.2.3.4]",
+            "h:8a",
+        ] {
+            assert!(normalize_host(raw.as_bytes()).is_err(), "{raw}");
+        }
     }
 
     #[test]

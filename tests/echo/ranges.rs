@@ -366,3 +366,48 @@ fn ranges_from_the_redis_store_and_of_a_compressed_body() {
     assert_eq!(got[0].1.as_deref(), Some("text/plain"));
     assert_eq!(origin.hits("/r"), 1);
 }
+
+/// A Content-Range the origin put on its 200 (meaningless there) never goes out beside
+/// Echo's own on a part (found by fuzzing: two Content-Range fields in one 206).
+#[test]
+fn a_part_carries_only_echos_content_range() {
+    let origin = TestOrigin::start(|_| {
+        OriginResponse::ok(body(1000))
+            .header("Cache-Control", "max-age=600")
+            .header("Content-Range", "bytes 0-0/1")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    for expect in ["MISS", "HIT"] {
+        let resp = client::get(echo.addr, "/cr", &[("Range", "bytes=0-1")]);
+        assert_eq!((resp.status, status(&resp)), (206, expect));
+        assert_eq!(
+            resp.header_all("content-range"),
+            ["bytes 0-1/1000"],
+            "{expect}"
+        );
+        assert_eq!(resp.body, body(2));
+    }
+    let parts = client::get(echo.addr, "/cr", &[("Range", "bytes=0-0,-1")]);
+    assert_eq!(parts.status, 206);
+    assert_eq!(parts.header_all("content-range"), Vec::<&str>::new());
+    assert_eq!(multipart(&parts).len(), 2);
+}
+
+/// RFC 9110 §13.1.2: `If-None-Match: *` is false when a current representation exists:
+/// a 304 from a stored one, ETag or not, before any Range is looked at.
+#[test]
+fn if_none_match_star_is_a_304_from_any_stored_response() {
+    let origin = TestOrigin::start(|_| {
+        OriginResponse::ok("no validators").header("Cache-Control", "max-age=600")
+    });
+    let echo = EchoUnderTest::start(&origin.url());
+    client::get(echo.addr, "/star", &[]);
+    for extra in [None, Some(("Range", "bytes=0-3"))] {
+        let mut headers = vec![("If-None-Match", "*")];
+        headers.extend(extra);
+        let resp = client::get(echo.addr, "/star", &headers);
+        assert_eq!(resp.status, 304, "{extra:?}");
+        assert!(resp.body.is_empty());
+    }
+    assert_eq!(origin.hits("/star"), 1);
+}
