@@ -180,7 +180,24 @@ pub struct Invalidator {
     next_id: AtomicU64,
     jobs: Arc<Mutex<Jobs>>,
     metrics: Arc<Metrics>,
-    thread: thread::JoinHandle<()>,
+    /// Joined when the invalidator is dropped (see `Drop`); None after that.
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Closes the queue, then joins the thread: it ends once the job it runs (bounded by
+/// its timeout) is done. Never only dropping the handle: that detaches the thread while
+/// it exits (the queue just closed), a race in which glibc's `pthread_detach` can read
+/// the thread's stack after the thread has unmapped it. Seen once: a test process
+/// killed by SIGSEGV in `pthread_detach` on the admin API's fetch thread, which dropped
+/// the last reference to an invalidator.
+impl Drop for Invalidator {
+    fn drop(&mut self) {
+        let (closed, _) = crossbeam_channel::bounded(1);
+        drop(std::mem::replace(&mut self.queue, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn lock(jobs: &Mutex<Jobs>) -> MutexGuard<'_, Jobs> {
@@ -229,14 +246,18 @@ impl Invalidator {
             next_id: AtomicU64::new(1),
             jobs,
             metrics,
-            thread,
+            thread: Some(thread),
         })
     }
 
     /// What is wrong with the invalidation thread, for `/health`: None when it runs
     /// and has room in its queue.
     pub fn health(&self) -> Option<String> {
-        if self.thread.is_finished() {
+        if self
+            .thread
+            .as_ref()
+            .is_none_or(thread::JoinHandle::is_finished)
+        {
             return Some("the invalidation thread has stopped".into());
         }
         if self.queue.is_full() {

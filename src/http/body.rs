@@ -220,21 +220,32 @@ fn read_line(conn: &mut Conn, max: usize, timeout: Instant) -> io::Result<Vec<u8
 }
 
 /// How many bytes of `buf` a chunked body takes (its last chunk and trailer section
-/// included), when all of it is there: `Ok(None)` while more is needed, an error when
-/// what is there is not chunked framing. Reads nothing and consumes nothing: it lets
-/// the server read a small chunked body before a worker decodes it.
-pub(crate) fn chunked_length(buf: &[u8]) -> Result<Option<usize>, HttpError> {
-    let line = |at: usize| -> Option<(&[u8], usize)> {
-        let rest = buf.get(at..)?;
-        let lf = rest.iter().position(|&b| b == b'\n')?;
-        Some((
+/// included), when all of it is there: `Ok(None)` while more is needed and the body may
+/// still end within `cap` bytes, `Ok(Some(usize::MAX))` once it cannot (a chunk that
+/// ends past `cap`: not for a pre-read, the decoder takes it, and refuses it at once if
+/// it passes the body limit), an error when what is there is not chunked framing (a
+/// line longer than the decoder takes included). Reads nothing and consumes nothing: it
+/// lets the server read a small chunked body before a worker decodes it.
+pub(crate) fn chunked_length(buf: &[u8], cap: usize) -> Result<Option<usize>, HttpError> {
+    let line = |at: usize| -> Result<Option<(&[u8], usize)>, HttpError> {
+        let rest = buf.get(at..).unwrap_or_default();
+        let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+            if rest.len() > MAX_CHUNK_LINE {
+                return Err(HttpError::new(400, "chunk line too long"));
+            }
+            return Ok(None);
+        };
+        if lf > MAX_CHUNK_LINE {
+            return Err(HttpError::new(400, "chunk line too long"));
+        }
+        Ok(Some((
             rest[..lf].strip_suffix(b"\r").unwrap_or(&rest[..lf]),
             at + lf + 1,
-        ))
+        )))
     };
     let mut at = 0;
     loop {
-        let Some((size_line, next)) = line(at) else {
+        let Some((size_line, next)) = line(at)? else {
             return Ok(None);
         };
         let size =
@@ -243,7 +254,7 @@ pub(crate) fn chunked_length(buf: &[u8]) -> Result<Option<usize>, HttpError> {
         if size == 0 {
             // Trailer fields, up to the empty line.
             loop {
-                let Some((trailer, next)) = line(at) else {
+                let Some((trailer, next)) = line(at)? else {
                     return Ok(None);
                 };
                 at = next;
@@ -256,6 +267,9 @@ pub(crate) fn chunked_length(buf: &[u8]) -> Result<Option<usize>, HttpError> {
             .ok()
             .and_then(|n| at.checked_add(n)?.checked_add(2))
             .ok_or(HttpError::new(413, "request body too large"))?;
+        if end > cap {
+            return Ok(Some(usize::MAX));
+        }
         if end > buf.len() {
             return Ok(None);
         }
@@ -389,11 +403,17 @@ mod tests {
     #[test]
     fn a_whole_chunked_body_is_measured_in_the_buffer() {
         let wire = b"5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\nNEXT";
-        assert_eq!(chunked_length(wire), Ok(Some(wire.len() - 4)));
+        assert_eq!(chunked_length(wire, 1000), Ok(Some(wire.len() - 4)));
         for cut in [1, 8, 15, 30, wire.len() - 5] {
-            assert_eq!(chunked_length(&wire[..cut]), Ok(None), "{cut}");
+            assert_eq!(chunked_length(&wire[..cut], 1000), Ok(None), "{cut}");
         }
-        assert!(chunked_length(b"zz\r\n").is_err());
+        assert!(chunked_length(b"zz\r\n", 1000).is_err());
+        // Found by fuzzing: a chunk past the pre-read is handed on at once (the decoder
+        // refuses one past the body limit), and an endless chunk line is refused.
+        assert_eq!(chunked_length(b"4000001\r\n", 1000), Ok(Some(usize::MAX)));
+        let mut endless = b"1;".to_vec();
+        endless.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
+        assert!(chunked_length(&endless, 100_000).is_err());
     }
 
     #[test]

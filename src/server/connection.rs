@@ -58,7 +58,7 @@ pub(super) fn body_ready(conn: &Conn, req: &Request) -> bool {
     match req.framing {
         BodyFraming::None => true,
         BodyFraming::Length(n) => n > PREREAD_BODY || have >= n,
-        BodyFraming::Chunked => match chunked_length(conn.buffered()) {
+        BodyFraming::Chunked => match chunked_length(conn.buffered(), PREREAD_BODY as usize) {
             Ok(Some(_)) | Err(_) => true,
             Ok(None) => have > PREREAD_BODY,
         },

@@ -514,8 +514,13 @@ fn assert_no_token(out: &Finished, token: &str) {
 #[test]
 fn invalidate_drives_the_admin_api_of_a_running_echod() {
     let echo = Binaries::start("invalidate", Some(ADMIN_TOKEN));
-    let log = echo.echod.log_text();
-    assert!(log.contains("admin API on 127.0.0.1:"), "{log}");
+    // The line is written as the admin listener starts; under load it can land a moment
+    // after the proxy answers.
+    wait_until(
+        "the admin API's start line",
+        Duration::from_secs(10),
+        || echo.echod.log_text().contains("admin API on 127.0.0.1:"),
+    );
     let config = path_str(&echo.config);
     for target in ["/data", "/bytes/10"] {
         assert_eq!(echo.cache_status(target), "MISS", "{target}");

@@ -1126,3 +1126,30 @@ mod any_handler {
         assert!(c.closed_within(Duration::from_secs(3)));
     }
 }
+
+/// Found by fuzzing: a chunked body whose first chunk is past the body limit is refused
+/// at once (413), not pre-read until the body deadline; a chunk line longer than the
+/// decoder takes, sent without its end, is refused at once too (400). Echo's body
+/// deadline here is far longer than the client waits.
+#[test]
+fn oversized_chunks_and_endless_chunk_lines_are_refused_at_once() {
+    let origin = TestOrigin::start(|_| OriginResponse::ok("posted"));
+    let echo = EchoUnderTest::with_config(config(
+        &origin.url(),
+        "[server]\nbody_timeout_ms = 60000\nmax_body_bytes = 1048576\n",
+    ));
+    let head = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let mut endless = b"1;".to_vec();
+    endless.extend(std::iter::repeat_n(b'x', 5000));
+    for (body, want) in [(&b"100001\r\n"[..], 413), (&endless[..], 400)] {
+        let mut c = RawClient::connect(echo.addr);
+        c.set_read_timeout(Duration::from_secs(5));
+        let started = Instant::now();
+        let resp = c
+            .read_response_after(&[&head[..], body].concat())
+            .expect("an answer before the client gives up");
+        assert_eq!(resp.status, want, "{}", resp.raw_head);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(origin.hits("/up"), 0);
+}
