@@ -305,7 +305,7 @@ pub(super) fn respond_entry(ex: &mut Exchange<'_>, entry: &Entry, fields: [&Head
         RangeAnswer::Whole => (entry.status, 0..len),
         RangeAnswer::Part(part) => (206, part),
         RangeAnswer::Parts { parts, boundary } => {
-            respond_parts(ex, entry, fields, &parts, &boundary);
+            respond_parts(ex, entry, fields, &parts, len, &boundary);
             return;
         }
         RangeAnswer::Unsatisfiable => {
@@ -353,19 +353,16 @@ fn without(fields: &Headers, name: &str) -> Headers {
 }
 
 /// A `206` with several parts of the stored body as `multipart/byteranges` (RFC 9110
-/// §14.6), built in memory (its size is below the body's: `range::answer` sees to
-/// that). A memfd body's parts are read from it; if that fails, the whole answers.
+/// §14.6) of its `len` bytes, built in memory (its size is below the body's:
+/// `range::answer` sees to that). A memfd body's parts are read from it; if that fails, the whole answers.
 fn respond_parts(
     ex: &mut Exchange<'_>,
     entry: &Entry,
     fields: [&Headers; 2],
     parts: &[Range<u64>],
+    len: u64,
     boundary: &str,
 ) {
-    let len = entry
-        .file
-        .as_ref()
-        .map_or(entry.body.len() as u64, |f| f.len());
     let content_type = headers::header(fields[0], "content-type");
     let body = range::multipart_body(parts, len, content_type, boundary, |part, out| match &entry
         .file
@@ -413,7 +410,7 @@ fn not_modified(req: &Request, stored: &Headers) -> bool {
         // Weak comparison: the opaque tags, W/ aside.
         let opaque = |t: &[u8]| t.strip_prefix(b"W/").unwrap_or(t).to_vec();
         return headers::list_members(&req.headers, "if-none-match")
-            .any(|t| t == b"*" || opaque(t) == opaque(etag.trim_ascii()));
+            .any(|t| opaque(t) == opaque(etag.trim_ascii()));
     }
     let (Some(ims), Some(lm)) = (
         req.header("if-modified-since")
